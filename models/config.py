@@ -23,7 +23,8 @@ class DataConfig:
     """Where images come from and how the splits are carved."""
 
     name: str = "mnist"  # mnist | cifar10 | digits | imagefolder
-    root: str = "data"  # torchvision root; cifar10 also finds <root>/cifar10-jpeg/{train,test}
+    # torchvision root (env SSL_SEARCH_DATA, else ./data); cifar10 also finds <root>/cifar10-jpeg/
+    root: str = "${oc.env:SSL_SEARCH_DATA,data}"
     path: str = ""  # imagefolder only: a folder holding train/ and test/ class folders
     download: bool = False  # let torchvision fetch MNIST/CIFAR-10 when online
     val_fraction: float = 0.1  # validation split carved from train, seeded

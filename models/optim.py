@@ -1,0 +1,55 @@
+"""Optimizers and learning-rate schedules the report tried: Adam, SGD with momentum, LARS.
+
+LARS is timm's implementation. The schedule steps once per epoch: optional LinearLR warm-up
+(the report used 10 epochs before LARS' cosine), then CosineAnnealingLR over the remaining
+epochs, or a constant rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from timm.optim import Lars
+
+from models.config import OPTIMIZERS, SCHEDULES, OptimConfig
+
+
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter], cfg: OptimConfig
+) -> torch.optim.Optimizer:
+    """Create the optimizer named by ``cfg.name`` for ``params``."""
+    params = list(params)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    if cfg.name == "lars":
+        return Lars(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise ValueError(
+        f"optim.name: unknown optimizer {cfg.name!r}; allowed: {', '.join(OPTIMIZERS)}"
+    )
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch schedule: ``warmup_epochs`` of LinearLR, then cosine or constant."""
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(
+            f"optim.schedule: unknown schedule {cfg.schedule!r}; allowed: {', '.join(SCHEDULES)}"
+        )
+    warmup = min(max(cfg.warmup_epochs, 0), max(epochs - 1, 0))
+    rest = max(epochs - warmup, 1)
+    if cfg.schedule == "cosine":
+        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=rest)
+    else:
+        main = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if warmup == 0:
+        return main
+    ramp = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=1.0 / (warmup + 1), end_factor=1.0, total_iters=warmup
+    )
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup])

@@ -1,0 +1,421 @@
+"""The report's three training tasks, as one small loop over device-resident data.
+
+A :class:`Run` holds one configuration: the splits (uint8 tensors on the training device), the
+networks, and two phases that share a single epoch loop:
+
+``pretrain``
+    autoencoder: encoder + decoder on L1 reconstruction (the report's metric is MAE);
+    guided: encoder + classifier on cross-entropy;
+    contrastive: encoder + projection head on NT-Xent between two augmented views.
+``probe``
+    autoencoder and contrastive only: the classifier on the frozen encoder's latents.
+
+Every epoch reports its training loss and validation metrics (``val_accuracy``, ``val_mae``,
+and for the representation tasks ``knn_accuracy``: a kNN vote of validation embeddings against
+train embeddings, cheap enough to rank and prune short runs without training a classifier) and
+writes a checkpoint from which the phase resumes exactly. :meth:`Run.evaluate` gives the
+report's final numbers. Accuracies are fractions in [0, 1]; MAE is in the report's units (pixels
+in [0, 1] for MNIST, normalized pixels for CIFAR-10).
+
+Example::
+
+    splits = load_splits(DataConfig(name="digits"))
+    run = Run("contrastive", splits, ModelConfig(channels=16), TrainConfig(epochs=2))
+    print(run.fit())
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from models.augment import build_augmentation
+from models.config import TASKS, ModelConfig, OptimConfig, TrainConfig
+from models.data import ImageSplits
+from models.losses import nt_xent
+from models.networks import build_networks
+from models.optim import build_optimizer, build_scheduler
+from storage.checkpoints import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+
+DEFAULT_TEMPERATURE = {"mnist": 0.5, "cifar": 0.15}
+EVAL_BATCH = 1024
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite: the configuration diverged."""
+
+
+@dataclass
+class EpochReport:
+    phase: str  # "pretrain" or "probe"
+    epoch: int  # epochs finished in this phase, from 1
+    epochs: int  # epochs planned for this phase
+    train_loss: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0  # training time of the epoch, metrics excluded
+    images_per_second: float = 0.0
+
+
+EpochCallback = Callable[[EpochReport], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(
+            f"device: cannot use {name!r}; allowed: auto, cpu, cuda, cuda:N"
+        ) from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} asked for CUDA but no CUDA device is visible")
+    return device
+
+
+class Run:
+    """One training configuration on one device; see the module docstring."""
+
+    def __init__(
+        self,
+        task: str,
+        splits: ImageSplits,
+        model: ModelConfig,
+        train: TrainConfig,
+        checkpoint_dir: str | Path | None = None,
+    ) -> None:
+        if task not in TASKS:
+            raise ValueError(f"task: unknown task {task!r}; allowed: {', '.join(TASKS)}")
+        self.task = task
+        self.cfg = train
+        self.device = resolve_device(train.device)
+        self.splits = splits.to(self.device)
+        self.family = splits.family
+        self.nets = build_networks(splits.family, task, model)
+        on_cuda = self.device.type == "cuda"
+        self.channels_last = train.channels_last == "on" or (
+            train.channels_last == "auto" and on_cuda
+        )
+        self.amp = on_cuda and train.amp in ("auto", "bf16")
+        for module in self.nets.modules().values():
+            module.to(self.device)
+            if self.channels_last:
+                module.to(memory_format=torch.channels_last)
+        self.temperature = train.temperature or DEFAULT_TEMPERATURE[self.family]
+        pretrain_recipe = "contrastive" if task == "contrastive" else "encoder"
+        self.pretrain_aug = build_augmentation(self.family, pretrain_recipe, train.aug_strength)
+        self.probe_aug = build_augmentation(self.family, "probe", train.aug_strength)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        # A fixed subset of train images serves as the kNN memory bank.
+        bank_size = min(train.knn_max_train, len(self.splits.train_y))
+        order = torch.randperm(len(self.splits.train_y), generator=torch.Generator().manual_seed(0))
+        self.knn_bank = order[:bank_size].to(self.device)
+
+    # ---- shared pieces ------------------------------------------------------------------
+
+    @property
+    def needs_probe(self) -> bool:
+        return self.task in ("autoencoder", "contrastive")
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _images(self, x_uint8: torch.Tensor, augment: nn.Module | None = None) -> torch.Tensor:
+        """uint8 batch -> float network input: [0,1], augmented, normalized, right layout."""
+        x = self.splits.to_float(x_uint8)
+        if augment is not None:
+            x = augment(x)
+        x = self.splits.normalize(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _batches(self, n: int, batch_size: int) -> list[torch.Tensor]:
+        order = torch.randperm(n).to(self.device)
+        batches = list(order.split(batch_size))
+        if len(batches) > 1 and len(batches[-1]) < 2:
+            batches.pop()  # BatchNorm cannot train on a single image
+        if self.cfg.max_batches:
+            batches = batches[: self.cfg.max_batches]
+        return batches
+
+    def _chunks(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        yield from x.split(EVAL_BATCH)
+
+    @torch.inference_mode()
+    def embed(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """Latents of un-augmented images, float32, encoder in eval mode."""
+        encoder = self.nets.encoder
+        was_training = encoder.training
+        encoder.eval()
+        with self._autocast():
+            out = [encoder(self._images(chunk)).float() for chunk in self._chunks(x_uint8)]
+        encoder.train(was_training)
+        return torch.cat(out) if out else torch.empty(0, self.nets.latent_dim, device=self.device)
+
+    @torch.inference_mode()
+    def knn_accuracy(self) -> float:
+        """Fraction of validation images whose k nearest train embeddings (cosine) vote right."""
+        bank = F.normalize(self.embed(self.splits.train_x[self.knn_bank]), dim=1)
+        bank_labels = self.splits.train_y[self.knn_bank]
+        queries = F.normalize(self.embed(self.splits.val_x), dim=1)
+        k = min(self.cfg.knn_k, len(bank))
+        correct = 0
+        for start in range(0, len(queries), EVAL_BATCH):
+            sims, idx = (queries[start : start + EVAL_BATCH] @ bank.T).topk(k, dim=1)
+            votes = torch.zeros(len(sims), self.splits.num_classes, device=self.device)
+            votes.scatter_add_(1, bank_labels[idx], (sims / 0.1).exp())
+            correct += (votes.argmax(1) == self.splits.val_y[start : start + EVAL_BATCH]).sum()
+        return float(correct) / max(len(queries), 1)
+
+    @torch.inference_mode()
+    def accuracy(self, x_uint8: torch.Tensor, y: torch.Tensor) -> float:
+        """Classifier accuracy on un-augmented images (encoder + classifier in eval mode)."""
+        modes = self._eval_mode(self.nets.encoder, self.nets.classifier)
+        correct = 0
+        with self._autocast():
+            for xs, ys in zip(self._chunks(x_uint8), y.split(EVAL_BATCH), strict=True):
+                logits = self.nets.classifier(self.nets.encoder(self._images(xs)))
+                correct += (logits.argmax(1) == ys).sum()
+        self._restore_mode(modes)
+        return float(correct) / max(len(y), 1)
+
+    @torch.inference_mode()
+    def reconstruction_mae(self, x_uint8: torch.Tensor) -> float:
+        """Mean absolute error per pixel, in the units the network sees (report's units)."""
+        modes = self._eval_mode(self.nets.encoder, self.nets.decoder)
+        total = torch.zeros((), device=self.device)
+        with self._autocast():
+            for xs in self._chunks(x_uint8):
+                target = self._images(xs)
+                recon = self.nets.decoder(self.nets.encoder(target)).float()
+                total += (recon - target.float()).abs().sum()
+        self._restore_mode(modes)
+        return float(total) / max(x_uint8.numel(), 1)
+
+    @staticmethod
+    def _eval_mode(*modules: nn.Module) -> list[tuple[nn.Module, bool]]:
+        modes = [(m, m.training) for m in modules]
+        for m in modules:
+            m.eval()
+        return modes
+
+    @staticmethod
+    def _restore_mode(modes: list[tuple[nn.Module, bool]]) -> None:
+        for module, training in modes:
+            module.train(training)
+
+    # ---- the epoch loop shared by both phases ---------------------------------------------
+
+    def _run_phase(
+        self,
+        phase: str,
+        modules: dict[str, nn.Module],
+        optim: OptimConfig,
+        epochs: int,
+        batch_size: int,
+        n_images: int,
+        step: Callable[[torch.Tensor], torch.Tensor],
+        metrics: Callable[[], dict[str, float]],
+        on_epoch: EpochCallback | None,
+    ) -> list[EpochReport]:
+        params = [p for m in modules.values() for p in m.parameters()]
+        optimizer = build_optimizer(params, optim)
+        scheduler = build_scheduler(optimizer, optim, epochs)
+        path = self.checkpoint_dir / f"{phase}.pt" if self.checkpoint_dir else None
+        history: list[EpochReport] = []
+        state = load_checkpoint(path) if path else None
+        if state is not None:
+            for name, module in modules.items():
+                module.load_state_dict(state["modules"][name])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            restore_rng_state(state["rng"])
+            history = [EpochReport(**h) for h in state["history"]]
+        for epoch in range(len(history), epochs):
+            for module in modules.values():
+                module.train()
+            batches = self._batches(n_images, batch_size)
+            started = time.perf_counter()
+            loss_sum = torch.zeros((), device=self.device)
+            bar = tqdm(
+                batches,
+                desc=f"{phase} {epoch + 1}/{epochs}",
+                leave=False,
+                disable=not self.cfg.progress,
+                unit="batch",
+            )
+            for idx in bar:
+                with self._autocast():
+                    loss = step(idx)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach().float()
+            scheduler.step()
+            train_loss = float(loss_sum) / max(len(batches), 1)  # one device sync per epoch
+            seconds = time.perf_counter() - started
+            if not math.isfinite(train_loss):
+                raise NonFiniteLossError(
+                    f"{phase}: training loss became {train_loss} in epoch {epoch + 1}"
+                )
+            images = sum(len(b) for b in batches)
+            report = EpochReport(
+                phase=phase,
+                epoch=epoch + 1,
+                epochs=epochs,
+                train_loss=train_loss,
+                metrics=metrics(),
+                seconds=seconds,
+                images_per_second=images / seconds if seconds > 0 else 0.0,
+            )
+            history.append(report)
+            if path:
+                save_checkpoint(
+                    path,
+                    {
+                        "phase": phase,
+                        "epoch": epoch + 1,
+                        "modules": {n: m.state_dict() for n, m in modules.items()},
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": capture_rng_state(),
+                        "history": [asdict(h) for h in history],
+                    },
+                )
+            if on_epoch:
+                on_epoch(report)
+        return history
+
+    # ---- phases ---------------------------------------------------------------------------
+
+    def pretrain_modules(self) -> dict[str, nn.Module]:
+        second = {"autoencoder": "decoder", "guided": "classifier", "contrastive": "projection"}
+        name = second[self.task]
+        return {"encoder": self.nets.encoder, name: getattr(self.nets, name)}
+
+    def pretrain(self, on_epoch: EpochCallback | None = None) -> list[EpochReport]:
+        """Train the encoder with the task's objective for ``train.epochs`` epochs."""
+        nets, splits = self.nets, self.splits
+        augment = self.pretrain_aug
+
+        def autoencoder_step(idx: torch.Tensor) -> torch.Tensor:
+            x = self._images(splits.train_x[idx], augment)
+            return F.l1_loss(nets.decoder(nets.encoder(x)).float(), x.float())
+
+        def guided_step(idx: torch.Tensor) -> torch.Tensor:
+            logits = nets.classifier(nets.encoder(self._images(splits.train_x[idx], augment)))
+            return F.cross_entropy(logits.float(), splits.train_y[idx])
+
+        def contrastive_step(idx: torch.Tensor) -> torch.Tensor:
+            raw = splits.train_x[idx]
+            views = torch.cat([self._images(raw, augment), self._images(raw, augment)])
+            z = nets.projection(nets.encoder(views)).float()
+            z1, z2 = z.chunk(2)
+            return nt_xent(z1, z2, self.temperature)
+
+        def metrics() -> dict[str, float]:
+            if self.task == "guided":
+                return {"val_accuracy": self.accuracy(splits.val_x, splits.val_y)}
+            values = {"knn_accuracy": self.knn_accuracy()}
+            if self.task == "autoencoder":
+                values["val_mae"] = self.reconstruction_mae(splits.val_x)
+            return values
+
+        steps = {
+            "autoencoder": autoencoder_step,
+            "guided": guided_step,
+            "contrastive": contrastive_step,
+        }
+        return self._run_phase(
+            "pretrain",
+            self.pretrain_modules(),
+            self.cfg.optim,
+            self.cfg.epochs,
+            self.cfg.batch_size,
+            len(splits.train_y),
+            steps[self.task],
+            metrics,
+            on_epoch,
+        )
+
+    def train_probe(self, on_epoch: EpochCallback | None = None) -> list[EpochReport]:
+        """Train the classifier on the frozen encoder (autoencoder and contrastive tasks)."""
+        if not self.needs_probe:
+            raise ValueError(f"task {self.task!r} trains its classifier during pretraining")
+        nets, splits, probe = self.nets, self.splits, self.cfg.probe
+        nets.encoder.eval()
+        for p in nets.encoder.parameters():
+            p.requires_grad_(False)
+        augment = self.probe_aug
+        # Without augmentation the latents never change: compute them once.
+        cached = None if not isinstance(augment, nn.Identity) else self.embed(splits.train_x)
+
+        def step(idx: torch.Tensor) -> torch.Tensor:
+            if cached is not None:
+                latents = cached[idx]
+            else:
+                with torch.no_grad():
+                    latents = nets.encoder(self._images(splits.train_x[idx], augment))
+            return F.cross_entropy(nets.classifier(latents).float(), splits.train_y[idx])
+
+        def metrics() -> dict[str, float]:
+            return {"val_accuracy": self.accuracy(splits.val_x, splits.val_y)}
+
+        return self._run_phase(
+            "probe",
+            {"classifier": nets.classifier},
+            probe.optim,
+            probe.epochs,
+            probe.batch_size,
+            len(splits.train_y),
+            step,
+            metrics,
+            on_epoch,
+        )
+
+    def load_pretrained(self, path: str | Path) -> None:
+        """Load the pretrain phase's modules from another run's checkpoint (promote -> final)."""
+        state = load_checkpoint(path)
+        if state is None:
+            raise FileNotFoundError(f"no pretrain checkpoint at {path}")
+        for name, module in self.pretrain_modules().items():
+            module.load_state_dict(state["modules"][name])
+
+    def evaluate(self) -> dict[str, float]:
+        """The report's table: train/val/test accuracy, and reconstruction MAE for autoencoders."""
+        s = self.splits
+        results = {
+            "train_accuracy": self.accuracy(s.train_x, s.train_y),
+            "val_accuracy": self.accuracy(s.val_x, s.val_y),
+            "test_accuracy": self.accuracy(s.test_x, s.test_y),
+        }
+        if self.task == "autoencoder":
+            for split in ("train", "val", "test"):
+                results[f"{split}_mae"] = self.reconstruction_mae(getattr(s, f"{split}_x"))
+        return results
+
+    def fit(self, on_epoch: EpochCallback | None = None) -> dict[str, float]:
+        """Pretrain, train the probe where the task has one, and return :meth:`evaluate`."""
+        self.pretrain(on_epoch)
+        if self.needs_probe:
+            self.train_probe(on_epoch)
+        return self.evaluate()

@@ -1,0 +1,81 @@
+"""Shared command-line plumbing: ``study=NAME key=value ...`` arguments and one-line errors.
+
+Every ``python -m search.*`` command takes Hydra-style overrides. Expected failures (a bad
+study, override, data location or storage URL) print ``error: <key>: <what is allowed>`` on
+stderr and exit with code 2; nothing below the CLI prints or exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from omegaconf import DictConfig
+
+from models.data import DataError
+from search.config import ConfigError, load_config
+from storage.urls import StorageError
+
+EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    """Raised below the CLI for input the user must fix; printed as one line, exit code 2."""
+
+
+def fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+def parser(prog: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="study=NAME (a file under studies/ or a .yaml path), then any config field by "
+        "dotted path, e.g. train.epochs=3 model.channels=32",
+    )
+    return p
+
+
+def split_study(overrides: Sequence[str], default: str | None = None) -> tuple[str, list[str]]:
+    """Take ``study=...`` out of the override list."""
+    study = default
+    rest: list[str] = []
+    for item in overrides:
+        if item.startswith("study="):
+            study = item.split("=", 1)[1]
+        else:
+            rest.append(item)
+    if not study:
+        fail("study: missing; pass study=NAME (see studies/) or study=path/to/file.yaml")
+    return study, rest
+
+
+def config_from_args(overrides: Sequence[str], default_study: str | None = None) -> DictConfig:
+    study, rest = split_study(overrides, default_study)
+    try:
+        return load_config(study, rest)
+    except ConfigError as error:
+        fail(str(error))
+
+
+def guarded(main: Callable[[], int | None]) -> Callable[[], int | None]:
+    """Turn expected input errors raised anywhere below into one line and exit code 2."""
+
+    def wrapper() -> int | None:
+        try:
+            return main()
+        except (ConfigError, DataError, StorageError, UsageError) as error:
+            fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+    return wrapper

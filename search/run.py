@@ -1,0 +1,111 @@
+"""Run a study's pipeline: ``python -m search.run study=NAME [key=value ...]``.
+
+screen (short, pruned) -> promote (top-k, same params, long) -> final (test numbers), then a
+summary. Running the same command again resumes: finished trials are kept, promotions are not
+duplicated, and a finished study trains nothing. ``stage=screen|promote|final`` runs one stage;
+``workers=N devices=...`` starts N worker processes (see ``search.worker``); ``--dry-run``
+prints the resolved config and search space and touches no storage.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+
+from search.cli import config_from_args, guarded, parser
+from search.config import direction_of, metric_of, storage_url
+from search.objective import describe_params
+from search.space import baseline_params, distribution, ordered
+from search.stages import StageError, open_studies, summarize
+from search.workers import run_workers
+from storage.urls import redact
+
+
+def print_dry_run(cfg: DictConfig) -> None:
+    shown = OmegaConf.to_container(cfg, resolve=True)
+    shown["storage"] = redact(storage_url(cfg))
+    print(OmegaConf.to_yaml(shown), end="")
+    print(f"# metric: {metric_of(cfg)} ({direction_of(cfg)})")
+    print(f"# search space ({len(cfg.search.space)} parameters):")
+    for name in ordered(cfg.search.space):
+        spec = cfg.search.space[name]
+        cond = ""
+        if spec.when:
+            cond = "  when " + ", ".join(
+                f"{k} in {OmegaConf.to_object(v) if OmegaConf.is_list(v) else [v]}"
+                for k, v in spec.when.items()
+            )
+        print(f"#   {name:22s} -> {spec.target:32s} {distribution(spec)!r}{cond}")
+    print(f"# baseline (the study's own settings, enqueued first): {baseline_params(cfg)}")
+
+
+def _fmt(metric: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 100:.2f}%" if "accuracy" in metric else f"{value:.4f}"
+
+
+def print_summary(cfg: DictConfig, summary: dict[str, Any]) -> None:
+    metric = summary["metric"]
+    print(f"\n== {cfg.name}: {cfg.task} on {cfg.data.name}, metric {metric} ==")
+    for stage, entry in summary["stages"].items():
+        c = entry["counts"]
+        counts = ", ".join(f"{v} {k.lower()}" for k, v in c.items() if v)
+        print(f"{stage:8s} [{entry['study']}] {counts or 'no trials'}")
+        best = entry.get("best")
+        if best and stage != "final":
+            print(f"         best #{best['number']}: {metric} {_fmt(metric, best['value'])}")
+            print(f"         params: {describe_params(cfg, best['params'])}")
+        if stage == "promote" and entry.get("lineage"):
+            links = ", ".join(f"#{n} <- {s}#{t}" for n, (s, t) in entry["lineage"].items())
+            print(f"         lineage: {links}")
+        if stage == "final" and best:
+            attrs = best["user_attrs"]
+            acc = " / ".join(
+                _fmt("accuracy", attrs.get(f"{s}_accuracy")) for s in ("train", "val", "test")
+            )
+            print(f"         accuracy train / val / test: {acc}")
+            if "test_mae" in attrs:
+                mae = " / ".join(f"{attrs[f'{s}_mae']:.4f}" for s in ("train", "val", "test"))
+                print(f"         reconstruction MAE train / val / test: {mae}")
+            print(f"         from {attrs.get('source_study')} trial #{attrs.get('source_trial')}")
+        for number, reason in entry["failures"].items():
+            print(f"         failed #{number}: {reason}")
+
+
+@guarded
+def main() -> int:
+    p = parser(
+        "python -m search.run",
+        __doc__.split("\n\n")[1],
+        "examples:\n  python -m search.run study=quickstart\n"
+        "  python -m search.run study=mnist_guided data.root=../shared/data stages.screen.trials=40\n"
+        "  python -m search.run study=cifar_contrastive workers=4 devices=0,1 "
+        "storage=postgresql+psycopg://user@host/db",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config; no storage")
+    p.add_argument("--no-progress", action="store_true", help="hide per-batch progress bars")
+    args = p.parse_args()
+    cfg = config_from_args(args.overrides)
+    if args.dry_run:
+        print_dry_run(cfg)
+        return 0
+    url = storage_url(cfg)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    print(f"study {cfg.name}: storage {redact(url)}", flush=True)
+    studies = open_studies(cfg, url)  # schema and studies exist before any worker starts
+    try:
+        run_workers(cfg, url, progress=not args.no_progress)
+    except StageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        print_summary(cfg, summarize(studies, cfg))
+        return 1
+    print_summary(cfg, summarize(studies, cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

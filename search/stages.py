@@ -1,0 +1,380 @@
+"""The report's method as three Optuna studies per study name, coordinated only by storage.
+
+``<name>.screen``
+    ``stages.screen.trials`` short runs, pruned per epoch; the report's own configuration is
+    enqueued first, so every study holds the baseline.
+``<name>.promote``
+    the top-k completed screen trials re-run with identical params and seed for the long
+    budget; lineage (``source_study``, ``source_trial``) is stored as user attrs.
+``<name>.final``
+    the best promoted encoder gets its frozen-encoder classifier (where the task has one) and
+    train/val/test numbers; the test split is touched only here.
+
+Any number of processes may run :func:`run_stages` against the same storage at once: trial
+slots, promotions and waiting trials are handed out through :class:`storage.claims.Claims`, so
+nothing runs twice and there is no head process. Running it again after everything finished
+trains nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
+
+from search.config import direction_of, metric_of
+from search.objective import TrialRunner, original_number
+from search.space import baseline_params
+from storage.claims import Claims
+from storage.urls import open_storage, redact
+
+STAGE_NAMES = ("screen", "promote", "final")
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+POLL_S = 1.0
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+class StageError(RuntimeError):
+    """A stage cannot proceed (e.g. no screen trial completed); the message says why."""
+
+
+@dataclass
+class Studies:
+    screen: optuna.Study
+    promote: optuna.Study
+    final: optuna.Study
+    claims: Claims
+
+    def of(self, stage: str) -> optuna.Study:
+        return getattr(self, stage)
+
+
+def study_name(cfg: DictConfig, stage: str) -> str:
+    return f"{cfg.name}.{stage}"
+
+
+def make_sampler(cfg: DictConfig, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    seed = int(cfg.train.seed) + seed_offset
+    if cfg.search.sampler.name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    conditional = any(spec.when for spec in cfg.search.space.values())
+    return optuna.samplers.TPESampler(
+        seed=seed,
+        n_startup_trials=int(cfg.search.sampler.n_startup_trials),
+        multivariate=True,
+        group=conditional,  # model each branch of a conditional space on its own
+    )
+
+
+def make_pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
+    p = cfg.search.pruner
+    epochs = int(cfg.stages.screen.epochs)
+    if p.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=int(p.min_resource),
+            max_resource=epochs,
+            reduction_factor=int(p.reduction_factor),
+        )
+    if p.name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=int(p.min_resource), reduction_factor=int(p.reduction_factor)
+        )
+    if p.name == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=int(p.n_startup_trials), n_warmup_steps=int(p.min_resource)
+        )
+    return optuna.pruners.NopPruner()
+
+
+def open_studies(cfg: DictConfig, url: str, seed_offset: int = 0) -> Studies:
+    """Create (or load) the schema and the three studies; store the resolved config once."""
+    storage = open_storage(
+        url,
+        heartbeat_interval=int(cfg.heartbeat_interval),
+        grace_period=int(cfg.grace_period),
+        max_retry=int(cfg.max_retries),
+    )
+    direction = direction_of(cfg)
+    studies = {}
+    for stage in STAGE_NAMES:
+        studies[stage] = optuna.create_study(
+            storage=storage,
+            study_name=study_name(cfg, stage),
+            direction=direction if stage != "final" else "maximize",
+            sampler=make_sampler(cfg, seed_offset),
+            pruner=make_pruner(cfg) if stage == "screen" else optuna.pruners.NopPruner(),
+            load_if_exists=True,
+        )
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["storage"] = redact(str(resolved["storage"])) if resolved["storage"] else ""
+    for stage, study in studies.items():
+        if "config" not in study.user_attrs:
+            study.set_user_attr("config", json.loads(json.dumps(resolved)))
+            study.set_user_attr("stage", stage)
+            study.set_metric_names([metric_of(cfg) if stage != "final" else "val_accuracy"])
+    return Studies(**studies, claims=Claims(storage.engine))
+
+
+# ---- trial bookkeeping shared by the stages and the summary ------------------------------
+
+
+def retried_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
+    """Numbers of trials that a later trial retries (their work continues elsewhere)."""
+    out: set[int] = set()
+    for t in trials:
+        out.update(t.system_attrs.get("retry_history", []))
+    return out
+
+
+def failure_reason(trial: optuna.trial.FrozenTrial, trials: list[optuna.trial.FrozenTrial]) -> str:
+    """Why a trial failed: its stored reason, or, for a worker that died, what became of it."""
+    if trial.user_attrs.get("fail_reason"):
+        return str(trial.user_attrs["fail_reason"])
+    retries = [t.number for t in trials if trial.number in t.system_attrs.get("retry_history", [])]
+    if retries:
+        return f"worker stopped sending heartbeats (killed?); retried as trial {retries[0]}"
+    return "worker stopped sending heartbeats (killed?); retries exhausted"
+
+
+def _count(study: optuna.Study) -> dict[str, int]:
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name: 0 for s in TrialState}
+    for t in trials:
+        counts[t.state.name] += 1
+    return counts
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    optuna.storages.fail_stale_trials(study)
+
+
+# ---- running trials --------------------------------------------------------------------
+
+
+def _run_one(
+    studies: Studies,
+    stage: str,
+    objective: Callable[[optuna.Trial], float],
+    runner: TrialRunner,
+    max_retries: int,
+) -> None:
+    """Run one trial of ``stage``; Ctrl-C re-enqueues it so it resumes later."""
+    study = studies.of(stage)
+    try:
+        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+    except KeyboardInterrupt:
+        if runner.current_trial and runner.current_trial[0] == study.study_name:
+            number = runner.current_trial[1]
+            trial = next(t for t in study.get_trials(deepcopy=True) if t.number == number)
+            if trial.state == TrialState.FAIL:
+                trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}
+                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retries)(
+                    study, trial
+                )
+        raise
+
+
+def _claim_waiting(studies: Studies, stage: str) -> bool:
+    """Claim one WAITING trial of ``stage`` so that this process alone pops it."""
+    study = studies.of(stage)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if studies.claims.take(f"{study.study_name}/waiting/{t.number}"):
+            return True
+    return False
+
+
+def _drain(
+    studies: Studies,
+    stage: str,
+    objective: Callable[[optuna.Trial], float],
+    runner: TrialRunner,
+    cfg: DictConfig,
+    new_slots: int = 0,
+    on_trial: Callable[[], None] | None = None,
+) -> None:
+    """Run ``stage``'s waiting trials and up to ``new_slots`` new ones, then wait for the rest.
+
+    Returns when the stage has no WAITING or RUNNING trial and all slots are taken. Dead
+    workers' trials are failed by heartbeat and re-enqueued, and picked up here.
+    """
+    study = studies.of(stage)
+    while True:
+        _fail_stale(study)
+        if _claim_waiting(studies, stage) or _claim_slot(studies, study, new_slots):
+            _run_one(studies, stage, objective, runner, int(cfg.max_retries))
+            if on_trial:
+                on_trial()
+            continue
+        counts = _count(study)
+        if counts["RUNNING"] == 0 and counts["WAITING"] == 0:
+            return
+        time.sleep(POLL_S)  # others are still training; their trials may yet need a retry
+
+
+def _claim_slot(studies: Studies, study: optuna.Study, slots: int) -> bool:
+    if slots <= 0:
+        return False
+    taken = set(studies.claims.taken(f"{study.study_name}/slot/"))
+    for i in range(slots):
+        key = f"{study.study_name}/slot/{i}"
+        if key not in taken and studies.claims.take(key):
+            return True
+    return False
+
+
+def _enqueue_once(
+    studies: Studies, key: str, enqueue: Callable[[], int], done_study: optuna.Study
+) -> None:
+    """Run ``enqueue`` in exactly one process; the others wait until it has finished."""
+    if studies.claims.take(key):
+        count = enqueue()
+        done_study.set_user_attr(f"enqueued:{key}", count)
+        return
+    deadline = time.monotonic() + 120
+    while f"enqueued:{key}" not in done_study.user_attrs:
+        if time.monotonic() > deadline:
+            raise StageError(
+                f"{key}: another process claimed this step but did not finish it; if it died, "
+                "delete the claim row from ssl_search_claims and run again"
+            )
+        time.sleep(POLL_S)
+
+
+def run_screen(studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial=None) -> None:
+    screen = studies.screen
+
+    def enqueue_baseline() -> int:
+        screen.enqueue_trial(
+            baseline_params(cfg), user_attrs={"baseline": "report"}, skip_if_exists=True
+        )
+        return 1
+
+    _enqueue_once(studies, f"{screen.study_name}/baseline", enqueue_baseline, screen)
+    # The waiting baseline is one of the screen's trials: the rest are new samples.
+    _drain(
+        studies,
+        "screen",
+        runner.screen,
+        runner,
+        cfg,
+        new_slots=int(cfg.stages.screen.trials) - 1,
+        on_trial=on_trial,
+    )
+
+
+def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    return sorted(done, key=lambda t: t.value, reverse=reverse)[:k]
+
+
+def run_promote(studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial=None) -> None:
+    screen, promote = studies.screen, studies.promote
+
+    def enqueue_promotions() -> int:
+        best = top_trials(screen, int(cfg.stages.promote.top_k))
+        if not best:
+            raise StageError(
+                f"{screen.study_name}: no completed screen trial to promote; see the failures "
+                "in the summary"
+            )
+        for t in best:
+            promote.enqueue_trial(
+                t.params,
+                user_attrs={
+                    "source_study": screen.study_name,
+                    "source_trial": t.number,
+                    "source_value": t.value,
+                    "seed": t.user_attrs.get("seed"),
+                },
+                skip_if_exists=True,
+            )
+        return len(best)
+
+    if _count(screen)["COMPLETE"] == 0 and _count(screen)["RUNNING"] == 0:
+        if not promote.get_trials(deepcopy=False):
+            raise StageError(
+                f"{screen.study_name}: run the screen stage first (no completed trial)"
+            )
+    _enqueue_once(studies, f"{promote.study_name}/enqueue", enqueue_promotions, promote)
+    _drain(studies, "promote", runner.promote, runner, cfg, on_trial=on_trial)
+
+
+def run_final(studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial=None) -> None:
+    promote, final = studies.promote, studies.final
+
+    def enqueue_final() -> int:
+        best = top_trials(promote, 1)
+        if not best:
+            raise StageError(f"{promote.study_name}: no completed promoted trial to evaluate")
+        t = best[0]
+        final.enqueue_trial(
+            t.params,
+            user_attrs={
+                "source_study": promote.study_name,
+                "source_trial": t.number,
+                "source_checkpoint": int(t.user_attrs.get("checkpoint", original_number(t))),
+                "source_value": t.value,
+                "seed": t.user_attrs.get("seed"),
+            },
+            skip_if_exists=True,
+        )
+        return 1
+
+    _enqueue_once(studies, f"{final.study_name}/enqueue", enqueue_final, final)
+    _drain(studies, "final", runner.final, runner, cfg, on_trial=on_trial)
+
+
+STAGE_RUNNERS = {"screen": run_screen, "promote": run_promote, "final": run_final}
+
+
+def run_stages(studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial=None) -> None:
+    """Run the configured stage, or all three in order."""
+    stages = STAGE_NAMES if cfg.stage == "all" else (cfg.stage,)
+    for stage in stages:
+        if stage == "final" and not cfg.stages.final.enabled:
+            continue
+        STAGE_RUNNERS[stage](studies, runner, cfg, on_trial)
+
+
+# ---- summary ---------------------------------------------------------------------------
+
+
+def summarize(studies: Studies, cfg: DictConfig) -> dict[str, Any]:
+    """Per stage: counts by state, the best trial's params and value; final test numbers."""
+    out: dict[str, Any] = {"metric": metric_of(cfg), "stages": {}}
+    for stage in STAGE_NAMES:
+        study = studies.of(stage)
+        trials = study.get_trials(deepcopy=False)
+        counts = {
+            s: sum(t.state.name == s for t in trials)
+            for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
+        }
+        best = top_trials(study, 1)
+        entry: dict[str, Any] = {"study": study.study_name, "counts": counts}
+        if best:
+            entry["best"] = {
+                "number": best[0].number,
+                "value": best[0].value,
+                "params": best[0].params,
+            }
+            entry["best"]["user_attrs"] = {
+                k: v for k, v in best[0].user_attrs.items() if k not in ("curve",)
+            }
+        entry["failures"] = {
+            t.number: failure_reason(t, trials) for t in trials if t.state == TrialState.FAIL
+        }
+        if stage == "promote":
+            entry["lineage"] = {
+                t.number: (t.user_attrs.get("source_study"), t.user_attrs.get("source_trial"))
+                for t in trials
+            }
+        out["stages"][stage] = entry
+    return out

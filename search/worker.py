@@ -1,0 +1,58 @@
+"""Join a running study as one more worker: ``python -m search.worker study=NAME storage=URL``.
+
+Start as many as you like, on this machine or others (they need the same study settings, the
+same storage URL and a checkpoint folder they can all read; see README "Scaling out").
+``device=cpu|cuda|cuda:N`` picks this worker's device (default: CUDA when visible). Ctrl-C or
+SIGTERM stops the worker cleanly; its running trial is re-enqueued and resumes from its last
+checkpoint in whichever worker takes it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import optuna
+
+from search.cli import config_from_args, guarded, parser
+from search.config import storage_url
+from search.stages import StageError
+from search.workers import install_sigterm_as_interrupt, worker_loop
+from storage.urls import redact
+
+
+@guarded
+def main() -> int:
+    p = parser("python -m search.worker", __doc__.split("\n\n")[0], __doc__.split("\n\n", 1)[1])
+    p.add_argument("--no-progress", action="store_true", help="hide per-batch progress bars")
+    args = p.parse_args()
+    device, label, rest = None, "worker", []
+    for item in args.overrides:
+        if item.startswith("device="):
+            device = item.split("=", 1)[1]
+        elif item.startswith("label="):
+            label = item.split("=", 1)[1]
+        else:
+            rest.append(item)
+    cfg = config_from_args(rest)
+    if device is not None:
+        cfg.train.device = device
+    url = storage_url(cfg)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    install_sigterm_as_interrupt()
+    print(f"[{label}] joining {cfg.name} at {redact(url)} on {cfg.train.device}", flush=True)
+    try:
+        worker_loop(cfg, url, device=cfg.train.device, label=label, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(
+            f"[{label}] interrupted: its running trial was re-enqueued and will resume", flush=True
+        )
+        return 130
+    except StageError as error:
+        print(f"[{label}] error: {error}", file=sys.stderr)
+        return 1
+    print(f"[{label}] done: no trial left in any stage", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""Worker processes: one loop per process, many processes per study, coordinated by storage.
+
+:func:`worker_loop` is what every worker runs, whether started by ``search.run workers=N`` on
+this machine or by ``search.worker`` from another shell or machine. :func:`run_workers` starts
+N such processes (spawned as fresh interpreters, never forked), each pinned to one device with
+``CUDA_VISIBLE_DEVICES`` round-robin, and shows one aggregated progress bar read from storage.
+No process is special: killing any of them, including the launcher, leaves the study
+consistent, and any worker started later carries on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import optuna
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from search.config import metric_of, resolved_paths
+from search.objective import TrialRunner
+from search.stages import STAGE_NAMES, open_studies, run_stages
+
+
+def device_plan(devices: str, workers: int) -> list[str]:
+    """Device of each worker: ``cpu``, or a CUDA index (visible as cuda:0 inside the worker)."""
+    text = str(devices).strip()
+    if text == "auto":
+        count = torch.cuda.device_count()
+        indices = [str(i) for i in range(count)] if count else []
+    elif text == "cpu":
+        indices = []
+    else:
+        indices = [p.strip() for p in text.split(",")]
+    if not indices:
+        return ["cpu"] * workers
+    return [indices[i % len(indices)] for i in range(workers)]
+
+
+def _announce(label: str, study: optuna.Study, number: int, metric: str) -> None:
+    trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    value = "-" if trial.value is None else f"{trial.value:.4f}"
+    attrs = trial.user_attrs
+    extra = attrs.get("prune_reason") or attrs.get("fail_reason") or ""
+    resumed = (
+        f", resumed from epoch {attrs['resumed_from_epoch']}"
+        if "resumed_from_epoch" in attrs
+        else ""
+    )
+    tqdm.write(
+        f"[{label}] {study.study_name} #{number} {trial.state.name} {metric} {value} "
+        f"({attrs.get('epochs_run', '-')} epochs, {attrs.get('wall_time_s', 0):.1f}s{resumed}) {extra}".rstrip()
+    )
+
+
+def worker_loop(
+    cfg: DictConfig, url: str, *, device: str, label: str = "worker", progress: bool = True
+) -> None:
+    """Join the study at ``url`` and run trials of every stage until all stages are done."""
+    studies = open_studies(cfg, url)
+    runner = TrialRunner(cfg, device=device, progress=progress)
+    metric = metric_of(cfg)
+
+    def on_trial() -> None:
+        if runner.current_trial:
+            name, number = runner.current_trial
+            stage = name.rsplit(".", 1)[1]
+            _announce(
+                label, studies.of(stage), number, metric if stage != "final" else "val_accuracy"
+            )
+
+    run_stages(studies, runner, cfg, on_trial=on_trial)
+
+
+def install_sigterm_as_interrupt() -> None:
+    """SIGTERM behaves like Ctrl-C: the running trial is re-enqueued to resume later."""
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _progress_thread(cfg: DictConfig, url: str, stop: threading.Event) -> threading.Thread:
+    def watch() -> None:
+        studies = open_studies(cfg, url)
+        total = int(cfg.stages.screen.trials) + int(cfg.stages.promote.top_k) + 1
+        bar = tqdm(total=total, desc=f"{cfg.name} trials", unit="trial")
+        while not stop.is_set():
+            done = 0
+            for stage in STAGE_NAMES:
+                done += sum(
+                    t.state.is_finished() and not t.system_attrs.get("retry_history")
+                    for t in studies.of(stage).get_trials(deepcopy=False)
+                )
+            bar.n = min(done, bar.total)
+            bar.refresh()
+            stop.wait(2.0)
+        bar.close()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def run_workers(cfg: DictConfig, url: str, *, progress: bool = True) -> None:
+    """Run the study with ``cfg.workers`` processes (in this process when it is 1)."""
+    plan = device_plan(cfg.devices, int(cfg.workers))
+    if int(cfg.workers) == 1:
+        device = (
+            cfg.train.device
+            if plan[0] == "cpu" and str(cfg.devices) == "auto"
+            else ("cpu" if plan[0] == "cpu" else f"cuda:{plan[0]}")
+        )
+        worker_loop(cfg, url, device=device, label="worker 0", progress=progress)
+        return
+    # Workers read the exact resolved config this process validated, from one file.
+    folder = resolved_paths(cfg)["runs"] / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, cfg_path = tempfile.mkstemp(dir=folder, prefix=f"{cfg.name}-", suffix=".yaml")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(OmegaConf.to_yaml(cfg, resolve=True))
+    cpu_workers = sum(d == "cpu" for d in plan)
+    threads = max(1, (os.cpu_count() or 1) // max(cpu_workers, 1))
+    procs: list[subprocess.Popen] = []
+    stop = threading.Event()
+    watcher = _progress_thread(cfg, url, stop) if progress else None
+    try:
+        for i, dev in enumerate(plan):
+            env = dict(os.environ)
+            if dev == "cpu":
+                env["CUDA_VISIBLE_DEVICES"] = ""
+                env["OMP_NUM_THREADS"] = str(threads)
+                device = "cpu"
+            else:
+                env["CUDA_VISIBLE_DEVICES"] = dev
+                device = "cuda"
+            cmd = [
+                sys.executable,
+                "-m",
+                "search.worker",
+                f"study={cfg_path}",
+                f"device={device}",
+                f"label=w{i}:{'cpu' if dev == 'cpu' else 'gpu' + dev}",
+                "--no-progress",
+            ]
+            procs.append(subprocess.Popen(cmd, env=env, cwd=os.getcwd()))
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            p.wait()
+        raise
+    finally:
+        stop.set()
+        if watcher:
+            watcher.join(timeout=5)
+        Path(cfg_path).unlink(missing_ok=True)
+    failed = [i for i, c in enumerate(codes) if c != 0]
+    if failed:
+        tqdm.write(
+            f"workers {failed} exited with codes {[codes[i] for i in failed]}; "
+            "their trials were re-enqueued or failed with a reason (see the summary)"
+        )

@@ -1,0 +1,130 @@
+"""Storage URLs: checking them, hiding passwords, and opening Optuna's RDB storage safely.
+
+SQLite (the default, one file under ``runs/``) is put in WAL mode with a long busy timeout so
+several local workers can share it; PostgreSQL (``postgresql+psycopg://``) is the choice when
+workers run on several machines. Opening retries table creation, because several processes
+creating Optuna's schema on an empty database at the same instant collide.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import time
+from pathlib import Path
+
+import optuna
+import sqlalchemy
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+SUPPORTED = ("sqlite", "postgresql")
+SQLITE_TIMEOUT_S = 120
+
+
+class StorageError(ValueError):
+    """The storage URL cannot be used; the message is one line and never shows a password."""
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ``***``."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return "<unparsable storage URL>"
+
+
+def check_url(url: str) -> sqlalchemy.engine.URL:
+    """Parse and check ``url`` without writing anything; raise :class:`StorageError`."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError) as error:
+        raise StorageError(
+            f"storage: cannot parse {redact(url)!r}; expected e.g. sqlite:///runs/ssl-search.db "
+            "or postgresql+psycopg://user@host:5432/db"
+        ) from error
+    if parsed.get_backend_name() not in SUPPORTED:
+        raise StorageError(
+            f"storage: unsupported database {parsed.get_backend_name()!r} in {redact(url)}; "
+            "allowed: sqlite, postgresql (postgresql+psycopg)"
+        )
+    try:
+        parsed.get_dialect()
+    except NoSuchModuleError as error:
+        raise StorageError(
+            f"storage: no driver for {parsed.drivername!r} in {redact(url)}"
+        ) from error
+    if parsed.get_backend_name() == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            raise StorageError(
+                "storage: an in-memory SQLite database cannot be shared or resumed; give a file, "
+                "e.g. sqlite:///runs/ssl-search.db"
+            )
+        folder = Path(parsed.database).expanduser().resolve().parent
+        existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
+        if existing is None or not existing.is_dir():
+            raise StorageError(f"storage: cannot create a database under {folder}")
+    return parsed
+
+
+def _prepare_sqlite(parsed: sqlalchemy.engine.URL) -> None:
+    path = Path(parsed.database).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # WAL lets readers (the dashboard, other workers) proceed while one worker writes; the
+    # journal mode is stored in the file, so setting it once is enough.
+    with sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+
+
+def _check_server(url: str, parsed: sqlalchemy.engine.URL) -> None:
+    engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 10})
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as error:
+        reason = str(getattr(error, "orig", error)).strip().splitlines()[0]
+        raise StorageError(f"storage: cannot connect to {redact(url)}: {reason}") from error
+    finally:
+        engine.dispose()
+
+
+def open_storage(
+    url: str,
+    *,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
+    max_retry: int = 3,
+    attempts: int = 12,
+) -> optuna.storages.RDBStorage:
+    """Open (creating when needed) Optuna's storage at ``url``.
+
+    With ``heartbeat_interval`` set, running trials send heartbeats; a trial silent for
+    ``grace_period`` seconds is failed by :func:`optuna.storages.fail_stale_trials` and
+    re-enqueued up to ``max_retry`` times.
+    """
+    parsed = check_url(url)
+    engine_kwargs: dict = {}
+    if parsed.get_backend_name() == "sqlite":
+        _prepare_sqlite(parsed)
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
+    else:
+        _check_server(url, parsed)
+        engine_kwargs["pool_pre_ping"] = True
+    heartbeat = {}
+    if heartbeat_interval:
+        heartbeat = {
+            "heartbeat_interval": heartbeat_interval,
+            "grace_period": grace_period,
+            "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=max_retry
+            ),
+        }
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+        except SQLAlchemyError:
+            # Another process is creating the same tables right now: wait and look again.
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 + random.random() * (0.3 * (attempt + 1)))
+    raise AssertionError("unreachable")
