@@ -69,6 +69,8 @@ class EpochReport:
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0  # training time of the epoch, metrics excluded
     images_per_second: float = 0.0
+    eval_seconds: float = 0.0  # validation metrics of the epoch
+    checkpoint_seconds: float = 0.0  # writing this epoch's checkpoint
 
 
 EpochCallback = Callable[[EpochReport], None]
@@ -278,17 +280,21 @@ class Run:
                     f"{phase}: training loss became {train_loss} in epoch {epoch + 1}"
                 )
             images = sum(len(b) for b in batches)
+            eval_started = time.perf_counter()
+            values = metrics()
             report = EpochReport(
                 phase=phase,
                 epoch=epoch + 1,
                 epochs=epochs,
                 train_loss=train_loss,
-                metrics=metrics(),
+                metrics=values,
                 seconds=seconds,
                 images_per_second=images / seconds if seconds > 0 else 0.0,
+                eval_seconds=time.perf_counter() - eval_started,
             )
             history.append(report)
             if path:
+                saving_started = time.perf_counter()
                 save_checkpoint(
                     path,
                     {
@@ -301,6 +307,7 @@ class Run:
                         "history": [asdict(h) for h in history],
                     },
                 )
+                report.checkpoint_seconds = time.perf_counter() - saving_started
             if on_epoch:
                 on_epoch(report)
         return history
