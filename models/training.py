@@ -109,6 +109,7 @@ class Run:
         self.device = resolve_device(train.device)
         self.splits = splits.to(self.device)
         self.family = splits.family
+        torch.manual_seed(train.seed)  # initial weights and every random draw follow the seed
         self.nets = build_networks(splits.family, task, model)
         on_cuda = self.device.type == "cuda"
         self.channels_last = train.channels_last == "on" or (

@@ -9,6 +9,7 @@ trial's last epoch instead of epoch 0.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from collections.abc import Callable
@@ -121,7 +122,6 @@ class TrialRunner:
         _, model_cfg, train_cfg = to_dataclasses(tcfg)
         train_cfg.device = self.device
         train_cfg.progress = self.progress
-        torch.manual_seed(train_cfg.seed)
         return Run(tcfg.task, self.splits, model_cfg, train_cfg, checkpoint_dir=ckpt_dir)
 
     def _train(self, trial: optuna.Trial, stage: str, epochs: int, prune: bool) -> float:
@@ -194,10 +194,9 @@ class TrialRunner:
             reason = f"CUDA out of memory: {str(error).splitlines()[0]}"
         else:
             reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        try:
+        # The storage itself may be what failed: keep the original error, not this one.
+        with contextlib.suppress(Exception):
             trial.set_user_attr("fail_reason", reason[:1000])
-        except Exception:  # the storage itself may be what failed; keep the original error
-            pass
 
     @staticmethod
     def _release(run: Run | None) -> None:

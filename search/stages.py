@@ -234,7 +234,11 @@ def _enqueue_once(
 ) -> None:
     """Run ``enqueue`` in exactly one process; the others wait until it has finished."""
     if studies.claims.take(key):
-        count = enqueue()
+        try:
+            count = enqueue()
+        except BaseException:
+            studies.claims.release(key)  # let a later run try again
+            raise
         done_study.set_user_attr(f"enqueued:{key}", count)
         return
     deadline = time.monotonic() + 120
@@ -298,11 +302,8 @@ def run_promote(studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial
             )
         return len(best)
 
-    if _count(screen)["COMPLETE"] == 0 and _count(screen)["RUNNING"] == 0:
-        if not promote.get_trials(deepcopy=False):
-            raise StageError(
-                f"{screen.study_name}: run the screen stage first (no completed trial)"
-            )
+    # The top-k is only known once every screen trial (retries included) has finished.
+    _drain(studies, "screen", runner.screen, runner, cfg, on_trial=on_trial)
     _enqueue_once(studies, f"{promote.study_name}/enqueue", enqueue_promotions, promote)
     _drain(studies, "promote", runner.promote, runner, cfg, on_trial=on_trial)
 
@@ -328,6 +329,7 @@ def run_final(studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial=N
         )
         return 1
 
+    _drain(studies, "promote", runner.promote, runner, cfg, on_trial=on_trial)
     _enqueue_once(studies, f"{final.study_name}/enqueue", enqueue_final, final)
     _drain(studies, "final", runner.final, runner, cfg, on_trial=on_trial)
 

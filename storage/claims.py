@@ -57,6 +57,11 @@ class Claims:
         except IntegrityError:
             return False
 
+    def release(self, key: str) -> None:
+        """Give ``key`` back, e.g. when the work it guarded could not be done."""
+        with self.engine.begin() as conn:
+            conn.execute(CLAIMS.delete().where(CLAIMS.c.key == key))
+
     def taken(self, prefix: str) -> list[str]:
         """Keys already taken that start with ``prefix``."""
         with self.engine.connect() as conn:

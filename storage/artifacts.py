@@ -1,0 +1,186 @@
+"""Per-trial figures in Optuna's artifact store, for optuna-dashboard and the report.
+
+Artifacts can only be attached to a *running* trial, so :func:`make_trial_artifact_hook` builds a
+:class:`search.objective.TrialRunner` hook that runs just before a trial returns and uploads:
+
+- every trial: ``learning_curves.png`` (training loss and validation metrics per epoch);
+- autoencoder trials: ``val_reconstructions.png`` (validation images over their reconstructions);
+- the final trial additionally: ``test_reconstructions.png`` and ``interpolation.png``
+  (autoencoder), and ``tsne.png`` of the test set in raw image space and in the trial's latent
+  space when the test set is small enough to be cheap (``TSNE_MAX_POINTS``).
+
+The store is a plain folder (``<runs_dir>/artifacts`` by default); each upload is recorded in
+the trial's system attrs (``artifacts:<id>``), which is how optuna-dashboard finds it::
+
+    optuna-dashboard sqlite:///runs/ssl-search.db --artifact-dir runs/artifacts
+
+A figure that cannot be made never fails the trial: the reason is kept in the trial's
+``artifact_error`` user attr and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+_LOG = logging.getLogger(__name__)
+RECONSTRUCTION_COUNT = 8  # validation images per trial in the reconstruction grid
+TSNE_MAX_POINTS = 500  # the final trial's t-SNE runs only on test sets up to this size
+
+Hook = Callable[[optuna.Trial, Any, Any, dict[str, Any]], None]
+
+
+def artifact_store(artifacts_dir: str | Path) -> FileSystemArtifactStore:
+    """The file-system artifact store at ``artifacts_dir`` (created when missing)."""
+    path = Path(artifacts_dir).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(path)
+
+
+def upload_file(
+    trial: optuna.Trial | optuna.trial.FrozenTrial, store: FileSystemArtifactStore, path: Path
+) -> str:
+    """Upload one file to ``store`` as an artifact of the running ``trial``; its artifact id."""
+    return upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
+
+
+def upload_figure(
+    trial: optuna.Trial | optuna.trial.FrozenTrial,
+    store: FileSystemArtifactStore,
+    fig: Any,
+    filename: str,
+) -> str:
+    """Save a matplotlib figure as PNG named ``filename`` and upload it; the artifact id."""
+    from search.figures import save_png
+
+    with tempfile.TemporaryDirectory(prefix="ssl-artifact-") as tmp:
+        path = save_png(fig, Path(tmp) / filename)
+        return upload_file(trial, store, path)
+
+
+def trial_artifacts(trial: optuna.trial.FrozenTrial) -> dict[str, str]:
+    """filename -> artifact id of the artifacts stored on a (finished) trial."""
+    metas = optuna.artifacts.get_all_artifact_meta(trial)
+    return {m.filename: m.artifact_id for m in metas}
+
+
+def _source_curve(trial: optuna.Trial) -> list[dict[str, Any]]:
+    """The pretrain curve of the promoted trial a final trial continues (for its figure)."""
+    attrs = trial.user_attrs
+    source, number = attrs.get("source_study"), attrs.get("source_trial")
+    if source is None or number is None:
+        return []
+    storage = trial.study._storage
+    try:
+        study_id = storage.get_study_id_from_name(source)
+    except KeyError:
+        return []
+    for t in storage.get_all_trials(study_id, deepcopy=False):
+        if t.number == int(number):
+            return [c for c in t.user_attrs.get("curve", []) if c["phase"] == "pretrain"]
+    return []
+
+
+def trial_figures(trial: optuna.Trial, run: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    """filename -> matplotlib figure for one trial (see the module docstring)."""
+    from search import figures
+
+    attrs = trial.user_attrs
+    stage = attrs.get("stage", "")
+    study = trial.study.study_name
+    curve = list(attrs.get("curve") or [])
+    if not curve and extra.get("history"):
+        curve = list(extra["history"])
+    if stage == "final":
+        curve = _source_curve(trial) + [c for c in curve if _phase(c) == "probe"]
+    out: dict[str, Any] = {
+        "learning_curves.png": figures.learning_curves(
+            curve, f"{study} trial #{trial.number}: learning curves ({run.task})"
+        )
+    }
+    splits = run.splits
+    if run.task == "autoencoder" and len(splits.val_x):
+        idx = figures.sample_indices(len(splits.val_x), RECONSTRUCTION_COUNT)
+        originals, recon = figures.reconstructions(run, splits.val_x[idx.to(splits.val_x.device)])
+        out["val_reconstructions.png"] = figures.image_rows(
+            [originals, recon],
+            ["original", "reconstruction"],
+            f"{study} trial #{trial.number}: validation images over their reconstructions",
+        )
+    if stage == "final":
+        out.update(final_figures(run, f"{study} trial #{trial.number}"))
+    return out
+
+
+def _phase(entry: Any) -> str:
+    return entry["phase"] if isinstance(entry, dict) else entry.phase
+
+
+def final_figures(run: Any, label: str, tsne_max_points: int = TSNE_MAX_POINTS) -> dict[str, Any]:
+    """The report's figures on the test set for a trained run (those cheap enough for a hook)."""
+    from search import figures
+
+    splits = run.splits
+    out: dict[str, Any] = {}
+    n_test = len(splits.test_y)
+    if run.task == "autoencoder" and n_test >= 2:
+        idx = figures.sample_indices(n_test, 5)
+        originals, recon = figures.reconstructions(run, splits.test_x[idx.to(splits.test_x.device)])
+        out["test_reconstructions.png"] = figures.image_rows(
+            [originals, recon],
+            ["original", "reconstruction"],
+            f"{label}: 5 test images over their reconstructions",
+        )
+        a, b = figures.pick_two_classes(splits.test_y.cpu())
+        start, decoded, end, alphas = figures.interpolate(run, splits.test_x[a], splits.test_x[b])
+        out["interpolation.png"] = figures.interpolation_strip(
+            start,
+            decoded,
+            end,
+            alphas,
+            f"{label}: linear interpolation between two test images' latents, decoded",
+        )
+    if 5 <= n_test <= tsne_max_points:
+        labels = splits.test_y.cpu().numpy()
+        raw = splits.test_x.float().cpu().numpy().reshape(n_test, -1) / 255.0
+        latent = run.embed(splits.test_x).cpu().numpy()
+        out["tsne.png"] = figures.tsne_panels(
+            [
+                ("raw image space", figures.tsne_embedding(raw), labels),
+                (f"{run.task} latent space", figures.tsne_embedding(latent), labels),
+            ],
+            splits.classes,
+        )
+    return out
+
+
+def make_trial_artifact_hook(artifacts_dir: str | Path) -> Hook:
+    """A TrialRunner hook uploading the trial's figures to the store at ``artifacts_dir``."""
+    store = artifact_store(artifacts_dir)
+
+    def hook(trial: optuna.Trial, run: Any, tcfg: Any, extra: dict[str, Any]) -> None:  # noqa: ARG001
+        started = time.perf_counter()
+        try:
+            for filename, fig in trial_figures(trial, run, extra).items():
+                upload_figure(trial, store, fig, filename)
+        except Exception as error:  # a figure must never cost a trained trial
+            reason = f"{type(error).__name__}: {error}"[:500]
+            _LOG.warning("trial %d: artifacts not uploaded: %s", trial.number, reason)
+            try:
+                trial.set_user_attr("artifact_error", reason)
+            except Exception:  # noqa: BLE001, S110 - the storage itself may be the problem
+                pass
+        finally:
+            try:
+                trial.set_user_attr("artifact_seconds", time.perf_counter() - started)
+            except Exception:  # noqa: BLE001, S110
+                pass
+
+    return hook

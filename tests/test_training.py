@@ -1,0 +1,150 @@
+"""The training loop: every task runs and reports, checkpoints resume exactly, failures are clear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.config import DataConfig, ModelConfig, OptimConfig, ProbeConfig, TrainConfig
+from models.data import load_splits
+from models.optim import build_optimizer, build_scheduler
+from models.training import NonFiniteLossError, Run, resolve_device
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_splits(DataConfig(name="digits", train_subset=320, val_subset=96, test_subset=96))
+
+
+def small_train(**kw) -> TrainConfig:
+    base = dict(epochs=2, batch_size=32, max_batches=4, progress=False, device="cpu", knn_k=5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("task", ["autoencoder", "guided", "contrastive"])
+def test_each_task_reports_metrics_every_epoch_and_final_numbers(digits, task):
+    seen = []
+    train = small_train(probe=ProbeConfig(epochs=1, batch_size=32))
+    run = Run(task, digits, ModelConfig(channels=4, latent_dim=16), train)
+    results = run.fit(on_epoch=seen.append)
+    pretrain = [r for r in seen if r.phase == "pretrain"]
+    assert [r.epoch for r in pretrain] == [1, 2]
+    expected = {
+        "autoencoder": {"knn_accuracy", "val_mae"},
+        "guided": {"val_accuracy"},
+        "contrastive": {"knn_accuracy"},
+    }[task]
+    assert set(pretrain[0].metrics) == expected
+    assert all(r.train_loss > 0 and r.images_per_second > 0 for r in seen)
+    if task != "guided":
+        assert [r.phase for r in seen].count("probe") == 1
+    for split in ("train", "val", "test"):
+        assert 0.0 <= results[f"{split}_accuracy"] <= 1.0
+    assert ("test_mae" in results) == (task == "autoencoder")
+
+
+def _weights(run: Run) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{k}": v.clone()
+        for name, module in run.nets.modules().items()
+        for k, v in module.state_dict().items()
+    }
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "task,optim",
+    [
+        ("contrastive", OptimConfig(name="sgd", lr=0.05, schedule="cosine")),
+        ("guided", OptimConfig(name="lars", lr=0.5, schedule="cosine", warmup_epochs=1)),
+        ("autoencoder", OptimConfig(name="adam", lr=1e-3)),
+    ],
+)
+def test_resume_from_epoch_checkpoint_matches_uninterrupted_run(digits, tmp_path, task, optim):
+    model = ModelConfig(channels=4, latent_dim=16, classifier_dropout=0.3, encoder_dropout=0.1)
+    train = small_train(epochs=3, optim=optim)
+
+    torch.manual_seed(0)
+    straight = Run(task, digits, model, train, checkpoint_dir=tmp_path / "straight")
+    straight.pretrain()
+
+    def stop_after_first(report):
+        if report.epoch == 1:
+            raise Interrupt
+
+    torch.manual_seed(0)
+    first = Run(task, digits, model, train, checkpoint_dir=tmp_path / "resumed")
+    with pytest.raises(Interrupt):
+        first.pretrain(on_epoch=stop_after_first)
+    torch.manual_seed(123)  # a fresh process has another RNG state: the checkpoint restores it
+    second = Run(task, digits, model, train, checkpoint_dir=tmp_path / "resumed")
+    history = second.pretrain()
+
+    assert [h.epoch for h in history] == [1, 2, 3]
+    a, b = _weights(straight), _weights(second)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_finished_phase_is_not_retrained(digits, tmp_path):
+    train = small_train(epochs=1)
+    Run("guided", digits, ModelConfig(channels=4), train, checkpoint_dir=tmp_path).pretrain()
+    again = []
+    Run("guided", digits, ModelConfig(channels=4), train, checkpoint_dir=tmp_path).pretrain(
+        on_epoch=again.append
+    )
+    assert again == []
+
+
+def test_diverging_run_raises_nonfinite_loss(digits):
+    train = small_train(optim=OptimConfig(name="sgd", lr=1e30))
+    with pytest.raises(NonFiniteLossError, match="nan|inf"):
+        Run("guided", digits, ModelConfig(channels=4), train).pretrain()
+
+
+def test_contrastive_training_lifts_knn_accuracy_above_untrained(digits):
+    model = ModelConfig(channels=8, latent_dim=32, projection_dim=32)
+    torch.manual_seed(0)
+    run = Run("contrastive", digits, model, small_train(epochs=4, max_batches=0, batch_size=64))
+    before = run.knn_accuracy()
+    history = run.pretrain()
+    after = history[-1].metrics["knn_accuracy"]
+    assert after > before + 0.02, (before, after)
+
+
+def test_reconstruction_mae_falls(digits):
+    torch.manual_seed(0)
+    run = Run("autoencoder", digits, ModelConfig(channels=4, latent_dim=16), small_train(epochs=3))
+    start = run.reconstruction_mae(digits.val_x)
+    maes = [h.metrics["val_mae"] for h in run.pretrain()]
+    assert maes[-1] < start
+    assert 0 < maes[-1] < 1  # pixels in [0, 1]: the report's units for MNIST
+
+
+def test_scheduler_warmup_then_cosine():
+    param = torch.nn.Parameter(torch.zeros(1))
+    cfg = OptimConfig(name="sgd", lr=1.0, schedule="cosine", warmup_epochs=2)
+    opt = build_optimizer([param], cfg)
+    sched = build_scheduler(opt, cfg, epochs=6)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(1.0)
+    assert lrs[2] > lrs[3] > lrs[4] > lrs[5]
+
+
+def test_unknown_task_and_device_are_clear_errors(digits):
+    with pytest.raises(ValueError, match="task: unknown task 'jigsaw'"):
+        Run("jigsaw", digits, ModelConfig(channels=4), small_train())
+    with pytest.raises(ValueError, match="device"):
+        resolve_device("tpu:7")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
