@@ -54,16 +54,21 @@ def parse_options(
     prog: str, description: str, options: dict[str, Option], epilog: str = ""
 ) -> dict[str, Any]:
     """argparse with ``key=value`` positionals (the style of ``python -m search.run``)."""
-    lines = [f"  {name}={opt.default!s:<12} {opt.help}" for name, opt in options.items()]
+    width = max(len(f"{name}={opt.default}") for name, opt in options.items()) + 2
+    lines = [f"  {f'{name}={opt.default}':<{width}}{opt.help}" for name, opt in options.items()]
     p = argparse.ArgumentParser(
         prog=prog,
         description=description,
-        epilog="options (key=value, default shown):\n" + "\n".join(lines) + "\n\n" + epilog,
+        epilog="options (key=value, default shown):\n" + "\n".join(lines) + "\n\n" + epilog + "\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="see the options below")
     args = p.parse_args()
-    values = {name: opt.default for name, opt in options.items()}
+    # String defaults go through the same parser as given values (e.g. "0,2" -> [0, 2]).
+    values = {
+        name: opt.parse(opt.default) if isinstance(opt.default, str) else opt.default
+        for name, opt in options.items()
+    }
     for item in args.overrides:
         key, sep, raw = item.partition("=")
         key = key.lstrip("-")

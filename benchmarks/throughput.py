@@ -335,8 +335,6 @@ def main() -> int:
         "  python -m benchmarks.throughput device=cuda channels=256 batches=100\n"
         "  python -m benchmarks.throughput tasks=contrastive datasets=cifar10 channels=64",
     )
-    if isinstance(opts["workers"], str):
-        opts["workers"] = csv_int(opts["workers"])
     for t in opts["tasks"]:
         if t not in TASKS:
             raise SystemExit(f"error: tasks: unknown task {t!r}; allowed: {', '.join(TASKS)}")

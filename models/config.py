@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+class DataError(ValueError):
+    """Unusable data or data settings; the one-line message names the config field."""
+
+
 TASKS = ("autoencoder", "guided", "contrastive")
 DATASETS = ("mnist", "cifar10", "digits", "imagefolder")
 OPTIMIZERS = ("adam", "sgd", "lars")

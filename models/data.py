@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.config import DATASETS, DataConfig
+from models.config import DATASETS, DataConfig, DataError
 
 FAMILY_SHAPES: dict[str, tuple[int, int, int]] = {"mnist": (1, 28, 28), "cifar": (3, 32, 32)}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -53,10 +53,6 @@ _CACHE_VERSION = 1
 _TEST_SUBSET_SEED = 0
 _DIGITS_TEST_SEED = 0
 _DIGITS_TEST_FRACTION = 0.2
-
-
-class DataError(ValueError):
-    """Unusable data or data settings; the one-line message names the config field."""
 
 
 @dataclass

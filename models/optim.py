@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from timm.optim import Lars
 
 from models.config import OPTIMIZERS, SCHEDULES, OptimConfig
 
@@ -27,6 +26,8 @@ def build_optimizer(
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
     if cfg.name == "lars":
+        from timm.optim import Lars  # timm is slow to import; only LARS runs need it
+
         return Lars(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     raise ValueError(
         f"optim.name: unknown optimizer {cfg.name!r}; allowed: {', '.join(OPTIMIZERS)}"

@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from omegaconf import DictConfig
 
-from models.data import DataError
+from models.config import DataError
 from search.config import ConfigError, load_config
 from storage.urls import StorageError
 

@@ -31,6 +31,7 @@ from models.config import (
     ModelConfig,
     TrainConfig,
 )
+from storage.urls import StorageError, check_url
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 SAMPLERS = ("tpe", "random")
@@ -214,7 +215,16 @@ def direction_of(cfg: DictConfig) -> str:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check names, ranges and the search space; raise :class:`ConfigError` on the first fault."""
+    """Check names, ranges, the search space and the storage URL; raise :class:`ConfigError`."""
+    _validate_fields(cfg)
+    _validate_space(cfg)
+    try:
+        check_url(storage_url(cfg))
+    except StorageError as error:
+        raise ConfigError(str(error)) from error
+
+
+def _validate_fields(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "task"):
         raise ConfigError(f"task: missing; allowed: {', '.join(TASKS)}")
     missing = OmegaConf.missing_keys(cfg)
@@ -284,7 +294,6 @@ def validate(cfg: DictConfig) -> None:
             f"train.channels_last: unknown value {cfg.train.channels_last!r}; allowed: auto, off, on"
         )
     _validate_devices(cfg.devices)
-    _validate_space(cfg)
 
 
 def _validate_devices(devices: str) -> None:
@@ -352,16 +361,19 @@ def _validate_space(cfg: DictConfig) -> None:
                     raise ConfigError(
                         f"{key}.when.{dep}: {unknown[0]!r} is not one of {dep}'s choices"
                     )
-        # Every value the space can produce must fit the target's type.
+        # Every value the space can produce must fit the target's type and allowed values.
         for value in values:
             trial_cfg = cfg.copy()
             try:
                 OmegaConf.update(trial_cfg, spec.target, value, merge=False)
+                _validate_fields(trial_cfg)
             except OmegaConfBaseException as error:
                 raise ConfigError(
                     f"{key}: value {value!r} does not fit {spec.target}: "
                     f"{str(error).splitlines()[0]}"
                 ) from error
+            except ConfigError as error:
+                raise ConfigError(f"{key}: value {value!r} is not usable: {error}") from error
 
 
 _ABSENT = object()

@@ -19,7 +19,7 @@ from typing import Any
 
 import optuna
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from models.data import ImageSplits, load_splits
 from models.training import EpochReport, Run
@@ -205,10 +205,3 @@ class TrialRunner:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def describe_params(cfg: DictConfig, params: dict[str, Any]) -> str:
-    shown = apply(cfg, params)
-    return ", ".join(
-        f"{name}={OmegaConf.select(shown, cfg.search.space[name].target)}" for name in params
-    )

@@ -12,15 +12,11 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from search.cli import config_from_args, guarded, parser
 from search.config import direction_of, metric_of, storage_url
-from search.objective import describe_params
-from search.space import baseline_params, distribution, ordered
-from search.stages import StageError, open_studies, summarize
-from search.workers import run_workers
+from search.space import apply, baseline_params, distribution, ordered
 from storage.urls import redact
 
 
@@ -58,7 +54,11 @@ def print_summary(cfg: DictConfig, summary: dict[str, Any]) -> None:
         best = entry.get("best")
         if best and stage != "final":
             print(f"         best #{best['number']}: {metric} {_fmt(metric, best['value'])}")
-            print(f"         params: {describe_params(cfg, best['params'])}")
+            shown = apply(cfg, best["params"])
+            params = ", ".join(
+                f"{n}={OmegaConf.select(shown, cfg.search.space[n].target)}" for n in best["params"]
+            )
+            print(f"         params: {params}")
         if stage == "promote" and entry.get("lineage"):
             links = ", ".join(f"#{n} <- {s}#{t}" for n, (s, t) in entry["lineage"].items())
             print(f"         lineage: {links}")
@@ -93,6 +93,12 @@ def main() -> int:
     if args.dry_run:
         print_dry_run(cfg)
         return 0
+    # Heavy imports (torch, optuna) wait until the input is known to be good.
+    import optuna
+
+    from search.stages import StageError, open_studies, summarize
+    from search.workers import run_workers
+
     url = storage_url(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(f"study {cfg.name}: storage {redact(url)}", flush=True)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from search.config import metric_of, resolved_paths
 from search.objective import TrialRunner
 from search.stages import STAGE_NAMES, open_studies, run_stages
+from storage.artifacts import make_trial_artifact_hook
 
 
 def device_plan(devices: str, workers: int) -> list[str]:
@@ -65,6 +66,7 @@ def worker_loop(
     """Join the study at ``url`` and run trials of every stage until all stages are done."""
     studies = open_studies(cfg, url)
     runner = TrialRunner(cfg, device=device, progress=progress)
+    runner.hooks.append(make_trial_artifact_hook(resolved_paths(cfg)["artifacts"]))
     metric = metric_of(cfg)
 
     def on_trial() -> None:

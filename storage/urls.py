@@ -13,7 +13,6 @@ import sqlite3
 import time
 from pathlib import Path
 
-import optuna
 import sqlalchemy
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
@@ -95,13 +94,15 @@ def open_storage(
     grace_period: int | None = None,
     max_retry: int = 3,
     attempts: int = 12,
-) -> optuna.storages.RDBStorage:
+) -> "optuna.storages.RDBStorage":
     """Open (creating when needed) Optuna's storage at ``url``.
 
     With ``heartbeat_interval`` set, running trials send heartbeats; a trial silent for
     ``grace_period`` seconds is failed by :func:`optuna.storages.fail_stale_trials` and
     re-enqueued up to ``max_retry`` times.
     """
+    import optuna  # imported here so that checking a URL stays light
+
     parsed = check_url(url)
     engine_kwargs: dict = {}
     if parsed.get_backend_name() == "sqlite":
