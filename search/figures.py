@@ -38,8 +38,9 @@ METRIC_LABELS = {
 }
 
 
-def new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+def new_figure(width: float, height: float, layout: str | None = None) -> Figure:
+    """A pyplot-free figure; ``layout="constrained"`` where fixed margins do not fit."""
+    fig = Figure(figsize=(width, height), dpi=DPI, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -70,7 +71,9 @@ def learning_curves(curve: Sequence[Any], title: str) -> Figure:
     rows = [_as_dict(c) for c in curve]
     has_mae = any("val_mae" in r.get("metrics", {}) for r in rows)
     panels = 3 if has_mae else 2
-    fig = new_figure(4.0 * panels, 3.2)
+    fig = new_figure(4.2 * panels, 3.4)
+    # Fixed margins: a layout engine would double the drawing cost of this per-trial figure.
+    fig.subplots_adjust(left=0.22 / panels, right=0.98, bottom=0.15, top=0.8, wspace=0.32)
     axes = fig.subplots(1, panels)
     fig.suptitle(title)
     phases = [p for p in ("pretrain", "probe") if any(r["phase"] == p for r in rows)]
@@ -120,10 +123,46 @@ def _hwc(images: np.ndarray) -> np.ndarray:
     return images.transpose(0, 2, 3, 1)
 
 
-def _show(ax: Any, image: np.ndarray) -> None:
-    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0.0, vmax=1.0)
-    ax.set_xticks([])
-    ax.set_yticks([])
+def mosaic(rows: Sequence[np.ndarray], pad: int = 2) -> np.ndarray:
+    """Rows of (N,C,H,W) images in [0,1] tiled into one (H', W'[, 3]) image, white gaps."""
+    count = max(len(r) for r in rows)
+    first = _hwc(rows[0])
+    h, w = first.shape[1:3]
+    shape = (len(rows) * (h + pad) - pad, count * (w + pad) - pad, *first.shape[3:])
+    out = np.ones(shape, dtype=np.float32)
+    for r, images in enumerate(rows):
+        for c, image in enumerate(_hwc(images)):
+            y, x = r * (h + pad), c * (w + pad)
+            out[y : y + h, x : x + w] = image
+    return out
+
+
+def _mosaic_axes(
+    fig: Figure,
+    rows: Sequence[np.ndarray],
+    row_labels: Sequence[str],
+    column_labels: Sequence[str] | None,
+    pad: int = 2,
+) -> Any:
+    """One axes showing the tiled rows, labelled per row (y) and per column (x)."""
+    ax = fig.add_subplot(1, 1, 1)
+    fig.subplots_adjust(left=0.12, right=0.98, bottom=0.12, top=0.85)
+    tiled = mosaic(rows, pad)
+    ax.imshow(tiled, cmap="gray" if tiled.ndim == 2 else None, vmin=0.0, vmax=1.0)
+    h, w = rows[0].shape[2:4]
+    ax.set_yticks([r * (h + pad) + h / 2 for r in range(len(rows))], list(row_labels))
+    if column_labels:
+        ax.set_xticks(
+            [c * (w + pad) + w / 2 for c in range(len(column_labels))],
+            list(column_labels),
+            fontsize="small",
+        )
+    else:
+        ax.set_xticks([])
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    return ax
 
 
 def image_rows(
@@ -134,17 +173,9 @@ def image_rows(
 ) -> Figure:
     """Rows of images ((N,C,H,W) in [0,1], same N), e.g. originals over reconstructions."""
     n = len(rows[0])
-    fig = new_figure(max(1.3 * n, 4.0), 1.35 * len(rows) + 0.6)
-    axes = np.asarray(fig.subplots(len(rows), n, squeeze=False))
-    fig.suptitle(title)
-    for r, (images, label) in enumerate(zip(rows, row_labels, strict=True)):
-        shown = _hwc(images)
-        for c in range(n):
-            _show(axes[r, c], shown[c])
-        axes[r, 0].set_ylabel(label)
-    if column_labels:
-        for c, label in enumerate(column_labels):
-            axes[0, c].set_title(label, fontsize="small")
+    fig = new_figure(max(1.1 * n + 1.4, 5.0), 1.15 * len(rows) + 0.7)
+    _mosaic_axes(fig, rows, row_labels, column_labels)
+    fig.suptitle(title, fontsize="medium")
     return fig
 
 
@@ -153,18 +184,16 @@ def interpolation_strip(
 ) -> Figure:
     """Image A, the decoded interpolation steps, image B (all (C,H,W)/(N,C,H,W) in [0,1])."""
     steps = len(decoded)
-    fig = new_figure(1.25 * (steps + 2), 2.1)
-    axes = fig.subplots(1, steps + 2)
-    fig.suptitle(title)
-    _show(axes[0], _hwc(start[None])[0])
-    axes[0].set_title("image A", fontsize="small")
-    shown = _hwc(decoded)
-    for i in range(steps):
-        _show(axes[i + 1], shown[i])
-        axes[i + 1].set_title(f"\u03b1={alphas[i]:.2f}", fontsize="small")
-    _show(axes[-1], _hwc(end[None])[0])
-    axes[-1].set_title("image B", fontsize="small")
-    axes[1].set_xlabel("decoded (1-\u03b1)\u00b7z_A + \u03b1\u00b7z_B", loc="left")
+    row = np.concatenate([start[None], decoded, end[None]])
+    labels = ["image A", *(f"\u03b1={a:.2f}" for a in alphas), "image B"]
+    fig = new_figure(1.05 * (steps + 2) + 1.0, 2.3)
+    ax = _mosaic_axes(fig, [row], ["decoded"], labels)
+    ax.set_yticks([])
+    ax.set_xlabel(
+        "A and B are the test images; between them, the decoder's output for "
+        "(1-\u03b1)\u00b7z_A + \u03b1\u00b7z_B"
+    )
+    fig.suptitle(title, fontsize="medium")
     return fig
 
 
@@ -175,7 +204,7 @@ def tsne_panels(
     count = len(panels)
     cols = min(count, 2)
     rows = math.ceil(count / cols)
-    fig = new_figure(5.0 * cols + 1.4, 4.6 * rows)
+    fig = new_figure(5.0 * cols + 1.4, 4.6 * rows, layout="constrained")
     axes = np.asarray(fig.subplots(rows, cols, squeeze=False)).ravel()
     cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
     handles = []

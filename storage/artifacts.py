@@ -6,8 +6,8 @@ Artifacts can only be attached to a *running* trial, so :func:`make_trial_artifa
 - every trial: ``learning_curves.png`` (training loss and validation metrics per epoch);
 - autoencoder trials: ``val_reconstructions.png`` (validation images over their reconstructions);
 - the final trial additionally: ``test_reconstructions.png`` and ``interpolation.png``
-  (autoencoder), and ``tsne.png`` of the test set in raw image space and in the trial's latent
-  space when the test set is small enough to be cheap (``TSNE_MAX_POINTS``).
+  (autoencoder), and ``tsne.png``: t-SNE of (at most ``TSNE_MAX_POINTS``) test images in the
+  trial's latent space, coloured by class (the report adds raw image space and other tasks).
 
 The store is a plain folder (``<runs_dir>/artifacts`` by default); each upload is recorded in
 the trial's system attrs (``artifacts:<id>``), which is how optuna-dashboard finds it::
@@ -20,6 +20,7 @@ A figure that cannot be made never fails the trial: the reason is kept in the tr
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -31,8 +32,9 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 _LOG = logging.getLogger(__name__)
+ARTIFACT_ATTR_PREFIX = "artifacts:"  # how optuna records an upload in system attrs
 RECONSTRUCTION_COUNT = 8  # validation images per trial in the reconstruction grid
-TSNE_MAX_POINTS = 500  # the final trial's t-SNE runs only on test sets up to this size
+TSNE_MAX_POINTS = 500  # test images in the final trial's t-SNE of its latent space, at most
 
 Hook = Callable[[optuna.Trial, Any, Any, dict[str, Any]], None]
 
@@ -66,9 +68,13 @@ def upload_figure(
 
 
 def trial_artifacts(trial: optuna.trial.FrozenTrial) -> dict[str, str]:
-    """filename -> artifact id of the artifacts stored on a (finished) trial."""
-    metas = optuna.artifacts.get_all_artifact_meta(trial)
-    return {m.filename: m.artifact_id for m in metas}
+    """filename -> artifact id of the artifacts recorded on a trial (read from system attrs)."""
+    out: dict[str, str] = {}
+    for key, value in trial.system_attrs.items():
+        if key.startswith(ARTIFACT_ATTR_PREFIX):
+            meta = json.loads(value) if isinstance(value, str) else value
+            out[meta["filename"]] = meta["artifact_id"]
+    return out
 
 
 def _source_curve(trial: optuna.Trial) -> list[dict[str, Any]]:
@@ -147,16 +153,13 @@ def final_figures(run: Any, label: str, tsne_max_points: int = TSNE_MAX_POINTS) 
             alphas,
             f"{label}: linear interpolation between two test images' latents, decoded",
         )
-    if 5 <= n_test <= tsne_max_points:
-        labels = splits.test_y.cpu().numpy()
-        raw = splits.test_x.float().cpu().numpy().reshape(n_test, -1) / 255.0
-        latent = run.embed(splits.test_x).cpu().numpy()
+    if tsne_max_points >= 5 and n_test >= 5:
+        idx = figures.sample_indices(n_test, tsne_max_points)
+        labels = splits.test_y[idx.to(splits.test_y.device)].cpu().numpy()
+        latent = run.embed(splits.test_x[idx.to(splits.test_x.device)]).cpu().numpy()
+        title = f"{run.task} latent space ({len(idx)} test images)"
         out["tsne.png"] = figures.tsne_panels(
-            [
-                ("raw image space", figures.tsne_embedding(raw), labels),
-                (f"{run.task} latent space", figures.tsne_embedding(latent), labels),
-            ],
-            splits.classes,
+            [(title, figures.tsne_embedding(latent), labels)], splits.classes
         )
     return out
 

@@ -1,0 +1,187 @@
+"""The search service end to end: stages, lineage, resume, and both storage back-ends."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search.config import load_config, storage_url
+from search.objective import TrialRunner
+from search.stages import make_pruner, open_studies, run_screen, run_stages, summarize
+
+REPO = Path(__file__).resolve().parent.parent
+POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+# A quickstart small enough for a test: screen 5, promote the top 2, short final probe.
+SMALL = [
+    "stages.screen.trials=5",
+    "stages.screen.epochs=3",
+    "stages.promote.top_k=2",
+    "stages.promote.epochs=3",
+    "train.probe.epochs=2",
+    "search.pruner.name=median",
+    "search.pruner.n_startup_trials=1",
+    "search.space.channels.choices=[8]",
+    "data.train_subset=400",
+]
+
+
+def trials_of(url: str, name: str, stage: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=f"{name}.{stage}", storage=url).get_trials()
+
+
+def check_finished_pipeline(url: str, name: str, screen_trials: int, top_k: int) -> None:
+    screen = trials_of(url, name, "screen")
+    promote = trials_of(url, name, "promote")
+    final = trials_of(url, name, "final")
+    assert len(screen) == screen_trials
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in screen)
+    assert screen[0].user_attrs.get("baseline") == "report"
+    for t in screen:
+        assert {"stage", "seed", "device", "epochs_run", "wall_time_s", "curve"} <= set(
+            t.user_attrs
+        )
+        assert t.user_attrs["stage"] == "screen"
+        assert len(t.intermediate_values) == t.user_attrs["epochs_run"]
+    for t in (t for t in screen if t.state == TrialState.PRUNED):
+        assert t.user_attrs["prune_reason"].startswith("pruned after epoch")
+    # Promotion: the top-k completed screen trials, same params and seed, exactly once each.
+    done = sorted(
+        (t for t in screen if t.state == TrialState.COMPLETE), key=lambda t: t.value, reverse=True
+    )
+    assert len(promote) == min(top_k, len(done))
+    sources = sorted(t.user_attrs["source_trial"] for t in promote)
+    assert sources == sorted(t.number for t in done[:top_k])
+    by_number = {t.number: t for t in screen}
+    for t in promote:
+        src = by_number[t.user_attrs["source_trial"]]
+        assert t.state == TrialState.COMPLETE
+        assert t.user_attrs["source_study"] == f"{name}.screen"
+        assert t.params == src.params and t.user_attrs["seed"] == src.user_attrs["seed"]
+    assert len(final) == 1 and final[0].state == TrialState.COMPLETE
+    attrs = final[0].user_attrs
+    for split in ("train", "val", "test"):
+        assert 0 <= attrs[f"{split}_accuracy"] <= 1
+    best_promoted = max(promote, key=lambda t: t.value)
+    assert attrs["source_trial"] == best_promoted.number
+
+
+def test_quickstart_pipeline_cli_then_resume_adds_nothing(tmp_path):
+    runs = tmp_path / "runs"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "search.run", "study=quickstart", f"runs_dir={runs}", *SMALL]
+    first = subprocess.run(
+        cmd + ["--no-progress"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "accuracy train / val / test" in first.stdout
+    assert "lineage:" in first.stdout
+    url = f"sqlite:///{runs / 'ssl-search.db'}"
+    check_finished_pipeline(url, "quickstart", 5, 2)
+    assert any(t.state == TrialState.PRUNED for t in trials_of(url, "quickstart", "screen"))
+    counts = {s: len(trials_of(url, "quickstart", s)) for s in ("screen", "promote", "final")}
+
+    again = subprocess.run(
+        cmd + ["--no-progress"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {s: len(trials_of(url, "quickstart", s)) for s in counts} == counts
+    assert "[worker" not in again.stdout  # no trial ran
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> str:
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(POSTGRES, connect_args={"connect_timeout": 3})
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as error:  # noqa: BLE001
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES}: {error}")
+    return POSTGRES
+
+
+@pytest.mark.postgres
+def test_pipeline_on_postgres_and_a_second_study_stays_independent(tmp_path, postgres_url):
+    first_name, second_name = f"qs-{uuid.uuid4().hex[:8]}", f"qs-{uuid.uuid4().hex[:8]}"
+    common = [*SMALL, f"storage={postgres_url}", f"runs_dir={tmp_path}", "stages.screen.trials=3"]
+    first = load_config("quickstart", [*common, f"name={first_name}"])
+    run_stages(open_studies(first, postgres_url), TrialRunner(first, progress=False), first)
+    check_finished_pipeline(postgres_url, first_name, 3, 2)
+    before = {
+        s: len(trials_of(postgres_url, first_name, s)) for s in ("screen", "promote", "final")
+    }
+
+    second = load_config(
+        "quickstart", [*common, f"name={second_name}", "stage=screen", "stages.screen.trials=2"]
+    )
+    run_stages(open_studies(second, postgres_url), TrialRunner(second, progress=False), second)
+    assert len(trials_of(postgres_url, second_name, "screen")) == 2
+    assert trials_of(postgres_url, second_name, "promote") == []
+    after = {s: len(trials_of(postgres_url, first_name, s)) for s in before}
+    assert after == before
+    stored = optuna.load_study(study_name=f"{second_name}.screen", storage=postgres_url)
+    assert stored.user_attrs["config"]["name"] == second_name
+
+
+@pytest.mark.parametrize(
+    "study",
+    [
+        "mnist_autoencoder",
+        "mnist_guided",
+        "mnist_contrastive",
+        "cifar_autoencoder",
+        "cifar_guided",
+        "cifar_contrastive",
+    ],
+)
+def test_each_study_runs_a_tiny_screen_trial_on_the_real_data(tmp_path, study, request, cache_dir):
+    root = request.getfixturevalue("mnist_root" if study.startswith("mnist") else "cifar_root")
+    cfg = load_config(
+        study,
+        [
+            f"data.root={root}",
+            f"data.cache_dir={cache_dir}",
+            "data.train_subset=128",
+            "data.val_subset=64",
+            "data.test_subset=64",
+            "train.max_batches=2",
+            "train.knn_max_train=128",
+            "model.channels=8",
+            "search.space.channels.choices=[8]",
+            "stages.screen.trials=1",
+            "stages.screen.epochs=1",
+            "stage=screen",
+            f"runs_dir={tmp_path}",
+        ],
+    )
+    studies = open_studies(cfg, storage_url(cfg))
+    run_screen(studies, TrialRunner(cfg, device="cpu", progress=False), cfg)
+    (trial,) = studies.screen.get_trials()
+    assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+    assert trial.user_attrs["epochs_run"] == 1 and trial.user_attrs["device"] == "cpu"
+    assert summarize(studies, cfg)["stages"]["screen"]["counts"]["COMPLETE"] == 1
+
+
+def test_hyperband_uses_the_screen_budget():
+    cfg = load_config("quickstart", ["stages.screen.epochs=7"])
+    pruner = make_pruner(cfg)
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+    assert pruner._max_resource == 7
+    for name, kind in [
+        ("successive_halving", optuna.pruners.SuccessiveHalvingPruner),
+        ("median", optuna.pruners.MedianPruner),
+        ("none", optuna.pruners.NopPruner),
+    ]:
+        assert isinstance(
+            make_pruner(load_config("quickstart", [f"search.pruner.name={name}"])), kind
+        )
