@@ -8,7 +8,9 @@ For each task on each dataset, at one network width and the report's batch size:
 (b) the project's loop: ``models.training.Run.pretrain`` with its batch augmentation, read from
     ``EpochReport.images_per_second`` (one warm-up epoch first, ``max_batches`` per epoch);
 (c) a naive course-project pipeline: the same recipe as torchvision per-image transforms in a
-    ``DataLoader`` over a Dataset of PIL images (``num_workers`` 0 and 2), then the same step.
+    ``DataLoader`` over a Dataset of PIL images (``num_workers`` 0 and 2), then the same step;
+(d) for reference, the loop's input pipeline alone (uint8 batch -> augmented, normalized input;
+    both views for contrastive): roughly, 1/(b) = 1/(a) + 1/(d).
 
 Measurements are interleaved: after each epoch of (b), one pass of (a) and of each (c) runs, so
 load from other processes hits all of them alike. The table shows the best round of each (the
@@ -141,6 +143,7 @@ class Row:
     batch: int
     ceiling: list[float] = field(default_factory=list)
     loop: list[float] = field(default_factory=list)
+    augment: list[float] = field(default_factory=list)
     naive: dict[int, list[float]] = field(default_factory=dict)
     note: str = ""
 
@@ -204,6 +207,21 @@ class Bench:
         for _ in range(batches):
             loss_sum += self.step(x, y)
         float(loss_sum)  # one sync, as the real loop does
+        return batch * batches / (time.perf_counter() - started)
+
+    def augment_only(self, batch: int, batches: int) -> float:
+        """(d): images/s of the loop's input pipeline alone (uint8 batch -> augmented model input,
+        both views for contrastive), to show what (b) pays on top of (a)."""
+        s, augment = self.splits, self.ref.pretrain_aug
+        views = 2 if self.task == "contrastive" else 1
+        x = s.train_x[:batch]
+        self.sync()
+        started = time.perf_counter()
+        with self.autocast():
+            for _ in range(batches):
+                for _ in range(views):
+                    self.layout(s.normalize(augment(s.to_float(x))))
+        self.sync()
         return batch * batches / (time.perf_counter() - started)
 
     def naive(self, loader: DataLoader) -> float:
@@ -291,6 +309,7 @@ def measure_row(
     }
     # Warm-up: one pass of each reference (allocator, kernels, worker processes).
     bench.ceiling(batch, batches)
+    bench.augment_only(batch, batches)
     for loader in loaders.values():
         bench.naive(loader)
     row.naive = {nw: [] for nw in loaders}
@@ -300,6 +319,7 @@ def measure_row(
             return  # the loop's warm-up epoch
         row.loop.append(report.images_per_second)
         row.ceiling.append(bench.ceiling(batch, batches))
+        row.augment.append(bench.augment_only(batch, batches))
         for nw, loader in loaders.items():
             row.naive[nw].append(bench.naive(loader))
         if not opts["quiet"]:
@@ -334,7 +354,7 @@ def main() -> int:
             "device": Option("auto", str, "auto | cpu | cuda | cuda:N"),
             "channels": Option(0, int, f"width; 0 = {REPORT_WIDTH} on CUDA, {CPU_WIDTH} on CPU"),
             "batches": Option(0, int, "batches per measurement; 0 = 50 on CUDA, 4 on CPU"),
-            "rounds": Option(5, int, "measured rounds, interleaved, after a warm-up round"),
+            "rounds": Option(10, int, "measured rounds, interleaved, after a warm-up round"),
             "stat": Option("best", str, "best | median: which round each cell shows"),
             "tasks": Option(",".join(TASKS), csv, "comma-separated tasks"),
             "datasets": Option(",".join(DATASETS), csv, "comma-separated: mnist, cifar10"),
@@ -397,7 +417,7 @@ def main() -> int:
     workers = opts["workers"]
     headers = ["dataset", "task", "width", "batch", "(a) ceiling", "(b) loop"]
     headers += [f"(c) naive nw={nw}" for nw in workers]
-    headers += ["(b)/(a)"] + [f"(b)/(c) nw={nw}" for nw in workers]
+    headers += ["(d) aug only", "(b)/(a)"] + [f"(b)/(c) nw={nw}" for nw in workers]
     out_rows, paired_rows = [], []
     for r in rows:
         a, b = pick(r.ceiling), pick(r.loop)
@@ -412,6 +432,7 @@ def main() -> int:
                 fmt(a),
                 fmt(b),
                 *(fmt(c) for c in cs),
+                fmt(pick(r.augment)),
                 ratio(b, a),
                 *(ratio(b, c) for c in cs),
             ]

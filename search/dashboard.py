@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 
 from search.cli import UsageError, guarded, parser, split_study
@@ -30,7 +29,7 @@ HOST = "127.0.0.1"
 def dashboard_command(url: str, artifacts_dir: str, port: int, host: str = HOST) -> list[str]:
     """The optuna-dashboard command line for ``url`` and ``artifacts_dir``."""
     exe = shutil.which("optuna-dashboard", path=os.path.dirname(sys.executable))
-    prefix = [exe] if exe else [sys.executable, "-m", "optuna_dashboard._cli"]
+    prefix = [exe] if exe else [sys.executable, "-m", "optuna_dashboard._cli"]  # same venv
     return [
         *prefix,
         url,
@@ -87,7 +86,6 @@ def main() -> int:
     url = storage_url(cfg)
     check_url(url)
     artifacts = resolved_paths(cfg)["artifacts"]
-    artifacts.mkdir(parents=True, exist_ok=True)
     cmd = dashboard_command(url, str(artifacts), port)
     if args.print_command:
         print(" ".join(cmd))
@@ -96,15 +94,14 @@ def main() -> int:
         raise UsageError(
             f"storage: no database at {url[len('sqlite:///') :]}; run python -m search.run first"
         )
+    artifacts.mkdir(parents=True, exist_ok=True)  # the dashboard refuses a missing folder
     print(f"optuna-dashboard for {redact(url)} (artifacts in {artifacts})")
     print(f"open http://{HOST}:{port}/dashboard")
     for line in _study_pages(url, name, port):
         print(line)
     print("Ctrl-C stops it.", flush=True)
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
+    # Become the server (same process id), so Ctrl-C and kill reach it directly.
+    os.execv(cmd[0], cmd)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 DPI = 90
 ACCURACY_METRICS = ("knn_accuracy", "val_accuracy")
@@ -146,11 +143,15 @@ def _mosaic_axes(
 ) -> Any:
     """One axes showing the tiled rows, labelled per row (y) and per column (x)."""
     ax = fig.add_subplot(1, 1, 1)
-    fig.subplots_adjust(left=0.12, right=0.98, bottom=0.12, top=0.85)
+    left = 1.15 / fig.get_figwidth() if row_labels else 0.01  # room for the row labels
+    fig.subplots_adjust(left=left, right=0.99, bottom=0.12, top=0.85)
     tiled = mosaic(rows, pad)
     ax.imshow(tiled, cmap="gray" if tiled.ndim == 2 else None, vmin=0.0, vmax=1.0)
     h, w = rows[0].shape[2:4]
-    ax.set_yticks([r * (h + pad) + h / 2 for r in range(len(rows))], list(row_labels))
+    if row_labels:
+        ax.set_yticks([r * (h + pad) + h / 2 for r in range(len(rows))], list(row_labels))
+    else:
+        ax.set_yticks([])
     if column_labels:
         ax.set_xticks(
             [c * (w + pad) + w / 2 for c in range(len(column_labels))],
@@ -173,7 +174,7 @@ def image_rows(
 ) -> Figure:
     """Rows of images ((N,C,H,W) in [0,1], same N), e.g. originals over reconstructions."""
     n = len(rows[0])
-    fig = new_figure(max(1.1 * n + 1.4, 5.0), 1.15 * len(rows) + 0.7)
+    fig = new_figure(max(1.1 * n + 1.6, 5.0), 1.15 * len(rows) + 0.7)
     _mosaic_axes(fig, rows, row_labels, column_labels)
     fig.suptitle(title, fontsize="medium")
     return fig
@@ -187,8 +188,7 @@ def interpolation_strip(
     row = np.concatenate([start[None], decoded, end[None]])
     labels = ["image A", *(f"\u03b1={a:.2f}" for a in alphas), "image B"]
     fig = new_figure(1.05 * (steps + 2) + 1.0, 2.3)
-    ax = _mosaic_axes(fig, [row], ["decoded"], labels)
-    ax.set_yticks([])
+    ax = _mosaic_axes(fig, [row], [], labels)
     ax.set_xlabel(
         "A and B are the test images; between them, the decoder's output for "
         "(1-\u03b1)\u00b7z_A + \u03b1\u00b7z_B"
@@ -287,15 +287,22 @@ def sample_indices(n: int, k: int, seed: int = 0) -> torch.Tensor:
     return torch.randperm(n, generator=g)[: min(n, k)].sort().values
 
 
-def tsne_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
-    """2-d t-SNE of ``features`` (N, D), N >= 5; PCA to 50 dims first when D is larger."""
+def tsne_embedding(features: np.ndarray, seed: int = 0, threads: int | None = None) -> np.ndarray:
+    """2-d t-SNE of ``features`` (N, D), N >= 5; PCA to 50 dims first when D is larger.
+
+    ``threads`` caps the BLAS/OpenMP threads; by default one thread below 1000 points, where
+    more threads only spin against each other (or against training in the same process).
+    """
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     x = np.asarray(features, dtype=np.float32).reshape(len(features), -1)
-    if x.shape[1] > 50 and len(x) > 50:
-        x = PCA(n_components=50, random_state=seed).fit_transform(x)
-    perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))
-    return TSNE(
-        n_components=2, perplexity=perplexity, init="pca", random_state=seed, max_iter=500
-    ).fit_transform(x)
+    limit = threads if threads is not None else (1 if len(x) < 1000 else None)
+    with threadpool_limits(limits=limit):
+        if x.shape[1] > 50 and len(x) > 50:
+            x = PCA(n_components=50, random_state=seed).fit_transform(x)
+        perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))
+        return TSNE(
+            n_components=2, perplexity=perplexity, init="pca", random_state=seed, max_iter=500
+        ).fit_transform(x)

@@ -26,6 +26,7 @@ from models.training import EpochReport, Run
 from search.config import metric_of, resolved_paths, to_dataclasses
 from search.space import apply, suggest
 from storage.checkpoints import load_checkpoint
+from storage.claims import default_owner
 
 TrialHook = Callable[[optuna.Trial, Run, DictConfig, dict[str, Any]], None]
 
@@ -109,6 +110,7 @@ class TrialRunner:
     def _begin(self, trial: optuna.Trial, stage: str) -> None:
         self.current_trial = (trial.study.study_name, trial.number)
         trial.set_user_attr("stage", stage)
+        trial.set_user_attr("worker", default_owner())
         trial.set_user_attr(
             "device",
             str(torch.device(self.device))
@@ -162,6 +164,8 @@ class TrialRunner:
             return float(history[-1].metrics[self.metric])
         except optuna.TrialPruned:
             trial.set_user_attr("wall_time_s", time.perf_counter() - started)
+            if run is not None:  # a pruned trial's curves explain why it stopped
+                self._run_hooks(trial, run, tcfg, {"history": None, "pruned": True})
             raise
         except BaseException as error:
             self._fail(trial, error)

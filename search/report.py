@@ -74,7 +74,22 @@ PUBLISHED: dict[tuple[str, str], dict[str, float]] = {
     },
 }  # fmt: skip
 SPLITS = ("train", "val", "test")
-PATH_KEYS = ("runs_dir", "storage", "artifacts_dir", "checkpoints_dir")
+# Overrides that say where things are on this machine: they apply to every study in storage.
+LOCATION_KEYS = (
+    "runs_dir",
+    "storage",
+    "artifacts_dir",
+    "checkpoints_dir",
+    "data.root",
+    "data.cache_dir",
+    "data.path",
+    "train.device",
+)
+
+
+def location_overrides(overrides: Sequence[str]) -> list[str]:
+    """The overrides among ``overrides`` that locate storage, folders, data or the device."""
+    return [o for o in overrides if o.split("=", 1)[0] in LOCATION_KEYS]
 
 
 # ---- finding studies and their configs -------------------------------------------------
@@ -255,6 +270,8 @@ def trials_frame(studies: dict[str, optuna.Study]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return pd.DataFrame(columns=columns)
+    for column in ("epochs_run", "seed", "source_trial"):
+        frame[column] = frame[column].astype("Int64")
     params = sorted(c for c in frame.columns if c.startswith("params_"))
     rest = [c for c in frame.columns if c not in columns and c not in params]
     return frame[columns + params + rest]
@@ -403,6 +420,16 @@ def _varying_complete(study: optuna.Study) -> tuple[int, bool]:
 
 
 def search_plots(report: Report, cfg: DictConfig, screen: optuna.Study) -> None:
+    """Optimization history, intermediate values and parameter importances (Optuna's plots)."""
+    import matplotlib
+
+    # Optuna's matplotlib plots switch pyplot to the ggplot style: keep that to these figures.
+    with matplotlib.rc_context(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _search_plots(report, cfg, screen)
+
+
+def _search_plots(report: Report, cfg: DictConfig, screen: optuna.Study) -> None:
     from optuna.visualization import matplotlib as ovm
 
     metric = metric_of(cfg)
@@ -412,17 +439,25 @@ def search_plots(report: Report, cfg: DictConfig, screen: optuna.Study) -> None:
         report.add("No screen trial completed, so there is no optimization history to plot.", "")
     else:
         ax = ovm.plot_optimization_history(screen, target_name=metric)
-        ax.set_title(f"{screen.study_name}: optimization history ({metric})")
+        ax.set_title(f"{screen.study_name}: optimization history ({metric})", loc="left")
         report.optuna_figure(ax, "optimization-history", "optimization history")
+        report.add(
+            "Only completed trials have a final value; pruned trials appear in the next plot.",
+            "",
+        )
     if any(t.intermediate_values for t in screen.get_trials(deepcopy=False)):
         ax = ovm.plot_intermediate_values(screen)
-        ax.set_title(f"{screen.study_name}: {metric} per epoch (pruned trials stop early)")
+        ax.set_title(
+            f"{screen.study_name}: {metric} per epoch (pruned trials stop early)", loc="left"
+        )
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         legend = ax.get_legend()
         if legend is not None and len(legend.get_texts()) > 12:
             legend.remove()
         report.optuna_figure(ax, "intermediate-values", "intermediate values per epoch")
+    else:
+        report.add("No screen trial reported a value per epoch yet.", "")
     report.add("## Parameter importances", "")
     if complete < 2 or not varying:
         report.add(
@@ -437,8 +472,17 @@ def search_plots(report: Report, cfg: DictConfig, screen: optuna.Study) -> None:
     except Exception as error:  # e.g. no parameter shared by all completed trials
         report.add(f"Parameter importances could not be computed: {error}.", "")
         return
-    ax.set_title(f"{screen.study_name}: hyperparameter importances for {metric} (fANOVA)")
+    ax.set_title(f"hyperparameter importances for {metric}", loc="left")
+    legend = ax.get_legend()
+    if legend is not None:
+        legend.remove()
     report.optuna_figure(ax, "param-importances", "parameter importances")
+    if complete < 10:
+        report.add(
+            f"Computed from only {complete} completed screen trials (Optuna's default "
+            "evaluator): read them as a hint, not a measurement.",
+            "",
+        )
 
 
 def _tsne_sources(
@@ -451,7 +495,11 @@ def _tsne_sources(
     found: dict[str, tuple[DictConfig, FrozenTrial]] = {}
     for name in study_names(storage):
         try:
-            other = stored_config(storage, name, overrides, url)
+            other = (
+                cfg
+                if name == cfg.name
+                else stored_config(storage, name, location_overrides(overrides), url)
+            )
             final = optuna.load_study(study_name=f"{name}.final", storage=storage)
         except (UsageError, ConfigError, KeyError):
             continue
@@ -519,13 +567,12 @@ def model_figures(
             report.figure(made["interpolation.png"], "interpolation", "interpolation")
         else:
             report.add("The test set has fewer than 2 images: no reconstructions to show.", "")
-    elif run is not None or final is None:
-        if cfg.task != "autoencoder":
-            report.add(
-                f"This study trains the {cfg.task} task, which has no decoder: the report's "
-                "reconstruction and interpolation figures exist for the autoencoder (1.2.1) only.",
-                "",
-            )
+    elif cfg.task != "autoencoder":
+        report.add(
+            f"This study trains the {cfg.task} task, which has no decoder: the report's "
+            "reconstruction and interpolation figures exist for the autoencoder (1.2.1) only.",
+            "",
+        )
     report.add("### t-SNE of the test set", "")
     tsne_figure(report, cfg, storage, overrides, url, tsne_points, device, cache, run)
 
@@ -572,6 +619,8 @@ def tsne_figure(
             notes.append(task)
             continue
         other_cfg, other_final = sources[task]
+        if other_cfg.name == cfg.name and own_run is None:
+            continue  # the study's own networks could not be rebuilt: said above
         try:
             if own_run is not None and other_cfg.name == cfg.name:
                 run = own_run
@@ -590,7 +639,7 @@ def tsne_figure(
             (
                 f"{task} latent space ({other_cfg.name}{acc_text})",
                 latent,
-                run.splits.test_y[sub].cpu().numpy(),
+                run.splits.test_y[sub.to(run.splits.test_y.device)].cpu().numpy(),
             )
         )
     shown = [(title, figures.tsne_embedding(x), y) for title, x, y in panels]
@@ -598,9 +647,11 @@ def tsne_figure(
     if notes:
         report.add(
             f"No study in this storage has a completed final stage for "
-            f"{', '.join(notes)} on {cfg.data.name}, so "
+            f"{' or '.join(notes)} on {cfg.data.name}, so "
             f"{'that latent space is' if len(notes) == 1 else 'those latent spaces are'} not "
-            "shown; run those studies into the same storage to add them.",
+            f"shown; run {'that task' if len(notes) == 1 else 'those tasks'} on {cfg.data.name} "
+            "into the same storage to add "
+            f"{'it' if len(notes) == 1 else 'them'}.",
             "",
         )
 
@@ -618,9 +669,6 @@ def write_report(
     device: str = "auto",
 ) -> Report:
     """Write the report of study ``name``; returns what was written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     cfg = stored_config(storage, name, overrides, url)
     out_dir = Path(out_dir) if out_dir else resolved_paths(cfg)["runs"] / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -719,6 +767,9 @@ def main() -> int:
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     args: argparse.Namespace = p.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")  # Optuna's plots go through pyplot: never open a window
     study, rest = split_study(args.overrides)
     name, base = locate(study, rest)
     url = storage_url(base)

@@ -88,7 +88,7 @@ def main() -> int:
     )
     p.add_argument("--dry-run", action="store_true", help="print the resolved config; no storage")
     p.add_argument("--no-progress", action="store_true", help="hide per-batch progress bars")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     cfg = config_from_args(args.overrides)
     if args.dry_run:
         print_dry_run(cfg)
@@ -97,14 +97,22 @@ def main() -> int:
     import optuna
 
     from search.stages import StageError, open_studies, summarize
-    from search.workers import run_workers
+    from search.workers import install_sigterm_as_interrupt, run_workers
 
     url = storage_url(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(f"study {cfg.name}: storage {redact(url)}", flush=True)
     studies = open_studies(cfg, url)  # schema and studies exist before any worker starts
+    install_sigterm_as_interrupt()
     try:
         run_workers(cfg, url, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: running trials were re-enqueued; run the same command again to "
+            "resume them from their last checkpoint",
+            file=sys.stderr,
+        )
+        return 130
     except StageError as error:
         print(f"error: {error}", file=sys.stderr)
         print_summary(cfg, summarize(studies, cfg))

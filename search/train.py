@@ -54,7 +54,7 @@ def main() -> int:
         "model.channels=32 train.epochs=3",
     )
     p.add_argument("--fresh", action="store_true", help="ignore and replace earlier checkpoints")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     cfg = config_from_args(args.overrides)
     data_cfg, model_cfg, train_cfg = to_dataclasses(cfg)
     ckpt_dir = resolved_paths(cfg)["checkpoints"] / "train" / f"{cfg.name}-{config_hash(cfg)}"

@@ -9,6 +9,7 @@ checkpoint in whichever worker takes it.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import optuna
@@ -24,7 +25,7 @@ from storage.urls import redact
 def main() -> int:
     p = parser("python -m search.worker", __doc__.split("\n\n")[0], __doc__.split("\n\n", 1)[1])
     p.add_argument("--no-progress", action="store_true", help="hide per-batch progress bars")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     device, label, rest = None, "worker", []
     for item in args.overrides:
         if item.startswith("device="):
@@ -41,7 +42,14 @@ def main() -> int:
     install_sigterm_as_interrupt()
     print(f"[{label}] joining {cfg.name} at {redact(url)} on {cfg.train.device}", flush=True)
     try:
-        worker_loop(cfg, url, device=cfg.train.device, label=label, progress=not args.no_progress)
+        worker_loop(
+            cfg,
+            url,
+            device=cfg.train.device,
+            label=label,
+            progress=not args.no_progress,
+            seed_offset=int.from_bytes(os.urandom(4), "little"),  # see worker_loop
+        )
     except KeyboardInterrupt:
         print(
             f"[{label}] interrupted: its running trial was re-enqueued and will resume", flush=True

@@ -61,10 +61,20 @@ def _announce(label: str, study: optuna.Study, number: int, metric: str) -> None
 
 
 def worker_loop(
-    cfg: DictConfig, url: str, *, device: str, label: str = "worker", progress: bool = True
+    cfg: DictConfig,
+    url: str,
+    *,
+    device: str,
+    label: str = "worker",
+    progress: bool = True,
+    seed_offset: int = 0,
 ) -> None:
-    """Join the study at ``url`` and run trials of every stage until all stages are done."""
-    studies = open_studies(cfg, url)
+    """Join the study at ``url`` and run trials of every stage until all stages are done.
+
+    Workers beside others must pass distinct ``seed_offset`` values: samplers seeded alike
+    would propose the very same parameters in every process.
+    """
+    studies = open_studies(cfg, url, seed_offset=seed_offset)
     runner = TrialRunner(cfg, device=device, progress=progress)
     runner.hooks.append(make_trial_artifact_hook(resolved_paths(cfg)["artifacts"]))
     metric = metric_of(cfg)

@@ -20,6 +20,7 @@ A figure that cannot be made never fails the trial: the reason is kept in the tr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -176,14 +177,10 @@ def make_trial_artifact_hook(artifacts_dir: str | Path) -> Hook:
         except Exception as error:  # a figure must never cost a trained trial
             reason = f"{type(error).__name__}: {error}"[:500]
             _LOG.warning("trial %d: artifacts not uploaded: %s", trial.number, reason)
-            try:
+            with contextlib.suppress(Exception):  # the storage itself may be the problem
                 trial.set_user_attr("artifact_error", reason)
-            except Exception:  # noqa: BLE001, S110 - the storage itself may be the problem
-                pass
         finally:
-            try:
+            with contextlib.suppress(Exception):
                 trial.set_user_attr("artifact_seconds", time.perf_counter() - started)
-            except Exception:  # noqa: BLE001, S110
-                pass
 
     return hook

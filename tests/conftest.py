@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,45 @@ def cifar_root(shared_data: Path) -> Path:
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One decoded-image cache for the whole test session (CIFAR JPEGs decode once)."""
     return tmp_path_factory.mktemp("cache")
+
+
+# ---- a finished quickstart study, shared by the report and dashboard tests ----------------
+
+QUICKSTART_OVERRIDES = (
+    "stages.screen.trials=4",
+    "stages.promote.top_k=2",
+    "stages.screen.epochs=2",
+    "stages.promote.epochs=2",
+    "train.probe.epochs=2",
+    "train.max_batches=4",
+)
+
+
+def run_module(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m module args`` from the repository root; output captured as text."""
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def finished_quickstart(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """The quickstart study run once per session, small: (runs_dir, the overrides it ran with).
+
+    The overrides include ``runs_dir=...``; pass them on to ``search.report`` or
+    ``search.dashboard`` to find the same storage, checkpoints and artifacts.
+    """
+    runs_dir = tmp_path_factory.mktemp("quickstart-runs")
+    overrides = [f"runs_dir={runs_dir}", *QUICKSTART_OVERRIDES]
+    done = run_module("search.run", "study=quickstart", *overrides, "--no-progress")
+    if done.returncode != 0:
+        pytest.fail(
+            f"quickstart failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
+    return runs_dir, overrides

@@ -1,0 +1,397 @@
+"""Search efficiency: the project's screen -> promote pipeline against plain random search.
+
+On a CPU-sized problem (default: ``studies/mnist_guided.yaml`` at width 8-16 on a 1,500-image
+MNIST subset, scaled-down stages), for each seed:
+
+pipeline
+    the project's method, run in this process through ``search.stages``: the screen stage
+    (TPE sampler, the report's configuration enqueued first, Hyperband pruning per epoch), then
+    the promote stage (the top-k screen configurations re-trained for the full budget).
+random search
+    ``RandomSampler`` without pruning, every configuration trained for the full budget (the
+    promote length), on the same objective, until it has used ``random_budget`` times the
+    pipeline's epochs.
+
+Epochs are counted from the trials' user attrs (``epochs_run``; a promoted trial counts its whole
+re-run; a diverged trial counts the epoch that diverged) in the order the trials ran. Compared:
+
+- the best validation metric reached within the pipeline's total epoch budget B (any epoch of any
+  trial), and the best *final* value of a full-length run (the pipeline's promoted trials);
+- the epochs each method needed before some trial's validation metric first reached the target.
+  The target is fixed before anything runs: ``target=<value>``, or by default the 90th
+  percentile of the final values of all random-search trials (pooled over seeds), i.e. "as good
+  as the best 1 in 10 configurations random search trains in full".
+
+Goal: pipeline epochs-to-target / random epochs-to-target <= 1/3.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import (
+    Option,
+    boolean,
+    csv_int,
+    default_data_root,
+    fmt,
+    log,
+    machine,
+    mnist_available,
+    parse_options,
+    table,
+)
+
+GOAL = 1 / 3
+
+
+@dataclass
+class Event:
+    epochs: int  # cumulative epochs of the method when this value was measured
+    value: float
+    label: str  # which trial, e.g. "screen #3"
+
+
+@dataclass
+class Outcome:
+    method: str
+    seed: int
+    events: list[Event] = field(default_factory=list)
+    finals: list[tuple[int, float]] = field(default_factory=list)  # (cum. epochs, final value)
+    epochs: int = 0
+    trials: int = 0
+    wall_s: float = 0.0
+
+    def best(self, budget: int, maximize: bool) -> float | None:
+        values = [e.value for e in self.events if e.epochs <= budget]
+        if not values:
+            return None
+        return max(values) if maximize else min(values)
+
+    def best_final(self, budget: int, maximize: bool) -> float | None:
+        values = [v for c, v in self.finals if c <= budget]
+        if not values:
+            return None
+        return max(values) if maximize else min(values)
+
+    def to_target(self, target: float, maximize: bool) -> Event | None:
+        for e in self.events:
+            if (e.value >= target) if maximize else (e.value <= target):
+                return e
+        return None
+
+
+def epochs_used(trial: Any) -> int:
+    """Epochs a trial trained: ``epochs_run``, plus the epoch that diverged when it did."""
+    used = int(trial.user_attrs.get("epochs_run", 0))
+    reason = str(trial.user_attrs.get("fail_reason") or "")
+    if "NonFiniteLossError" in reason or "training loss became" in reason:
+        used += 1
+    return used
+
+
+def record(outcome: Outcome, trial: Any, label: str, metric: str, full_length: int) -> None:
+    """Append a finished trial's per-epoch values to the method's timeline."""
+    start = outcome.epochs
+    for c in trial.user_attrs.get("curve", []):
+        if c["phase"] == "pretrain" and metric in c["metrics"]:
+            outcome.events.append(
+                Event(start + int(c["epoch"]), float(c["metrics"][metric]), label)
+            )
+    used = epochs_used(trial)
+    outcome.epochs = start + used
+    outcome.trials += 1
+    if trial.value is not None and used >= full_length and trial.state.name == "COMPLETE":
+        outcome.finals.append((outcome.epochs, float(trial.value)))
+    log(
+        f"    [{outcome.method} seed {outcome.seed}] {label} {trial.state.name} "
+        f"{'-' if trial.value is None else f'{trial.value:.4f}'} "
+        f"({used} epochs, total {outcome.epochs})"
+    )
+
+
+def base_overrides(opts: dict[str, Any], name: str, folder: Path, seed: int) -> list[str]:
+    return [
+        *opts["overrides"],
+        f"name={name}",
+        f"storage=sqlite:///{folder / (name + '.db')}",
+        f"runs_dir={folder / name}",
+        f"train.seed={seed}",
+        f"train.device={opts['device']}",
+        "train.progress=false",
+    ]
+
+
+def run_pipeline(opts: dict[str, Any], seed: int, folder: Path) -> Outcome:
+    from search.config import load_config, metric_of, storage_url
+    from search.objective import TrialRunner
+    from search.stages import open_studies, run_promote, run_screen
+
+    name = f"eff-pipeline-s{seed}-{uuid.uuid4().hex[:6]}"
+    cfg = load_config(opts["study"], base_overrides(opts, name, folder, 1000 * seed))
+    metric = metric_of(cfg)
+    full = int(cfg.stages.promote.epochs or cfg.train.epochs)
+    outcome = Outcome("pipeline", seed)
+    started = time.perf_counter()
+    studies = open_studies(cfg, storage_url(cfg))
+    runner = TrialRunner(cfg, device=opts["device"], progress=False)
+
+    def on_trial() -> None:
+        study_name, number = runner.current_trial
+        stage = study_name.rsplit(".", 1)[1]
+        trial = next(t for t in studies.of(stage).get_trials() if t.number == number)
+        record(outcome, trial, f"{stage} #{number}", metric, full)
+
+    run_screen(studies, runner, cfg, on_trial=on_trial)
+    run_promote(studies, runner, cfg, on_trial=on_trial)
+    outcome.wall_s = time.perf_counter() - started
+    return outcome
+
+
+def run_random(opts: dict[str, Any], seed: int, folder: Path, limit: int) -> Outcome:
+    import optuna
+
+    from search.config import load_config, metric_of, storage_url
+    from search.objective import TrialRunner
+    from search.space import baseline_params
+    from search.stages import open_studies
+
+    name = f"eff-random-s{seed}-{uuid.uuid4().hex[:6]}"
+    probe = load_config(opts["study"], opts["overrides"])
+    full = int(probe.stages.promote.epochs or probe.train.epochs)
+    overrides = base_overrides(opts, name, folder, 1000 * seed) + [
+        "search.sampler.name=random",
+        "search.pruner.name=none",
+        f"stages.screen.epochs={full}",
+    ]
+    cfg = load_config(opts["study"], overrides)
+    metric = metric_of(cfg)
+    outcome = Outcome("random", seed)
+    started = time.perf_counter()
+    study = open_studies(cfg, storage_url(cfg)).screen
+    if opts["random_baseline"]:
+        study.enqueue_trial(baseline_params(cfg), user_attrs={"baseline": "report"})
+    runner = TrialRunner(cfg, device=opts["device"], progress=False)
+    while outcome.epochs < limit:
+        study.optimize(runner.screen, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        trial = study.get_trials(deepcopy=False)[-1]
+        if trial.state == optuna.trial.TrialState.RUNNING:  # pragma: no cover - defensive
+            break
+        record(outcome, trial, f"random #{trial.number}", metric, full)
+    outcome.wall_s = time.perf_counter() - started
+    return outcome
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default), q in [0, 100]."""
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def main() -> int:
+    opts = parse_options(
+        "python -m benchmarks.search_efficiency",
+        __doc__.split("\n\n")[0],
+        {
+            "seeds": Option("0,1,2", csv_int, "seeds (train.seed = 1000 x seed)"),
+            "study": Option("mnist_guided", str, "study name or YAML path"),
+            "channels": Option("8,16", str, "channel choices searched (the space's channels)"),
+            "train_subset": Option(1500, int, "train images (MNIST subset)"),
+            "val_subset": Option(1000, int, "validation images"),
+            "screen_trials": Option(12, int, "screen stage trials"),
+            "screen_epochs": Option(3, int, "screen stage epochs per trial (pruned)"),
+            "top_k": Option(2, int, "configurations promoted"),
+            "promote_epochs": Option(8, int, "full budget: promoted runs and random-search runs"),
+            "startup_trials": Option(5, int, "TPE random start-up trials"),
+            "random_budget": Option(
+                2.0, float, "random search runs until this many times the pipeline's epochs"
+            ),
+            "random_baseline": Option(
+                False, boolean, "give random search the report's configuration first, too"
+            ),
+            "target": Option(
+                "p90", str, "a metric value, or pNN: that percentile of random final values"
+            ),
+            "device": Option("auto", str, "training device"),
+            "data_root": Option(default_data_root(), str, "folder holding MNIST/raw"),
+            "extra": Option("", str, "more study overrides, space-separated key=value"),
+            "keep": Option(False, boolean, "keep the temporary folder with the SQLite files"),
+        },
+        epilog="examples:\n  python -m benchmarks.search_efficiency\n"
+        "  python -m benchmarks.search_efficiency seeds=0,1,2,3,4 screen_trials=20\n"
+        "  python -m benchmarks.search_efficiency study=quickstart channels= train_subset=0 "
+        "val_subset=0 screen_trials=12 screen_epochs=4 promote_epochs=8 startup_trials=6",
+    )
+    if not (opts["target"].startswith("p") or _is_float(opts["target"])):
+        raise SystemExit("error: target: a number, or pNN (e.g. p90)")
+    data_name = "mnist"
+    overrides = [f"data.root={opts['data_root']}"]
+    if opts["study"].startswith("mnist") and not mnist_available(opts["data_root"]):
+        log(f"MNIST not found under {opts['data_root']}: using digits instead")
+        overrides.append("data.name=digits")
+        data_name = "digits"
+    if opts["channels"]:
+        overrides.append(f"search.space.channels.choices=[{opts['channels']}]")
+    if opts["train_subset"]:
+        overrides.append(f"data.train_subset={opts['train_subset']}")
+    if opts["val_subset"]:
+        overrides.append(f"data.val_subset={opts['val_subset']}")
+    overrides += [
+        f"stages.screen.trials={opts['screen_trials']}",
+        f"stages.screen.epochs={opts['screen_epochs']}",
+        f"stages.promote.top_k={opts['top_k']}",
+        f"stages.promote.epochs={opts['promote_epochs']}",
+        f"train.epochs={opts['promote_epochs']}",
+        f"search.sampler.n_startup_trials={opts['startup_trials']}",
+        *opts["extra"].split(),
+    ]
+    opts["overrides"] = overrides
+
+    import optuna
+
+    from search.cli import config_from_args
+    from search.config import direction_of, metric_of
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    cfg = config_from_args([f"study={opts['study']}", *overrides])  # validate before running
+    metric, maximize = metric_of(cfg), direction_of(cfg) == "maximize"
+    if opts["device"] == "auto":
+        from models.training import resolve_device
+
+        opts["device"] = str(resolve_device("auto"))
+    folder = Path(tempfile.mkdtemp(prefix="ssl-bench-efficiency-"))
+    started = time.perf_counter()
+    results: list[tuple[Outcome, Outcome, int]] = []
+    try:
+        for seed in opts["seeds"]:
+            log(f"\n== seed {seed}: pipeline")
+            pipe = run_pipeline(opts, seed, folder)
+            limit = int(round(opts["random_budget"] * pipe.epochs))
+            log(f"== seed {seed}: random search up to {limit} epochs")
+            rand = run_random(opts, seed, folder, limit)
+            results.append((pipe, rand, pipe.epochs))
+    finally:
+        if opts["keep"]:
+            log(f"kept {folder}")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    if opts["target"].startswith("p"):
+        q = float(opts["target"][1:])
+        pool = [v for _, r, _ in results for _, v in r.finals]
+        if not maximize:
+            q = 100 - q
+        target = percentile(pool, q) if pool else float("nan")
+        target_rule = (
+            f"{opts['target']} of the {len(pool)} final values of full-length random-search "
+            f"runs (all seeds)"
+        )
+    else:
+        target = float(opts["target"])
+        target_rule = "fixed"
+
+    rows = []
+    pipe_hits, rand_hits = [], []
+    censored = False
+    for pipe, rand, budget in results:
+        hit_p = pipe.to_target(target, maximize)
+        hit_r = rand.to_target(target, maximize)
+        ep_p = hit_p.epochs if hit_p else None
+        ep_r = hit_r.epochs if hit_r else None
+        shown_p = f"{ep_p} ({hit_p.label})" if hit_p else f">{pipe.epochs}"
+        shown_r = f"{ep_r} ({hit_r.label})" if hit_r else f">{rand.epochs}"
+        if ep_p is None or ep_r is None:
+            censored = True
+        pipe_hits.append(ep_p if ep_p is not None else pipe.epochs)
+        rand_hits.append(ep_r if ep_r is not None else rand.epochs)
+        ratio = (
+            f"{pipe_hits[-1] / rand_hits[-1]:.2f}"
+            + ("" if hit_p and hit_r else (" (<)" if hit_p else " (>)"))
+            if rand_hits[-1]
+            else "-"
+        )
+        rows.append(
+            [
+                pipe.seed,
+                budget,
+                f"{pipe.trials} / {rand.trials}",
+                fmt(pipe.best(budget, maximize), 4),
+                fmt(rand.best(budget, maximize), 4),
+                fmt(pipe.best_final(budget, maximize), 4),
+                fmt(rand.best_final(budget, maximize), 4),
+                shown_p,
+                shown_r,
+                ratio,
+                f"{pipe.wall_s:.0f} / {rand.wall_s:.0f}",
+            ]
+        )
+    total_ratio = sum(pipe_hits) / sum(rand_hits) if sum(rand_hits) else float("nan")
+    print(
+        f"\nsearch efficiency on {opts['study']} ({cfg.task} on {data_name}, metric {metric}, "
+        f"{'maximized' if maximize else 'minimized'}); channels {{{opts['channels'] or 'study'}}}, "
+        f"{opts['train_subset'] or 'all'} train / {opts['val_subset'] or 'all'} val images"
+    )
+    print(
+        f"pipeline: screen {opts['screen_trials']} trials x <= {opts['screen_epochs']} epochs "
+        f"(TPE, {opts['startup_trials']} start-up trials, report's config first, "
+        f"{cfg.search.pruner.name} pruning), promote top {opts['top_k']} x "
+        f"{opts['promote_epochs']} epochs; random: RandomSampler, no pruning, "
+        f"{opts['promote_epochs']} epochs per trial, up to {opts['random_budget']:g} x B epochs"
+        + (", report's config first" if opts["random_baseline"] else "")
+    )
+    print(f"target: {metric} {'>=' if maximize else '<='} {target:.4f} ({target_rule})")
+    print(f"machine: {machine()}")
+    print(
+        table(
+            [
+                "seed",
+                "budget B (pipeline epochs)",
+                "trials pipeline / random",
+                "best @B pipeline",
+                "best @B random",
+                "best full run @B pipeline",
+                "best full run @B random",
+                "epochs to target pipeline",
+                "epochs to target random",
+                "ratio",
+                "wall s pipeline / random",
+            ],
+            rows,
+        )
+    )
+    print(
+        f"epochs to target, summed over seeds: pipeline {sum(pipe_hits)} / random "
+        f"{sum(rand_hits)} = {total_ratio:.2f} (goal <= {GOAL:.2f})"
+        + (
+            "; '>' marks a method that never reached the target (its total epochs are used, so "
+            "the ratio is a bound)"
+            if censored
+            else ""
+        )
+    )
+    print(f"total time {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

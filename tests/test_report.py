@@ -1,0 +1,211 @@
+"""Per-trial artifacts and the study report, on small real runs of the quickstart (CPU)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from conftest import run_module
+
+from search.config import load_config
+from search.report import PUBLISHED, results_table
+from storage.artifacts import make_trial_artifact_hook, trial_artifacts
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _studies(runs_dir: Path, name: str) -> dict[str, optuna.Study]:
+    url = f"sqlite:///{runs_dir / 'ssl-search.db'}"
+    return {
+        stage: optuna.load_study(study_name=f"{name}.{stage}", storage=url)
+        for stage in ("screen", "promote", "final")
+    }
+
+
+def _report(runs_dir: Path, study: str, overrides: list[str], out: Path) -> tuple[str, float]:
+    started = time.perf_counter()
+    done = run_module("search.report", f"study={study}", *overrides, "--out", str(out), timeout=300)
+    seconds = time.perf_counter() - started
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout, seconds
+
+
+def test_every_finished_trial_has_its_figures_in_the_artifact_store(finished_quickstart):
+    runs_dir, _ = finished_quickstart
+    store = runs_dir / "artifacts"
+    studies = _studies(runs_dir, "quickstart")
+    checked = 0
+    for stage, study in studies.items():
+        for trial in study.get_trials():
+            if trial.state != optuna.trial.TrialState.COMPLETE:
+                continue  # pruned trials stop inside the objective, before the hooks run
+            found = trial_artifacts(trial)
+            assert "learning_curves.png" in found, (stage, trial.number, trial.system_attrs)
+            if stage == "final":
+                assert "tsne.png" in found
+            assert not trial.user_attrs.get("artifact_error")
+            for artifact_id in found.values():
+                path = store / artifact_id
+                assert path.is_file(), path
+                assert path.read_bytes()[:8] == PNG_MAGIC
+            # Recorded where optuna-dashboard looks for them.
+            assert any(k.startswith("artifacts:") for k in trial.system_attrs)
+            checked += 1
+    assert checked >= 3  # at least one trial per stage
+
+
+def test_report_writes_markdown_csv_and_figures(finished_quickstart, tmp_path):
+    runs_dir, overrides = finished_quickstart
+    stdout, seconds = _report(runs_dir, "quickstart", overrides, tmp_path)
+    assert seconds < 120, f"report took {seconds:.0f}s"
+    md = (tmp_path / "quickstart.md").read_text()
+    for suffix in ("optimization-history", "intermediate-values", "learning-curves", "tsne"):
+        png = tmp_path / f"quickstart-{suffix}.png"
+        assert png.is_file() and png.read_bytes()[:8] == PNG_MAGIC, suffix
+        assert f"(quickstart-{suffix}.png)" in md
+    # Contrastive: no decoder, so a sentence instead of reconstructions.
+    assert "no decoder" in md
+    assert not (tmp_path / "quickstart-reconstructions.png").exists()
+    assert "Pruning saved" in md and "epochs" in md
+    assert "no published numbers" in md  # digits is not one of the report's datasets
+    assert "Parameter importances" in md
+    assert (tmp_path / "quickstart-param-importances.png").is_file() or "need at least 2" in md
+
+    frame = pd.read_csv(tmp_path / "quickstart-trials.csv")
+    studies = _studies(runs_dir, "quickstart")
+    assert len(frame) == sum(len(s.get_trials()) for s in studies.values())
+    for column in ("stage", "number", "state", "value", "epochs_run", "wall_time_s"):
+        assert column in frame.columns
+    for column in ("images_per_second", "seed", "device", "reason"):
+        assert column in frame.columns
+    assert set(frame["stage"]) == {"screen", "promote", "final"}
+    assert any(c.startswith("params_") for c in frame.columns)
+    pruned = frame[frame["state"] == "PRUNED"]
+    assert pruned["reason"].str.startswith("pruned after epoch").all()
+    final = frame[frame["stage"] == "final"].iloc[0]
+    assert 0 <= final["test_accuracy"] <= 1
+
+
+def test_autoencoder_report_has_reconstructions_and_tsne_of_both_tasks(
+    finished_quickstart, tmp_path
+):
+    """A second task on the same dataset and storage joins the t-SNE figure."""
+    runs_dir, quick = finished_quickstart
+    runs = tmp_path / "runs"
+    shutil.copytree(runs_dir, runs)
+    small = [o for o in quick if not o.startswith("runs_dir=")]
+    small = [o for o in small if not o.startswith("stages.screen.trials=")]
+    overrides = [f"runs_dir={runs}", *small, "stages.screen.trials=2"]
+    done = run_module(
+        "search.run", "study=quickstart", "task=autoencoder", "name=qs-ae", *overrides,
+        "--no-progress",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    final = _studies(runs, "qs-ae")["final"].get_trials()[0]
+    assert {"val_reconstructions.png", "test_reconstructions.png", "interpolation.png"} <= set(
+        trial_artifacts(final)
+    )
+
+    out = tmp_path / "report"
+    stdout, _ = _report(runs, "all", [f"runs_dir={runs}"], out)
+    assert "qs-ae: wrote" in stdout and "quickstart: wrote" in stdout
+    md = (out / "qs-ae.md").read_text()
+    for suffix in ("reconstructions", "interpolation", "tsne"):
+        assert (out / f"qs-ae-{suffix}.png").is_file(), suffix
+    assert "MAE train" in md
+    # Both tasks found in this storage are in the t-SNE; only guided is missing.
+    assert "for guided on digits" in md
+    assert (out / "quickstart.md").is_file()
+
+
+def test_screen_only_study_reports_in_sentences(tmp_path):
+    runs = tmp_path / "runs"
+    overrides = [
+        f"runs_dir={runs}",
+        "name=qs-screen",
+        "stage=screen",
+        "stages.screen.trials=2",
+        "stages.screen.epochs=1",
+        "train.max_batches=2",
+    ]
+    done = run_module("search.run", "study=quickstart", *overrides, "--no-progress")
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = tmp_path / "report"
+    _report(runs, "qs-screen", [f"runs_dir={runs}"], out)
+    md = (out / "qs-screen.md").read_text()
+    assert "No final trial completed" in md
+    assert "no trained networks" in md
+    assert "need at least 2 completed" in md or (out / "qs-screen-param-importances.png").exists()
+    frame = pd.read_csv(out / "qs-screen-trials.csv")
+    assert len(frame) == 2 and set(frame["stage"]) == {"screen"}
+    assert (out / "qs-screen-tsne.png").is_file()  # raw image space needs no trained network
+
+
+def test_report_errors_are_one_line_with_exit_code_2(finished_quickstart, tmp_path):
+    runs_dir, _ = finished_quickstart
+    done = run_module("search.report", "study=nope", f"runs_dir={runs_dir}")
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: study: no study 'nope'")
+    assert "quickstart" in done.stderr
+    done = run_module("search.report", "study=quickstart", f"runs_dir={tmp_path / 'empty'}")
+    assert done.returncode == 2 and "no database" in done.stderr
+    assert not (tmp_path / "empty" / "ssl-search.db").exists()
+
+
+def test_results_table_sits_beside_the_published_numbers():
+    cfg = load_config("mnist_autoencoder")
+    attrs = {
+        "train_accuracy": 0.99,
+        "val_accuracy": 0.985,
+        "test_accuracy": 0.98,
+        "train_mae": 0.02,
+        "val_mae": 0.021,
+        "test_mae": 0.0205,
+    }
+    final = optuna.trial.create_trial(value=0.985, user_attrs=attrs)
+    text = "\n".join(results_table(cfg, final))
+    published = PUBLISHED[("autoencoder", "mnist")]
+    assert f"{published['test_accuracy']:.2f}" in text
+    assert f"{98.0 - published['test_accuracy']:+.2f} pp" in text  # -0.47 pp
+    assert f"{0.0205 - published['test_mae']:+.4f}" in text
+    assert "no published numbers" not in text
+    assert "No final trial" in "\n".join(results_table(cfg, None))
+
+
+def test_hook_survives_a_trial_without_history(tmp_path):
+    """The hook reads the curve from storage, so it also works where no history is passed."""
+    import torch
+
+    from models.config import DataConfig, ModelConfig, TrainConfig
+    from models.data import load_splits
+    from models.training import Run
+
+    splits = load_splits(DataConfig(name="digits", train_subset=200, val_subset=50))
+    model = ModelConfig(channels=4, encoder_kernels=[3, 3, 3], latent_dim=16)
+    torch.manual_seed(0)
+    run = Run("autoencoder", splits, model, TrainConfig(epochs=1, max_batches=2, progress=False))
+    history = run.pretrain()
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}", study_name="t")
+    trial = study.ask()
+    trial.set_user_attr("stage", "screen")
+    trial.set_user_attr("curve", [asdict(h) for h in history])
+    hook = make_trial_artifact_hook(tmp_path / "artifacts")
+    started = time.perf_counter()
+    hook(trial, run, None, {})
+    assert time.perf_counter() - started < 5
+    study.tell(trial, 0.5)
+    found = trial_artifacts(study.trials[0])
+    assert set(found) == {"learning_curves.png", "val_reconstructions.png"}
+    assert study.trials[0].user_attrs["artifact_seconds"] > 0
+
+
+@pytest.mark.parametrize("key", sorted(PUBLISHED))
+def test_published_rows_are_complete(key):
+    row = PUBLISHED[key]
+    assert {"train_accuracy", "val_accuracy", "test_accuracy"} <= set(row)
+    assert ("train_mae" in row) == (key[0] == "autoencoder")
