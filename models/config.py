@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+
 class DataError(ValueError):
     """Unusable data or data settings; the one-line message names the config field."""
 

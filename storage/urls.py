@@ -12,10 +12,14 @@ import random
 import sqlite3
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+if TYPE_CHECKING:
+    import optuna
 
 SUPPORTED = ("sqlite", "postgresql")
 SQLITE_TIMEOUT_S = 120
@@ -94,7 +98,7 @@ def open_storage(
     grace_period: int | None = None,
     max_retry: int = 3,
     attempts: int = 12,
-) -> "optuna.storages.RDBStorage":
+) -> optuna.storages.RDBStorage:
     """Open (creating when needed) Optuna's storage at ``url``.
 
     With ``heartbeat_interval`` set, running trials send heartbeats; a trial silent for
