@@ -34,15 +34,16 @@ op parameter             value at s = 1                  value at strength s
 =======================  ==============================  =============================================
 crop scale lower bound   lo                              1 - s*(1 - lo), clamped to >= 0.05
 crop aspect ratio        (3/4, 4/3)                      (exp(s*ln 3/4), exp(s*ln 4/3))
-any probability          p                               min(1, s*p)
+any probability          p                               min(1, s*p); a flip's at most 0.5
 jitter b / c / sat       b                               s*b
 jitter hue               h                               min(0.5, s*h)
 blur sigma range         (0.1, 2.0)                      (0.1, 0.1 + s*1.9)
 =======================  ==============================  =============================================
 
 ``s = 1`` is the report's recipe exactly, ``s = 0`` returns ``nn.Identity`` (bit-exact identity),
-values above 1 extrapolate with the same formulas (at ``s = 2`` the cifar flip has p = 1 and the
-contrastive crop's scale floor is 0.05). An op whose magnitude or probability becomes 0 is left out.
+values above 1 extrapolate with the same formulas (at ``s = 2`` the contrastive crop's scale floor
+is 0.05), except the horizontal flip, which stays at p = 0.5: flipping every image would be a fixed
+transform, less random than flipping half of them. An op whose magnitude or probability becomes 0 is left out.
 """
 
 from __future__ import annotations
@@ -151,6 +152,8 @@ def _scaled_ops(family: str, recipe: str, strength: float) -> list[_Op]:
             )
         elif kind in ("hflip", "gray"):
             p = _prob(base["p"], s)
+            if kind == "hflip":
+                p = min(p, 0.5)  # past 0.5 a flip grows predictable, not stronger
             if p > 0.0:
                 ops.append(_Op(kind, {"p": p}))
         elif kind == "jitter":

@@ -145,7 +145,7 @@ def test_strength_scaling_formulas() -> None:
     # Extrapolation above 1: probabilities cap at 1, the crop floor at 0.05, hue at 0.5.
     ops2 = ops_of(build_augmentation("cifar", "contrastive", 2.0))
     assert ops2[K.RandomResizedCrop]._param_generator.scale[0] == pytest.approx(0.05)
-    assert ops2[K.RandomHorizontalFlip].p == 1.0
+    assert ops2[K.RandomHorizontalFlip].p == 0.5  # capped: a flip of every image is no randomness
     assert ops2[K.ColorJitter].p == 1.0
     assert ops2[K.ColorJitter]._param_generator.hue == pytest.approx(0.2)
     assert ops2[K.RandomGaussianBlur]._param_generator.sigma == pytest.approx((0.1, 3.9))
