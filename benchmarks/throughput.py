@@ -325,7 +325,8 @@ def measure_row(
         if not opts["quiet"]:
             naive = " ".join(f"c{nw} {v[-1]:.0f}" for nw, v in row.naive.items())
             log(
-                f"    round {report.epoch - 1}: b {row.loop[-1]:.0f} a {row.ceiling[-1]:.0f} {naive}"
+                f"    round {report.epoch - 1}: b {row.loop[-1]:.0f} a {row.ceiling[-1]:.0f} "
+                f"d {row.augment[-1]:.0f} {naive}"
             )
 
     torch.manual_seed(0)

@@ -47,14 +47,34 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # ---- a finished quickstart study, shared by the report and dashboard tests ----------------
 
+# Small enough for a test; the median pruner with one startup trial makes pruning likely.
 QUICKSTART_OVERRIDES = (
-    "stages.screen.trials=4",
+    "stages.screen.trials=5",
+    "stages.screen.epochs=3",
     "stages.promote.top_k=2",
-    "stages.screen.epochs=2",
-    "stages.promote.epochs=2",
+    "stages.promote.epochs=3",
     "train.probe.epochs=2",
     "train.max_batches=4",
+    "search.pruner.name=median",
+    "search.pruner.n_startup_trials=1",
+    "search.space.channels.choices=[8]",
 )
+POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The local PostgreSQL server (CI starts it); tests skip with the reason where it is down."""
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as error:  # noqa: BLE001
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}: {error}")
+    return POSTGRES_URL
 
 
 def run_module(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import optuna
 import pytest
+from conftest import QUICKSTART_OVERRIDES, run_module
 from optuna.trial import TrialState
 
-from search.config import load_config, storage_url
+from search.config import available_studies, load_config, storage_url
 from search.objective import TrialRunner
 from search.stages import make_pruner, open_studies, run_screen, run_stages, summarize
 
 REPO = Path(__file__).resolve().parent.parent
-POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-# A quickstart small enough for a test: screen 5, promote the top 2, short final probe.
-SMALL = [
-    "stages.screen.trials=5",
-    "stages.screen.epochs=3",
-    "stages.promote.top_k=2",
-    "stages.promote.epochs=3",
-    "train.probe.epochs=2",
-    "search.pruner.name=median",
-    "search.pruner.n_startup_trials=1",
-    "search.space.channels.choices=[8]",
-    "data.train_subset=400",
-]
 
 
 def trials_of(url: str, name: str, stage: str) -> list[optuna.trial.FrozenTrial]:
@@ -73,47 +57,29 @@ def check_finished_pipeline(url: str, name: str, screen_trials: int, top_k: int)
     assert attrs["source_trial"] == best_promoted.number
 
 
-def test_quickstart_pipeline_cli_then_resume_adds_nothing(tmp_path):
-    runs = tmp_path / "runs"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "search.run", "study=quickstart", f"runs_dir={runs}", *SMALL]
-    first = subprocess.run(
-        cmd + ["--no-progress"], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "accuracy train / val / test" in first.stdout
-    assert "lineage:" in first.stdout
+def test_quickstart_pipeline_then_the_same_command_adds_nothing(finished_quickstart):
+    runs, overrides = finished_quickstart
     url = f"sqlite:///{runs / 'ssl-search.db'}"
     check_finished_pipeline(url, "quickstart", 5, 2)
     assert any(t.state == TrialState.PRUNED for t in trials_of(url, "quickstart", "screen"))
     counts = {s: len(trials_of(url, "quickstart", s)) for s in ("screen", "promote", "final")}
 
-    again = subprocess.run(
-        cmd + ["--no-progress"], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
+    again = run_module("search.run", "study=quickstart", *overrides, "--no-progress")
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "accuracy train / val / test" in again.stdout and "lineage:" in again.stdout
     assert {s: len(trials_of(url, "quickstart", s)) for s in counts} == counts
     assert "[worker" not in again.stdout  # no trial ran
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> str:
-    try:
-        import sqlalchemy
-
-        engine = sqlalchemy.create_engine(POSTGRES, connect_args={"connect_timeout": 3})
-        with engine.connect():
-            pass
-        engine.dispose()
-    except Exception as error:  # noqa: BLE001
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES}: {error}")
-    return POSTGRES
 
 
 @pytest.mark.postgres
 def test_pipeline_on_postgres_and_a_second_study_stays_independent(tmp_path, postgres_url):
     first_name, second_name = f"qs-{uuid.uuid4().hex[:8]}", f"qs-{uuid.uuid4().hex[:8]}"
-    common = [*SMALL, f"storage={postgres_url}", f"runs_dir={tmp_path}", "stages.screen.trials=3"]
+    common = [
+        *QUICKSTART_OVERRIDES,
+        f"storage={postgres_url}",
+        f"runs_dir={tmp_path}",
+        "stages.screen.trials=3",
+    ]
     first = load_config("quickstart", [*common, f"name={first_name}"])
     run_stages(open_studies(first, postgres_url), TrialRunner(first, progress=False), first)
     check_finished_pipeline(postgres_url, first_name, 3, 2)
@@ -135,14 +101,7 @@ def test_pipeline_on_postgres_and_a_second_study_stays_independent(tmp_path, pos
 
 @pytest.mark.parametrize(
     "study",
-    [
-        "mnist_autoencoder",
-        "mnist_guided",
-        "mnist_contrastive",
-        "cifar_autoencoder",
-        "cifar_guided",
-        "cifar_contrastive",
-    ],
+    [s for s in available_studies() if s != "quickstart"],
 )
 def test_each_study_runs_a_tiny_screen_trial_on_the_real_data(tmp_path, study, request, cache_dir):
     root = request.getfixturevalue("mnist_root" if study.startswith("mnist") else "cifar_root")

@@ -21,7 +21,6 @@ from search.objective import TrialRunner
 from search.stages import failure_reason, open_studies, run_stages
 
 REPO = Path(__file__).resolve().parent.parent
-POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 ENV = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
 
 # Screen trials of four unpruned epochs give a worker something to be killed in the middle of.
@@ -37,17 +36,6 @@ WORKER_STUDY = [
     "heartbeat_interval=1",
     "grace_period=4",
 ]
-
-
-def postgres_or_skip() -> str:
-    try:
-        engine = sqlalchemy.create_engine(POSTGRES, connect_args={"connect_timeout": 3})
-        with engine.connect():
-            pass
-        engine.dispose()
-    except Exception as error:  # noqa: BLE001
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES}: {error}")
-    return POSTGRES
 
 
 def all_trials(url: str, name: str) -> dict[str, list[optuna.trial.FrozenTrial]]:
@@ -103,8 +91,12 @@ def start_run(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("backend,workers", [("postgres", 4), ("sqlite", 2)])
-def test_sigkilled_worker_trial_is_retried_and_resumed(tmp_path, backend, workers):
-    url = postgres_or_skip() if backend == "postgres" else f"sqlite:///{tmp_path / 'study.db'}"
+def test_sigkilled_worker_trial_is_retried_and_resumed(tmp_path, request, backend, workers):
+    url = (
+        request.getfixturevalue("postgres_url")
+        if backend == "postgres"
+        else f"sqlite:///{tmp_path / 'study.db'}"
+    )
     name = f"kill-{uuid.uuid4().hex[:8]}"
     log = tmp_path / "run.log"
     proc = start_run(
@@ -139,14 +131,14 @@ def test_sigkilled_worker_trial_is_retried_and_resumed(tmp_path, backend, worker
 
 
 @pytest.mark.parametrize("backend", ["postgres", "sqlite"])
-def test_eight_workers_start_at_once_on_an_empty_database(tmp_path, backend):
+def test_eight_workers_start_at_once_on_an_empty_database(tmp_path, request, backend):
     if backend == "postgres":
-        postgres_or_skip()
+        server = request.getfixturevalue("postgres_url")
         db = f"ssl_search_{uuid.uuid4().hex[:10]}"
-        admin = sqlalchemy.create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
+        admin = sqlalchemy.create_engine(server, isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
             conn.execute(sqlalchemy.text(f"CREATE DATABASE {db}"))
-        url = POSTGRES.rsplit("/", 1)[0] + f"/{db}"
+        url = server.rsplit("/", 1)[0] + f"/{db}"
     else:
         url = f"sqlite:///{tmp_path / 'empty.db'}"
     try:
