@@ -25,6 +25,7 @@ deleted afterwards.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -107,6 +108,15 @@ def write_study(folder: Path, channels: int) -> Path:
     path = folder / "mnist_guided_overhead.yaml"
     OmegaConf.save(cfg, path)
     return path
+
+
+def child_env(opts: dict[str, Any]) -> dict[str, str]:
+    """The command's environment; ``threads=N`` sets OMP_NUM_THREADS for a 1-worker run (with
+    several workers search.run sets it per worker: CPU cores / workers)."""
+    env = dict(os.environ)
+    if opts["threads"]:
+        env["OMP_NUM_THREADS"] = str(opts["threads"])
+    return env
 
 
 def _local(dt: datetime) -> datetime:
@@ -203,7 +213,7 @@ def run_config(storage: str, workers: int, opts: dict[str, Any]) -> Result:
     launch = datetime.now().astimezone()
     started = time.perf_counter()
     sink = subprocess.DEVNULL if opts["quiet"] else sys.stderr
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=sink, stderr=sink)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=sink, stderr=sink, env=child_env(opts))
     wall = time.perf_counter() - started
     result = Result(storage, workers, cmd, wall)
     try:
@@ -289,7 +299,7 @@ def run_profiled(opts: dict[str, Any]) -> tuple[list[list[str]], int]:
     ]
     log(f"\n== profiled: {' '.join(cmd[1:])}")
     sink = subprocess.DEVNULL if opts["quiet"] else sys.stderr
-    subprocess.run(cmd, cwd=REPO_ROOT, stdout=sink, stderr=sink, check=True)
+    subprocess.run(cmd, cwd=REPO_ROOT, stdout=sink, stderr=sink, check=True, env=child_env(opts))
     try:
         return profile_table(dump, trials), trials
     finally:
@@ -312,9 +322,12 @@ def main() -> int:
             "storages": Option("sqlite,postgres", csv, "sqlite and/or postgres"),
             "workers": Option("1,4", csv_int, "worker counts to measure"),
             "trials_per_worker": Option(3, int, "1-epoch trials per worker"),
-            "train_subset": Option(6000, int, "MNIST train images per epoch (trial length)"),
+            "train_subset": Option(
+                20000, int, "MNIST train images per epoch (trial length: ~10-20 s, 1 worker)"
+            ),
             "val_subset": Option(2000, int, "validation images evaluated per epoch"),
             "channels": Option(8, int, "network width"),
+            "threads": Option(0, int, "OMP_NUM_THREADS of the command; 0 = inherit"),
             "postgres": Option(
                 DEFAULT_POSTGRES, str, "PostgreSQL URL (a unique study name is used)"
             ),
@@ -380,6 +393,11 @@ def main() -> int:
         f"{opts['train_subset']} train / {opts['val_subset']} val images, batch 32)"
     )
     print(f"machine: {machine()}")
+    threads = f"OMP_NUM_THREADS={opts['threads']}" if opts["threads"] else "torch's default"
+    print(
+        f"training threads: {threads} with 1 worker; with N workers search.run gives each "
+        "max(1, CPUs // N)"
+    )
     print(
         table(
             [
