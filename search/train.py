@@ -70,8 +70,11 @@ def main() -> int:
     )
     if run.task != "guided" and not (ckpt_dir / "pretrain.pt").exists():
         # The untrained encoder's score is the bar that pretraining has to clear.
-        print(f"[pretrain 0/{cfg.train.epochs}] untrained encoder: knn_accuracy "
-              f"{run.knn_accuracy() * 100:.2f}%", flush=True)
+        print(
+            f"[pretrain 0/{cfg.train.epochs}] untrained encoder: knn_accuracy "
+            f"{run.knn_accuracy() * 100:.2f}%",
+            flush=True,
+        )
     results = run.fit(on_epoch=print_epoch)
     print("final:")
     for key, value in results.items():
