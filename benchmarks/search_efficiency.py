@@ -30,7 +30,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,7 +132,9 @@ def run_pipeline(opts: dict[str, Any], seed: int, folder: Path) -> Outcome:
     from search.objective import TrialRunner
     from search.stages import open_studies, run_promote, run_screen
 
-    name = f"eff-pipeline-s{seed}-{uuid.uuid4().hex[:6]}"
+    # A fixed name (each study has its own SQLite file): Hyperband assigns trials to brackets
+    # by hashing the study name with the trial number, so the name changes which trials prune.
+    name = f"eff-pipeline-s{seed}"
     cfg = load_config(opts["study"], base_overrides(opts, name, folder, 1000 * seed))
     metric = metric_of(cfg)
     full = int(cfg.stages.promote.epochs or cfg.train.epochs)
@@ -162,7 +163,7 @@ def run_random(opts: dict[str, Any], seed: int, folder: Path, limit: int) -> Out
     from search.space import baseline_params
     from search.stages import open_studies
 
-    name = f"eff-random-s{seed}-{uuid.uuid4().hex[:6]}"
+    name = f"eff-random-s{seed}"
     probe = load_config(opts["study"], opts["overrides"])
     full = int(probe.stages.promote.epochs or probe.train.epochs)
     overrides = base_overrides(opts, name, folder, 1000 * seed) + [
@@ -278,7 +279,7 @@ def main() -> int:
         from models.training import resolve_device
 
         opts["device"] = str(resolve_device("auto"))
-    folder = Path(tempfile.mkdtemp(prefix="ssl-bench-efficiency-"))
+    folder = Path(tempfile.mkdtemp(prefix="ssl-bench-efficiency-"))  # one SQLite file per study
     started = time.perf_counter()
     results: list[tuple[Outcome, Outcome, int]] = []
     try:

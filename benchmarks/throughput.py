@@ -144,6 +144,7 @@ class Row:
     ceiling: list[float] = field(default_factory=list)
     loop: list[float] = field(default_factory=list)
     augment: list[float] = field(default_factory=list)
+    ceiling_bf16: list[float] = field(default_factory=list)
     naive: dict[int, list[float]] = field(default_factory=dict)
     note: str = ""
 
@@ -163,9 +164,10 @@ class Bench:
         self.params = [p for m in modules.values() for p in m.parameters()]
         self.optimizer = build_optimizer(self.params, OptimConfig())
         self.temperature = train.temperature or DEFAULT_TEMPERATURE[splits.family]
+        self.force_bf16 = False  # (a) with bf16 autocast even where Run would not use it
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if not self.ref.amp:
+        if not (self.ref.amp or self.force_bf16):
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
@@ -196,8 +198,16 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def ceiling(self, batch: int, batches: int) -> float:
-        """(a): images/s of ``batches`` steps on one pre-made, un-augmented device batch."""
+    def ceiling(self, batch: int, batches: int, bf16: bool = False) -> float:
+        """(a): images/s of ``batches`` steps on one pre-made, un-augmented device batch
+        (``bf16``: under bf16 autocast, also on the CPU, which ``Run`` keeps in fp32)."""
+        self.force_bf16 = bf16
+        try:
+            return self._ceiling(batch, batches)
+        finally:
+            self.force_bf16 = False
+
+    def _ceiling(self, batch: int, batches: int) -> float:
         s = self.splits
         x = self.layout(s.normalize(s.to_float(s.train_x[:batch])))
         y = s.train_y[:batch]
@@ -310,6 +320,8 @@ def measure_row(
     # Warm-up: one pass of each reference (allocator, kernels, worker processes).
     bench.ceiling(batch, batches)
     bench.augment_only(batch, batches)
+    if opts["bf16_ceiling"]:
+        bench.ceiling(batch, batches, bf16=True)
     for loader in loaders.values():
         bench.naive(loader)
     row.naive = {nw: [] for nw in loaders}
@@ -320,6 +332,8 @@ def measure_row(
         row.loop.append(report.images_per_second)
         row.ceiling.append(bench.ceiling(batch, batches))
         row.augment.append(bench.augment_only(batch, batches))
+        if opts["bf16_ceiling"]:
+            row.ceiling_bf16.append(bench.ceiling(batch, batches, bf16=True))
         for nw, loader in loaders.items():
             row.naive[nw].append(bench.naive(loader))
         if not opts["quiet"]:
@@ -364,6 +378,9 @@ def main() -> int:
             "transforms": Option("v1", str, "naive pipeline: torchvision.transforms v1 or v2"),
             "amp": Option("auto", str, "auto (bf16 on CUDA) | off | bf16, as train.amp"),
             "channels_last": Option("auto", str, "auto (on CUDA) | on | off"),
+            "bf16_ceiling": Option(
+                False, boolean, "also time (a) under bf16 autocast (on CPU too): is it faster?"
+            ),
             "threads": Option(0, int, "torch CPU threads; 0 = torch's default"),
             "data_root": Option(default_data_root(), str, "where MNIST/ and cifar10-jpeg/ are"),
             "quiet": Option(False, boolean, "no progress lines on stderr"),
@@ -419,6 +436,8 @@ def main() -> int:
     headers = ["dataset", "task", "width", "batch", "(a) ceiling", "(b) loop"]
     headers += [f"(c) naive nw={nw}" for nw in workers]
     headers += ["(d) aug only", "(b)/(a)"] + [f"(b)/(c) nw={nw}" for nw in workers]
+    if opts["bf16_ceiling"]:
+        headers += ["(a) bf16 autocast", "(a) bf16/(a)"]
     out_rows, paired_rows = [], []
     for r in rows:
         a, b = pick(r.ceiling), pick(r.loop)
@@ -438,6 +457,9 @@ def main() -> int:
                 *(ratio(b, c) for c in cs),
             ]
         )
+        if opts["bf16_ceiling"]:
+            a16 = pick(r.ceiling_bf16)
+            out_rows[-1] += [fmt(a16), ratio(a16, a)]
         paired_rows.append(
             [
                 name,

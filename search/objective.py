@@ -151,7 +151,9 @@ class TrialRunner:
                 self._record_epoch(trial, report)
                 value = report.metrics[self.metric]
                 trial.report(value, report.epoch)
-                if prune and trial.should_prune():
+                # After the last screen epoch the budget is spent: a trial that got there
+                # completes, so it can be promoted.
+                if prune and report.epoch < epochs and trial.should_prune():
                     reason = (
                         f"pruned after epoch {report.epoch}/{epochs}: {self.metric} {value:.4f}"
                     )
@@ -206,6 +208,6 @@ class TrialRunner:
     def _release(run: Run | None) -> None:
         """Free the trial's device memory before the next trial (after OOM especially)."""
         del run
-        gc.collect()
-        if torch.cuda.is_available():
+        if torch.cuda.is_available():  # on the CPU reference counting already freed the run
+            gc.collect()
             torch.cuda.empty_cache()

@@ -168,7 +168,7 @@ def _run_one(
     """Run one trial of ``stage``; Ctrl-C re-enqueues it so it resumes later."""
     study = studies.of(stage)
     try:
-        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+        study.optimize(objective, n_trials=1, catch=(Exception,))
     except KeyboardInterrupt:
         if runner.current_trial and runner.current_trial[0] == study.study_name:
             number = runner.current_trial[1]

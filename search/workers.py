@@ -76,6 +76,7 @@ def worker_loop(
     """
     studies = open_studies(cfg, url, seed_offset=seed_offset)
     runner = TrialRunner(cfg, device=device, progress=progress)
+    runner.splits  # noqa: B018 - load the data now, as start-up, not inside the first trial
     runner.hooks.append(make_trial_artifact_hook(resolved_paths(cfg)["artifacts"]))
     metric = metric_of(cfg)
 
