@@ -36,7 +36,6 @@ from storage.claims import Claims
 from storage.urls import open_storage, redact
 
 STAGE_NAMES = ("screen", "promote", "final")
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 POLL_S = 1.0
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
