@@ -24,7 +24,6 @@ deleted afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -129,7 +128,9 @@ def analyse(result: Result, url: str, name: str, launch: datetime) -> None:
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=f"{name}.screen", storage=url)
+    from search import stage_study_name
+
+    study = optuna.load_study(study_name=stage_study_name(name, "screen"), storage=url)
     by_worker: dict[str, list[tuple[datetime, datetime, Trial]]] = {}
     for t in study.get_trials(deepcopy=False):
         curve = t.user_attrs.get("curve")
@@ -169,20 +170,9 @@ def analyse(result: Result, url: str, name: str, launch: datetime) -> None:
 
 
 def cleanup_postgres(url: str, name: str) -> None:
-    import optuna
-    import sqlalchemy as sa
+    from search import delete_stage_studies
 
-    from storage.claims import CLAIMS
-
-    for stage in ("screen", "promote", "final"):
-        with contextlib.suppress(KeyError):
-            optuna.delete_study(study_name=f"{name}.{stage}", storage=url)
-    engine = sa.create_engine(url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(CLAIMS.delete().where(CLAIMS.c.key.startswith(f"{name}.")))
-    finally:
-        engine.dispose()
+    delete_stage_studies(name, url)
 
 
 def run_config(storage: str, workers: int, opts: dict[str, Any]) -> Result:

@@ -128,24 +128,21 @@ def base_overrides(opts: dict[str, Any], name: str, folder: Path, seed: int) -> 
 
 
 def run_pipeline(opts: dict[str, Any], seed: int, folder: Path) -> Outcome:
-    from search.config import load_config, metric_of, storage_url
-    from search.objective import TrialRunner
-    from search.stages import open_studies, run_promote, run_screen
+    from search import TrialRunner, load_config, long_budget, metric_of, open_studies, storage_url
+    from search.stages import run_promote, run_screen
 
     # A fixed name (each study has its own SQLite file): Hyperband assigns trials to brackets
     # by hashing the study name with the trial number, so the name changes which trials prune.
     name = f"eff-pipeline-s{seed}"
     cfg = load_config(opts["study"], base_overrides(opts, name, folder, 1000 * seed))
     metric = metric_of(cfg)
-    full = int(cfg.stages.promote.epochs or cfg.train.epochs)
+    full = long_budget(cfg)
     outcome = Outcome("pipeline", seed)
     started = time.perf_counter()
     studies = open_studies(cfg, storage_url(cfg))
     runner = TrialRunner(cfg, device=opts["device"], progress=False)
 
-    def on_trial() -> None:
-        study_name, number = runner.current_trial
-        stage = study_name.rsplit(".", 1)[1]
+    def on_trial(stage: str, number: int) -> None:
         trial = next(t for t in studies.of(stage).get_trials() if t.number == number)
         record(outcome, trial, f"{stage} #{number}", metric, full)
 
@@ -158,14 +155,19 @@ def run_pipeline(opts: dict[str, Any], seed: int, folder: Path) -> Outcome:
 def run_random(opts: dict[str, Any], seed: int, folder: Path, limit: int) -> Outcome:
     import optuna
 
-    from search.config import load_config, metric_of, storage_url
-    from search.objective import TrialRunner
-    from search.space import baseline_params
-    from search.stages import open_studies
+    from search import (
+        TrialRunner,
+        baseline_params,
+        load_config,
+        long_budget,
+        metric_of,
+        open_studies,
+        storage_url,
+    )
 
     name = f"eff-random-s{seed}"
     probe = load_config(opts["study"], opts["overrides"])
-    full = int(probe.stages.promote.epochs or probe.train.epochs)
+    full = long_budget(probe)
     overrides = base_overrides(opts, name, folder, 1000 * seed) + [
         "search.sampler.name=random",
         "search.pruner.name=none",

@@ -18,10 +18,12 @@ import os
 import shutil
 import sys
 
-from search.cli import UsageError, guarded, parser, split_study
+from models.errors import UsageError
+from reporting.report import locate
+from search.cli import guarded, parser, split_study
 from search.config import resolved_paths, storage_url
-from search.report import locate
-from storage.urls import check_url, redact
+from search.database import check_url, redact
+from search.naming import STAGES, stage_study_name
 
 HOST = "127.0.0.1"
 
@@ -46,8 +48,6 @@ def _study_pages(url: str, name: str | None, port: int) -> list[str]:
     """Dashboard URLs of the study's three stage studies (when storage already holds them)."""
     import optuna
 
-    from search.stages import STAGE_NAMES
-
     if not name:
         return []
     try:
@@ -55,9 +55,9 @@ def _study_pages(url: str, name: str | None, port: int) -> list[str]:
     except Exception:  # noqa: BLE001 - pages are a convenience only
         return []
     pages = []
-    for stage in STAGE_NAMES:
+    for stage in STAGES:
         try:
-            study_id = storage.get_study_id_from_name(f"{name}.{stage}")
+            study_id = storage.get_study_id_from_name(stage_study_name(name, stage))
         except Exception:  # noqa: BLE001
             continue
         pages.append(f"  {stage:8s} http://{HOST}:{port}/dashboard/studies/{study_id}")

@@ -5,6 +5,12 @@ Each trial records what a user needs to trust and reproduce it (user attrs): ``s
 ``curve``, and ``fail_reason`` or ``prune_reason`` when it did not complete. Checkpoints are
 keyed by the *original* trial number, so a retry of a killed trial resumes from the killed
 trial's last epoch instead of epoch 0.
+
+Hooks (:data:`TrialHook`) run just before a trial returns, while it can still take artifacts::
+
+    runner = TrialRunner(cfg, progress=False)
+    runner.hooks.append(lambda trial, run, tcfg, extra: print(trial.number, run.task))
+    study.optimize(runner.objective("screen"), n_trials=1)
 """
 
 from __future__ import annotations
@@ -21,38 +27,49 @@ import optuna
 import torch
 from omegaconf import DictConfig
 
+from models.checkpoints import load_checkpoint
 from models.data import ImageSplits, load_splits
 from models.training import EpochReport, Run
 from search.config import metric_of, resolved_paths, to_dataclasses
+from search.naming import FINAL_METRIC, PRETRAIN_FILE, long_budget, trial_dir
 from search.space import apply, suggest
-from storage.checkpoints import load_checkpoint
 from storage.claims import default_owner
 
+# (running trial, its Run, the trial's resolved config, {"history"|"results"|"pruned"|...}).
 TrialHook = Callable[[optuna.Trial, Run, DictConfig, dict[str, Any]], None]
+# (Optuna study name, trial number) -> that trial, for a final trial's source.
+TrialLookup = Callable[[str, int], "optuna.trial.FrozenTrial | None"]
 
 
-def frozen(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
-    """The stored view of a running trial (system attrs included)."""
-    return trial.study._storage.get_trial(trial._trial_id)
+def stored(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+    """The stored view of a running trial (system attrs included), through the public API."""
+    running = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    return next(t for t in running if t.number == trial.number)
 
 
 def original_number(trial: optuna.trial.FrozenTrial) -> int:
     """The number of the first trial in a retry chain (itself when it is no retry)."""
-    retried = trial.system_attrs.get("failed_trial")
+    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
     return trial.number if retried is None else int(retried)
 
 
 class TrialRunner:
     """Runs trials of one study in this process; loads the data once and reuses it."""
 
-    def __init__(self, cfg: DictConfig, device: str | None = None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        device: str | None = None,
+        progress: bool = True,
+        find_trial: TrialLookup | None = None,
+    ) -> None:
         self.cfg = cfg
         self.device = device or cfg.train.device
         self.progress = progress
         self.metric = metric_of(cfg)
         self.paths = resolved_paths(cfg)
+        self.find_trial = find_trial
         self._splits: ImageSplits | None = None
-        self.current_trial: tuple[str, int] | None = None  # (study name, trial number)
         # Called before a trial returns (artifacts must be uploaded while it is running).
         self.hooks: list[TrialHook] = []
 
@@ -64,7 +81,11 @@ class TrialRunner:
         return self._splits
 
     def checkpoint_dir(self, study_name: str, number: int) -> Path:
-        return self.paths["checkpoints"] / study_name / f"trial-{number:05d}"
+        return trial_dir(self.paths["checkpoints"], study_name, number)
+
+    def objective(self, stage: str) -> Callable[[optuna.Trial], float]:
+        """The Optuna objective of ``stage`` (screen, promote or final)."""
+        return {"screen": self.screen, "promote": self.promote, "final": self.final}[stage]
 
     # ---- stage objectives -----------------------------------------------------------------
 
@@ -73,8 +94,7 @@ class TrialRunner:
         return self._train(trial, "screen", epochs, prune=True)
 
     def promote(self, trial: optuna.Trial) -> float:
-        epochs = int(self.cfg.stages.promote.epochs or self.cfg.train.epochs)
-        return self._train(trial, "promote", epochs, prune=False)
+        return self._train(trial, "promote", long_budget(self.cfg), prune=False)
 
     def final(self, trial: optuna.Trial) -> float:
         """Train the frozen-encoder classifier on the best promoted encoder; test numbers."""
@@ -82,23 +102,28 @@ class TrialRunner:
         attrs = trial.user_attrs
         params = suggest(trial, self.cfg.search.space)
         tcfg = apply(self.cfg, params)
-        tcfg.train.epochs = int(self.cfg.stages.promote.epochs or self.cfg.train.epochs)
+        tcfg.train.epochs = long_budget(self.cfg)
         tcfg.train.seed = int(attrs.get("seed", self.cfg.train.seed))
         source_dir = self.checkpoint_dir(attrs["source_study"], int(attrs["source_checkpoint"]))
         run = self._make_run(
-            tcfg, self.checkpoint_dir(trial.study.study_name, original_number(frozen(trial)))
+            tcfg, self.checkpoint_dir(trial.study.study_name, original_number(stored(trial)))
         )
         started = time.perf_counter()
         try:
-            run.load_pretrained(source_dir / "pretrain.pt")
+            run.load_pretrained(source_dir / PRETRAIN_FILE)
             if run.needs_probe:
                 run.train_probe(on_epoch=lambda r: self._record_epoch(trial, r))
             results = run.evaluate()
             for key, value in results.items():
                 trial.set_user_attr(key, value)
             trial.set_user_attr("wall_time_s", time.perf_counter() - started)
-            self._run_hooks(trial, run, tcfg, {"results": results})
-            return results["val_accuracy"]
+            source = (
+                self.find_trial(attrs["source_study"], int(attrs["source_trial"]))
+                if self.find_trial and "source_trial" in attrs
+                else None
+            )
+            self._run_hooks(trial, run, tcfg, {"results": results, "source_trial": source})
+            return results[FINAL_METRIC]
         except BaseException as error:
             self._fail(trial, error)
             raise
@@ -108,7 +133,6 @@ class TrialRunner:
     # ---- shared machinery -----------------------------------------------------------------
 
     def _begin(self, trial: optuna.Trial, stage: str) -> None:
-        self.current_trial = (trial.study.study_name, trial.number)
         trial.set_user_attr("stage", stage)
         trial.set_user_attr("worker", default_owner())
         trial.set_user_attr(
@@ -131,7 +155,7 @@ class TrialRunner:
         params = suggest(trial, self.cfg.search.space)
         tcfg = apply(self.cfg, params)
         tcfg.train.epochs = epochs
-        number = original_number(frozen(trial))
+        number = original_number(stored(trial))
         seed = trial.user_attrs.get("seed")
         if seed is None:  # promoted trials carry their source's seed
             seed = int(self.cfg.train.seed) + number
@@ -139,7 +163,7 @@ class TrialRunner:
         tcfg.train.seed = int(seed)
         ckpt_dir = self.checkpoint_dir(trial.study.study_name, number)
         trial.set_user_attr("checkpoint", number)
-        previous = load_checkpoint(ckpt_dir / "pretrain.pt")
+        previous = load_checkpoint(ckpt_dir / PRETRAIN_FILE)
         if previous is not None:
             trial.set_user_attr("resumed_from_epoch", int(previous["epoch"]))
         run = None

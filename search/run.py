@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from search.cli import config_from_args, guarded, parser
 from search.config import direction_of, metric_of, storage_url
 from search.space import apply, baseline_params, distribution, ordered
-from storage.urls import redact
+from search.database import redact
 
 
 def print_dry_run(cfg: DictConfig) -> None:
@@ -96,8 +96,15 @@ def main() -> int:
     # Heavy imports (torch, optuna) wait until the input is known to be good.
     import optuna
 
-    from search.stages import StageError, open_studies, summarize
-    from search.workers import install_sigterm_as_interrupt, run_workers
+    from reporting.artifacts import make_trial_artifact_hook
+    from search import (
+        StageError,
+        install_sigterm_as_interrupt,
+        open_studies,
+        resolved_paths,
+        run_workers,
+        summarize,
+    )
 
     url = storage_url(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -105,7 +112,8 @@ def main() -> int:
     studies = open_studies(cfg, url)  # schema and studies exist before any worker starts
     install_sigterm_as_interrupt()
     try:
-        run_workers(cfg, url, progress=not args.no_progress)
+        hook = make_trial_artifact_hook(resolved_paths(cfg)["artifacts"])
+        run_workers(cfg, url, progress=not args.no_progress, hooks=[hook])
     except KeyboardInterrupt:
         print(
             "\ninterrupted: running trials were re-enqueued; run the same command again to "

@@ -18,9 +18,9 @@ trains nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,15 +29,16 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from search.config import direction_of, metric_of
+from search.config import direction_of
+from search.naming import STAGES, stage_metric, stage_study_name
 from search.objective import TrialRunner, original_number
 from search.space import baseline_params
 from storage.claims import Claims
 from storage.urls import open_storage, redact
 
-STAGE_NAMES = ("screen", "promote", "final")
 POLL_S = 1.0
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# Called after each trial this process ran: (stage, trial number).
+TrialDone = Callable[[str, int], None]
 
 
 class StageError(RuntimeError):
@@ -54,9 +55,15 @@ class Studies:
     def of(self, stage: str) -> optuna.Study:
         return getattr(self, stage)
 
-
-def study_name(cfg: DictConfig, stage: str) -> str:
-    return f"{cfg.name}.{stage}"
+    def find_trial(self, study_name: str, number: int) -> optuna.trial.FrozenTrial | None:
+        """Trial ``number`` of the stage study called ``study_name`` (None if absent)."""
+        for stage in STAGES:
+            study = self.of(stage)
+            if study.study_name == study_name:
+                return next(
+                    (t for t in study.get_trials(deepcopy=False) if t.number == number), None
+                )
+        return None
 
 
 def make_sampler(cfg: DictConfig, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
@@ -102,10 +109,10 @@ def open_studies(cfg: DictConfig, url: str, seed_offset: int = 0) -> Studies:
     )
     direction = direction_of(cfg)
     studies = {}
-    for stage in STAGE_NAMES:
+    for stage in STAGES:
         studies[stage] = optuna.create_study(
             storage=storage,
-            study_name=study_name(cfg, stage),
+            study_name=stage_study_name(cfg.name, stage),
             direction=direction if stage != "final" else "maximize",
             sampler=make_sampler(cfg, seed_offset),
             pruner=make_pruner(cfg) if stage == "screen" else optuna.pruners.NopPruner(),
@@ -117,26 +124,28 @@ def open_studies(cfg: DictConfig, url: str, seed_offset: int = 0) -> Studies:
         if "config" not in study.user_attrs:
             study.set_user_attr("config", json.loads(json.dumps(resolved)))
             study.set_user_attr("stage", stage)
-            study.set_metric_names([metric_of(cfg) if stage != "final" else "val_accuracy"])
+            study.set_metric_names([stage_metric(cfg, stage)])
     return Studies(**studies, claims=Claims(storage.engine))
 
 
+def delete_stage_studies(name: str, url: str) -> None:
+    """Delete study ``name``'s three stage studies and release their claims (a clean slate)."""
+    storage = open_storage(url)
+    for stage in STAGES:
+        with contextlib.suppress(KeyError):
+            optuna.delete_study(study_name=stage_study_name(name, stage), storage=storage)
+    Claims(storage.engine).release_all(f"{name}.")
+
+
 # ---- trial bookkeeping shared by the stages and the summary ------------------------------
-
-
-def retried_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
-    """Numbers of trials that a later trial retries (their work continues elsewhere)."""
-    out: set[int] = set()
-    for t in trials:
-        out.update(t.system_attrs.get("retry_history", []))
-    return out
 
 
 def failure_reason(trial: optuna.trial.FrozenTrial, trials: list[optuna.trial.FrozenTrial]) -> str:
     """Why a trial failed: its stored reason, or, for a worker that died, what became of it."""
     if trial.user_attrs.get("fail_reason"):
         return str(trial.user_attrs["fail_reason"])
-    retries = [t.number for t in trials if trial.number in t.system_attrs.get("retry_history", [])]
+    history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history
+    retries = [t.number for t in trials if trial.number in history(t)]
     if retries:
         return f"worker stopped sending heartbeats (killed?); retried as trial {retries[0]}"
     return "worker stopped sending heartbeats (killed?); retries exhausted"
@@ -157,27 +166,28 @@ def _fail_stale(study: optuna.Study) -> None:
 # ---- running trials --------------------------------------------------------------------
 
 
-def _run_one(
-    studies: Studies,
-    stage: str,
-    objective: Callable[[optuna.Trial], float],
-    runner: TrialRunner,
-    max_retries: int,
-) -> None:
-    """Run one trial of ``stage``; Ctrl-C re-enqueues it so it resumes later."""
+def _run_one(studies: Studies, stage: str, runner: TrialRunner, max_retries: int) -> int | None:
+    """Run one trial of ``stage``; its number. Ctrl-C re-enqueues it so it resumes later."""
     study = studies.of(stage)
+    objective = runner.objective(stage)
+    started: list[int] = []
+
+    def tracked(trial: optuna.Trial) -> float:
+        started.append(trial.number)
+        return objective(trial)
+
     try:
-        study.optimize(objective, n_trials=1, catch=(Exception,))
+        study.optimize(tracked, n_trials=1, catch=(Exception,))
     except KeyboardInterrupt:
-        if runner.current_trial and runner.current_trial[0] == study.study_name:
-            number = runner.current_trial[1]
-            trial = next(t for t in study.get_trials(deepcopy=True) if t.number == number)
+        if started:
+            trial = next(t for t in study.get_trials(deepcopy=True) if t.number == started[0])
             if trial.state == TrialState.FAIL:
                 trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}
                 optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retries)(
                     study, trial
                 )
         raise
+    return started[0] if started else None
 
 
 def _claim_waiting(studies: Studies, stage: str) -> bool:
@@ -192,11 +202,10 @@ def _claim_waiting(studies: Studies, stage: str) -> bool:
 def _drain(
     studies: Studies,
     stage: str,
-    objective: Callable[[optuna.Trial], float],
     runner: TrialRunner,
     cfg: DictConfig,
     new_slots: int = 0,
-    on_trial: Callable[[], None] | None = None,
+    on_trial: TrialDone | None = None,
 ) -> None:
     """Run ``stage``'s waiting trials and up to ``new_slots`` new ones, then wait for the rest.
 
@@ -207,9 +216,9 @@ def _drain(
     while True:
         _fail_stale(study)
         if _claim_waiting(studies, stage) or _claim_slot(studies, study, new_slots):
-            _run_one(studies, stage, objective, runner, int(cfg.max_retries))
-            if on_trial:
-                on_trial()
+            number = _run_one(studies, stage, runner, int(cfg.max_retries))
+            if on_trial and number is not None:
+                on_trial(stage, number)
             continue
         counts = _count(study)
         if counts["RUNNING"] == 0 and counts["WAITING"] == 0:
@@ -250,7 +259,9 @@ def _enqueue_once(
         time.sleep(POLL_S)
 
 
-def run_screen(studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial=None) -> None:
+def run_screen(
+    studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial: TrialDone | None = None
+) -> None:
     screen = studies.screen
 
     def enqueue_baseline() -> int:
@@ -264,7 +275,6 @@ def run_screen(studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial=
     _drain(
         studies,
         "screen",
-        runner.screen,
         runner,
         cfg,
         new_slots=int(cfg.stages.screen.trials) - 1,
@@ -278,7 +288,9 @@ def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
     return sorted(done, key=lambda t: t.value, reverse=reverse)[:k]
 
 
-def run_promote(studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial=None) -> None:
+def run_promote(
+    studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial: TrialDone | None = None
+) -> None:
     screen, promote = studies.screen, studies.promote
 
     def enqueue_promotions() -> int:
@@ -302,12 +314,14 @@ def run_promote(studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial
         return len(best)
 
     # The top-k is only known once every screen trial (retries included) has finished.
-    _drain(studies, "screen", runner.screen, runner, cfg, on_trial=on_trial)
+    _drain(studies, "screen", runner, cfg, on_trial=on_trial)
     _enqueue_once(studies, f"{promote.study_name}/enqueue", enqueue_promotions, promote)
-    _drain(studies, "promote", runner.promote, runner, cfg, on_trial=on_trial)
+    _drain(studies, "promote", runner, cfg, on_trial=on_trial)
 
 
-def run_final(studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial=None) -> None:
+def run_final(
+    studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial: TrialDone | None = None
+) -> None:
     promote, final = studies.promote, studies.final
 
     def enqueue_final() -> int:
@@ -328,17 +342,19 @@ def run_final(studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial=N
         )
         return 1
 
-    _drain(studies, "promote", runner.promote, runner, cfg, on_trial=on_trial)
+    _drain(studies, "promote", runner, cfg, on_trial=on_trial)
     _enqueue_once(studies, f"{final.study_name}/enqueue", enqueue_final, final)
-    _drain(studies, "final", runner.final, runner, cfg, on_trial=on_trial)
+    _drain(studies, "final", runner, cfg, on_trial=on_trial)
 
 
 STAGE_RUNNERS = {"screen": run_screen, "promote": run_promote, "final": run_final}
 
 
-def run_stages(studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial=None) -> None:
+def run_stages(
+    studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial: TrialDone | None = None
+) -> None:
     """Run the configured stage, or all three in order."""
-    stages = STAGE_NAMES if cfg.stage == "all" else (cfg.stage,)
+    stages = STAGES if cfg.stage == "all" else (cfg.stage,)
     for stage in stages:
         if stage == "final" and not cfg.stages.final.enabled:
             continue
@@ -350,8 +366,8 @@ def run_stages(studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial=
 
 def summarize(studies: Studies, cfg: DictConfig) -> dict[str, Any]:
     """Per stage: counts by state, the best trial's params and value; final test numbers."""
-    out: dict[str, Any] = {"metric": metric_of(cfg), "stages": {}}
-    for stage in STAGE_NAMES:
+    out: dict[str, Any] = {"metric": stage_metric(cfg, "screen"), "stages": {}}
+    for stage in STAGES:
         study = studies.of(stage)
         trials = study.get_trials(deepcopy=False)
         counts = {

@@ -18,6 +18,7 @@ from models.data import load_splits
 from models.training import EpochReport, Run
 from search.cli import config_from_args, guarded, parser
 from search.config import resolved_paths, to_dataclasses
+from search.naming import PRETRAIN_FILE, standalone_run_dir
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -57,7 +58,7 @@ def main() -> int:
     args = p.parse_intermixed_args()
     cfg = config_from_args(args.overrides)
     data_cfg, model_cfg, train_cfg = to_dataclasses(cfg)
-    ckpt_dir = resolved_paths(cfg)["checkpoints"] / "train" / f"{cfg.name}-{config_hash(cfg)}"
+    ckpt_dir = standalone_run_dir(resolved_paths(cfg)["checkpoints"], cfg.name, config_hash(cfg))
     if args.fresh and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)
     splits = load_splits(data_cfg)
@@ -68,7 +69,7 @@ def main() -> int:
         f"device {run.device}, checkpoints {ckpt_dir}",
         flush=True,
     )
-    if run.task != "guided" and not (ckpt_dir / "pretrain.pt").exists():
+    if run.task != "guided" and not (ckpt_dir / PRETRAIN_FILE).exists():
         # The untrained encoder's score is the bar that pretraining has to clear.
         print(
             f"[pretrain 0/{cfg.train.epochs}] untrained encoder: knn_accuracy "

@@ -14,11 +14,16 @@ import sys
 
 import optuna
 
+from reporting.artifacts import make_trial_artifact_hook
+from search import (
+    StageError,
+    install_sigterm_as_interrupt,
+    redact,
+    resolved_paths,
+    storage_url,
+    worker_loop,
+)
 from search.cli import config_from_args, guarded, parser
-from search.config import storage_url
-from search.stages import StageError
-from search.workers import install_sigterm_as_interrupt, worker_loop
-from storage.urls import redact
 
 
 @guarded
@@ -49,6 +54,7 @@ def main() -> int:
             label=label,
             progress=not args.no_progress,
             seed_offset=int.from_bytes(os.urandom(4), "little"),  # see worker_loop
+            hooks=[make_trial_artifact_hook(resolved_paths(cfg)["artifacts"])],
         )
     except KeyboardInterrupt:
         print(

@@ -62,6 +62,11 @@ class Claims:
         with self.engine.begin() as conn:
             conn.execute(CLAIMS.delete().where(CLAIMS.c.key == key))
 
+    def release_all(self, prefix: str) -> int:
+        """Give back every key that starts with ``prefix``; how many there were."""
+        with self.engine.begin() as conn:
+            return conn.execute(CLAIMS.delete().where(CLAIMS.c.key.startswith(prefix))).rowcount
+
     def taken(self, prefix: str) -> list[str]:
         """Keys already taken that start with ``prefix``."""
         with self.engine.connect() as conn:

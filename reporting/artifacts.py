@@ -61,7 +61,7 @@ def upload_figure(
     filename: str,
 ) -> str:
     """Save a matplotlib figure as PNG named ``filename`` and upload it; the artifact id."""
-    from search.figures import save_png
+    from reporting.figures import save_png
 
     with tempfile.TemporaryDirectory(prefix="ssl-artifact-") as tmp:
         path = save_png(fig, Path(tmp) / filename)
@@ -97,7 +97,7 @@ def _source_curve(trial: optuna.Trial) -> list[dict[str, Any]]:
 
 def trial_figures(trial: optuna.Trial, run: Any, extra: dict[str, Any]) -> dict[str, Any]:
     """filename -> matplotlib figure for one trial (see the module docstring)."""
-    from search import figures
+    from reporting import figures
 
     attrs = trial.user_attrs
     stage = attrs.get("stage", "")
@@ -132,7 +132,7 @@ def _phase(entry: Any) -> str:
 
 def final_figures(run: Any, label: str, tsne_max_points: int = TSNE_MAX_POINTS) -> dict[str, Any]:
     """The report's figures on the test set for a trained run (those cheap enough for a hook)."""
-    from search import figures
+    from reporting import figures
 
     splits = run.splits
     out: dict[str, Any] = {}

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
@@ -23,10 +24,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from search.config import metric_of, resolved_paths
-from search.objective import TrialRunner
-from search.stages import STAGE_NAMES, open_studies, run_stages
-from storage.artifacts import make_trial_artifact_hook
+from search.config import resolved_paths
+from search.naming import STAGES, stage_metric
+from search.objective import TrialHook, TrialRunner
+from search.stages import open_studies, run_stages
 
 
 def device_plan(devices: str, workers: int) -> list[str]:
@@ -68,25 +69,21 @@ def worker_loop(
     label: str = "worker",
     progress: bool = True,
     seed_offset: int = 0,
+    hooks: Sequence[TrialHook] = (),
 ) -> None:
     """Join the study at ``url`` and run trials of every stage until all stages are done.
 
     Workers beside others must pass distinct ``seed_offset`` values: samplers seeded alike
-    would propose the very same parameters in every process.
+    would propose the very same parameters in every process. ``hooks`` run at the end of each
+    trial (the command line passes the artifact uploader).
     """
     studies = open_studies(cfg, url, seed_offset=seed_offset)
-    runner = TrialRunner(cfg, device=device, progress=progress)
+    runner = TrialRunner(cfg, device=device, progress=progress, find_trial=studies.find_trial)
     runner.splits  # noqa: B018 - load the data now, as start-up, not inside the first trial
-    runner.hooks.append(make_trial_artifact_hook(resolved_paths(cfg)["artifacts"]))
-    metric = metric_of(cfg)
+    runner.hooks.extend(hooks)
 
-    def on_trial() -> None:
-        if runner.current_trial:
-            name, number = runner.current_trial
-            stage = name.rsplit(".", 1)[1]
-            _announce(
-                label, studies.of(stage), number, metric if stage != "final" else "val_accuracy"
-            )
+    def on_trial(stage: str, number: int) -> None:
+        _announce(label, studies.of(stage), number, stage_metric(cfg, stage))
 
     run_stages(studies, runner, cfg, on_trial=on_trial)
 
@@ -107,7 +104,7 @@ def _progress_thread(cfg: DictConfig, url: str, stop: threading.Event) -> thread
         bar = tqdm(total=total, desc=f"{cfg.name} trials", unit="trial")
         while not stop.is_set():
             done = 0
-            for stage in STAGE_NAMES:
+            for stage in STAGES:
                 done += sum(
                     t.state.is_finished() and not t.system_attrs.get("retry_history")
                     for t in studies.of(stage).get_trials(deepcopy=False)
@@ -122,8 +119,13 @@ def _progress_thread(cfg: DictConfig, url: str, stop: threading.Event) -> thread
     return thread
 
 
-def run_workers(cfg: DictConfig, url: str, *, progress: bool = True) -> None:
-    """Run the study with ``cfg.workers`` processes (in this process when it is 1)."""
+def run_workers(
+    cfg: DictConfig, url: str, *, progress: bool = True, hooks: Sequence[TrialHook] = ()
+) -> None:
+    """Run the study with ``cfg.workers`` processes (in this process when it is 1).
+
+    ``hooks`` apply to the in-process worker; spawned ``search.worker`` processes add their own.
+    """
     plan = device_plan(cfg.devices, int(cfg.workers))
     if int(cfg.workers) == 1:
         device = (
@@ -131,7 +133,7 @@ def run_workers(cfg: DictConfig, url: str, *, progress: bool = True) -> None:
             if plan[0] == "cpu" and str(cfg.devices) == "auto"
             else ("cpu" if plan[0] == "cpu" else f"cuda:{plan[0]}")
         )
-        worker_loop(cfg, url, device=device, label="worker 0", progress=progress)
+        worker_loop(cfg, url, device=device, label="worker 0", progress=progress, hooks=hooks)
         return
     # Workers read the exact resolved config this process validated, from one file.
     folder = resolved_paths(cfg)["runs"] / "workers"

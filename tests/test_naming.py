@@ -1,0 +1,63 @@
+"""search.naming: the one owner of study names, checkpoint paths, the final metric, the budget."""
+
+from __future__ import annotations
+
+import doctest
+from pathlib import Path
+
+import pytest
+
+import search.naming as naming
+from search.config import load_config
+
+
+def test_examples_in_the_docstring_hold() -> None:
+    failures, tried = doctest.testmod(naming)
+    assert tried >= 3 and failures == 0
+
+
+@pytest.mark.parametrize("stage", naming.STAGES)
+def test_stage_study_names_round_trip(stage: str) -> None:
+    full = naming.stage_study_name("my.study-1", stage)
+    assert full == f"my.study-1.{stage}"
+    assert naming.split_study_name(full) == ("my.study-1", stage)
+    assert naming.stage_of(full) == stage
+
+
+@pytest.mark.parametrize("text", ["quickstart", "quickstart.other", ".screen", "a.SCREEN", ""])
+def test_names_that_are_not_stage_studies_are_refused(text: str) -> None:
+    assert naming.split_study_name(text) is None
+    with pytest.raises(ValueError, match="not a stage study"):
+        naming.stage_of(text)
+
+
+def test_an_unknown_stage_is_refused() -> None:
+    with pytest.raises(ValueError, match="allowed: screen, promote, final"):
+        naming.stage_study_name("q", "all")
+
+
+def test_trial_dirs_are_per_study_and_zero_padded(tmp_path: Path) -> None:
+    a = naming.trial_dir(tmp_path, "q.screen", 7)
+    assert a == tmp_path / "q.screen" / "trial-00007"
+    assert naming.trial_dir(tmp_path, "q.promote", 7) != a
+    assert naming.trial_dir(tmp_path, "q.screen", 12345).name == "trial-12345"
+    assert naming.PRETRAIN_FILE != naming.PROBE_FILE
+
+
+def test_the_final_stage_is_ranked_on_validation_accuracy_the_others_on_the_study_metric() -> None:
+    cfg = load_config("quickstart")
+    assert (
+        naming.stage_metric(cfg, "screen") == naming.stage_metric(cfg, "promote") == "knn_accuracy"
+    )
+    assert naming.stage_metric(cfg, "final") == naming.FINAL_METRIC == "val_accuracy"
+    mae = load_config("mnist_autoencoder", ["search.metric=val_mae"])
+    assert naming.stage_metric(mae, "screen") == "val_mae"
+    assert naming.stage_metric(mae, "final") == "val_accuracy"
+
+
+def test_the_long_budget_is_promote_epochs_or_else_train_epochs() -> None:
+    assert naming.long_budget(load_config("quickstart", ["stages.promote.epochs=5"])) == 5
+    assert (
+        naming.long_budget(load_config("quickstart", ["stages.promote.epochs=0", "train.epochs=9"]))
+        == 9
+    )
