@@ -55,9 +55,9 @@ import kornia.augmentation as K
 import torch
 from torch import nn
 
-FAMILIES = ("mnist", "cifar")
+from models.config import FAMILIES, check_aug_strength, check_choice, check_family
+
 RECIPES = ("encoder", "probe", "contrastive")
-MIN_STRENGTH, MAX_STRENGTH = 0.0, 2.0
 
 _IMAGE_SIZE = {"mnist": (28, 28), "cifar": (32, 32)}
 _RATIO = (3 / 4, 4 / 3)
@@ -107,19 +107,9 @@ class _Clamp01(nn.Module):
 
 
 def _check(family: str, recipe: str, strength: float) -> float:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown augmentation family {family!r}; allowed: {', '.join(FAMILIES)}")
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown augmentation recipe {recipe!r}; allowed: {', '.join(RECIPES)}")
-    try:
-        s = float(strength)
-    except (TypeError, ValueError):
-        raise ValueError(f"train.aug_strength: must be a number, got {strength!r}") from None
-    if not (MIN_STRENGTH <= s <= MAX_STRENGTH):  # also rejects NaN
-        raise ValueError(
-            f"train.aug_strength: must be within [{MIN_STRENGTH:g}, {MAX_STRENGTH:g}], got {strength}"
-        )
-    return s
+    check_family(family)
+    check_choice(recipe, RECIPES, "recipe")
+    return check_aug_strength(strength)
 
 
 def _prob(p: float, s: float) -> float:
@@ -217,40 +207,4 @@ def build_augmentation(family: str, recipe: str, strength: float = 1.0) -> nn.Mo
     return nn.Sequential(*[_build_op(op) for op in ops], _Clamp01())
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.4g}"
-
-
-def describe(family: str, recipe: str, strength: float = 1.0) -> list[str]:
-    """Human-readable list of the ops :func:`build_augmentation` builds, with scaled values.
-
-    An empty list means the identity (no augmentation).
-    """
-    out: list[str] = []
-    for op in _scaled_ops(family, recipe, strength):
-        q = op.params
-        if op.kind == "crop":
-            h, w = q["size"]
-            out.append(
-                f"RandomResizedCrop {h}x{w} scale ({_fmt(q['scale'][0])}, {_fmt(q['scale'][1])}) "
-                f"ratio ({_fmt(q['ratio'][0])}, {_fmt(q['ratio'][1])})"
-            )
-        elif op.kind == "hflip":
-            out.append(f"HorizontalFlip p {_fmt(q['p'])}")
-        elif op.kind == "jitter":
-            out.append(
-                f"ColorJitter(brightness {_fmt(q['brightness'])}, contrast {_fmt(q['contrast'])}, "
-                f"saturation {_fmt(q['saturation'])}, hue {_fmt(q['hue'])}) p {_fmt(q['p'])}"
-            )
-        elif op.kind == "gray":
-            out.append(f"Grayscale p {_fmt(q['p'])}")
-        elif op.kind == "blur":
-            k = q["kernel_size"]
-            out.append(
-                f"GaussianBlur k{k} sigma ({_fmt(q['sigma'][0])}, {_fmt(q['sigma'][1])}) "
-                f"p {_fmt(q['p'])}"
-            )
-    return out
-
-
-__all__ = ["FAMILIES", "RECIPES", "build_augmentation", "describe"]
+__all__ = ["FAMILIES", "RECIPES", "build_augmentation"]

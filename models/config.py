@@ -5,22 +5,45 @@ service composes them into its study schema (``search.config``), and everything 
 ``models/`` reads only these. Defaults are the report's choices for MNIST; dataset-dependent
 defaults (kernel lists, temperature, recipes) are ``None`` here and resolved by the code that
 knows the dataset family (see :func:`models.networks.build_networks`).
+
+Each rule on these settings lives here, once: ``check_data``, ``check_model``,
+``check_optim``, ``check_train`` (and :func:`check_run` for all of them) raise a
+:class:`~models.errors.SettingError` or :class:`~models.errors.DataError` whose one-line message
+starts with the setting's dotted key. The training code calls them on what it is given, and
+``search.config.validate`` calls them when a study file is loaded.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-
-class DataError(ValueError):
-    """Unusable data or data settings; the one-line message names the config field."""
-
+from models.errors import DataError, SettingError, UsageError
 
 TASKS = ("autoencoder", "guided", "contrastive")
 DATASETS = ("mnist", "cifar10", "digits", "imagefolder")
 OPTIMIZERS = ("adam", "sgd", "lars")
 SCHEDULES = ("none", "cosine")
 UPSAMPLE_MODES = ("convtranspose", "nearest", "bilinear")
+AMP_MODES = ("auto", "off", "bf16")
+CHANNELS_LAST_MODES = ("auto", "off", "on")
+FAMILIES = ("mnist", "cifar")
+# The family (network shapes, augmentation recipes) of each dataset; imagefolder's is known
+# only once its images are read (28x28 grey: mnist, 32x32 RGB: cifar).
+DATASET_FAMILY: dict[str, str | None] = {
+    "mnist": "mnist",
+    "digits": "mnist",
+    "cifar10": "cifar",
+    "imagefolder": None,
+}
+# The report's kernel lists per family, used when ModelConfig leaves them None.
+DEFAULT_ENCODER_KERNELS: dict[str, tuple[int, ...]] = {"mnist": (7, 7, 5), "cifar": (7, 7, 5)}
+DEFAULT_DECODER_KERNELS: dict[str, tuple[int, ...]] = {"mnist": (7, 7, 5), "cifar": (5, 7, 7, 7)}
+MIN_AUG_STRENGTH, MAX_AUG_STRENGTH = 0.0, 2.0
 
 
 @dataclass
@@ -29,7 +52,7 @@ class DataConfig:
 
     name: str = "mnist"  # mnist | cifar10 | digits | imagefolder
     # torchvision root (env SSL_SEARCH_DATA, else ./data); cifar10 also finds <root>/cifar10-jpeg/
-    root: str = "${oc.env:SSL_SEARCH_DATA,data}"
+    root: str = field(default_factory=lambda: os.environ.get("SSL_SEARCH_DATA", "data"))
     path: str = ""  # imagefolder only: a folder holding train/ and test/ class folders
     download: bool = False  # let torchvision fetch MNIST/CIFAR-10 when online
     val_fraction: float = 0.1  # validation split carved from train, seeded
@@ -89,3 +112,233 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on CUDA) | off | bf16
     channels_last: str = "auto"  # auto (on CUDA) | off | on
     progress: bool = True
+
+
+# --------------------------------------------------------------------------------------------
+# Rules: the one place each setting is checked. The training code calls these on the objects
+# it is given, and ``search.config.validate`` calls them when a study file is loaded. Every
+# checker takes the dotted key the setting has in a study file (``train.probe.optim`` for the
+# probe's optimizer) so its one-line message names what the user wrote.
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float)
+
+
+def check_choice(
+    value: Any, allowed: Sequence[str], key: str, error: type[UsageError] = SettingError
+) -> str:
+    if value not in allowed:
+        raise error(f"{key}: unknown value {value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
+def check_int(value: Any, key: str, low: int, error: type[UsageError] = SettingError) -> int:
+    """An integer (not a bool) of at least ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise error(f"{key}: must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def check_positive(value: Any, key: str) -> float:
+    """A finite number > 0 (a learning rate, a temperature)."""
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise SettingError(f"{key}: must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def check_non_negative(value: Any, key: str) -> float:
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
+        raise SettingError(f"{key}: must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_task(task: Any, key: str = "task") -> str:
+    return check_choice(task, TASKS, key)
+
+
+def check_family(family: Any, key: str = "family") -> str:
+    return check_choice(family, FAMILIES, key)
+
+
+# ---- model ----------------------------------------------------------------------------------
+
+
+def check_kernels(kernels: Any, count: int | None, key: str, family: str | None) -> tuple[int, ...]:
+    """Odd positive kernel sizes ("same" padding keeps the spatial size only for odd ones);
+    exactly ``count`` of them unless ``count`` is None."""
+    if isinstance(kernels, str | bytes) or not isinstance(kernels, Sequence):
+        what = "a list of kernel sizes" if count is None else f"a list of {count} kernel sizes"
+        raise SettingError(f"{key}: must be {what}, got {kernels!r}")
+    if count is not None and len(kernels) != count:
+        raise SettingError(f"{key}: needs {count} kernel sizes for {family}, got {len(kernels)}")
+    for i, k in enumerate(kernels):
+        # bool is an int subclass; True as a kernel size is a typo, not a choice.
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+            raise SettingError(f"{key}[{i}]: kernel sizes must be odd positive integers, got {k!r}")
+    return tuple(kernels)
+
+
+def check_size(value: Any, key: str) -> int:
+    """A layer size (latent, hidden or output width, class count): an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SettingError(f"{key}: must be a positive integer, got {value!r}")
+    return value
+
+
+def check_channels(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SettingError(f"{key}: channel counts must be integers >= 1, got {value!r}")
+    return value
+
+
+def check_dropout(value: Any, key: str) -> float:
+    if not _is_number(value) or not 0.0 <= value < 1.0:
+        raise SettingError(f"{key}: dropout must be a probability in [0, 1), got {value!r}")
+    return float(value)
+
+
+def check_upsample(mode: Any, key: str) -> str:
+    if mode not in UPSAMPLE_MODES:
+        raise SettingError(
+            f"{key}: unknown upsampling mode {mode!r}; allowed: {', '.join(UPSAMPLE_MODES)}"
+        )
+    return mode
+
+
+def model_kernels(model: ModelConfig, family: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(encoder, decoder) kernel lists of ``model`` for ``family``, defaults filled in."""
+    enc, dec = model.encoder_kernels, model.decoder_kernels
+    return (
+        tuple(DEFAULT_ENCODER_KERNELS[family] if enc is None else enc),
+        tuple(DEFAULT_DECODER_KERNELS[family] if dec is None else dec),
+    )
+
+
+def check_model(model: ModelConfig, family: str | None, key: str = "model") -> None:
+    """Check ``model`` for a dataset ``family`` ("mnist", "cifar", or None when not yet known:
+    then a kernel list may have the length of either family's)."""
+    if family is not None:
+        check_family(family)
+    check_channels(model.channels, f"{key}.channels")
+    for name, defaults in (
+        ("encoder_kernels", DEFAULT_ENCODER_KERNELS),
+        ("decoder_kernels", DEFAULT_DECODER_KERNELS),
+    ):
+        kernels = getattr(model, name)
+        if kernels is None:  # the family's default
+            continue
+        if family is not None:
+            check_kernels(kernels, len(defaults[family]), f"{key}.{name}", family)
+            continue
+        check_kernels(kernels, None, f"{key}.{name}", None)
+        counts = {f: len(defaults[f]) for f in FAMILIES}
+        if len(kernels) not in counts.values():
+            wanted = " or ".join(f"{n} ({f})" for f, n in counts.items())
+            raise SettingError(f"{key}.{name}: needs {wanted} kernel sizes, got {len(kernels)}")
+    check_size(model.latent_dim, f"{key}.latent_dim")
+    check_upsample(model.decoder_upsample, f"{key}.decoder_upsample")
+    check_dropout(model.classifier_dropout, f"{key}.classifier_dropout")
+    check_dropout(model.encoder_dropout, f"{key}.encoder_dropout")
+    check_size(model.projection_dim, f"{key}.projection_dim")
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+
+def check_data(data: DataConfig, key: str = "data") -> None:
+    """The data settings that can be checked without reading any data (raises DataError)."""
+    check_choice(data.name, DATASETS, f"{key}.name", DataError)
+    frac = data.val_fraction
+    if not _is_number(frac) or not 0.0 < frac < 1.0:
+        raise DataError(f"{key}.val_fraction: must be strictly between 0 and 1, got {frac!r}")
+    for name in ("train_subset", "val_subset", "test_subset"):
+        value = getattr(data, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise DataError(f"{key}.{name}: must be an integer >= 0 (0 = all), got {value!r}")
+    if data.name == "imagefolder" and not data.path:
+        raise DataError(
+            f"{key}.path: required for {key}.name=imagefolder (a folder with train/ and test/)"
+        )
+
+
+# ---- training -------------------------------------------------------------------------------
+
+
+def check_optim(optim: OptimConfig, key: str = "optim") -> None:
+    check_choice(optim.name, OPTIMIZERS, f"{key}.name")
+    check_positive(optim.lr, f"{key}.lr")
+    check_non_negative(optim.weight_decay, f"{key}.weight_decay")
+    check_non_negative(optim.momentum, f"{key}.momentum")
+    check_choice(optim.schedule, SCHEDULES, f"{key}.schedule")
+    check_int(optim.warmup_epochs, f"{key}.warmup_epochs", 0)
+
+
+def check_temperature(value: Any, key: str = "temperature") -> float:
+    """NT-Xent's temperature: a finite number > 0."""
+    return check_positive(value, key)
+
+
+def check_aug_strength(value: Any, key: str = "train.aug_strength") -> float:
+    """The augmentation strength, within [MIN_AUG_STRENGTH, MAX_AUG_STRENGTH]."""
+    try:
+        strength = float(value)
+    except (TypeError, ValueError):
+        raise SettingError(f"{key}: must be a number, got {value!r}") from None
+    if not MIN_AUG_STRENGTH <= strength <= MAX_AUG_STRENGTH:  # also rejects NaN
+        raise SettingError(
+            f"{key}: must be within [{MIN_AUG_STRENGTH:g}, {MAX_AUG_STRENGTH:g}], got {value!r}"
+        )
+    return strength
+
+
+_CUDA_DEVICE = re.compile(r"cuda(?::(\d+))?")
+
+
+def check_device(name: Any, key: str = "train.device") -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, where CUDA (and device N) must be visible."""
+    if name in ("auto", "cpu"):
+        return name
+    match = _CUDA_DEVICE.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        raise SettingError(f"{key}: unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N")
+    import torch  # only here: loading a study on the CPU path stays free of torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise SettingError(
+            f"{key}: {name!r} asks for CUDA but no CUDA device is visible; use auto or cpu"
+        )
+    if match.group(1) is not None and int(match.group(1)) >= count:
+        visible = ", ".join(f"cuda:{i}" for i in range(count))
+        raise SettingError(
+            f"{key}: {name!r} is not a visible CUDA device; allowed: auto, cpu, cuda, {visible}"
+        )
+    return name
+
+
+def check_train(train: TrainConfig, key: str = "train") -> None:
+    """Every training setting, the device included (it must exist on this machine)."""
+    check_int(train.epochs, f"{key}.epochs", 1)
+    check_int(train.batch_size, f"{key}.batch_size", 2)  # BatchNorm needs two samples
+    check_optim(train.optim, f"{key}.optim")
+    if train.temperature is not None:  # None: the family's default
+        check_temperature(train.temperature, f"{key}.temperature")
+    check_aug_strength(train.aug_strength, f"{key}.aug_strength")
+    check_int(train.probe.epochs, f"{key}.probe.epochs", 1)
+    check_int(train.probe.batch_size, f"{key}.probe.batch_size", 2)
+    check_optim(train.probe.optim, f"{key}.probe.optim")
+    check_int(train.knn_k, f"{key}.knn_k", 1)
+    check_int(train.knn_max_train, f"{key}.knn_max_train", 1)
+    check_int(train.max_batches, f"{key}.max_batches", 0)
+    check_device(train.device, f"{key}.device")
+    check_choice(train.amp, AMP_MODES, f"{key}.amp")
+    check_choice(train.channels_last, CHANNELS_LAST_MODES, f"{key}.channels_last")
+
+
+def check_run(task: str, data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:
+    """All settings of one training run, under the keys a study file gives them."""
+    check_task(task)
+    check_data(data)
+    check_model(model, DATASET_FAMILY[data.name])
+    check_train(train)

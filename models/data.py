@@ -34,7 +34,6 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -43,10 +42,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.config import DATASETS, DataConfig, DataError
+from models.checkpoints import save_checkpoint
+from models.config import DataConfig, check_data
+from models.errors import DataError
 
 FAMILY_SHAPES: dict[str, tuple[int, int, int]] = {"mnist": (1, 28, 28), "cifar": (3, 32, 32)}
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CIFAR_JPEG_DIR = "cifar10-jpeg"
 CIFAR_PICKLE_DIR = "cifar-10-batches-py"
 _CACHE_VERSION = 1
@@ -118,26 +118,14 @@ class ImageSplits:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.train_x.shape[1:]
-        return (int(c), int(h), int(w))
-
 
 # --------------------------------------------------------------------------- entry point
 
 
 def load_splits(cfg: DataConfig) -> ImageSplits:
     """Load ``cfg.name`` and carve the train / validation / test splits (tensors on CPU)."""
-    if cfg.name not in DATASETS:
-        raise DataError(f"data.name: unknown dataset {cfg.name!r}; allowed: {', '.join(DATASETS)}")
+    check_data(cfg)
     frac = cfg.val_fraction
-    if isinstance(frac, bool) or not isinstance(frac, int | float) or not (0.0 < frac < 1.0):
-        raise DataError(f"data.val_fraction: must be strictly between 0 and 1, got {frac!r}")
-    for name in ("train_subset", "val_subset", "test_subset"):
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise DataError(f"data.{name}: must be an integer >= 0 (0 = all), got {v!r}")
 
     loader = {
         "mnist": _load_mnist,
@@ -320,10 +308,6 @@ def _load_digits(cfg: DataConfig) -> _Loaded:
 
 
 def _load_imagefolder(cfg: DataConfig) -> _Loaded:
-    if not cfg.path:
-        raise DataError(
-            "data.path: required for data.name=imagefolder (a folder with train/ and test/)"
-        )
     path = Path(os.path.expanduser(cfg.path)).absolute()
     for split in ("train", "test"):
         if not (path / split).is_dir():
@@ -363,23 +347,20 @@ def _cache_dir(cfg: DataConfig) -> Path | None:
 
 
 def _list_folder(folder: Path, field: str) -> tuple[list[str], list[str], list[int]]:
-    """ImageFolder's listing: sorted class folders, files walked recursively in sorted order."""
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
-    if not classes:
-        raise DataError(f"{field}: no class folders in {folder}")
-    files: list[str] = []
-    labels: list[int] = []
-    for label, cls in enumerate(classes):
-        n0 = len(files)
-        for dirpath, dirnames, filenames in sorted(os.walk(folder / cls, followlinks=True)):
-            dirnames.sort()
-            for name in sorted(filenames):
-                if name.lower().endswith(IMAGE_EXTENSIONS):
-                    files.append(os.path.join(dirpath, name))
-        if len(files) == n0:
-            raise DataError(f"{field}: class folder {folder / cls} holds no images")
-        labels.extend([label] * (len(files) - n0))
-    return classes, files, labels
+    """ImageFolder's listing (torchvision's own functions): sorted class folders, files walked
+    recursively in sorted order, with torchvision's image extensions."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    try:
+        classes, class_to_idx = find_classes(folder)
+    except FileNotFoundError:
+        raise DataError(f"{field}: no class folders in {folder}") from None
+    samples = make_dataset(folder, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    found = {label for _, label in samples}
+    empty = [cls for cls in classes if class_to_idx[cls] not in found]
+    if empty:
+        raise DataError(f"{field}: class folder {folder / empty[0]} holds no images")
+    return classes, [path for path, _ in samples], [label for _, label in samples]
 
 
 def _cache_name(folder: Path, classes: list[str], files: list[str]) -> tuple[str, str]:
@@ -523,15 +504,9 @@ def _decode(path: str, mode: str, field: str) -> Tensor:
 
 
 def _save_atomic(obj: dict, target: Path) -> bool:
-    """torch.save to a temp file in the cache folder, then os.replace; warn (no cache) on failure."""
-    tmp = None
+    """Write the cache file atomically; warn (and go on without a cache) when it cannot be."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, target)
-        tmp = None
+        save_checkpoint(target, obj)
         return True
     except OSError as e:
         warnings.warn(
@@ -540,10 +515,6 @@ def _save_atomic(obj: dict, target: Path) -> bool:
             stacklevel=4,
         )
         return False
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
 
-__all__ = ["DataError", "ImageSplits", "load_splits", "FAMILY_SHAPES"]
+__all__ = ["FAMILY_SHAPES", "ImageSplits", "load_splits"]

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-
-def _check_temperature(temperature: float) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
-        raise ValueError(f"temperature: must be a positive number, got {temperature!r}")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature: must be a positive finite number, got {temperature!r}")
-    return float(temperature)
+from models.config import check_temperature
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
@@ -24,7 +16,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
     to the other 2N-1 views divided by ``temperature``, the target is its pair, and the loss is
     the cross entropy averaged over all 2N views.
     """
-    t = _check_temperature(temperature)
+    t = check_temperature(temperature)
     if z1.dim() != 2 or z1.shape != z2.shape:
         raise ValueError(
             f"z1, z2: need two (N, D) tensors of the same shape, got {tuple(z1.shape)} "
@@ -41,17 +33,3 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
     # View i (< N) pairs with i + N, and view i + N with i.
     targets = torch.arange(2 * n, device=z.device).roll(n)
     return F.cross_entropy(logits, targets)
-
-
-class NTXentLoss(nn.Module):
-    """Module form of :func:`nt_xent`; ``temperature`` has no default as it is per-dataset."""
-
-    def __init__(self, temperature: float) -> None:
-        super().__init__()
-        self.temperature = _check_temperature(temperature)
-
-    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
-        return nt_xent(z1, z2, self.temperature)
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"

@@ -15,59 +15,23 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from models.config import TASKS, UPSAMPLE_MODES, ModelConfig
-
-FAMILIES = ("mnist", "cifar")
-FAMILY_INPUT_SHAPE: dict[str, tuple[int, int, int]] = {"mnist": (1, 28, 28), "cifar": (3, 32, 32)}
-
-# The report's kernel lists per family, used when ModelConfig leaves them None.
-DEFAULT_ENCODER_KERNELS: dict[str, tuple[int, ...]] = {"mnist": (7, 7, 5), "cifar": (7, 7, 5)}
-DEFAULT_DECODER_KERNELS: dict[str, tuple[int, ...]] = {"mnist": (7, 7, 5), "cifar": (5, 7, 7, 7)}
+from models.config import (
+    FAMILIES,
+    ModelConfig,
+    check_channels,
+    check_dropout,
+    check_family,
+    check_kernels,
+    check_model,
+    check_size,
+    check_task,
+    check_upsample,
+    model_kernels,
+)
+from models.errors import SettingError
 
 # Spatial size of the CIFAR latent map (32 / 2 / 2): the latent is (latent_channels, 8, 8).
 _CIFAR_LATENT_SIDE = 8
-
-
-# --------------------------------------------------------------------------------------------
-# Validation helpers (messages name the parameter so a bad study file is easy to fix)
-
-
-def _check_kernels(kernels: Sequence[int], count: int, name: str, family: str) -> tuple[int, ...]:
-    if isinstance(kernels, str | bytes) or not isinstance(kernels, Sequence):
-        raise ValueError(f"{name}: must be a list of {count} kernel sizes, got {kernels!r}")
-    if len(kernels) != count:
-        raise ValueError(f"{name}: needs {count} kernel sizes for {family}, got {len(kernels)}")
-    for i, k in enumerate(kernels):
-        # bool is an int subclass; True as a kernel size is a typo, not a choice.
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
-            raise ValueError(f"{name}[{i}]: kernel sizes must be odd positive integers, got {k!r}")
-    return tuple(kernels)
-
-
-def _check_positive(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-    return value
-
-
-def _check_channels(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: channel counts must be integers >= 1, got {value!r}")
-    return value
-
-
-def _check_dropout(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name}: dropout must be a probability in [0, 1), got {value!r}")
-    return float(value)
-
-
-def _check_upsample(mode: str, name: str) -> str:
-    if mode not in UPSAMPLE_MODES:
-        raise ValueError(
-            f"{name}: unknown upsampling mode {mode!r}; allowed: {', '.join(UPSAMPLE_MODES)}"
-        )
-    return mode
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,11 +104,11 @@ class MnistEncoder(_SequentialNet):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        c = _check_channels(channels, "MnistEncoder.channels")
-        k0, k1, k2 = _check_kernels(kernels, 3, "MnistEncoder.kernels", "mnist")
-        self.latent_dim = _check_positive(latent_dim, "MnistEncoder.latent_dim")
-        _check_channels(in_channels, "MnistEncoder.in_channels")
-        p = _check_dropout(dropout, "MnistEncoder.dropout")
+        c = check_channels(channels, "MnistEncoder.channels")
+        k0, k1, k2 = check_kernels(kernels, 3, "MnistEncoder.kernels", "mnist")
+        self.latent_dim = check_size(latent_dim, "MnistEncoder.latent_dim")
+        check_channels(in_channels, "MnistEncoder.in_channels")
+        p = check_dropout(dropout, "MnistEncoder.dropout")
         self.kernels = (k0, k1, k2)
         # Dropout2d only follows the wide blocks: on the 1-channel bottleneck map it would
         # zero a sample's whole latent input at once.
@@ -174,11 +138,11 @@ class MnistDecoder(_SequentialNet):
         out_channels: int = 1,
     ) -> None:
         super().__init__()
-        c = _check_channels(channels, "MnistDecoder.channels")
-        k0, k1, k2 = _check_kernels(kernels, 3, "MnistDecoder.kernels", "mnist")
-        _check_positive(latent_dim, "MnistDecoder.latent_dim")
-        self.upsample = _check_upsample(upsample, "MnistDecoder.upsample")
-        _check_channels(out_channels, "MnistDecoder.out_channels")
+        c = check_channels(channels, "MnistDecoder.channels")
+        k0, k1, k2 = check_kernels(kernels, 3, "MnistDecoder.kernels", "mnist")
+        check_size(latent_dim, "MnistDecoder.latent_dim")
+        self.upsample = check_upsample(upsample, "MnistDecoder.upsample")
+        check_channels(out_channels, "MnistDecoder.out_channels")
         self.kernels = (k0, k1, k2)
         self.layers = nn.Sequential(
             nn.Linear(latent_dim, 14 * 14),
@@ -204,11 +168,11 @@ class MnistClassifier(_SequentialNet):
         num_classes: int = 10,
     ) -> None:
         super().__init__()
-        _check_positive(latent_dim, "MnistClassifier.latent_dim")
+        check_size(latent_dim, "MnistClassifier.latent_dim")
         for i, h in enumerate(hidden):
-            _check_positive(h, f"MnistClassifier.hidden[{i}]")
-        p = _check_dropout(dropout, "MnistClassifier.dropout")
-        _check_positive(num_classes, "MnistClassifier.num_classes")
+            check_size(h, f"MnistClassifier.hidden[{i}]")
+        p = check_dropout(dropout, "MnistClassifier.dropout")
+        check_size(num_classes, "MnistClassifier.num_classes")
         last = hidden[-1] if len(hidden) else latent_dim
         self.layers = nn.Sequential(
             *_mlp_hidden(latent_dim, hidden, p), nn.Linear(last, num_classes)
@@ -231,11 +195,11 @@ class CifarEncoder(_SequentialNet):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        c = _check_channels(channels, "CifarEncoder.channels")
-        k0, k1, k2 = _check_kernels(kernels, 3, "CifarEncoder.kernels", "cifar")
-        _check_channels(latent_channels, "CifarEncoder.latent_channels")
-        _check_channels(in_channels, "CifarEncoder.in_channels")
-        p = _check_dropout(dropout, "CifarEncoder.dropout")
+        c = check_channels(channels, "CifarEncoder.channels")
+        k0, k1, k2 = check_kernels(kernels, 3, "CifarEncoder.kernels", "cifar")
+        check_channels(latent_channels, "CifarEncoder.latent_channels")
+        check_channels(in_channels, "CifarEncoder.in_channels")
+        p = check_dropout(dropout, "CifarEncoder.dropout")
         self.kernels = (k0, k1, k2)
         self.latent_dim = latent_channels * _CIFAR_LATENT_SIDE**2
         # As on MNIST, Dropout2d stays off the narrow latent map.
@@ -265,11 +229,11 @@ class CifarDecoder(_SequentialNet):
         out_channels: int = 3,
     ) -> None:
         super().__init__()
-        c = _check_channels(channels, "CifarDecoder.channels")
-        k0, k1, k2, k3 = _check_kernels(kernels, 4, "CifarDecoder.kernels", "cifar")
-        _check_channels(latent_channels, "CifarDecoder.latent_channels")
-        self.upsample = _check_upsample(upsample, "CifarDecoder.upsample")
-        _check_channels(out_channels, "CifarDecoder.out_channels")
+        c = check_channels(channels, "CifarDecoder.channels")
+        k0, k1, k2, k3 = check_kernels(kernels, 4, "CifarDecoder.kernels", "cifar")
+        check_channels(latent_channels, "CifarDecoder.latent_channels")
+        self.upsample = check_upsample(upsample, "CifarDecoder.upsample")
+        check_channels(out_channels, "CifarDecoder.out_channels")
         self.kernels = (k0, k1, k2, k3)
         side = _CIFAR_LATENT_SIDE
         self.layers = nn.Sequential(
@@ -295,19 +259,19 @@ class CifarClassifier(_SequentialNet):
         num_classes: int = 10,
     ) -> None:
         super().__init__()
-        _check_channels(latent_channels, "CifarClassifier.latent_channels")
+        check_channels(latent_channels, "CifarClassifier.latent_channels")
         if len(channels) < 1:
-            raise ValueError("CifarClassifier.channels: needs at least one conv width")
+            raise SettingError("CifarClassifier.channels: needs at least one conv width")
         for i, ch in enumerate(channels):
-            _check_channels(ch, f"CifarClassifier.channels[{i}]")
-        ks = _check_kernels(kernels, len(channels), "CifarClassifier.kernels", "cifar")
+            check_channels(ch, f"CifarClassifier.channels[{i}]")
+        ks = check_kernels(kernels, len(channels), "CifarClassifier.kernels", "cifar")
         for i, h in enumerate(hidden):
-            _check_positive(h, f"CifarClassifier.hidden[{i}]")
-        p = _check_dropout(dropout, "CifarClassifier.dropout")
-        _check_positive(num_classes, "CifarClassifier.num_classes")
+            check_size(h, f"CifarClassifier.hidden[{i}]")
+        p = check_dropout(dropout, "CifarClassifier.dropout")
+        check_size(num_classes, "CifarClassifier.num_classes")
         side = _CIFAR_LATENT_SIDE
         if side >> len(channels) < 1:
-            raise ValueError(
+            raise SettingError(
                 f"CifarClassifier.channels: each conv halves the 8x8 map; at most 3 convs fit, "
                 f"got {len(channels)}"
             )
@@ -332,9 +296,9 @@ class ProjectionHead(_SequentialNet):
 
     def __init__(self, in_dim: int = 128, hidden_dim: int = 128, out_dim: int = 128) -> None:
         super().__init__()
-        _check_positive(in_dim, "ProjectionHead.in_dim")
-        _check_positive(hidden_dim, "ProjectionHead.hidden_dim")
-        _check_positive(out_dim, "ProjectionHead.out_dim")
+        check_size(in_dim, "ProjectionHead.in_dim")
+        check_size(hidden_dim, "ProjectionHead.hidden_dim")
+        check_size(out_dim, "ProjectionHead.out_dim")
         self.layers = nn.Sequential(
             nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
         )
@@ -365,31 +329,6 @@ class Networks:
         return {name: m for name, m in parts.items() if m is not None}
 
 
-def _check_model_config(family: str, model: ModelConfig) -> tuple[tuple[int, ...], ...]:
-    """Validate ``model`` under the names a study file uses; return resolved kernel lists."""
-    _check_channels(model.channels, "model.channels")
-    enc = model.encoder_kernels
-    dec = model.decoder_kernels
-    enc_k = _check_kernels(
-        DEFAULT_ENCODER_KERNELS[family] if enc is None else enc,
-        len(DEFAULT_ENCODER_KERNELS[family]),
-        "model.encoder_kernels",
-        family,
-    )
-    dec_k = _check_kernels(
-        DEFAULT_DECODER_KERNELS[family] if dec is None else dec,
-        len(DEFAULT_DECODER_KERNELS[family]),
-        "model.decoder_kernels",
-        family,
-    )
-    _check_positive(model.latent_dim, "model.latent_dim")
-    _check_upsample(model.decoder_upsample, "model.decoder_upsample")
-    _check_dropout(model.classifier_dropout, "model.classifier_dropout")
-    _check_dropout(model.encoder_dropout, "model.encoder_dropout")
-    _check_positive(model.projection_dim, "model.projection_dim")
-    return enc_k, dec_k
-
-
 def build_networks(family: str, task: str, model: ModelConfig) -> Networks:
     """Build the networks ``task`` needs for a dataset ``family`` ("mnist" or "cifar").
 
@@ -397,13 +336,10 @@ def build_networks(family: str, task: str, model: ModelConfig) -> Networks:
     contrastive: encoder + projection + classifier. ``model.latent_dim`` applies to MNIST only;
     CIFAR's latent is the flattened (2,8,8) map, i.e. 128.
     """
-    if family not in FAMILIES:
-        raise ValueError(
-            f"family: unknown dataset family {family!r}; allowed: {', '.join(FAMILIES)}"
-        )
-    if task not in TASKS:
-        raise ValueError(f"task: unknown task {task!r}; allowed: {', '.join(TASKS)}")
-    enc_k, dec_k = _check_model_config(family, model)
+    check_family(family)
+    check_task(task)
+    check_model(model, family)
+    enc_k, dec_k = model_kernels(model, family)
 
     encoder: nn.Module
     decoder: nn.Module | None = None
@@ -431,7 +367,6 @@ def build_networks(family: str, task: str, model: ModelConfig) -> Networks:
 
 __all__ = [
     "FAMILIES",
-    "FAMILY_INPUT_SHAPE",
     "CifarClassifier",
     "CifarDecoder",
     "CifarEncoder",

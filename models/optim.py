@@ -11,13 +11,15 @@ from collections.abc import Iterable
 
 import torch
 
-from models.config import OPTIMIZERS, SCHEDULES, OptimConfig
+from models.config import OptimConfig, check_optim
 
 
 def build_optimizer(
-    params: Iterable[torch.nn.Parameter], cfg: OptimConfig
+    params: Iterable[torch.nn.Parameter], cfg: OptimConfig, key: str = "optim"
 ) -> torch.optim.Optimizer:
-    """Create the optimizer named by ``cfg.name`` for ``params``."""
+    """Create the optimizer named by ``cfg.name`` for ``params``; ``key`` names ``cfg`` in
+    error messages (``train.optim``, ``train.probe.optim``)."""
+    check_optim(cfg, key)
     params = list(params)
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -29,19 +31,14 @@ def build_optimizer(
         from timm.optim import Lars  # timm is slow to import; only LARS runs need it
 
         return Lars(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    raise ValueError(
-        f"optim.name: unknown optimizer {cfg.name!r}; allowed: {', '.join(OPTIMIZERS)}"
-    )
+    raise AssertionError(cfg.name)  # pragma: no cover - check_optim allows only the above
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int, key: str = "optim"
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-epoch schedule: ``warmup_epochs`` of LinearLR, then cosine or constant."""
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError(
-            f"optim.schedule: unknown schedule {cfg.schedule!r}; allowed: {', '.join(SCHEDULES)}"
-        )
+    check_optim(cfg, key)
     warmup = min(max(cfg.warmup_epochs, 0), max(epochs - 1, 0))
     rest = max(epochs - warmup, 1)
     if cfg.schedule == "cosine":

@@ -40,17 +40,24 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from models.augment import build_augmentation
-from models.config import TASKS, ModelConfig, OptimConfig, TrainConfig
-from models.data import ImageSplits
-from models.losses import nt_xent
-from models.networks import build_networks
-from models.optim import build_optimizer, build_scheduler
-from storage.checkpoints import (
+from models.checkpoints import (
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
+from models.config import (
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    check_device,
+    check_task,
+    check_train,
+)
+from models.data import ImageSplits
+from models.losses import nt_xent
+from models.networks import build_networks
+from models.optim import build_optimizer, build_scheduler
 
 DEFAULT_TEMPERATURE = {"mnist": 0.5, "cifar": 0.15}
 EVAL_BATCH = 1024
@@ -76,19 +83,12 @@ class EpochReport:
 EpochCallback = Callable[[EpochReport], None]
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU; anything else is passed to torch."""
-    if name == "auto":
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; ``cpu``, ``cuda`` and ``cuda:N`` must
+    exist here (:func:`models.config.check_device`, which raises a SettingError naming ``key``)."""
+    if check_device(name, key) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(
-            f"device: cannot use {name!r}; allowed: auto, cpu, cuda, cuda:N"
-        ) from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {name!r} asked for CUDA but no CUDA device is visible")
-    return device
+    return torch.device(name)
 
 
 class Run:
@@ -102,8 +102,8 @@ class Run:
         train: TrainConfig,
         checkpoint_dir: str | Path | None = None,
     ) -> None:
-        if task not in TASKS:
-            raise ValueError(f"task: unknown task {task!r}; allowed: {', '.join(TASKS)}")
+        check_task(task)
+        check_train(train)
         self.task = task
         self.cfg = train
         self.device = resolve_device(train.device)
@@ -141,7 +141,9 @@ class Run:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
-    def _images(self, x_uint8: torch.Tensor, augment: nn.Module | None = None) -> torch.Tensor:
+    def prepare_images(
+        self, x_uint8: torch.Tensor, augment: nn.Module | None = None
+    ) -> torch.Tensor:
         """uint8 batch -> float network input: [0,1], augmented, normalized, right layout."""
         x = self.splits.to_float(x_uint8)
         if augment is not None:
@@ -167,11 +169,8 @@ class Run:
     def embed(self, x_uint8: torch.Tensor) -> torch.Tensor:
         """Latents of un-augmented images, float32, encoder in eval mode."""
         encoder = self.nets.encoder
-        was_training = encoder.training
-        encoder.eval()
-        with self._autocast():
-            out = [encoder(self._images(chunk)).float() for chunk in self._chunks(x_uint8)]
-        encoder.train(was_training)
+        with self.eval_mode(encoder), self._autocast():
+            out = [encoder(self.prepare_images(chunk)).float() for chunk in self._chunks(x_uint8)]
         return torch.cat(out) if out else torch.empty(0, self.nets.latent_dim, device=self.device)
 
     @torch.inference_mode()
@@ -192,39 +191,36 @@ class Run:
     @torch.inference_mode()
     def accuracy(self, x_uint8: torch.Tensor, y: torch.Tensor) -> float:
         """Classifier accuracy on un-augmented images (encoder + classifier in eval mode)."""
-        modes = self._eval_mode(self.nets.encoder, self.nets.classifier)
         correct = 0
-        with self._autocast():
+        with self.eval_mode(self.nets.encoder, self.nets.classifier), self._autocast():
             for xs, ys in zip(self._chunks(x_uint8), y.split(EVAL_BATCH), strict=True):
-                logits = self.nets.classifier(self.nets.encoder(self._images(xs)))
+                logits = self.nets.classifier(self.nets.encoder(self.prepare_images(xs)))
                 correct += (logits.argmax(1) == ys).sum()
-        self._restore_mode(modes)
         return float(correct) / max(len(y), 1)
 
     @torch.inference_mode()
     def reconstruction_mae(self, x_uint8: torch.Tensor) -> float:
         """Mean absolute error per pixel, in the units the network sees (report's units)."""
-        modes = self._eval_mode(self.nets.encoder, self.nets.decoder)
         total = torch.zeros((), device=self.device)
-        with self._autocast():
+        with self.eval_mode(self.nets.encoder, self.nets.decoder), self._autocast():
             for xs in self._chunks(x_uint8):
-                target = self._images(xs)
+                target = self.prepare_images(xs)
                 recon = self.nets.decoder(self.nets.encoder(target)).float()
                 total += (recon - target.float()).abs().sum()
-        self._restore_mode(modes)
         return float(total) / max(x_uint8.numel(), 1)
 
     @staticmethod
-    def _eval_mode(*modules: nn.Module) -> list[tuple[nn.Module, bool]]:
+    @contextlib.contextmanager
+    def eval_mode(*modules: nn.Module) -> Iterator[None]:
+        """Put ``modules`` in eval mode for the block, then give each its former mode back."""
         modes = [(m, m.training) for m in modules]
         for m in modules:
             m.eval()
-        return modes
-
-    @staticmethod
-    def _restore_mode(modes: list[tuple[nn.Module, bool]]) -> None:
-        for module, training in modes:
-            module.train(training)
+        try:
+            yield
+        finally:
+            for module, training in modes:
+                module.train(training)
 
     # ---- the epoch loop shared by both phases ---------------------------------------------
 
@@ -241,8 +237,9 @@ class Run:
         on_epoch: EpochCallback | None,
     ) -> list[EpochReport]:
         params = [p for m in modules.values() for p in m.parameters()]
-        optimizer = build_optimizer(params, optim)
-        scheduler = build_scheduler(optimizer, optim, epochs)
+        key = "train.optim" if phase == "pretrain" else "train.probe.optim"
+        optimizer = build_optimizer(params, optim, key)
+        scheduler = build_scheduler(optimizer, optim, epochs, key)
         path = self.checkpoint_dir / f"{phase}.pt" if self.checkpoint_dir else None
         history: list[EpochReport] = []
         state = load_checkpoint(path) if path else None
@@ -326,16 +323,20 @@ class Run:
         augment = self.pretrain_aug
 
         def autoencoder_step(idx: torch.Tensor) -> torch.Tensor:
-            x = self._images(splits.train_x[idx], augment)
+            x = self.prepare_images(splits.train_x[idx], augment)
             return F.l1_loss(nets.decoder(nets.encoder(x)).float(), x.float())
 
         def guided_step(idx: torch.Tensor) -> torch.Tensor:
-            logits = nets.classifier(nets.encoder(self._images(splits.train_x[idx], augment)))
+            logits = nets.classifier(
+                nets.encoder(self.prepare_images(splits.train_x[idx], augment))
+            )
             return F.cross_entropy(logits.float(), splits.train_y[idx])
 
         def contrastive_step(idx: torch.Tensor) -> torch.Tensor:
             raw = splits.train_x[idx]
-            views = torch.cat([self._images(raw, augment), self._images(raw, augment)])
+            views = torch.cat(
+                [self.prepare_images(raw, augment), self.prepare_images(raw, augment)]
+            )
             z = nets.projection(nets.encoder(views)).float()
             z1, z2 = z.chunk(2)
             return nt_xent(z1, z2, self.temperature)
@@ -382,7 +383,7 @@ class Run:
                 latents = cached[idx]
             else:
                 with torch.no_grad():
-                    latents = nets.encoder(self._images(splits.train_x[idx], augment))
+                    latents = nets.encoder(self.prepare_images(splits.train_x[idx], augment))
             return F.cross_entropy(nets.classifier(latents).float(), splits.train_y[idx])
 
         def metrics() -> dict[str, float]:

@@ -1,28 +1,36 @@
 """Shared command-line plumbing: ``study=NAME key=value ...`` arguments and one-line errors.
 
 Every ``python -m search.*`` command takes Hydra-style overrides. Expected failures (a bad
-study, override, data location or storage URL) print ``error: <key>: <what is allowed>`` on
-stderr and exit with code 2; nothing below the CLI prints or exits.
+study, override, setting, data location or storage URL: any :class:`~models.errors.UsageError`
+or :class:`~search.StorageError`) print ``error: <key>: <what is allowed>`` on stderr and exit
+with code 2; nothing below the CLI prints or exits.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from omegaconf import DictConfig
 
-from models.config import DataError
+from models.errors import UsageError
+from search import StorageError
 from search.config import ConfigError, load_config
-from storage.urls import StorageError
 
 EXIT_USAGE = 2
 
-
-class UsageError(ValueError):
-    """Raised below the CLI for input the user must fix; printed as one line, exit code 2."""
+__all__ = [
+    "EXIT_USAGE",
+    "UsageError",
+    "config_from_args",
+    "fail",
+    "guarded",
+    "parser",
+    "split_study",
+]
 
 
 def fail(message: str) -> NoReturn:
@@ -73,9 +81,14 @@ def guarded(main: Callable[[], int | None]) -> Callable[[], int | None]:
     """Turn expected input errors raised anywhere below into one line and exit code 2."""
 
     def wrapper() -> int | None:
+        # Optuna flags the heartbeat, retry and artifact APIs as experimental on every call;
+        # a command shows its user results, not those notices.
+        # (Matched by text: importing optuna here would slow every command's start.)
+        warnings.filterwarnings("ignore", message=r".* is experimental \(supported from")
+        warnings.filterwarnings("ignore", message=r"Argument ``\w+`` is an experimental feature")
         try:
             return main()
-        except (ConfigError, DataError, StorageError, UsageError) as error:
+        except (UsageError, StorageError) as error:
             fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
 
     return wrapper

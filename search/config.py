@@ -2,8 +2,10 @@
 overrides by dotted path, and validation that turns every mistake into one line naming the key.
 
 A study file fills in :class:`StudyConfig`; unknown keys and wrong types are rejected by
-OmegaConf, ranges and allowed names by :func:`validate`. Nothing here touches storage, so a bad
-study or override fails before anything is written.
+OmegaConf, ranges and allowed names by :func:`validate`: ``task``, ``data.*``, ``model.*`` and
+``train.*`` by the training code's own rules (:func:`models.config.check_run`, the device
+included), the search space and the search service's settings here. Nothing here touches
+storage, so a bad study or override fails before anything is written.
 
 Example::
 
@@ -21,22 +23,16 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from models.config import (
-    DATASETS,
-    OPTIMIZERS,
-    SCHEDULES,
-    TASKS,
-    UPSAMPLE_MODES,
-    DataConfig,
-    ModelConfig,
-    TrainConfig,
-)
-from storage.urls import StorageError, check_url
+from models.config import TASKS, DataConfig, ModelConfig, TrainConfig, check_run
+from models.errors import UsageError
+from search.database import StorageError, check_url
+from search.naming import STAGES
+from search.space import check_dependencies
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("hyperband", "successive_halving", "median", "none")
-STAGES = ("all", "screen", "promote", "final")
+RUN_STAGES = ("all", *STAGES)  # what stage= may name
 # The metric each task is ranked and pruned on, and which ones it may choose instead.
 TASK_METRICS = {
     "autoencoder": ("knn_accuracy", "val_mae"),
@@ -46,7 +42,7 @@ TASK_METRICS = {
 MINIMIZED_METRICS = {"val_mae"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A study file or override is unusable; the message is one line that names the key."""
 
 
@@ -199,13 +195,6 @@ def _at_least(cfg: DictConfig, key: str, low: float) -> None:
         raise ConfigError(f"{key}: must be >= {low}, got {value}")
 
 
-def _within(cfg: DictConfig, key: str, low: float, high: float, *, open_high: bool = False) -> None:
-    value = OmegaConf.select(cfg, key)
-    if not (low <= value < high if open_high else low <= value <= high):
-        bracket = ")" if open_high else "]"
-        raise ConfigError(f"{key}: must be within [{low}, {high}{bracket}, got {value}")
-
-
 def metric_of(cfg: DictConfig) -> str:
     return cfg.search.metric or TASK_METRICS[cfg.task][0]
 
@@ -232,41 +221,21 @@ def _validate_fields(cfg: DictConfig) -> None:
         raise ConfigError(f"{sorted(missing)[0]}: missing value")
     if not str(cfg.name).strip() or any(c in str(cfg.name) for c in "/\\:"):
         raise ConfigError(f"name: {cfg.name!r} must be non-empty without / \\ or :")
-    _allowed(cfg, "task", TASKS)
-    _allowed(cfg, "data.name", DATASETS)
-    _allowed(cfg, "stage", STAGES)
-    _allowed(cfg, "model.decoder_upsample", UPSAMPLE_MODES)
-    for prefix in ("train.optim", "train.probe.optim"):
-        _allowed(cfg, f"{prefix}.name", OPTIMIZERS)
-        _allowed(cfg, f"{prefix}.schedule", SCHEDULES)
-        _at_least(cfg, f"{prefix}.warmup_epochs", 0)
-        _at_least(cfg, f"{prefix}.weight_decay", 0)
-        if not OmegaConf.select(cfg, f"{prefix}.lr") > 0:
-            raise ConfigError(
-                f"{prefix}.lr: must be > 0, got {OmegaConf.select(cfg, f'{prefix}.lr')}"
-            )
+    # task, data.*, model.* and train.*: the rules of the training code, in models/.
+    try:
+        check_run(cfg.task, *to_dataclasses(cfg))
+    except UsageError as error:
+        raise ConfigError(str(error)) from error
+    # The rest is the search service's own.
+    _allowed(cfg, "stage", RUN_STAGES)
     _allowed(cfg, "search.sampler.name", SAMPLERS)
     _allowed(cfg, "search.pruner.name", PRUNERS)
     if cfg.search.metric:
         _allowed(cfg, "search.metric", TASK_METRICS[cfg.task])
-    if cfg.data.name == "imagefolder" and not cfg.data.path:
-        raise ConfigError("data.path: imagefolder needs the folder holding train/ and test/")
-    _within(cfg, "data.val_fraction", 0.0, 1.0, open_high=True)
-    if cfg.data.val_fraction <= 0:
-        raise ConfigError(f"data.val_fraction: must be within (0, 1), got {cfg.data.val_fraction}")
-    for key in ("data.train_subset", "data.val_subset", "data.test_subset", "train.max_batches"):
-        _at_least(cfg, key, 0)
     for key in (
-        "train.epochs",
-        "train.probe.epochs",
-        "model.channels",
-        "model.latent_dim",
-        "model.projection_dim",
         "stages.screen.trials",
         "stages.screen.epochs",
         "stages.promote.top_k",
-        "train.knn_k",
-        "train.knn_max_train",
         "workers",
         "heartbeat_interval",
         "search.pruner.min_resource",
@@ -274,24 +243,11 @@ def _validate_fields(cfg: DictConfig) -> None:
         _at_least(cfg, key, 1)
     _at_least(cfg, "stages.promote.epochs", 0)
     _at_least(cfg, "search.pruner.reduction_factor", 2)
-    _at_least(cfg, "train.batch_size", 2)
-    _at_least(cfg, "train.probe.batch_size", 2)
     _at_least(cfg, "max_retries", 0)
     if cfg.grace_period <= cfg.heartbeat_interval:
         raise ConfigError(
             f"grace_period: must exceed heartbeat_interval ({cfg.heartbeat_interval}), "
             f"got {cfg.grace_period}"
-        )
-    _within(cfg, "train.aug_strength", 0.0, 2.0)
-    _within(cfg, "model.classifier_dropout", 0.0, 1.0, open_high=True)
-    _within(cfg, "model.encoder_dropout", 0.0, 1.0, open_high=True)
-    if cfg.train.temperature is not None and not cfg.train.temperature > 0:
-        raise ConfigError(f"train.temperature: must be > 0, got {cfg.train.temperature}")
-    if cfg.train.amp not in ("auto", "off", "bf16"):
-        raise ConfigError(f"train.amp: unknown value {cfg.train.amp!r}; allowed: auto, off, bf16")
-    if cfg.train.channels_last not in ("auto", "off", "on"):
-        raise ConfigError(
-            f"train.channels_last: unknown value {cfg.train.channels_last!r}; allowed: auto, off, on"
         )
     _validate_devices(cfg.devices)
 
@@ -309,6 +265,10 @@ def _validate_devices(devices: str) -> None:
 
 def _validate_space(cfg: DictConfig) -> None:
     space = cfg.search.space
+    try:
+        check_dependencies(space)  # unknown or circular ``when``
+    except UsageError as error:
+        raise ConfigError(str(error)) from error
     for name, spec in space.items():
         key = f"search.space.{name}"
         if OmegaConf.select(cfg, spec.target, default=_ABSENT) is _ABSENT:
@@ -345,14 +305,7 @@ def _validate_space(cfg: DictConfig) -> None:
                 values = [int(spec.low), int(spec.high)]
             else:
                 values = [float(spec.low), float(spec.high)]
-        for dep, wanted in spec.when.items():
-            if dep not in space:
-                raise ConfigError(
-                    f"{key}.when: {dep!r} is not a parameter of search.space; "
-                    f"allowed: {', '.join(n for n in space if n != name)}"
-                )
-            if dep == name:
-                raise ConfigError(f"{key}.when: a parameter cannot depend on itself")
+        for dep, wanted in spec.when.items():  # check_dependencies: dep is another parameter
             wanted_list = list(wanted) if OmegaConf.is_list(wanted) else [wanted]
             dep_spec = space[dep]
             if dep_spec.choices is not None:

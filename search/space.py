@@ -7,29 +7,66 @@ keeps Optuna's view of the space honest (TPE with ``group=True`` models each bra
 
 from __future__ import annotations
 
+import graphlib
 from typing import Any
 
 import optuna
 from omegaconf import DictConfig, OmegaConf
+
+from models.errors import UsageError
 
 
 def _wanted(value: Any) -> list[Any]:
     return list(value) if OmegaConf.is_list(value) or isinstance(value, list) else [value]
 
 
+def check_dependencies(space: DictConfig) -> None:
+    """Every ``when`` names another parameter of the space, and no chain of them is circular.
+
+    Raises :class:`~models.errors.UsageError` naming ``search.space.<name>.when``.
+    """
+    names = list(space.keys())
+    for name in names:
+        for dep in space[name].when:
+            if dep == name:
+                raise UsageError(f"search.space.{name}.when: a parameter cannot depend on itself")
+            if dep not in space:
+                others = ", ".join(n for n in names if n != name)
+                raise UsageError(
+                    f"search.space.{name}.when: {dep!r} is not a parameter of search.space; "
+                    f"allowed: {others}"
+                )
+    graph = {name: list(space[name].when) for name in names}
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as error:
+        # args[1] lists the cycle with each node needed by the next; read it backwards so that
+        # each name depends on the next, and start at the one that comes first in the file.
+        cycle = list(reversed(error.args[1]))[:-1]
+        start = min(range(len(cycle)), key=lambda i: names.index(cycle[i]))
+        cycle = cycle[start:] + cycle[:start]
+        chain = " -> ".join([*cycle, cycle[0]])
+        raise UsageError(
+            f"search.space.{cycle[0]}.when: circular dependency {chain} "
+            "(each parameter's 'when' names the next)"
+        ) from None
+
+
 def ordered(space: DictConfig) -> list[str]:
-    """Parameter names with every ``when`` dependency before its dependents."""
+    """Parameter names with every ``when`` dependency before its dependents.
+
+    The order parameters are sampled in, so it never changes for a given space: file order,
+    except that a parameter waits for the passes over the file that place its dependencies.
+    Raises :class:`~models.errors.UsageError` for a circular or unknown dependency.
+    """
+    check_dependencies(space)
     done: list[str] = []
     pending = list(space.keys())
-    while pending:
-        progressed = False
+    while pending:  # each pass places at least one name: the dependencies form no cycle
         for name in list(pending):
             if all(dep in done for dep in space[name].when):
                 done.append(name)
                 pending.remove(name)
-                progressed = True
-        if not progressed:
-            raise ValueError(f"search.space: circular 'when' between {', '.join(pending)}")
     return done
 
 
@@ -47,6 +84,25 @@ def distribution(spec: DictConfig) -> optuna.distributions.BaseDistribution:
     return optuna.distributions.FloatDistribution(
         float(spec.low), float(spec.high), log=spec.log, step=spec.step
     )
+
+
+def contains(dist: optuna.distributions.BaseDistribution, value: Any) -> bool:
+    """Whether ``dist`` can produce ``value``: one of its choices, or inside its range and on
+    its step. Only public Optuna API (``to_internal_repr``, the bounds and choices)."""
+    try:
+        internal = dist.to_internal_repr(value)  # a choice's index; raises when not a choice
+    except (TypeError, ValueError):
+        return False
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return True
+    if not dist.low <= internal <= dist.high:  # an IntDistribution or a FloatDistribution
+        return False
+    if isinstance(dist, optuna.distributions.IntDistribution):
+        return (internal - dist.low) % dist.step == 0
+    if dist.step is None:
+        return True
+    k = (internal - dist.low) / dist.step
+    return abs(k - round(k)) < 1.0e-8  # Optuna's own tolerance for a float step
 
 
 def suggest(trial: optuna.Trial, space: DictConfig) -> dict[str, Any]:
@@ -93,10 +149,6 @@ def baseline_params(cfg: DictConfig) -> dict[str, Any]:
         value = OmegaConf.select(cfg, spec.target)
         if value is None and spec.target == "train.temperature":
             continue
-        dist = distribution(spec)
-        try:
-            if dist._contains(dist.to_internal_repr(value)):
-                params[name] = value
-        except (TypeError, ValueError):
-            pass
+        if contains(distribution(spec), value):
+            params[name] = value
     return params

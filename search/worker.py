@@ -31,17 +31,15 @@ def main() -> int:
     p = parser("python -m search.worker", __doc__.split("\n\n")[0], __doc__.split("\n\n", 1)[1])
     p.add_argument("--no-progress", action="store_true", help="hide per-batch progress bars")
     args = p.parse_intermixed_args()
-    device, label, rest = None, "worker", []
+    label, rest = "worker", []
     for item in args.overrides:
-        if item.startswith("device="):
-            device = item.split("=", 1)[1]
+        if item.startswith("device="):  # validated like train.device, on this machine
+            rest.append(f"train.device={item.split('=', 1)[1]}")
         elif item.startswith("label="):
             label = item.split("=", 1)[1]
         else:
             rest.append(item)
     cfg = config_from_args(rest)
-    if device is not None:
-        cfg.train.device = device
     url = storage_url(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     install_sigterm_as_interrupt()

@@ -17,7 +17,8 @@ from PIL import Image
 
 import models.data as data_mod
 from models.config import DataConfig
-from models.data import DataError, ImageSplits, load_splits
+from models.data import ImageSplits, load_splits
+from models.errors import DataError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIGITS_TOTAL = 1797
@@ -39,7 +40,6 @@ def test_digits_shapes_and_types(digits: ImageSplits) -> None:
     s = digits
     assert s.family == "mnist" and s.normalized is False
     assert s.num_classes == 10 and s.classes == [str(i) for i in range(10)]
-    assert s.image_shape == (1, 28, 28)
     for x, y in ((s.train_x, s.train_y), (s.val_x, s.val_y), (s.test_x, s.test_y)):
         assert x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1:] == (1, 28, 28)
         assert x.is_contiguous()
@@ -230,7 +230,7 @@ def test_imagefolder_loads(tmp_path: Path, shape, family: str) -> None:
         name="imagefolder", path=str(root), cache_dir=str(tmp_path / "cache"), val_fraction=0.2
     )
     s = load_splits(cfg)
-    assert s.family == family and s.image_shape == shape
+    assert s.family == family and s.train_x.shape[1:] == shape
     assert s.classes == ["a", "b"]  # sorted folder names, ImageFolder's order
     assert s.train_x.shape[0] + s.val_x.shape[0] == 20 and s.val_x.shape[0] == 4
     assert s.test_x.shape[0] == 20 and s.normalized == (family == "cifar")
@@ -297,7 +297,7 @@ def test_corrupt_cache_is_replaced(tmp_path: Path) -> None:
 def test_unknown_dataset() -> None:
     with pytest.raises(
         DataError,
-        match=r"data\.name: unknown dataset 'foo'; allowed: mnist, cifar10, digits, imagefolder",
+        match=r"data\.name: unknown value 'foo'; allowed: mnist, cifar10, digits, imagefolder",
     ):
         load_splits(DataConfig(name="foo"))
 
@@ -334,3 +334,35 @@ def test_bad_val_fraction(fraction: float) -> None:
 def test_bad_subset(field: str) -> None:
     with pytest.raises(DataError, match=rf"data\.{field}"):
         load_splits(DataConfig(name="digits", **{field: -1}))
+
+
+def test_folder_listing_is_imagefolders(tmp_path: Path) -> None:
+    """Sorted class folders; files walked recursively, sorted, image extensions only (any case)."""
+    for rel in ("b/2.png", "b/10.PNG", "b/sub/1.jpg", "b/a_sub/z.bmp", "a/x.webp", "a/notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "readme.md").write_text("no images")
+    with pytest.raises(DataError, match=r"^data\.path: class folder .*c holds no images"):
+        data_mod._list_folder(tmp_path, "data.path")
+    (tmp_path / "c" / "y.jpeg").write_bytes(b"")
+    classes, files, labels = data_mod._list_folder(tmp_path, "data.path")
+    assert classes == ["a", "b", "c"]
+    assert [os.path.relpath(f, tmp_path) for f in files] == [
+        "a/x.webp",
+        "b/10.PNG",
+        "b/2.png",
+        "b/a_sub/z.bmp",
+        "b/sub/1.jpg",
+        "c/y.jpeg",
+    ]
+    assert labels == [0, 1, 1, 1, 1, 2]
+    with pytest.raises(DataError, match=r"^data\.root: no class folders in "):
+        data_mod._list_folder(tmp_path / "a", "data.root")
+
+
+def test_default_root_reads_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("SSL_SEARCH_DATA", "/somewhere/data")
+    assert DataConfig().root == "/somewhere/data"
+    monkeypatch.delenv("SSL_SEARCH_DATA")
+    assert DataConfig().root == "data"

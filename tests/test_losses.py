@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.losses import NTXentLoss, nt_xent
+from models.losses import nt_xent
 
 
 def reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Tensor:
@@ -30,16 +30,37 @@ def reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Ten
     return total / n2
 
 
+# n >= 2: with a single pair there are no negatives and the loss is 0 for any input, so
+# (1, d) cannot tell a right implementation from a wrong one (see test_single_pair_is_zero).
 @pytest.mark.parametrize("temperature", [0.5, 0.15])
-@pytest.mark.parametrize(("n", "d"), [(6, 16), (1, 4)])
+@pytest.mark.parametrize(("n", "d"), [(6, 16), (2, 4), (3, 2)])
 def test_matches_reference(temperature: float, n: int, d: int) -> None:
     g = torch.Generator().manual_seed(0)
     z1 = torch.randn(n, d, generator=g, dtype=torch.float64) * 3
     z2 = torch.randn(n, d, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(nt_xent(z1, z2, temperature), reference_nt_xent(z1, z2, temperature))
-    loss = NTXentLoss(temperature)
-    assert loss.temperature == temperature
-    torch.testing.assert_close(loss(z1, z2), reference_nt_xent(z1, z2, temperature))
+    expected = reference_nt_xent(z1, z2, temperature)
+    assert expected.item() > 0.1  # far from the trivial 0 of a single pair
+    torch.testing.assert_close(nt_xent(z1, z2, temperature), expected)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 0.15])
+def test_orthonormal_pairs_closed_form(temperature: float) -> None:
+    # Two identical pairs along orthogonal axes: each view's positive has similarity 1, its two
+    # negatives 0, so every term is -log(e^(1/t) / (e^(1/t) + 2)) = log(1 + 2 e^(-1/t)).
+    z = torch.eye(2, dtype=torch.float64)
+    expected = math.log(1 + 2 * math.exp(-1 / temperature))
+    assert nt_xent(z, z.clone(), temperature).item() == pytest.approx(expected, rel=1e-12)
+    assert reference_nt_xent(z, z.clone(), temperature).item() == pytest.approx(expected, rel=1e-12)
+    # Swapping the second views makes every positive a negative: similarity 0 vs 1 and 0.
+    swapped = math.log(1 + math.exp(1 / temperature) + 1)
+    assert nt_xent(z, z.flip(0), temperature).item() == pytest.approx(swapped, rel=1e-12)
+
+
+def test_single_pair_is_zero() -> None:
+    # No negatives: softmax over the positive alone. A property, not a check of the formula.
+    g = torch.Generator().manual_seed(5)
+    z1, z2 = torch.randn(2, 1, 4, generator=g, dtype=torch.float64)
+    assert nt_xent(z1, z2, 0.5).item() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_matches_reference_float32_close_pairs() -> None:
@@ -81,7 +102,7 @@ def test_gradient_flows_to_both_views() -> None:
     g = torch.Generator().manual_seed(4)
     z1 = torch.randn(4, 8, generator=g).requires_grad_()
     z2 = torch.randn(4, 8, generator=g).requires_grad_()
-    loss = NTXentLoss(0.5)(z1, z2)
+    loss = nt_xent(z1, z2, 0.5)
     assert loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
     for z in (z1, z2):
@@ -95,8 +116,6 @@ def test_rejects_bad_temperature(temperature: float) -> None:
     z = torch.randn(3, 4)
     with pytest.raises(ValueError, match="temperature"):
         nt_xent(z, z, temperature)
-    with pytest.raises(ValueError, match="temperature"):
-        NTXentLoss(temperature)
 
 
 @pytest.mark.parametrize(

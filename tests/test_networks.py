@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from models.config import ModelConfig
+from models.config import ModelConfig, check_model
+from models.data import FAMILY_SHAPES
+from models.errors import SettingError
 from models.networks import (
-    FAMILY_INPUT_SHAPE,
     CifarClassifier,
     CifarDecoder,
     CifarEncoder,
@@ -69,19 +70,15 @@ def conv_geometry(net: nn.Module) -> list[tuple[str, int, int, int, int]]:
 
 
 def mnist_images(n: int = BATCH) -> torch.Tensor:
-    return torch.rand(n, *FAMILY_INPUT_SHAPE["mnist"])
+    return torch.rand(n, *FAMILY_SHAPES["mnist"])
 
 
 def cifar_images(n: int = BATCH) -> torch.Tensor:
-    return torch.randn(n, *FAMILY_INPUT_SHAPE["cifar"])
+    return torch.randn(n, *FAMILY_SHAPES["cifar"])
 
 
 # --------------------------------------------------------------------------------------------
 # Default widths: per-layer shapes written out from the spec
-
-
-def test_family_input_shapes() -> None:
-    assert FAMILY_INPUT_SHAPE == {"mnist": (1, 28, 28), "cifar": (3, 32, 32)}
 
 
 def test_mnist_encoder_default_shapes() -> None:
@@ -491,14 +488,14 @@ def test_build_networks_passes_model_config_through() -> None:
     ],
 )
 def test_build_networks_rejects_bad_model(family: str, model: ModelConfig, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(SettingError, match=match):
         build_networks(family, "autoencoder", model)
 
 
 def test_build_networks_rejects_unknown_family_and_task() -> None:
-    with pytest.raises(ValueError, match=r"family: .*'svhn'.*mnist, cifar"):
+    with pytest.raises(SettingError, match=r"family: .*'svhn'.*mnist, cifar"):
         build_networks("svhn", "guided", ModelConfig())
-    with pytest.raises(ValueError, match=r"task: .*'rotation'.*autoencoder, guided, contrastive"):
+    with pytest.raises(SettingError, match=r"task: .*'rotation'.*autoencoder, guided, contrastive"):
         build_networks("mnist", "rotation", ModelConfig())
 
 
@@ -523,5 +520,18 @@ def test_build_networks_rejects_unknown_family_and_task() -> None:
     ],
 )
 def test_constructors_reject_bad_arguments(make, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(SettingError, match=match):
         make()
+
+
+def test_check_model_before_the_family_is_known() -> None:
+    """imagefolder's family is known once its images are read: either family's count passes."""
+    check_model(ModelConfig(decoder_kernels=[5, 7, 7]), None)  # mnist's count
+    check_model(ModelConfig(decoder_kernels=[5, 7, 7, 7]), None)  # cifar's count
+    with pytest.raises(
+        SettingError,
+        match=r"^model\.decoder_kernels: needs 3 \(mnist\) or 4 \(cifar\) kernel sizes, got 2",
+    ):
+        check_model(ModelConfig(decoder_kernels=[5, 7]), None)
+    with pytest.raises(SettingError, match=r"^model\.encoder_kernels\[1\]: .*odd"):
+        check_model(ModelConfig(encoder_kernels=[5, 6, 7]), None)

@@ -7,6 +7,7 @@ import torch
 
 from models.config import DataConfig, ModelConfig, OptimConfig, ProbeConfig, TrainConfig
 from models.data import load_splits
+from models.errors import SettingError
 from models.optim import build_optimizer, build_scheduler
 from models.training import NonFiniteLossError, Run, resolve_device
 
@@ -141,10 +142,10 @@ def test_scheduler_warmup_then_cosine():
 
 
 def test_unknown_task_and_device_are_clear_errors(digits):
-    with pytest.raises(ValueError, match="task: unknown task 'jigsaw'"):
+    with pytest.raises(SettingError, match="^task: unknown value 'jigsaw'"):
         Run("jigsaw", digits, ModelConfig(channels=4), small_train())
-    with pytest.raises(ValueError, match="device"):
+    with pytest.raises(SettingError, match=r"^train\.device: unknown device 'tpu:7'"):
         resolve_device("tpu:7")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA device"):
+        with pytest.raises(SettingError, match=r"^train\.device: 'cuda' .*no CUDA device"):
             resolve_device("cuda")
