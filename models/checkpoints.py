@@ -4,6 +4,11 @@ A checkpoint holds plain tensors and containers only (module/optimizer/scheduler
 RNG states as uint8 tensors, numbers), so the safe loader reads it and a half-written file can
 never replace a good one: the bytes go to a temporary file in the same folder first, then
 ``os.replace`` swaps it in.
+
+Each checkpoint may carry an ``identity`` (the search layer stores a fingerprint of the trial's
+parameters and resolved config there): :func:`check_identity` refuses a file written for other
+settings, and :func:`set_aside` keeps a refused or unreadable file under a new name instead of
+deleting it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+# The checkpoint file of each training phase inside a run's checkpoint folder.
+PHASE_FILES = {"pretrain": "pretrain.pt", "probe": "probe.pt"}
+
+
+def phase_checkpoint(folder: str | os.PathLike[str], phase: str) -> Path:
+    """The checkpoint file of ``phase`` (pretrain or probe) in ``folder``."""
+    return Path(folder) / PHASE_FILES[phase]
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
@@ -32,12 +45,58 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
         raise
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used: unreadable (truncated, garbled) or written for other settings."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"checkpoint {self.path}: {problem}")
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """Read a checkpoint onto the CPU, or return ``None`` when there is none."""
+    """Read a checkpoint onto the CPU, or return ``None`` when there is none.
+
+    Raises :class:`CheckpointError` when the file exists but cannot be read as a checkpoint.
+    """
     path = Path(path)
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged file
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CheckpointError(
+            path, f"unreadable ({type(error).__name__}: {first[:200]})"
+        ) from error
+    if not isinstance(state, dict) or "epoch" not in state:
+        raise CheckpointError(path, "unreadable (not a training checkpoint)")
+    return state
+
+
+def check_identity(
+    path: str | os.PathLike[str], state: dict[str, Any], identity: str | None
+) -> None:
+    """Raise :class:`CheckpointError` unless ``state`` was written under ``identity``."""
+    if identity is None:
+        return
+    found = state.get("identity")
+    if found != identity:
+        raise CheckpointError(
+            path, f"written for other settings (identity {found or 'none'}, expected {identity})"
+        )
+
+
+def set_aside(path: str | os.PathLike[str], reason: str) -> Path:
+    """Rename ``path`` to ``<name>.<reason>`` (``.<reason>.1``, ... if taken); the new path."""
+    path = Path(path)
+    target = path.with_name(f"{path.name}.{reason}")
+    count = 0
+    while target.exists():
+        count += 1
+        target = path.with_name(f"{path.name}.{reason}.{count}")
+    os.replace(path, target)
+    return target
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -42,7 +42,9 @@ from tqdm.auto import tqdm
 from models.augment import build_augmentation
 from models.checkpoints import (
     capture_rng_state,
+    check_identity,
     load_checkpoint,
+    phase_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
@@ -101,6 +103,7 @@ class Run:
         model: ModelConfig,
         train: TrainConfig,
         checkpoint_dir: str | Path | None = None,
+        identity: str | None = None,
     ) -> None:
         check_task(task)
         check_train(train)
@@ -125,6 +128,8 @@ class Run:
         self.pretrain_aug = build_augmentation(self.family, pretrain_recipe, train.aug_strength)
         self.probe_aug = build_augmentation(self.family, "probe", train.aug_strength)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        # Written into every checkpoint; a checkpoint with another identity is never resumed.
+        self.identity = identity
         # A fixed subset of train images serves as the kNN memory bank.
         bank_size = min(train.knn_max_train, len(self.splits.train_y))
         order = torch.randperm(len(self.splits.train_y), generator=torch.Generator().manual_seed(0))
@@ -240,10 +245,11 @@ class Run:
         key = "train.optim" if phase == "pretrain" else "train.probe.optim"
         optimizer = build_optimizer(params, optim, key)
         scheduler = build_scheduler(optimizer, optim, epochs, key)
-        path = self.checkpoint_dir / f"{phase}.pt" if self.checkpoint_dir else None
+        path = phase_checkpoint(self.checkpoint_dir, phase) if self.checkpoint_dir else None
         history: list[EpochReport] = []
         state = load_checkpoint(path) if path else None
         if state is not None:
+            check_identity(path, state, self.identity)
             for name, module in modules.items():
                 module.load_state_dict(state["modules"][name])
             optimizer.load_state_dict(state["optimizer"])
@@ -297,6 +303,7 @@ class Run:
                     path,
                     {
                         "phase": phase,
+                        "identity": self.identity,
                         "epoch": epoch + 1,
                         "modules": {n: m.state_dict() for n, m in modules.items()},
                         "optimizer": optimizer.state_dict(),

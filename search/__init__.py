@@ -64,6 +64,7 @@ _EXPORTS = {
     "install_sigterm_as_interrupt": "search.pool",
     "run_workers": "search.pool",
     "worker_loop": "search.pool",
+    "WorkersFailed": "search.pool",
     # storage, as the layers above see it
     "StorageError": "search.database",
     "open_storage": "search.database",

@@ -8,4 +8,8 @@ from __future__ import annotations
 
 from storage.urls import StorageError, check_url, open_storage, redact
 
-__all__ = ["StorageError", "check_url", "open_storage", "redact"]
+# How a launcher hands its workers the storage URL: never on a command line, where any user
+# of the machine can read it (/proc/PID/cmdline), nor in a file.
+WORKER_STORAGE_ENV = "SSL_SEARCH_WORKER_STORAGE"
+
+__all__ = ["WORKER_STORAGE_ENV", "StorageError", "check_url", "open_storage", "redact"]

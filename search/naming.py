@@ -1,9 +1,12 @@
 """The one owner of the service's names and path rules; everything else calls these.
 
 A study ``NAME`` is stored as three Optuna studies, ``NAME.screen``, ``NAME.promote`` and
-``NAME.final``. Each trial's checkpoints live in ``<checkpoints_dir>/<optuna study>/trial-NNNNN/``
-as ``pretrain.pt`` (encoder training) and ``probe.pt`` (the frozen-encoder classifier), keyed by
-the number of the trial that started the retry chain, so a retry resumes the original's work.
+``NAME.final``. Each gets a random identity (``study_uid``) when it is created, and each trial's
+checkpoints live in ``<checkpoints_dir>/<optuna study>-<study_uid>/trial-NNNNN/`` as
+``pretrain.pt`` (encoder training) and ``probe.pt`` (the frozen-encoder classifier), keyed by the
+number of the trial that started the retry chain, so a retry resumes the original's work, and
+another study of the same name (a new database, another storage) never finds them. A
+checkpoint also records :func:`run_fingerprint` of the settings it was trained with.
 
 Example::
 
@@ -11,19 +14,24 @@ Example::
     'quickstart.screen'
     >>> split_study_name("quickstart.screen")
     ('quickstart', 'screen')
-    >>> trial_dir("runs/checkpoints", "quickstart.screen", 7).as_posix()
-    'runs/checkpoints/quickstart.screen/trial-00007'
+    >>> trial_dir("runs/checkpoints", "quickstart.screen", "3f9c0a1b2c4d", 7).as_posix()
+    'runs/checkpoints/quickstart.screen-3f9c0a1b2c4d/trial-00007'
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import uuid
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from models.checkpoints import PHASE_FILES
 
 STAGES = ("screen", "promote", "final")
-PRETRAIN_FILE = "pretrain.pt"
-PROBE_FILE = "probe.pt"
+PRETRAIN_FILE = PHASE_FILES["pretrain"]  # the file names belong to the training code
+PROBE_FILE = PHASE_FILES["probe"]
 # The final stage trains the frozen-encoder classifier and is ranked on its validation accuracy,
 # whatever metric the screen and promote stages use.
 FINAL_METRIC = "val_accuracy"
@@ -52,14 +60,44 @@ def stage_of(study_name: str) -> str:
     return parts[1]
 
 
-def trial_dir(checkpoints_root: str | Path, study_name: str, number: int) -> Path:
+STUDY_UID_ATTR = "study_uid"  # the study user attr holding its identity
+# Settings that say where or how fast a run goes, not what it computes.
+_NOT_IDENTITY = {
+    "data": ("root", "cache_dir", "download"),
+    "train": ("device", "amp", "channels_last", "progress"),
+}
+
+
+def new_study_uid() -> str:
+    """A fresh study identity (12 hex digits)."""
+    return uuid.uuid4().hex[:12]
+
+
+def trial_dir(checkpoints_root: str | Path, study_name: str, study_uid: str, number: int) -> Path:
     """The checkpoint folder of trial ``number`` (the original of a retry chain)."""
-    return Path(checkpoints_root) / study_name / f"trial-{int(number):05d}"
+    return Path(checkpoints_root) / trial_dir_relative(study_name, study_uid, number)
 
 
-def standalone_run_dir(checkpoints_root: str | Path, name: str, config_digest: str) -> Path:
+def trial_dir_relative(study_name: str, study_uid: str, number: int) -> Path:
+    """:func:`trial_dir` relative to the checkpoints folder (what trials record)."""
+    return Path(f"{study_name}-{study_uid}") / f"trial-{int(number):05d}"
+
+
+def run_fingerprint(cfg: DictConfig) -> str:
+    """Hash of everything that changes the trained weights (task, data, model, train), not of
+    where the data lives or which device runs it. A checkpoint is resumed only under the same."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    keep = {k: plain[k] for k in ("task", "data", "model", "train")}
+    for section, keys in _NOT_IDENTITY.items():
+        for key in keys:
+            keep[section].pop(key, None)
+    text = json.dumps(keep, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def standalone_run_dir(checkpoints_root: str | Path, cfg: DictConfig) -> Path:
     """The checkpoint folder of a ``search.train`` run (outside any stage study)."""
-    return Path(checkpoints_root) / "train" / f"{name}-{config_digest}"
+    return Path(checkpoints_root) / "train" / f"{cfg.name}-{run_fingerprint(cfg)[:12]}"
 
 
 def stage_metric(cfg: DictConfig, stage: str) -> str:

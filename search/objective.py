@@ -26,12 +26,22 @@ from typing import Any
 import optuna
 import torch
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
-from models.checkpoints import load_checkpoint
+from models.checkpoints import CheckpointError, check_identity, load_checkpoint, set_aside
 from models.data import ImageSplits, load_splits
 from models.training import EpochReport, Run
 from search.config import metric_of, resolved_paths, to_dataclasses
-from search.naming import FINAL_METRIC, PRETRAIN_FILE, long_budget, trial_dir
+from search.naming import (
+    FINAL_METRIC,
+    PRETRAIN_FILE,
+    PROBE_FILE,
+    STUDY_UID_ATTR,
+    long_budget,
+    new_study_uid,
+    run_fingerprint,
+    trial_dir_relative,
+)
 from search.space import apply, suggest
 from storage.claims import default_owner
 
@@ -80,8 +90,17 @@ class TrialRunner:
             self._splits = load_splits(data_cfg)
         return self._splits
 
-    def checkpoint_dir(self, study_name: str, number: int) -> Path:
-        return trial_dir(self.paths["checkpoints"], study_name, number)
+    def checkpoint_dir(self, study: optuna.Study, number: int) -> Path:
+        """Trial ``number``'s checkpoint folder, keyed by the study's identity."""
+        return self.paths["checkpoints"] / self.checkpoint_dir_relative(study, number)
+
+    @staticmethod
+    def checkpoint_dir_relative(study: optuna.Study, number: int) -> Path:
+        uid = study.user_attrs.get(STUDY_UID_ATTR)
+        if uid is None:  # a study not opened through open_studies: identify it now
+            uid = new_study_uid()
+            study.set_user_attr(STUDY_UID_ATTR, uid)
+        return trial_dir_relative(study.study_name, str(uid), number)
 
     def objective(self, stage: str) -> Callable[[optuna.Trial], float]:
         """The Optuna objective of ``stage`` (screen, promote or final)."""
@@ -98,31 +117,34 @@ class TrialRunner:
 
     def final(self, trial: optuna.Trial) -> float:
         """Train the frozen-encoder classifier on the best promoted encoder; test numbers."""
-        self._begin(trial, "final")
-        attrs = trial.user_attrs
-        params = suggest(trial, self.cfg.search.space)
-        tcfg = apply(self.cfg, params)
-        tcfg.train.epochs = long_budget(self.cfg)
-        tcfg.train.seed = int(attrs.get("seed", self.cfg.train.seed))
-        source_dir = self.checkpoint_dir(attrs["source_study"], int(attrs["source_checkpoint"]))
-        run = self._make_run(
-            tcfg, self.checkpoint_dir(trial.study.study_name, original_number(stored(trial)))
-        )
+        run = None
         started = time.perf_counter()
         try:
-            run.load_pretrained(source_dir / PRETRAIN_FILE)
+            self._begin(trial, "final")
+            attrs = trial.user_attrs
+            params = suggest(trial, self.cfg.search.space)
+            tcfg = apply(self.cfg, params)
+            tcfg.train.epochs = long_budget(self.cfg)
+            tcfg.train.seed = int(attrs.get("seed", self.cfg.train.seed))
+            source = self.paths["checkpoints"] / str(attrs["source_checkpoint_dir"]) / PRETRAIN_FILE
+            own = self.checkpoint_dir_relative(trial.study, original_number(stored(trial)))
+            trial.set_user_attr("checkpoint_dir", own.as_posix())
+            fingerprint = run_fingerprint(tcfg)
+            self._resumable(trial, self.paths["checkpoints"] / own / PROBE_FILE, fingerprint)
+            run = self._make_run(tcfg, self.paths["checkpoints"] / own, fingerprint)
+            run.load_pretrained(source)
             if run.needs_probe:
                 run.train_probe(on_epoch=lambda r: self._record_epoch(trial, r))
             results = run.evaluate()
             for key, value in results.items():
                 trial.set_user_attr(key, value)
             trial.set_user_attr("wall_time_s", time.perf_counter() - started)
-            source = (
+            source_trial = (
                 self.find_trial(attrs["source_study"], int(attrs["source_trial"]))
                 if self.find_trial and "source_trial" in attrs
                 else None
             )
-            self._run_hooks(trial, run, tcfg, {"results": results, "source_trial": source})
+            self._run_hooks(trial, run, tcfg, {"results": results, "source_trial": source_trial})
             return results[FINAL_METRIC]
         except BaseException as error:
             self._fail(trial, error)
@@ -144,32 +166,78 @@ class TrialRunner:
         if "fail_reason" in trial.user_attrs:  # inherited by a retry from its original
             trial.set_user_attr("fail_reason", None)
 
-    def _make_run(self, tcfg: DictConfig, ckpt_dir: Path) -> Run:
+    def _make_run(self, tcfg: DictConfig, ckpt_dir: Path, fingerprint: str) -> Run:
         _, model_cfg, train_cfg = to_dataclasses(tcfg)
         train_cfg.device = self.device
         train_cfg.progress = self.progress
-        return Run(tcfg.task, self.splits, model_cfg, train_cfg, checkpoint_dir=ckpt_dir)
+        return Run(
+            tcfg.task,
+            self.splits,
+            model_cfg,
+            train_cfg,
+            checkpoint_dir=ckpt_dir,
+            identity=fingerprint,
+        )
+
+    @staticmethod
+    def _resumable(trial: optuna.Trial, path: Path, fingerprint: str) -> dict[str, Any] | None:
+        """The checkpoint at ``path`` if this trial may resume from it, else None.
+
+        An unreadable file is kept as ``<name>.corrupt``, one written for other settings (another
+        study's, or changed settings under the same name) as ``<name>.mismatch``; either way
+        the trial trains from epoch 0 and records why in ``checkpoint_discarded``.
+        """
+        try:
+            state = load_checkpoint(path)
+            if state is not None:
+                check_identity(path, state, fingerprint)
+            return state
+        except CheckpointError as error:
+            kept = set_aside(path, "mismatch" if "other settings" in error.problem else "corrupt")
+            note = f"{error}; kept as {kept.name}, trained from epoch 0"
+            trial.set_user_attr("checkpoint_discarded", note[:1000])
+            tqdm.write(f"trial #{trial.number}: {note}")
+            return None
+
+    def _duplicate_of(self, trial: optuna.Trial, params: dict[str, Any]) -> int | None:
+        """A sampled trial whose configuration another trial of the study already has."""
+        if trial.user_attrs.get("baseline") or not params:
+            return None  # enqueued on purpose
+        this = stored(trial)
+        if original_number(this) != trial.number:
+            return None  # a retry continues its original
+        for other in trial.study.get_trials(deepcopy=False):
+            if other.number != trial.number and other.params == params:
+                return other.number
+        return None
 
     def _train(self, trial: optuna.Trial, stage: str, epochs: int, prune: bool) -> float:
-        self._begin(trial, stage)
-        params = suggest(trial, self.cfg.search.space)
-        tcfg = apply(self.cfg, params)
-        tcfg.train.epochs = epochs
-        number = original_number(stored(trial))
-        seed = trial.user_attrs.get("seed")
-        if seed is None:  # promoted trials carry their source's seed
-            seed = int(self.cfg.train.seed) + number
-            trial.set_user_attr("seed", seed)
-        tcfg.train.seed = int(seed)
-        ckpt_dir = self.checkpoint_dir(trial.study.study_name, number)
-        trial.set_user_attr("checkpoint", number)
-        previous = load_checkpoint(ckpt_dir / PRETRAIN_FILE)
-        if previous is not None:
-            trial.set_user_attr("resumed_from_epoch", int(previous["epoch"]))
         run = None
         started = time.perf_counter()
         try:
-            run = self._make_run(tcfg, ckpt_dir)
+            self._begin(trial, stage)
+            params = suggest(trial, self.cfg.search.space)
+            if prune and (same := self._duplicate_of(trial, params)) is not None:
+                reason = f"skipped: same configuration as trial #{same}"
+                trial.set_user_attr("duplicate_of", same)
+                trial.set_user_attr("prune_reason", reason)
+                raise optuna.TrialPruned(reason)
+            tcfg = apply(self.cfg, params)
+            tcfg.train.epochs = epochs
+            number = original_number(stored(trial))
+            seed = trial.user_attrs.get("seed")
+            if seed is None:  # promoted trials carry their source's seed
+                seed = int(self.cfg.train.seed) + number
+                trial.set_user_attr("seed", seed)
+            tcfg.train.seed = int(seed)
+            relative = self.checkpoint_dir_relative(trial.study, number)
+            ckpt_dir = self.paths["checkpoints"] / relative
+            trial.set_user_attr("checkpoint_dir", relative.as_posix())
+            fingerprint = run_fingerprint(tcfg)
+            previous = self._resumable(trial, ckpt_dir / PRETRAIN_FILE, fingerprint)
+            if previous is not None:
+                trial.set_user_attr("resumed_from_epoch", int(previous["epoch"]))
+            run = self._make_run(tcfg, ckpt_dir, fingerprint)
 
             def on_epoch(report: EpochReport) -> None:
                 self._record_epoch(trial, report)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from search.config import resolved_paths
+from search.database import WORKER_STORAGE_ENV
 from search.naming import STAGES, stage_metric
 from search.objective import TrialHook, TrialRunner
 from search.stages import open_studies, run_stages
@@ -68,13 +70,13 @@ def worker_loop(
     device: str,
     label: str = "worker",
     progress: bool = True,
-    seed_offset: int = 0,
+    seed_offset: int | None = None,
     hooks: Sequence[TrialHook] = (),
 ) -> None:
     """Join the study at ``url`` and run trials of every stage until all stages are done.
 
-    Workers beside others must pass distinct ``seed_offset`` values: samplers seeded alike
-    would propose the very same parameters in every process. ``hooks`` run at the end of each
+    Each process gets its own sampler seed unless ``seed_offset`` is given (samplers seeded
+    alike would propose the very same parameters in every process). ``hooks`` run at the end of each
     trial (the command line passes the artifact uploader).
     """
     studies = open_studies(cfg, url, seed_offset=seed_offset)
@@ -88,18 +90,25 @@ def worker_loop(
     run_stages(studies, runner, cfg, on_trial=on_trial)
 
 
+STOP_GRACE_S = 30.0  # how long stopped workers get to re-enqueue their trials
+
+
 def install_sigterm_as_interrupt() -> None:
-    """SIGTERM behaves like Ctrl-C: the running trial is re-enqueued to resume later."""
+    """SIGTERM and SIGINT behave like Ctrl-C: the running trial is re-enqueued to resume later.
+
+    SIGINT is reset too, because a process started from a background job inherits it ignored.
+    """
 
     def handler(signum, frame):  # noqa: ARG001
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _progress_thread(cfg: DictConfig, url: str, stop: threading.Event) -> threading.Thread:
     def watch() -> None:
-        studies = open_studies(cfg, url)
+        studies = open_studies(cfg, url, seed_offset=0)  # reads only
         total = int(cfg.stages.screen.trials) + int(cfg.stages.promote.top_k) + 1
         bar = tqdm(total=total, desc=f"{cfg.name} trials", unit="trial")
         while not stop.is_set():
@@ -135,20 +144,24 @@ def run_workers(
         )
         worker_loop(cfg, url, device=device, label="worker 0", progress=progress, hooks=hooks)
         return
-    # Workers read the exact resolved config this process validated, from one file.
+    # Workers read the exact resolved config this process validated, from one file (0600,
+    # without the storage URL: that travels in the environment, never on a command line).
     folder = resolved_paths(cfg)["runs"] / "workers"
     folder.mkdir(parents=True, exist_ok=True)
     fd, cfg_path = tempfile.mkstemp(dir=folder, prefix=f"{cfg.name}-", suffix=".yaml")
+    shared = OmegaConf.to_container(cfg, resolve=True)
+    shared["storage"] = ""
     with os.fdopen(fd, "w") as handle:
-        handle.write(OmegaConf.to_yaml(cfg, resolve=True))
+        handle.write(OmegaConf.to_yaml(shared))
     cpu_workers = sum(d == "cpu" for d in plan)
     threads = max(1, (os.cpu_count() or 1) // max(cpu_workers, 1))
-    procs: list[subprocess.Popen] = []
+    workers: list[_Worker] = []
     stop = threading.Event()
     watcher = _progress_thread(cfg, url, stop) if progress else None
     try:
         for i, dev in enumerate(plan):
             env = dict(os.environ)
+            env[WORKER_STORAGE_ENV] = url
             if dev == "cpu":
                 env["CUDA_VISIBLE_DEVICES"] = ""
                 env["OMP_NUM_THREADS"] = str(threads)
@@ -156,32 +169,80 @@ def run_workers(
             else:
                 env["CUDA_VISIBLE_DEVICES"] = dev
                 device = "cuda"
+            label = f"w{i}:{'cpu' if dev == 'cpu' else 'gpu' + dev}"
             cmd = [
                 sys.executable,
                 "-m",
                 "search.worker",
                 f"study={cfg_path}",
                 f"device={device}",
-                f"label=w{i}:{'cpu' if dev == 'cpu' else 'gpu' + dev}",
+                f"label={label}",
                 "--no-progress",
             ]
-            procs.append(subprocess.Popen(cmd, env=env, cwd=os.getcwd()))
-        codes = [p.wait() for p in procs]
+            workers.append(_Worker(label, cmd, env))
+        codes = [w.wait() for w in workers]
     except KeyboardInterrupt:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            p.wait()
+        # SIGTERM, not SIGINT: workers started from a background job ignore SIGINT. Each
+        # worker re-enqueues its running trial and exits.
+        for w in workers:
+            w.stop()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for w in workers:
+            w.wait(max(deadline - time.monotonic(), 0.1))
         raise
     finally:
         stop.set()
         if watcher:
             watcher.join(timeout=5)
         Path(cfg_path).unlink(missing_ok=True)
-    failed = [i for i, c in enumerate(codes) if c != 0]
+    failed = [w for w, c in zip(workers, codes, strict=True) if c != 0]
+    if failed and len(failed) == len(workers):
+        raise WorkersFailed(
+            "every worker failed: "
+            + "; ".join(
+                f"{w.label} exit {w.code}: {w.last_error or 'no error output'}" for w in failed
+            )
+        )
     if failed:
         tqdm.write(
-            f"workers {failed} exited with codes {[codes[i] for i in failed]}; "
+            f"workers {[w.label for w in failed]} exited with codes {[w.code for w in failed]}; "
             "their trials were re-enqueued or failed with a reason (see the summary)"
         )
+
+
+class WorkersFailed(RuntimeError):
+    """Every worker process exited with an error; the message has each one's last error line."""
+
+
+class _Worker:
+    """One ``search.worker`` process; its stderr is passed through and its last line kept."""
+
+    def __init__(self, label: str, cmd: list[str], env: dict[str, str]) -> None:
+        self.label = label
+        self.last_error = ""
+        self.code: int | None = None
+        self.process = subprocess.Popen(
+            cmd, env=env, cwd=os.getcwd(), stderr=subprocess.PIPE, text=True, bufsize=1
+        )
+        self._relay = threading.Thread(target=self._pass_stderr, daemon=True)
+        self._relay.start()
+
+    def _pass_stderr(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            sys.stderr.write(line)
+            if line.strip():
+                self.last_error = line.strip()[:500]
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        try:
+            self.code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()  # did not stop in time: its trial is retried by heartbeat
+            self.code = self.process.wait()
+        self._relay.join(timeout=5)
+        return self.code
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)

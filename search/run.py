@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from search.cli import config_from_args, guarded, parser
 from search.config import direction_of, metric_of, storage_url
-from search.space import apply, baseline_params, distribution, ordered
 from search.database import redact
+from search.space import apply, baseline_params, distribution, ordered
 
 
 def print_dry_run(cfg: DictConfig) -> None:
@@ -76,6 +76,15 @@ def print_summary(cfg: DictConfig, summary: dict[str, Any]) -> None:
             print(f"         failed #{number}: {reason}")
 
 
+def without_result(summary: dict[str, Any]) -> list[str]:
+    """``study#N: reason`` for each configuration that ended without a result."""
+    return [
+        f"{entry['study']}#{number}: {reason}"
+        for entry in summary["stages"].values()
+        for number, reason in entry["without_result"].items()
+    ]
+
+
 @guarded
 def main() -> int:
     p = parser(
@@ -99,6 +108,7 @@ def main() -> int:
     from reporting.artifacts import make_trial_artifact_hook
     from search import (
         StageError,
+        WorkersFailed,
         install_sigterm_as_interrupt,
         open_studies,
         resolved_paths,
@@ -109,7 +119,8 @@ def main() -> int:
     url = storage_url(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(f"study {cfg.name}: storage {redact(url)}", flush=True)
-    studies = open_studies(cfg, url)  # schema and studies exist before any worker starts
+    # Schema and studies exist before any worker starts; this process samples nothing itself.
+    studies = open_studies(cfg, url, seed_offset=0)
     install_sigterm_as_interrupt()
     try:
         hook = make_trial_artifact_hook(resolved_paths(cfg)["artifacts"])
@@ -121,11 +132,19 @@ def main() -> int:
             file=sys.stderr,
         )
         return 130
-    except StageError as error:
+    except (StageError, WorkersFailed) as error:
         print(f"error: {error}", file=sys.stderr)
         print_summary(cfg, summarize(studies, cfg))
         return 1
-    print_summary(cfg, summarize(studies, cfg))
+    summary = summarize(studies, cfg)
+    print_summary(cfg, summary)
+    lost = without_result(summary)
+    if lost:
+        print(
+            f"error: {len(lost)} configuration(s) ended without a result: " + "; ".join(lost),
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -29,14 +29,16 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
+from models.training import NonFiniteLossError
 from search.config import direction_of
-from search.naming import STAGES, stage_metric, stage_study_name
-from search.objective import TrialRunner, original_number
+from search.naming import STAGES, STUDY_UID_ATTR, new_study_uid, stage_metric, stage_study_name
+from search.objective import TrialRunner
 from search.space import baseline_params
 from storage.claims import Claims
 from storage.urls import open_storage, redact
 
 POLL_S = 1.0
+DIVERGED = NonFiniteLossError.__name__  # how the fail reason of a diverged trial starts
 # Called after each trial this process ran: (stage, trial number).
 TrialDone = Callable[[str, int], None]
 
@@ -99,25 +101,41 @@ def make_pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_studies(cfg: DictConfig, url: str, seed_offset: int = 0) -> Studies:
-    """Create (or load) the schema and the three studies; store the resolved config once."""
+def open_studies(cfg: DictConfig, url: str, seed_offset: int | None = None) -> Studies:
+    """Create (or load) the schema and the three studies; store the resolved config once.
+
+    Each stage study gets its identity (``study_uid``) from the process that creates it.
+    ``seed_offset`` None gives this process its own sampler seed (see :func:`sampler_offset`).
+    """
     storage = open_storage(
         url,
         heartbeat_interval=int(cfg.heartbeat_interval),
         grace_period=int(cfg.grace_period),
         max_retry=int(cfg.max_retries),
     )
+    claims = Claims(storage.engine)
+    if seed_offset is None:
+        seed_offset = sampler_offset(claims, cfg.name)
     direction = direction_of(cfg)
     studies = {}
     for stage in STAGES:
-        studies[stage] = optuna.create_study(
-            storage=storage,
-            study_name=stage_study_name(cfg.name, stage),
-            direction=direction if stage != "final" else "maximize",
-            sampler=make_sampler(cfg, seed_offset),
-            pruner=make_pruner(cfg) if stage == "screen" else optuna.pruners.NopPruner(),
-            load_if_exists=True,
-        )
+        options = {
+            "storage": storage,
+            "study_name": stage_study_name(cfg.name, stage),
+            "sampler": make_sampler(cfg, seed_offset),
+            "pruner": make_pruner(cfg) if stage == "screen" else optuna.pruners.NopPruner(),
+        }
+        try:
+            study = optuna.create_study(
+                direction=direction if stage != "final" else "maximize",
+                load_if_exists=False,
+                **options,
+            )
+            study.set_user_attr(STUDY_UID_ATTR, new_study_uid())
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(**options)
+            _wait_for_identity(study)
+        studies[stage] = study
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["storage"] = redact(str(resolved["storage"])) if resolved["storage"] else ""
     for stage, study in studies.items():
@@ -125,7 +143,32 @@ def open_studies(cfg: DictConfig, url: str, seed_offset: int = 0) -> Studies:
             study.set_user_attr("config", json.loads(json.dumps(resolved)))
             study.set_user_attr("stage", stage)
             study.set_metric_names([stage_metric(cfg, stage)])
-    return Studies(**studies, claims=Claims(storage.engine))
+    return Studies(**studies, claims=claims)
+
+
+def _wait_for_identity(study: optuna.Study, timeout_s: float = 30.0) -> None:
+    """Wait until the creating process has stored the study's identity (it does so at once)."""
+    deadline = time.monotonic() + timeout_s
+    while STUDY_UID_ATTR not in study.user_attrs:
+        # A study made before identities existed, or whose creator died right after creating
+        # it: identify it here.
+        if "config" in study.user_attrs or time.monotonic() > deadline:
+            study.set_user_attr(STUDY_UID_ATTR, new_study_uid())
+            return
+        time.sleep(0.2)
+
+
+def sampler_offset(claims: Claims, name: str) -> int:
+    """A sampler seed offset no other process of study ``name`` has had, ever.
+
+    Processes take offsets 0, 1, 2, ... in the order they join: the first run of a fresh study
+    always samples as seed ``train.seed`` (reproducible), while concurrent processes and reruns
+    after a crash each get their own stream, so none proposes the same configurations again.
+    """
+    offset = 0
+    while not claims.take(f"{stage_study_name(name, 'screen')}/sampler-offset/{offset}"):
+        offset += 1
+    return offset
 
 
 def delete_stage_studies(name: str, url: str) -> None:
@@ -149,6 +192,16 @@ def failure_reason(trial: optuna.trial.FrozenTrial, trials: list[optuna.trial.Fr
     if retries:
         return f"worker stopped sending heartbeats (killed?); retried as trial {retries[0]}"
     return "worker stopped sending heartbeats (killed?); retries exhausted"
+
+
+def _has_result(number: int, trials: list[optuna.trial.FrozenTrial]) -> bool:
+    """Whether failed trial ``number``'s configuration still got a result: a retry carries it
+    on, or it failed on its own merits (training diverged), which is a result for a search."""
+    history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history
+    if any(number in history(t) for t in trials):
+        return True
+    trial = next(t for t in trials if t.number == number)
+    return str(trial.user_attrs.get("fail_reason") or "").startswith(DIVERGED)
 
 
 def _count(study: optuna.Study) -> dict[str, int]:
@@ -229,6 +282,10 @@ def _drain(
 def _claim_slot(studies: Studies, study: optuna.Study, slots: int) -> bool:
     if slots <= 0:
         return False
+    # A sampled configuration the study already had was skipped: sample another in its place
+    # (bounded, for spaces too small to hold that many distinct configurations).
+    skipped = sum("duplicate_of" in t.user_attrs for t in study.get_trials(deepcopy=False))
+    slots += min(skipped, 10 * slots)
     taken = set(studies.claims.taken(f"{study.study_name}/slot/"))
     for i in range(slots):
         key = f"{study.study_name}/slot/{i}"
@@ -334,7 +391,7 @@ def run_final(
             user_attrs={
                 "source_study": promote.study_name,
                 "source_trial": t.number,
-                "source_checkpoint": int(t.user_attrs.get("checkpoint", original_number(t))),
+                "source_checkpoint_dir": t.user_attrs["checkpoint_dir"],
                 "source_value": t.value,
                 "seed": t.user_attrs.get("seed"),
             },
@@ -387,6 +444,9 @@ def summarize(studies: Studies, cfg: DictConfig) -> dict[str, Any]:
             }
         entry["failures"] = {
             t.number: failure_reason(t, trials) for t in trials if t.state == TrialState.FAIL
+        }
+        entry["without_result"] = {
+            n: reason for n, reason in entry["failures"].items() if not _has_result(n, trials)
         }
         if stage == "promote":
             entry["lineage"] = {

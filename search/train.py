@@ -7,18 +7,16 @@ epoch, so running the same command again resumes where it stopped (``--fresh`` s
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import sys
 
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from models.data import load_splits
 from models.training import EpochReport, Run
 from search.cli import config_from_args, guarded, parser
 from search.config import resolved_paths, to_dataclasses
-from search.naming import PRETRAIN_FILE, standalone_run_dir
+from search.naming import PRETRAIN_FILE, run_fingerprint, standalone_run_dir
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -37,15 +35,6 @@ def print_epoch(report: EpochReport) -> None:
     )
 
 
-def config_hash(cfg) -> str:
-    """Hash of everything that changes the trained weights (not progress bars or devices)."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("progress", "device", "amp", "channels_last"):
-        plain["train"].pop(key, None)
-    keep = {k: plain[k] for k in ("task", "data", "model", "train")}
-    return hashlib.sha256(repr(sorted(keep.items())).encode()).hexdigest()[:12]
-
-
 @guarded
 def main() -> int:
     p = parser(
@@ -58,11 +47,18 @@ def main() -> int:
     args = p.parse_intermixed_args()
     cfg = config_from_args(args.overrides)
     data_cfg, model_cfg, train_cfg = to_dataclasses(cfg)
-    ckpt_dir = standalone_run_dir(resolved_paths(cfg)["checkpoints"], cfg.name, config_hash(cfg))
+    ckpt_dir = standalone_run_dir(resolved_paths(cfg)["checkpoints"], cfg)
     if args.fresh and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)
     splits = load_splits(data_cfg)
-    run = Run(cfg.task, splits, model_cfg, train_cfg, checkpoint_dir=ckpt_dir)
+    run = Run(
+        cfg.task,
+        splits,
+        model_cfg,
+        train_cfg,
+        checkpoint_dir=ckpt_dir,
+        identity=run_fingerprint(cfg),
+    )
     print(
         f"study {cfg.name}: task {cfg.task} on {cfg.data.name} "
         f"({len(splits.train_y)} train / {len(splits.val_y)} val / {len(splits.test_y)} test), "

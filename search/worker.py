@@ -24,6 +24,7 @@ from search import (
     worker_loop,
 )
 from search.cli import config_from_args, guarded, parser
+from search.database import WORKER_STORAGE_ENV
 
 
 @guarded
@@ -40,7 +41,8 @@ def main() -> int:
         else:
             rest.append(item)
     cfg = config_from_args(rest)
-    url = storage_url(cfg)
+    # A launcher (search.run workers=N) passes the URL in the environment, not in the file.
+    url = os.environ.get(WORKER_STORAGE_ENV) or storage_url(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     install_sigterm_as_interrupt()
     print(f"[{label}] joining {cfg.name} at {redact(url)} on {cfg.train.device}", flush=True)
@@ -51,7 +53,6 @@ def main() -> int:
             device=cfg.train.device,
             label=label,
             progress=not args.no_progress,
-            seed_offset=int.from_bytes(os.urandom(4), "little"),  # see worker_loop
             hooks=[make_trial_artifact_hook(resolved_paths(cfg)["artifacts"])],
         )
     except KeyboardInterrupt:
