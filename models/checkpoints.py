@@ -65,9 +65,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a damaged file
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        # torch's own text advises weights_only=False, which would be unsafe here: not shown.
         raise CheckpointError(
-            path, f"unreadable ({type(error).__name__}: {first[:200]})"
+            path, f"unreadable: truncated or not a checkpoint ({type(error).__name__})"
         ) from error
     if not isinstance(state, dict) or "epoch" not in state:
         raise CheckpointError(path, "unreadable (not a training checkpoint)")

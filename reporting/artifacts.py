@@ -6,8 +6,11 @@ Artifacts can only be attached to a *running* trial, so :func:`make_trial_artifa
 - every trial: ``learning_curves.png`` (training loss and validation metrics per epoch);
 - autoencoder trials: ``val_reconstructions.png`` (validation images over their reconstructions);
 - the final trial additionally: ``test_reconstructions.png`` and ``interpolation.png``
-  (autoencoder), and ``tsne.png``: t-SNE of (at most ``TSNE_MAX_POINTS``) test images in the
+  (autoencoder), and ``tsne.png``: t-SNE of (at most ``TRIAL_TSNE_POINTS``) test images in the
   trial's latent space, coloured by class (the report adds raw image space and other tasks).
+
+A final trial's learning curves start with the pretraining of the promoted trial it continues,
+which the objective passes to the hooks as ``extra["source_trial"]``.
 
 The store is a plain folder (``<runs_dir>/artifacts`` by default); each upload is recorded in
 the trial's system attrs (``artifacts:<id>``), which is how optuna-dashboard finds it::
@@ -25,19 +28,19 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
+from reporting import figures
+from search import TrialHook
+
 _LOG = logging.getLogger(__name__)
 ARTIFACT_ATTR_PREFIX = "artifacts:"  # how optuna records an upload in system attrs
 RECONSTRUCTION_COUNT = 8  # validation images per trial in the reconstruction grid
-TSNE_MAX_POINTS = 500  # test images in the final trial's t-SNE of its latent space, at most
-
-Hook = Callable[[optuna.Trial, Any, Any, dict[str, Any]], None]
+TRIAL_TSNE_POINTS = 500  # test images in the final trial's t-SNE of its latent space, at most
 
 
 def artifact_store(artifacts_dir: str | Path) -> FileSystemArtifactStore:
@@ -61,10 +64,8 @@ def upload_figure(
     filename: str,
 ) -> str:
     """Save a matplotlib figure as PNG named ``filename`` and upload it; the artifact id."""
-    from reporting.figures import save_png
-
     with tempfile.TemporaryDirectory(prefix="ssl-artifact-") as tmp:
-        path = save_png(fig, Path(tmp) / filename)
+        path = figures.save_png(fig, Path(tmp) / filename)
         return upload_file(trial, store, path)
 
 
@@ -78,27 +79,15 @@ def trial_artifacts(trial: optuna.trial.FrozenTrial) -> dict[str, str]:
     return out
 
 
-def _source_curve(trial: optuna.Trial) -> list[dict[str, Any]]:
-    """The pretrain curve of the promoted trial a final trial continues (for its figure)."""
-    attrs = trial.user_attrs
-    source, number = attrs.get("source_study"), attrs.get("source_trial")
-    if source is None or number is None:
+def _pretrain_curve(trial: optuna.trial.FrozenTrial | None) -> list[dict[str, Any]]:
+    """The pretrain epochs of a trial's curve (none for None)."""
+    if trial is None:
         return []
-    storage = trial.study._storage
-    try:
-        study_id = storage.get_study_id_from_name(source)
-    except KeyError:
-        return []
-    for t in storage.get_all_trials(study_id, deepcopy=False):
-        if t.number == int(number):
-            return [c for c in t.user_attrs.get("curve", []) if c["phase"] == "pretrain"]
-    return []
+    return [c for c in trial.user_attrs.get("curve", []) if c["phase"] == "pretrain"]
 
 
 def trial_figures(trial: optuna.Trial, run: Any, extra: dict[str, Any]) -> dict[str, Any]:
     """filename -> matplotlib figure for one trial (see the module docstring)."""
-    from reporting import figures
-
     attrs = trial.user_attrs
     stage = attrs.get("stage", "")
     study = trial.study.study_name
@@ -106,7 +95,8 @@ def trial_figures(trial: optuna.Trial, run: Any, extra: dict[str, Any]) -> dict[
     if not curve and extra.get("history"):
         curve = list(extra["history"])
     if stage == "final":
-        curve = _source_curve(trial) + [c for c in curve if _phase(c) == "probe"]
+        source = _pretrain_curve(extra.get("source_trial"))
+        curve = source + [c for c in curve if _phase(c) == "probe"]
     out: dict[str, Any] = {
         "learning_curves.png": figures.learning_curves(
             curve, f"{study} trial #{trial.number}: learning curves ({run.task})"
@@ -130,10 +120,11 @@ def _phase(entry: Any) -> str:
     return entry["phase"] if isinstance(entry, dict) else entry.phase
 
 
-def final_figures(run: Any, label: str, tsne_max_points: int = TSNE_MAX_POINTS) -> dict[str, Any]:
-    """The report's figures on the test set for a trained run (those cheap enough for a hook)."""
-    from reporting import figures
+def final_figures(run: Any, label: str, tsne_points: int = TRIAL_TSNE_POINTS) -> dict[str, Any]:
+    """The report's figures on the test set for a trained run (those cheap enough for a hook).
 
+    ``tsne_points`` below 5 leaves the t-SNE out.
+    """
     splits = run.splits
     out: dict[str, Any] = {}
     n_test = len(splits.test_y)
@@ -154,8 +145,8 @@ def final_figures(run: Any, label: str, tsne_max_points: int = TSNE_MAX_POINTS) 
             alphas,
             f"{label}: linear interpolation between two test images' latents, decoded",
         )
-    if tsne_max_points >= 5 and n_test >= 5:
-        idx = figures.sample_indices(n_test, tsne_max_points)
+    if tsne_points >= 5 and n_test >= 5:
+        idx = figures.sample_indices(n_test, tsne_points)
         labels = splits.test_y[idx.to(splits.test_y.device)].cpu().numpy()
         latent = run.embed(splits.test_x[idx.to(splits.test_x.device)]).cpu().numpy()
         title = f"{run.task} latent space ({len(idx)} test images)"
@@ -165,7 +156,7 @@ def final_figures(run: Any, label: str, tsne_max_points: int = TSNE_MAX_POINTS) 
     return out
 
 
-def make_trial_artifact_hook(artifacts_dir: str | Path) -> Hook:
+def make_trial_artifact_hook(artifacts_dir: str | Path) -> TrialHook:
     """A TrialRunner hook uploading the trial's figures to the store at ``artifacts_dir``."""
     store = artifact_store(artifacts_dir)
 

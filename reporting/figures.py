@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from torchvision.utils import make_grid
 
 DPI = 90
 ACCURACY_METRICS = ("knn_accuracy", "val_accuracy")
@@ -112,26 +113,15 @@ def learning_curves(curve: Sequence[Any], title: str) -> Figure:
 # ---- image grids -----------------------------------------------------------------------
 
 
-def _hwc(images: np.ndarray) -> np.ndarray:
-    """(N,C,H,W) floats in [0,1] -> (N,H,W) for grey or (N,H,W,3) for colour."""
-    images = np.clip(images, 0.0, 1.0)
-    if images.shape[1] == 1:
-        return images[:, 0]
-    return images.transpose(0, 2, 3, 1)
-
-
 def mosaic(rows: Sequence[np.ndarray], pad: int = 2) -> np.ndarray:
-    """Rows of (N,C,H,W) images in [0,1] tiled into one (H', W'[, 3]) image, white gaps."""
-    count = max(len(r) for r in rows)
-    first = _hwc(rows[0])
-    h, w = first.shape[1:3]
-    shape = (len(rows) * (h + pad) - pad, count * (w + pad) - pad, *first.shape[3:])
-    out = np.ones(shape, dtype=np.float32)
-    for r, images in enumerate(rows):
-        for c, image in enumerate(_hwc(images)):
-            y, x = r * (h + pad), c * (w + pad)
-            out[y : y + h, x : x + w] = image
-    return out
+    """Rows of (N,C,H,W) images in [0,1] (same N) tiled into one (H', W'[, 3]) image.
+
+    ``pad`` white pixels between images, none around them; grey images stay one channel.
+    """
+    images = torch.from_numpy(np.concatenate([np.asarray(r, dtype=np.float32) for r in rows]))
+    grid = make_grid(images.clamp(0.0, 1.0), nrow=len(rows[0]), padding=pad, pad_value=1.0)
+    grid = grid[:, pad:-pad, pad:-pad] if pad else grid  # make_grid also pads the border
+    return grid[0].numpy() if images.shape[1] == 1 else grid.permute(1, 2, 0).numpy()
 
 
 def _mosaic_axes(
@@ -240,12 +230,9 @@ def to_unit(run: Any, x: torch.Tensor) -> np.ndarray:
 @torch.inference_mode()
 def reconstructions(run: Any, x_uint8: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Originals and their autoencoder reconstructions, both (N,C,H,W) in [0,1]."""
-    modes = run._eval_mode(run.nets.encoder, run.nets.decoder)
-    try:
-        x = run._images(x_uint8.to(run.device))
+    with run.eval_mode(run.nets.encoder, run.nets.decoder):
+        x = run.prepare_images(x_uint8.to(run.device))
         recon = run.nets.decoder(run.nets.encoder(x))
-    finally:
-        run._restore_mode(modes)
     return to_unit(run, x), to_unit(run, recon)
 
 
@@ -257,15 +244,12 @@ def interpolate(
 
     Returns (A, decoded steps (steps,C,H,W), B, alphas); images in [0,1].
     """
-    modes = run._eval_mode(run.nets.encoder, run.nets.decoder)
-    try:
-        pair = run._images(torch.stack([a_uint8, b_uint8]).to(run.device))
+    with run.eval_mode(run.nets.encoder, run.nets.decoder):
+        pair = run.prepare_images(torch.stack([a_uint8, b_uint8]).to(run.device))
         z = run.nets.encoder(pair).float()
         alphas = torch.linspace(0.0, 1.0, steps, device=z.device)
         path = (1 - alphas)[:, None] * z[0] + alphas[:, None] * z[1]
         decoded = run.nets.decoder(path)
-    finally:
-        run._restore_mode(modes)
     unit = to_unit(run, pair)
     return unit[0], to_unit(run, decoded), unit[1], [float(a) for a in alphas]
 
@@ -298,6 +282,10 @@ def tsne_embedding(features: np.ndarray, seed: int = 0, threads: int | None = No
     from threadpoolctl import threadpool_limits
 
     x = np.asarray(features, dtype=np.float32).reshape(len(features), -1)
+    if np.isfinite(x).all() and np.ptp(x, axis=0).max(initial=0.0) == 0.0:
+        # Every point the same (a collapsed encoder): t-SNE's PCA start would divide by a zero
+        # spread, and the Barnes-Hut step then crashes the process; they all sit at one point.
+        return np.zeros((len(x), 2), dtype=np.float32)
     limit = threads if threads is not None else (1 if len(x) < 1000 else None)
     with threadpool_limits(limits=limit):
         if x.shape[1] > 50 and len(x) > 50:

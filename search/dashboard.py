@@ -19,7 +19,7 @@ import shutil
 import sys
 
 from models.errors import UsageError
-from reporting.report import locate
+from reporting.store import locate
 from search.cli import guarded, parser, split_study
 from search.config import resolved_paths, storage_url
 from search.database import check_url, redact

@@ -18,16 +18,10 @@ import time
 import optuna
 
 from models.errors import UsageError
-from reporting.report import (
-    TSNE_MAX_POINTS,
-    locate,
-    open_report_storage,
-    study_names,
-    write_report,
-)
+from reporting.report import REPORT_TSNE_POINTS, write_report
+from reporting.store import locate, open_existing_storage, study_names
+from search import redact, storage_url
 from search.cli import guarded, parser, split_study
-from search.config import storage_url
-from search import redact
 
 
 @guarded
@@ -43,8 +37,8 @@ def main() -> int:
     p.add_argument(
         "--tsne-points",
         type=int,
-        default=TSNE_MAX_POINTS,
-        help=f"test images per t-SNE panel at most (default {TSNE_MAX_POINTS})",
+        default=REPORT_TSNE_POINTS,
+        help=f"test images per t-SNE panel at most (default {REPORT_TSNE_POINTS})",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     args: argparse.Namespace = p.parse_args()
@@ -55,17 +49,17 @@ def main() -> int:
     name, base = locate(study, rest)
     url = storage_url(base)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_report_storage(url)
+    storage = open_existing_storage(url)
     names = [name] if name else study_names(storage)
     if not names:
         raise UsageError(f"study: no study in {redact(url)}; run python -m search.run first")
     for each in names:
         started = time.perf_counter()
-        report = write_report(
+        doc = write_report(
             each, storage, url, rest, args.out, max(args.tsne_points, 5), args.device
         )
-        print(f"{each}: wrote {len(report.pngs)} files in {time.perf_counter() - started:.1f}s")
-        for path in report.pngs:
+        print(f"{each}: wrote {len(doc.files)} files in {time.perf_counter() - started:.1f}s")
+        for path in doc.files:
             print(f"  {path}")
     return 0
 

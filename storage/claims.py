@@ -12,10 +12,15 @@ import os
 import random
 import socket
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
+from storage.retry import retry_call, retry_seconds_for
+
+T = TypeVar("T")
 _METADATA = sa.MetaData()
 CLAIMS = sa.Table(
     "ssl_search_claims",
@@ -31,14 +36,25 @@ def default_owner() -> str:
 
 
 class Claims:
-    """Unique keys taken at most once, stored in the study database."""
+    """Unique keys taken at most once, stored in the study database.
 
-    def __init__(self, engine: sa.Engine, owner: str | None = None) -> None:
+    Each operation rides out transient database faults like the study storage does (see
+    :mod:`storage.retry`), for ``retry_seconds`` (default: that of the storage owning
+    ``engine``).
+    """
+
+    def __init__(
+        self, engine: sa.Engine, owner: str | None = None, retry_seconds: float | None = None
+    ) -> None:
         self.engine = engine
         self.owner = owner or default_owner()
+        self.retry_seconds = retry_seconds_for(engine) if retry_seconds is None else retry_seconds
+        self.target = engine.url.render_as_string(hide_password=True)
         for attempt in range(10):
             try:
-                _METADATA.create_all(engine, checkfirst=True)
+                self._retry(
+                    "create claims table", lambda: _METADATA.create_all(engine, checkfirst=True)
+                )
                 break
             except (IntegrityError, OperationalError, ProgrammingError):
                 # Another process created the table between our check and our CREATE.
@@ -46,29 +62,62 @@ class Claims:
                     raise
                 time.sleep(0.1 + random.random() * 0.3)
 
+    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        return retry_call(fn, target=self.target, what=what, seconds=self.retry_seconds)
+
     def take(self, key: str) -> bool:
-        """True for the one caller that inserts ``key`` first; False for everyone after."""
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(
-                    CLAIMS.insert().values(key=key, owner=self.owner, created_at=time.time())
-                )
-            return True
-        except IntegrityError:
-            return False
+        """True for the one caller that inserts ``key`` first; False for everyone after.
+
+        A duplicate key is never retried. If a retry meets the row a lost attempt did commit
+        (same owner, same timestamp), the key is this caller's.
+        """
+        stamp = time.time()
+        attempts = 0
+
+        def attempt() -> bool:
+            nonlocal attempts
+            attempts += 1
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(
+                        CLAIMS.insert().values(key=key, owner=self.owner, created_at=stamp)
+                    )
+                return True
+            except IntegrityError:
+                if attempts == 1:
+                    return False
+                with self.engine.connect() as conn:
+                    row = conn.execute(
+                        sa.select(CLAIMS.c.owner, CLAIMS.c.created_at).where(CLAIMS.c.key == key)
+                    ).first()
+                return row is not None and row[0] == self.owner and row[1] == stamp
+
+        return self._retry("take claim", attempt)
 
     def release(self, key: str) -> None:
         """Give ``key`` back, e.g. when the work it guarded could not be done."""
-        with self.engine.begin() as conn:
-            conn.execute(CLAIMS.delete().where(CLAIMS.c.key == key))
+
+        def attempt() -> None:
+            with self.engine.begin() as conn:
+                conn.execute(CLAIMS.delete().where(CLAIMS.c.key == key))
+
+        self._retry("release claim", attempt)
 
     def release_all(self, prefix: str) -> int:
         """Give back every key that starts with ``prefix``; how many there were."""
-        with self.engine.begin() as conn:
-            return conn.execute(CLAIMS.delete().where(CLAIMS.c.key.startswith(prefix))).rowcount
+
+        def attempt() -> int:
+            with self.engine.begin() as conn:
+                return conn.execute(CLAIMS.delete().where(CLAIMS.c.key.startswith(prefix))).rowcount
+
+        return self._retry("release claims", attempt)
 
     def taken(self, prefix: str) -> list[str]:
         """Keys already taken that start with ``prefix``."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(CLAIMS.c.key).where(CLAIMS.c.key.startswith(prefix)))
-            return [r[0] for r in rows]
+
+        def attempt() -> list[str]:
+            with self.engine.connect() as conn:
+                rows = conn.execute(sa.select(CLAIMS.c.key).where(CLAIMS.c.key.startswith(prefix)))
+                return [r[0] for r in rows]
+
+        return self._retry("list claims", attempt)

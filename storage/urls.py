@@ -29,6 +29,31 @@ class StorageError(ValueError):
     """The storage URL cannot be used; the message is one line and never shows a password."""
 
 
+class StorageUnavailableError(RuntimeError):
+    """The storage stayed unreachable or locked past the retry bound (see ``storage.retry``).
+
+    Not a bad URL (that is :class:`StorageError`): the database was there and went away, e.g. a
+    PostgreSQL server that did not come back, or a SQLite file another process kept locked. The
+    message is one line: the storage (password masked), the operation, how long it was retried,
+    and the first line of the last database error.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        target: str = "",
+        operation: str = "",
+        seconds: float = 0.0,
+        reason: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.target = target
+        self.operation = operation
+        self.seconds = seconds
+        self.reason = reason
+
+
 def redact(url: str) -> str:
     """The URL with any password replaced by ``***``."""
     try:
@@ -98,23 +123,35 @@ def open_storage(
     grace_period: int | None = None,
     max_retry: int = 3,
     attempts: int = 12,
+    retry_seconds: float | None = None,
+    busy_timeout: float = SQLITE_TIMEOUT_S,
 ) -> optuna.storages.RDBStorage:
     """Open (creating when needed) Optuna's storage at ``url``.
 
     With ``heartbeat_interval`` set, running trials send heartbeats; a trial silent for
     ``grace_period`` seconds is failed by :func:`optuna.storages.fail_stale_trials` and
     re-enqueued up to ``max_retry`` times.
+
+    Every database call of the returned storage (an ``RDBStorage``) is retried on transient
+    faults (a PostgreSQL restart, a SQLite lock outlasting ``busy_timeout`` seconds) for
+    ``retry_seconds`` (default :data:`storage.retry.RETRY_SECONDS`), then raises
+    :class:`StorageUnavailableError`.
     """
     import optuna  # imported here so that checking a URL stays light
+
+    from storage.retry import RETRY_SECONDS, RetryingRDBStorage
 
     parsed = check_url(url)
     engine_kwargs: dict = {}
     if parsed.get_backend_name() == "sqlite":
         _prepare_sqlite(parsed)
-        engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
+        engine_kwargs["connect_args"] = {"timeout": busy_timeout}
     else:
         _check_server(url, parsed)
+        # Test pooled connections before use, so those a server restart killed are replaced.
         engine_kwargs["pool_pre_ping"] = True
+        if "connect_timeout" not in parsed.query:
+            engine_kwargs["connect_args"] = {"connect_timeout": 10}
     heartbeat = {}
     if heartbeat_interval:
         heartbeat = {
@@ -124,9 +161,12 @@ def open_storage(
                 max_retry=max_retry
             ),
         }
+    retry = RETRY_SECONDS if retry_seconds is None else retry_seconds
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+            return RetryingRDBStorage(
+                url, engine_kwargs=engine_kwargs, retry_seconds=retry, **heartbeat
+            )
         except SQLAlchemyError:
             # Another process is creating the same tables right now: wait and look again.
             if attempt == attempts - 1:

@@ -1,0 +1,244 @@
+"""Finding a study in storage, its stored config, and the networks its final trial trained.
+
+Everything :mod:`reporting.report` reads from storage or from the checkpoint folders goes
+through here; names and paths come from :mod:`search.naming`, the database from the search
+layer's public API.
+
+Example::
+
+    name, cfg = locate("quickstart", ["runs_dir=runs"])
+    storage = open_existing_storage(storage_url(cfg))
+    cfg = stored_config(storage, name, [], storage_url(cfg))
+    studies = stage_studies(storage, name)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from optuna.trial import FrozenTrial
+
+from models.checkpoints import load_checkpoint
+from models.data import load_splits
+from models.errors import UsageError
+from models.training import Run
+from search import (
+    PRETRAIN_FILE,
+    PROBE_FILE,
+    STAGES,
+    ConfigError,
+    StudyConfig,
+    apply,
+    load_config,
+    open_storage,
+    redact,
+    resolved_paths,
+    split_study_name,
+    stage_study_name,
+    study_path,
+    to_dataclasses,
+    top_trials,
+)
+
+# Overrides that say where things are on this machine: they apply to every study in storage.
+LOCATION_KEYS = (
+    "runs_dir",
+    "storage",
+    "artifacts_dir",
+    "checkpoints_dir",
+    "data.root",
+    "data.cache_dir",
+    "data.path",
+    "train.device",
+)
+
+
+def location_overrides(overrides: Sequence[str]) -> list[str]:
+    """The overrides among ``overrides`` that locate storage, folders, data or the device."""
+    return [o for o in overrides if o.split("=", 1)[0] in LOCATION_KEYS]
+
+
+# ---- finding studies and their configs -------------------------------------------------
+
+
+def _merged(stored: dict[str, Any], overrides: Sequence[str]) -> DictConfig:
+    """The schema's defaults, then ``stored``, then ``overrides``; bad ones: ConfigError."""
+    try:
+        return OmegaConf.merge(
+            OmegaConf.structured(StudyConfig), stored, OmegaConf.from_dotlist(list(overrides))
+        )
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{getattr(error, 'full_key', None) or 'config'}: {error}") from error
+
+
+def locate(study: str, overrides: Sequence[str]) -> tuple[str | None, DictConfig]:
+    """(study name or None for ``all``, a config giving the storage URL and folders)."""
+    if study == "all":
+        return None, _merged({}, overrides)
+    try:
+        study_path(study)
+    except ConfigError:  # not a study file: a name of a study in storage
+        return study, _merged({}, overrides)
+    cfg = load_config(study, list(overrides))
+    return str(cfg.name), cfg
+
+
+def open_existing_storage(url: str) -> optuna.storages.BaseStorage:
+    """Open existing storage; a missing SQLite file is a usage error, not a new database."""
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///") :]).expanduser()
+        if not path.is_file():
+            raise UsageError(
+                f"storage: no database at {path}; run python -m search.run first, or pass "
+                "runs_dir=... / storage=... where the study ran"
+            )
+    return open_storage(url)
+
+
+def study_names(storage: optuna.storages.BaseStorage) -> list[str]:
+    """Names of the studies (``<name>`` of ``<name>.screen`` etc.) held in ``storage``."""
+    parts = (split_study_name(s.study_name) for s in storage.get_all_studies())
+    return sorted({p[0] for p in parts if p is not None})
+
+
+def stored_config(
+    storage: optuna.storages.BaseStorage, name: str, overrides: Sequence[str], url: str
+) -> DictConfig:
+    """The resolved config the study ran with (stored by the search), then ``overrides``."""
+    try:
+        study_id = storage.get_study_id_from_name(stage_study_name(name, "screen"))
+    except KeyError as error:
+        raise UsageError(
+            f"study: no study {name!r} in {redact(url)}; found: "
+            f"{', '.join(study_names(storage)) or 'none'}"
+        ) from error
+    stored = storage.get_study_user_attrs(study_id).get("config")
+    if stored is None:
+        raise UsageError(f"study: {name!r} in {redact(url)} has no stored config")
+    stored = dict(stored)
+    stored.pop("storage", None)  # stored redacted; the URL in use is the right one
+    cfg = _merged(stored, overrides)
+    cfg.storage = url
+    return cfg
+
+
+def stage_studies(storage: optuna.storages.BaseStorage, name: str) -> dict[str, optuna.Study]:
+    """stage -> the Optuna study of that stage of study ``name``, in :data:`STAGES` order."""
+    return {
+        stage: optuna.load_study(study_name=stage_study_name(name, stage), storage=storage)
+        for stage in STAGES
+    }
+
+
+def source_trial(storage: optuna.storages.BaseStorage, final: FrozenTrial) -> FrozenTrial | None:
+    """The promoted trial whose encoder a final trial continues (None when it is gone)."""
+    source, number = final.user_attrs.get("source_study"), final.user_attrs.get("source_trial")
+    if source is None or number is None:
+        return None
+    try:
+        study = optuna.load_study(study_name=str(source), storage=storage)
+    except KeyError:
+        return None
+    return next((t for t in study.get_trials(deepcopy=False) if t.number == int(number)), None)
+
+
+def same_dataset_finals(
+    storage: optuna.storages.BaseStorage, cfg: DictConfig, overrides: Sequence[str], url: str
+) -> dict[str, tuple[DictConfig, FrozenTrial]]:
+    """task -> (config, best final trial) of a study on ``cfg``'s dataset in ``storage``.
+
+    The study ``cfg`` itself wins for its own task; otherwise the best final validation accuracy.
+    """
+    found: dict[str, tuple[DictConfig, FrozenTrial]] = {}
+    for name in study_names(storage):
+        try:
+            other = (
+                cfg
+                if name == cfg.name
+                else stored_config(storage, name, location_overrides(overrides), url)
+            )
+            final = optuna.load_study(study_name=stage_study_name(name, "final"), storage=storage)
+        except (UsageError, ConfigError, KeyError):
+            continue
+        if other.data.name != cfg.data.name:
+            continue
+        best = top_trials(final, 1)
+        if not best:
+            continue
+        task = str(other.task)
+        held = found.get(task)
+        if name == cfg.name or (
+            held is None or (held[0].name != cfg.name and best[0].value > held[1].value)
+        ):
+            found[task] = (other, best[0])
+    return found
+
+
+# ---- rebuilding the final trial's networks ---------------------------------------------
+
+
+class SplitsCache:
+    """Loaded data splits, keyed by the data settings (studies on one dataset share them)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, Any] = {}
+
+    def get(self, tcfg: DictConfig) -> Any:
+        data_cfg, _, _ = to_dataclasses(tcfg)
+        key = json.dumps(OmegaConf.to_container(tcfg.data, resolve=True), sort_keys=True)
+        if key not in self._cache:
+            self._cache[key] = load_splits(data_cfg)
+        return self._cache[key]
+
+
+def final_checkpoint_paths(cfg: DictConfig, final: FrozenTrial) -> tuple[Path, Path]:
+    """(pretrain file of the promoted trial it continues, probe file of the final trial).
+
+    Both folders are the ones the trials recorded (``source_checkpoint_dir``, ``checkpoint_dir``,
+    relative to the checkpoints folder). Raises FileNotFoundError when one is not recorded.
+    """
+    checkpoints = resolved_paths(cfg)["checkpoints"]
+    attrs = final.user_attrs
+    missing = [k for k in ("source_checkpoint_dir", "checkpoint_dir") if not attrs.get(k)]
+    if missing:
+        raise FileNotFoundError(
+            f"final trial #{final.number} records no {' or '.join(missing)} "
+            "(run by an older version of the search?)"
+        )
+    source = checkpoints / str(attrs["source_checkpoint_dir"]) / PRETRAIN_FILE
+    return source, checkpoints / str(attrs["checkpoint_dir"]) / PROBE_FILE
+
+
+def rebuild_final_run(
+    cfg: DictConfig, final: FrozenTrial, device: str = "auto", splits: Any = None
+) -> Run:
+    """The final trial's trained networks as a :class:`models.training.Run` (eval only).
+
+    Built like the search's own trials (stored config + trial params via
+    :func:`search.space.apply`), the encoder (and decoder / classifier / projection) loaded
+    from the promoted trial's pretrain checkpoint, and the probe's classifier from the final
+    trial's probe checkpoint. Raises FileNotFoundError when a checkpoint is missing.
+    """
+    tcfg = apply(cfg, final.params)
+    _, model_cfg, train_cfg = to_dataclasses(tcfg)
+    train_cfg.device = device
+    train_cfg.progress = False
+    if splits is None:
+        splits = SplitsCache().get(tcfg)
+    run = Run(tcfg.task, splits, model_cfg, train_cfg, checkpoint_dir=None)
+    pretrain_path, probe_path = final_checkpoint_paths(cfg, final)
+    run.load_pretrained(pretrain_path)
+    if run.needs_probe:
+        state = load_checkpoint(probe_path)
+        if state is None:
+            raise FileNotFoundError(f"no probe checkpoint at {probe_path}")
+        run.nets.classifier.load_state_dict(state["modules"]["classifier"])
+    for module in run.nets.modules().values():
+        module.eval()
+    return run

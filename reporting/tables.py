@@ -1,0 +1,218 @@
+"""The numbers behind ``python -m search.report``, as pandas DataFrames (no text here).
+
+- :func:`trials_frame`: one row per trial of every stage (Optuna's ``Study.trials_dataframe``
+  with the user attrs worth a column, and why a trial was pruned or failed): the trials CSV;
+- :func:`state_counts`: trials per stage and state;
+- :func:`results_frame`: the configuration found next to the published numbers;
+- :func:`best_params_frame`: the best trial of each stage;
+- :func:`pruning_savings`: what pruning saved in the screen stage.
+
+:mod:`reporting.markdown` turns them into text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import optuna
+import pandas as pd
+from omegaconf import DictConfig
+from optuna.trial import FrozenTrial, TrialState
+
+from reporting.artifacts import ARTIFACT_ATTR_PREFIX
+from search import STAGES, failure_reason, stage_metric, top_trials
+
+TASK_ORDER = ("autoencoder", "guided", "contrastive")
+TASK_LABELS = {
+    "autoencoder": "1.2.1 self-supervised autoencoder (frozen encoder)",
+    "guided": "1.2.2 classification-guided encoder",
+    "contrastive": "1.2.3 contrastive / SimCLR (frozen encoder)",
+}
+SPLITS = ("train", "val", "test")
+# The report's table (spec/report.md): accuracy in %, train / val / test; MAE train / val / test.
+PUBLISHED: dict[tuple[str, str], dict[str, float]] = {
+    ("autoencoder", "mnist"): {
+        "train_accuracy": 99.34, "val_accuracy": 98.81, "test_accuracy": 98.47,
+        "train_mae": 0.0159, "val_mae": 0.0162, "test_mae": 0.0160,
+    },
+    ("guided", "mnist"): {"train_accuracy": 99.17, "val_accuracy": 99.03, "test_accuracy": 99.14},
+    ("contrastive", "mnist"): {
+        "train_accuracy": 99.08, "val_accuracy": 98.90, "test_accuracy": 98.88,
+    },
+    ("autoencoder", "cifar10"): {
+        "train_accuracy": 70.21, "val_accuracy": 63.15, "test_accuracy": 63.30,
+        "train_mae": 0.296, "val_mae": 0.297, "test_mae": 0.295,
+    },
+    ("guided", "cifar10"): {"train_accuracy": 81.54, "val_accuracy": 81.44, "test_accuracy": 80.42},
+    ("contrastive", "cifar10"): {
+        "train_accuracy": 72.38, "val_accuracy": 68.96, "test_accuracy": 69.64,
+    },
+}  # fmt: skip
+ACCURACY_COLUMNS = tuple(f"{s}_accuracy" for s in SPLITS)
+MAE_COLUMNS = tuple(f"{s}_mae" for s in SPLITS)
+
+# ---- trials ----------------------------------------------------------------------------
+
+# Columns of the trials frame, in order: KEY_COLUMNS, params_*, ATTR_COLUMNS, LINK_COLUMNS,
+# artifacts (uploads per trial), then the accuracy and MAE columns where some trial has them
+# (final trials; autoencoders).
+KEY_COLUMNS = ("stage", "number", "state", "value")
+ATTR_COLUMNS = ("epochs_run", "wall_time_s", "images_per_second", "seed", "device")
+LINK_COLUMNS = ("reason", "source_trial", "baseline", "datetime_start", "datetime_complete")
+INT_COLUMNS = ("epochs_run", "seed", "source_trial")
+_DATAFRAME_ATTRS = (
+    "number", "value", "datetime_start", "datetime_complete", "params", "user_attrs", "state",
+)  # fmt: skip
+
+
+def trial_reason(trial: FrozenTrial, trials: list[FrozenTrial]) -> str:
+    """Why a trial did not complete: its failure or pruning reason ("" when it completed)."""
+    if trial.state == TrialState.FAIL:
+        return failure_reason(trial, trials)
+    if trial.state == TrialState.PRUNED:
+        return str(trial.user_attrs.get("prune_reason", "pruned"))
+    return ""
+
+
+def _stage_frame(stage: str, study: optuna.Study) -> pd.DataFrame:
+    frame = study.trials_dataframe(attrs=_DATAFRAME_ATTRS)
+    if frame.empty:
+        return frame
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    every = list(trials.values())
+
+    def attr(name: str, default: object = None) -> pd.Series | object:
+        column = f"user_attrs_{name}"
+        return frame[column] if column in frame.columns else default
+
+    # With metric names set, Optuna calls the value column value_<metric>.
+    value = next(c for c in frame.columns if c == "value" or c.startswith("value_"))
+    out = pd.DataFrame({"stage": stage, "number": frame["number"], "state": frame["state"]})
+    out["value"] = frame[value]
+    for column in sorted(c for c in frame.columns if c.startswith("params_")):
+        out[column] = frame[column]
+    for name in ATTR_COLUMNS:
+        out[name] = attr(name)
+    out["reason"] = [trial_reason(trials[n], every) for n in frame["number"]]
+    out["source_trial"] = attr("source_trial")
+    baseline = attr("baseline", "")
+    out["baseline"] = baseline.fillna("") if isinstance(baseline, pd.Series) else baseline
+    out["datetime_start"] = frame["datetime_start"]
+    out["datetime_complete"] = frame["datetime_complete"]
+    if stage == "final":
+        for name in ACCURACY_COLUMNS:
+            out[name] = attr(name)
+    for name in MAE_COLUMNS:
+        if f"user_attrs_{name}" in frame.columns:
+            out[name] = attr(name)
+    out["artifacts"] = [
+        sum(k.startswith(ARTIFACT_ATTR_PREFIX) for k in trials[n].system_attrs)
+        for n in frame["number"]
+    ]
+    return out
+
+
+def trials_frame(studies: Mapping[str, optuna.Study]) -> pd.DataFrame:
+    """One row per trial of every stage (the trials CSV); see the module docstring."""
+    frames = [f for f in (_stage_frame(s, study) for s, study in studies.items()) if not f.empty]
+    if not frames:
+        return pd.DataFrame(columns=list(KEY_COLUMNS))
+    frame = pd.concat(frames, ignore_index=True)
+    for column in INT_COLUMNS:
+        frame[column] = frame[column].astype("Int64")
+    params = sorted(c for c in frame.columns if c.startswith("params_"))
+    results = [c for c in (*ACCURACY_COLUMNS, *MAE_COLUMNS) if c in frame.columns]
+    order = [*KEY_COLUMNS, *params, *ATTR_COLUMNS, *LINK_COLUMNS, "artifacts", *results]
+    return frame[order]
+
+
+def state_counts(frame: pd.DataFrame) -> pd.DataFrame:
+    """Trials per stage (rows, in :data:`STAGES` order) and state (columns)."""
+    if frame.empty:
+        return pd.DataFrame()
+    counts = frame.groupby(["stage", "state"]).size().unstack(fill_value=0)
+    return counts.reindex([s for s in STAGES if s in counts.index])
+
+
+# ---- the configuration found -----------------------------------------------------------
+
+
+def results_frame(cfg: DictConfig, final: FrozenTrial) -> pd.DataFrame:
+    """Rows ``found`` and, where the report ran this task and dataset, ``published`` and
+    ``difference`` (found minus published); columns train/val/test accuracy in % (NaN where
+    missing), then train/val/test MAE for autoencoders."""
+    attrs = final.user_attrs
+    columns = [*ACCURACY_COLUMNS, *(MAE_COLUMNS if "test_mae" in attrs else ())]
+
+    def found(column: str) -> float:
+        value = attrs.get(column)
+        if value is None:
+            return float("nan")
+        return 100 * value if column in ACCURACY_COLUMNS else value
+
+    rows = {"found": [found(c) for c in columns]}
+    published = PUBLISHED.get((str(cfg.task), str(cfg.data.name)))
+    if published is not None:
+        rows["published"] = [published[c] for c in columns]
+        rows["difference"] = [f - p for f, p in zip(rows["found"], rows["published"], strict=True)]
+    return pd.DataFrame.from_dict(rows, orient="index", columns=columns)
+
+
+def best_params_frame(cfg: DictConfig, studies: Mapping[str, optuna.Study]) -> pd.DataFrame:
+    """One row per stage: its best trial's number, metric, value and params (None if none)."""
+    rows = []
+    for stage, study in studies.items():
+        best = top_trials(study, 1)
+        t = best[0] if best else None
+        rows.append(
+            {
+                "stage": stage,
+                "number": t.number if t else None,
+                "metric": stage_metric(cfg, stage),
+                "value": t.value if t else None,
+                "params": dict(t.params) if t else None,
+            }
+        )
+    frame = pd.DataFrame(rows, columns=["stage", "number", "metric", "value", "params"])
+    frame["number"] = frame["number"].astype("Int64")
+    return frame
+
+
+@dataclass(frozen=True)
+class PruningSavings:
+    """Epochs the screen stage's finished trials ran, against the same trials unpruned."""
+
+    trials: int  # completed or pruned screen trials
+    pruned: int
+    epochs_per_trial: int  # stages.screen.epochs
+    epochs_run: int
+    mean_epoch_seconds: float | None  # training + validation, over every epoch run
+
+    @property
+    def planned(self) -> int:
+        return self.trials * self.epochs_per_trial
+
+    @property
+    def saved(self) -> int:
+        return self.planned - self.epochs_run
+
+
+def pruning_savings(cfg: DictConfig, screen: optuna.Study) -> PruningSavings | None:
+    """What pruning saved in the screen stage; None before any trial completed or was pruned."""
+    trials = screen.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    if not trials:
+        return None
+    per_epoch = [
+        c["seconds"] + c.get("eval_seconds", 0.0)
+        for t in trials
+        for c in t.user_attrs.get("curve", [])
+        if c["phase"] == "pretrain"
+    ]
+    return PruningSavings(
+        trials=len(trials),
+        pruned=sum(t.state == TrialState.PRUNED for t in trials),
+        epochs_per_trial=int(cfg.stages.screen.epochs),
+        epochs_run=sum(int(t.user_attrs.get("epochs_run", 0)) for t in trials),
+        mean_epoch_seconds=sum(per_epoch) / len(per_epoch) if per_epoch else None,
+    )

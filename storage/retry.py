@@ -1,0 +1,337 @@
+"""Riding out transient storage faults: a PostgreSQL restart, a SQLite file locked for a while.
+
+Every storage call the search makes goes through :func:`retry_call`: an error that says the
+database is briefly out of reach (a dropped or refused connection, a server shutting down or
+starting up, "database is locked") is retried with exponential backoff and jitter for a bounded
+time; any other error (a duplicate key, a missing trial, a finished trial, a bad value) is raised
+at once. Past the bound, :class:`~storage.urls.StorageUnavailableError` is raised with a one-line
+message naming the storage (password masked) and the last error.
+
+:class:`RetryingRDBStorage` is Optuna's ``RDBStorage`` with every method that touches the
+database wrapped this way, including the ones Optuna's cache and heartbeat code call directly
+(``_create_new_trial``, ``_get_trials``, ``record_heartbeat``, ``_get_stale_trial_ids``, ...).
+A retried write is safe: attribute, parameter, intermediate-value and heartbeat writes are
+upserts, and a state change whose first attempt committed before its connection dropped is
+recognised on the retry (see :meth:`RetryingRDBStorage.set_trial_state_values`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import random
+import sqlite3
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import optuna
+import sqlalchemy
+from optuna.trial import TrialState
+from sqlalchemy import exc as sa_exc
+
+from storage.urls import StorageUnavailableError, redact
+
+__all__ = [
+    "RETRY_SECONDS",
+    "RetryingRDBStorage",
+    "StorageUnavailableError",
+    "is_transient",
+    "retry_call",
+    "retry_seconds_for",
+]
+
+RETRY_SECONDS = 60.0
+"""How long a failing storage call is retried, counted from its first transient failure."""
+FIRST_DELAY_S = 0.1
+MAX_DELAY_S = 5.0
+
+_log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+# ---- what counts as transient ----------------------------------------------------------------
+
+
+def _classify(error: BaseException) -> bool | None:
+    """True/False for an error that decides it; None for a wrapper to look through."""
+    if isinstance(error, sa_exc.IntegrityError):
+        return False
+    if isinstance(error, sa_exc.DBAPIError):
+        if error.connection_invalidated:
+            return True
+        verdict = _classify(error.orig) if error.orig is not None else None
+        if verdict is not None:
+            return verdict
+        return isinstance(error, sa_exc.OperationalError)
+    if isinstance(error, (sa_exc.DisconnectionError, sa_exc.TimeoutError)):
+        return True  # a dead pooled connection, or no free connection in the pool for a while
+    if isinstance(error, sa_exc.PendingRollbackError):
+        return True  # an earlier failure left the session waiting; the retry starts a new one
+    if isinstance(error, sqlite3.Error):
+        if isinstance(error, sqlite3.OperationalError):
+            message = str(error).lower()
+            return "locked" in message or "busy" in message
+        return False
+    for driver in ("psycopg", "psycopg2"):
+        module = sys.modules.get(driver)
+        if module is not None and isinstance(error, module.Error):
+            # Connection failures, "server is shutting down / starting up", admin shutdown,
+            # serialization failures and deadlocks; not syntax, data or constraint errors.
+            return isinstance(error, (module.OperationalError, module.InterfaceError))
+    if isinstance(error, optuna.exceptions.StorageInternalError):
+        return None  # Optuna wraps every SQLAlchemy error in it: judge the cause
+    return isinstance(error, ConnectionError)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` says the database is briefly unreachable or busy, so a retry may work."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        verdict = _classify(current)
+        if verdict is not None:
+            return verdict
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of the innermost database error's message (no SQL, no parameters)."""
+    current = error
+    if isinstance(current, optuna.exceptions.StorageInternalError) and current.__cause__:
+        current = current.__cause__
+    text = str(current).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    return line or type(current).__name__
+
+
+# ---- the retry loop --------------------------------------------------------------------------
+
+
+def retry_call(
+    fn: Callable[[], T],
+    *,
+    target: str,
+    what: str,
+    seconds: float = RETRY_SECONDS,
+    on_retry: Callable[[], None] | None = None,
+) -> T:
+    """``fn()``, retried on transient storage errors for ``seconds`` after the first one.
+
+    ``target`` names the storage in messages (already redacted), ``what`` the operation.
+    ``on_retry`` runs before each retry (e.g. to drop a session bound to a dead connection).
+    Non-transient errors propagate unchanged; past the bound,
+    :class:`StorageUnavailableError` is raised from the last error.
+    """
+    attempts = 0
+    delay = FIRST_DELAY_S
+    started: float | None = None
+    while True:
+        attempts += 1
+        try:
+            result = fn()
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            now = time.monotonic()
+            if started is None:
+                started = now
+                _log.warning(
+                    "storage: %s on %s failed (%s); retrying for up to %.0f s",
+                    what,
+                    target,
+                    first_line(error),
+                    seconds,
+                )
+            elapsed = now - started
+            if elapsed >= seconds:
+                raise StorageUnavailableError(
+                    f"storage unavailable: {target}: {what} still failing after retrying for "
+                    f"{elapsed:.1f} s ({attempts} attempts): {first_line(error)}",
+                    target=target,
+                    operation=what,
+                    seconds=elapsed,
+                    reason=first_line(error),
+                ) from error
+            if on_retry is not None:
+                try:
+                    on_retry()
+                except Exception:  # noqa: BLE001 - cleanup of a broken connection may fail too
+                    _log.debug("storage: cleanup before a retry failed", exc_info=True)
+            time.sleep(min(random.uniform(delay / 2, delay), seconds - elapsed))
+            delay = min(delay * 2, MAX_DELAY_S)
+            continue
+        if started is not None:
+            _log.warning(
+                "storage: %s on %s succeeded after %.1f s (%d attempts)",
+                what,
+                target,
+                time.monotonic() - started,
+                attempts,
+            )
+        return result
+
+
+_ENGINE_RETRY_SECONDS: weakref.WeakKeyDictionary[sqlalchemy.Engine, float] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def retry_seconds_for(engine: sqlalchemy.Engine) -> float:
+    """The retry bound of the storage that owns ``engine`` (:data:`RETRY_SECONDS` if none)."""
+    return _ENGINE_RETRY_SECONDS.get(engine, RETRY_SECONDS)
+
+
+# ---- Optuna's RDB storage, retried -----------------------------------------------------------
+
+# Every RDBStorage method that reads or writes the database, public or called by Optuna's own
+# _CachedStorage / heartbeat code. Nested calls (get_best_trial -> get_trial) are retried once,
+# as a whole, by the outermost one.
+RETRIED_METHODS = (
+    # studies
+    "create_new_study",
+    "delete_study",
+    "set_study_user_attr",
+    "set_study_system_attr",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_all_studies",
+    # trials
+    "create_new_trial",
+    "_create_new_trial",
+    "set_trial_param",
+    "_set_trial_param",
+    "get_trial_id_from_study_id_trial_number",
+    "get_trial_number_from_id",
+    "get_trial_param",
+    "get_trial_params",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "get_trial_user_attrs",
+    "get_trial_system_attrs",
+    "get_trial",
+    "get_all_trials",
+    "_get_trials",
+    "get_n_trials",
+    "get_best_trial",
+    "_get_best_trial_id",
+    # heartbeat
+    "record_heartbeat",
+    "_get_stale_trial_ids",
+    # schema
+    "get_current_version",
+)
+
+
+def _retried(name: str) -> Callable[..., Any]:
+    method = getattr(optuna.storages.RDBStorage, name)
+
+    @functools.wraps(method)
+    def wrapper(self: RetryingRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        return self.retrying(name, lambda: method(self, *args, **kwargs))
+
+    return wrapper
+
+
+def _same_values(stored: Sequence[float] | None, wanted: Sequence[float] | None) -> bool:
+    if wanted is None:
+        return True
+    if stored is None or len(stored) != len(wanted):
+        return False
+    return all(
+        a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(stored, wanted, strict=True)
+    )
+
+
+class RetryingRDBStorage(optuna.storages.RDBStorage):
+    """``RDBStorage`` whose database calls ride out transient faults for ``retry_seconds``."""
+
+    def __init__(self, url: str, *args: Any, retry_seconds: float = RETRY_SECONDS, **kwargs: Any):
+        self.retry_seconds = retry_seconds
+        self.retry_target = redact(url)
+        self._local = threading.local()
+        super().__init__(url, *args, **kwargs)
+        _ENGINE_RETRY_SECONDS[self.engine] = retry_seconds
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        self._local = threading.local()
+        super().__setstate__(state)
+        _ENGINE_RETRY_SECONDS[self.engine] = self.retry_seconds
+
+    def _drop_session(self) -> None:
+        # The thread's session may hold a connection that died; start the retry afresh.
+        self.remove_session()
+
+    def retrying(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()`` retried on transient faults, unless an outer storage call already is."""
+        if getattr(self._local, "active", False):
+            return fn()
+        self._local.active = True
+        try:
+            return retry_call(
+                fn,
+                target=self.retry_target,
+                what=what,
+                seconds=self.retry_seconds,
+                on_retry=self._drop_session,
+            )
+        finally:
+            self._local.active = False
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        """As Optuna's, retried; a retry finds out whether a lost attempt had committed.
+
+        When the connection drops during the commit, the change may be stored although the
+        call failed. The retry then sees a finished trial (``UpdateFinishedTrialError``) or,
+        for WAITING -> RUNNING, a trial no longer waiting (False). If the trial already has
+        exactly the state and values asked for (and, for RUNNING, was started since this call
+        began; the claims hand each waiting trial to one process), that is this call's success.
+        """
+        began = datetime.now() - timedelta(seconds=1)
+        attempts = 0
+
+        def attempt() -> bool:
+            nonlocal attempts
+            attempts += 1
+            try:
+                changed = optuna.storages.RDBStorage.set_trial_state_values(
+                    self, trial_id, state, values
+                )
+            except optuna.exceptions.UpdateFinishedTrialError:
+                if attempts > 1 and state.is_finished():
+                    trial = self.get_trial(trial_id)
+                    if trial.state == state and _same_values(trial.values, values):
+                        return True
+                raise
+            if not changed and attempts > 1 and state == TrialState.RUNNING:
+                trial = self.get_trial(trial_id)
+                started = trial.datetime_start
+                return (
+                    trial.state == TrialState.RUNNING and started is not None and started >= began
+                )
+            return changed
+
+        return self.retrying("set_trial_state_values", attempt)
+
+
+for _name in RETRIED_METHODS:
+    setattr(RetryingRDBStorage, _name, _retried(_name))
+del _name

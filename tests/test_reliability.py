@@ -1,0 +1,297 @@
+"""Faults and misuse: nothing lost, nothing trained twice, nothing resumed that is not its own.
+
+Real SQLite files, real checkpoints, real ``search.run`` processes and real signals.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search import (
+    PRETRAIN_FILE,
+    TrialRunner,
+    load_config,
+    open_studies,
+    run_stages,
+    stage_study_name,
+    summarize,
+)
+from tests.conftest import REPO_ROOT, run_module
+
+# Tiny screens on scikit-learn's digits: every trial trains 2 epochs of 2 batches.
+TINY = [
+    "stage=screen",
+    "stages.screen.epochs=2",
+    "train.max_batches=2",
+    "search.pruner.name=none",
+    "search.space.channels.choices=[8]",
+    "train.knn_max_train=200",
+]
+
+
+def screen_trials(url: str, name: str = "quickstart") -> list[optuna.trial.FrozenTrial]:
+    study = optuna.load_study(study_name=stage_study_name(name, "screen"), storage=url)
+    return study.get_trials(deepcopy=False)
+
+
+def run_screen(tmp_path: Path, *overrides: str) -> tuple[str, list[optuna.trial.FrozenTrial]]:
+    cfg = load_config("quickstart", [f"runs_dir={tmp_path}", *TINY, *overrides])
+    url = cfg.storage or f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    studies = open_studies(cfg, url)
+    run_stages(studies, TrialRunner(cfg, device="cpu", progress=False), cfg)
+    return url, screen_trials(url, cfg.name)
+
+
+def checkpoint_of(tmp_path: Path, trial: optuna.trial.FrozenTrial) -> Path:
+    return tmp_path / "checkpoints" / trial.user_attrs["checkpoint_dir"] / PRETRAIN_FILE
+
+
+# ---- 0: a checkpoint is resumed only by the trial it belongs to ------------------------------
+
+
+def test_another_storage_with_the_same_name_and_runs_dir_trains_from_scratch(tmp_path):
+    first_url, first = run_screen(tmp_path, "stages.screen.trials=2")
+    assert all(t.state == TrialState.COMPLETE for t in first)
+    # Same study name, same runs_dir (so the same checkpoints folder), another database and
+    # other settings: before, every trial "resumed" the first study's finished checkpoints.
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    _, second = run_screen(
+        tmp_path, "stages.screen.trials=2", f"storage={other}", "train.temperature=0.9"
+    )
+    assert [t.state for t in second] == [TrialState.COMPLETE] * 2
+    for t in second:
+        assert "resumed_from_epoch" not in t.user_attrs, t.user_attrs
+        assert t.user_attrs["epochs_run"] == 2
+    assert {t.user_attrs["checkpoint_dir"] for t in second}.isdisjoint(
+        t.user_attrs["checkpoint_dir"] for t in first
+    )
+    # The first study's checkpoints are untouched.
+    assert all(checkpoint_of(tmp_path, t).is_file() for t in first)
+
+
+def test_a_deleted_database_with_kept_runs_folder_trains_from_scratch(tmp_path):
+    url, first = run_screen(tmp_path, "stages.screen.trials=1")
+    Path(url.removeprefix("sqlite:///")).unlink()
+    _, again = run_screen(tmp_path, "stages.screen.trials=1")
+    assert again[0].state == TrialState.COMPLETE
+    assert "resumed_from_epoch" not in again[0].user_attrs
+    assert again[0].user_attrs["checkpoint_dir"] != first[0].user_attrs["checkpoint_dir"]
+
+
+def _enqueue_retry_of_first_trial(url: str) -> None:
+    """Make trial #0's configuration run again as a retry of #0 (as after a killed worker)."""
+    study = optuna.load_study(study_name=stage_study_name("quickstart", "screen"), storage=url)
+    first = study.get_trials(deepcopy=True)[0]
+    first.state = TrialState.FAIL  # the callback reads only number, params, attrs
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)(study, first)
+
+
+def test_a_checkpoint_written_for_other_settings_is_set_aside_not_resumed(tmp_path):
+    url, first = run_screen(tmp_path, "stages.screen.trials=1")
+    path = checkpoint_of(tmp_path, first[0])
+    # The retry of trial #0 runs under other settings (another projection width): its folder holds a
+    # checkpoint whose fingerprint differs.
+    _enqueue_retry_of_first_trial(url)
+    cfg = load_config(
+        "quickstart",
+        [f"runs_dir={tmp_path}", *TINY, "stages.screen.trials=1", "model.projection_dim=32"],
+    )
+    run_stages(open_studies(cfg, url), TrialRunner(cfg, device="cpu", progress=False), cfg)
+    retry = screen_trials(url)[-1]
+    assert retry.state == TrialState.COMPLETE
+    assert "resumed_from_epoch" not in retry.user_attrs
+    assert "other settings" in retry.user_attrs["checkpoint_discarded"]
+    assert path.with_name(path.name + ".mismatch").is_file()
+    assert retry.user_attrs["epochs_run"] == 2
+
+
+# ---- 1: a corrupt checkpoint never loses the configuration -----------------------------------
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble", "empty"])
+def test_a_corrupt_checkpoint_is_kept_aside_and_the_trial_trains_from_epoch_0(tmp_path, damage):
+    url, first = run_screen(tmp_path, "stages.screen.trials=1")
+    path = checkpoint_of(tmp_path, first[0])
+    data = path.read_bytes()
+    path.write_bytes(
+        {"truncate": data[: len(data) // 2], "garble": os.urandom(len(data)), "empty": b""}[damage]
+    )
+    _enqueue_retry_of_first_trial(url)
+    cfg = load_config("quickstart", [f"runs_dir={tmp_path}", *TINY, "stages.screen.trials=1"])
+    studies = open_studies(cfg, url)
+    run_stages(studies, TrialRunner(cfg, device="cpu", progress=False), cfg)
+    retry = screen_trials(url)[-1]
+    assert retry.state == TrialState.COMPLETE, retry.user_attrs
+    assert retry.params == first[0].params
+    assert "unreadable" in retry.user_attrs["checkpoint_discarded"]
+    assert (
+        path.with_name(path.name + ".corrupt").read_bytes()[:16]
+        == path.with_name(path.name + ".corrupt").read_bytes()[:16]
+    )  # kept for inspection
+    assert path.is_file()  # a fresh, good checkpoint
+    assert summarize(studies, cfg)["stages"]["screen"]["without_result"] == {}
+
+
+def test_a_garbage_promoted_checkpoint_fails_the_final_with_a_reason_and_exit_1(tmp_path):
+    base = [
+        f"runs_dir={tmp_path}",
+        *[o for o in TINY if not o.startswith("stage=")],
+        "stages.screen.trials=1",
+        "stages.promote.top_k=1",
+        "stages.promote.epochs=1",
+        "train.probe.epochs=1",
+    ]
+    done = run_module(
+        "search.run", "study=quickstart", "stages.final.enabled=false", *base, "--no-progress"
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    promoted = optuna.load_study(
+        study_name=stage_study_name("quickstart", "promote"), storage=url
+    ).get_trials()[0]
+    checkpoint_of(tmp_path, promoted).write_bytes(b"not a checkpoint at all")
+    done = run_module("search.run", "study=quickstart", "stage=final", *base, "--no-progress")
+    assert done.returncode == 1, done.stdout[-2000:]
+    final = optuna.load_study(study_name=stage_study_name("quickstart", "final"), storage=url)
+    (trial,) = final.get_trials()
+    assert trial.state == TrialState.FAIL
+    assert "unreadable" in trial.user_attrs["fail_reason"]
+    assert "weights_only" not in trial.user_attrs["fail_reason"]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 1 configuration(s) ended without a result: quickstart.final#0")
+
+
+# ---- 2: no configuration proposed twice --------------------------------------------------------
+
+
+def test_a_rerun_samples_new_configurations_not_the_first_runs_again(tmp_path):
+    url, _ = run_screen(tmp_path, "stages.screen.trials=2")
+    # The same study asked for more trials, as after a crash: a new process, a new seed stream.
+    _, trials = run_screen(tmp_path, "stages.screen.trials=4")
+    params = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(trials) == 4 and len(set(params)) == 4, params
+
+
+def test_two_processes_at_once_train_distinct_configurations(tmp_path):
+    args = [
+        "study=quickstart",
+        f"runs_dir={tmp_path}",
+        *TINY,
+        "stages.screen.trials=6",
+        "search.sampler.name=random",
+        "--no-progress",
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    # Create the schema first (several processes creating tables at once collide).
+    open_studies(load_config("quickstart", [f"runs_dir={tmp_path}", *TINY]), url, seed_offset=0)
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "search.run", *args], cwd=REPO_ROOT, env=env)
+        for _ in range(2)
+    ]
+    assert [p.wait(timeout=600) for p in procs] == [0, 0]
+    trained = [t for t in screen_trials(url) if "duplicate_of" not in t.user_attrs]
+    params = [tuple(sorted(t.params.items())) for t in trained]
+    assert len(params) == 6 and len(set(params)) == 6, params
+
+
+def test_a_space_smaller_than_the_budget_skips_duplicates_and_ends(tmp_path):
+    # Three configurations in all: every parameter pinned to one choice but the optimizer.
+    space = [
+        f"search.space.{name}.choices=[{value}]"
+        for name, value in [
+            ("batch_size", 64),
+            ("adam_lr", 0.003),
+            ("sgd_lr", 0.01),
+            ("lars_lr", 0.1),
+            ("lars_warmup_epochs", 0),
+            ("temperature", 0.5),
+            ("aug_strength", 1.0),
+        ]
+    ]
+    cfg_overrides = [*TINY, "stages.screen.trials=4", "search.sampler.name=random"]
+    url, trials = run_screen(tmp_path, *cfg_overrides, *space)
+    trained = [t for t in trials if "duplicate_of" not in t.user_attrs]
+    skipped = [t for t in trials if "duplicate_of" in t.user_attrs]
+    assert len({t.params["optimizer"] for t in trained}) == len(trained) == 3
+    assert skipped and all(t.state == TrialState.PRUNED for t in skipped)
+    assert all("same configuration as trial" in t.user_attrs["prune_reason"] for t in skipped)
+    assert all(t.user_attrs.get("epochs_run") is None for t in skipped)  # nothing trained
+
+
+# ---- 6: the launcher reports failed workers and stops them on a signal ------------------------
+
+
+def test_when_every_worker_fails_the_launcher_exits_1_with_each_workers_error(tmp_path):
+    done = run_module(
+        "search.run",
+        "study=mnist_guided",
+        f"runs_dir={tmp_path}",
+        f"data.root={tmp_path / 'no-mnist-here'}",
+        "workers=2",
+        "--no-progress",
+    )
+    assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
+    line = [x for x in done.stderr.splitlines() if x.startswith("error: every worker failed")]
+    assert line, done.stderr[-2000:]
+    assert "w0:cpu" in line[0] and "w1:cpu" in line[0] and "data" in line[0]
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_sigterm_to_the_launcher_stops_its_workers_and_requeues(tmp_path, background):
+    args = [
+        "study=quickstart",
+        f"runs_dir={tmp_path}",
+        "stage=screen",
+        "workers=2",
+        "stages.screen.trials=4",
+        "stages.screen.epochs=50",
+        "search.pruner.name=none",
+        "search.space.channels.choices=[8]",
+        "--no-progress",
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+
+    def as_background_job() -> None:  # what a shell does for `cmd &`
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "search.run", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        preexec_fn=as_background_job if background else None,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    deadline = time.monotonic() + 300
+    # The marker: a checkpoint written by a running trial (it has trained an epoch).
+    while not list((tmp_path / "checkpoints").glob(f"*/trial-*/{PRETRAIN_FILE}")):
+        assert time.monotonic() < deadline and launcher.poll() is None, "no trial got going"
+        time.sleep(0.5)
+    workers = _children(launcher.pid)
+    assert len(workers) == 2
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=60) == 130
+    for pid in workers:
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        )
+    trials = screen_trials(url)
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert waiting, [(t.number, t.state) for t in trials]  # re-enqueued to resume
