@@ -67,6 +67,7 @@ _EXPORTS = {
     "WorkersFailed": "search.pool",
     # storage, as the layers above see it
     "StorageError": "search.database",
+    "StorageUnavailableError": "search.database",
     "open_storage": "search.database",
     "redact": "search.database",
 }

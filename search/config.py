@@ -15,15 +15,26 @@ Example::
 
 from __future__ import annotations
 
+import io
 import math
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from models.config import TASKS, DataConfig, ModelConfig, TrainConfig, check_run
+from models.config import (
+    MAX_EPOCHS,
+    TASKS,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    check_run,
+)
 from models.errors import UsageError
 from search.database import StorageError, check_url
 from search.naming import STAGES
@@ -40,6 +51,19 @@ TASK_METRICS = {
     "contrastive": ("knn_accuracy",),
 }
 MINIMIZED_METRICS = {"val_mae"}
+# A study's name becomes part of Optuna study names, folder names and file names.
+MAX_NAME_LENGTH = 100
+_NAME = re.compile(r"[A-Za-z0-9_-](?:[A-Za-z0-9._-]*[A-Za-z0-9_-])?")
+# Upper bounds of the search service's own numeric settings (the training settings' bounds are
+# in models.config); each message states its range.
+MAX_WORKERS = 256
+MAX_TRIALS = 100_000
+MAX_SECONDS = 86_400  # heartbeat_interval, grace_period: one day
+MAX_RETRIES = 100
+MAX_CUDA_INDEX = 1023
+# Integer ranges of a search space with at most this many values have every value checked;
+# larger ones have their two ends and the values one step inside them checked.
+_ENUMERATED_VALUES = 32
 
 
 class ConfigError(UsageError):
@@ -153,34 +177,208 @@ def study_path(study: str) -> Path:
     return path
 
 
-def _one_line(error: OmegaConfBaseException) -> str:
-    key = getattr(error, "full_key", None) or "config"
-    message = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return f"{key}: {message}"
+def printable(text: str) -> str:
+    """``text`` with control and other invisible characters escaped (``\\x1b``, ``\\n``)."""
+    return "".join(repr(c)[1:-1] if _is_control(c) else c for c in text)
+
+
+def _is_control(char: str) -> bool:
+    return unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn")
+
+
+def _has_control(text: str) -> bool:
+    return any(_is_control(c) for c in text)
+
+
+def _one_line(error: Exception, key: str | None = None) -> str:
+    key = getattr(error, "full_key", None) or key or "config"
+    lines = str(error).splitlines()
+    message = lines[0] if lines and lines[0].strip() else type(error).__name__
+    return printable(f"{key}: {message}")
+
+
+_YAML_PROBLEMS = {
+    "ScannerError": "syntax error",
+    "ParserError": "syntax error",
+    "ComposerError": "an undefined alias or several documents",
+    "ConstructorError": "a value that cannot be built",
+}
+# The ConstructorError problems that are told apart, by the start of the parser's text (the
+# rest of which may quote the file).
+_CONSTRUCTOR_PROBLEMS = {
+    "found duplicate key": "a duplicate key",
+    "could not determine a constructor": "an unsupported !tag",
+    "YAML recursive aliases": "a recursive alias",
+    "YAML node expansion exceeds": "aliases that expand too far",
+}
+
+
+def _yaml_error(path: Path, error: yaml.YAMLError) -> ConfigError:
+    """A one-line error for a YAML file that cannot be parsed. It names where, not what: the
+    file's lines are never echoed (``study=`` may point at any readable file)."""
+    where = printable(str(path))
+    if isinstance(error, yaml.reader.ReaderError):
+        return ConfigError(
+            f"study: {where} is not valid YAML: a control character or invalid byte at "
+            f"position {error.position}"
+        )
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = _YAML_PROBLEMS.get(type(error).__name__, "cannot be parsed")
+    text = str(getattr(error, "problem", None) or "")
+    for start, what in _CONSTRUCTOR_PROBLEMS.items():
+        if text.startswith(start):
+            problem = what
+    return ConfigError(f"study: {where} is not valid YAML: {problem}{at}")
+
+
+def _yaml_kind(node: yaml.Node) -> str:
+    """What a YAML node is, in words (never its content)."""
+    if isinstance(node, yaml.SequenceNode):
+        return "list"
+    kinds = {"str": "string", "int": "number", "float": "number", "bool": "boolean"}
+    tag = str(node.tag).rsplit(":", 1)[-1]
+    return "null" if tag == "null" else kinds.get(tag, "single value")
+
+
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
+def _check_keys(node: yaml.Node, where: str) -> None:
+    """Every key of the study file is a name. A key that is not (a line of some other file:
+    ``study=`` takes any path) is reported by its line, never quoted."""
+    seen: set[int] = set()
+    pending = [node]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:  # an alias: already walked
+            continue
+        seen.add(id(current))
+        if isinstance(current, yaml.MappingNode):
+            for key, value in current.value:
+                if not (isinstance(key, yaml.ScalarNode) and _KEY.fullmatch(str(key.value))):
+                    raise ConfigError(
+                        f"study: {where}: line {key.start_mark.line + 1}: keys must be names "
+                        "(letters, digits, '_' and '-'; not first a digit or '-'), found another key"
+                    )
+                pending.append(value)
+        elif isinstance(current, yaml.SequenceNode):
+            pending.extend(current.value)
+
+
+def _read_study(path: Path) -> DictConfig:
+    """The study file's settings. Any failure is one line that never quotes the file."""
+    where = printable(str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"study: {where} is not UTF-8 text") from None
+    except OSError as error:
+        raise ConfigError(f"study: cannot read {where}: {error.strerror or 'error'}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)  # the document's shape, no values
+        if node is not None and not isinstance(node, yaml.MappingNode):
+            kind = _yaml_kind(node)
+            if kind != "null":  # ``~`` alone: an empty study, as an empty file
+                raise ConfigError(f"study: {where} must hold a mapping of settings, found a {kind}")
+        if node is not None:
+            _check_keys(node, where)
+        loaded = OmegaConf.load(io.StringIO(text))
+    except yaml.YAMLError as error:
+        raise _yaml_error(path, error) from None
+    except OmegaConfBaseException as error:
+        raise ConfigError(_one_line(error, "study")) from None
+    except RecursionError:
+        raise ConfigError(f"study: {where} nests too deeply to be a study file") from None
+    if not isinstance(loaded, DictConfig):  # pragma: no cover - the node was a mapping
+        raise ConfigError(f"study: {where} must hold a mapping of settings")
+    return loaded
+
+
+def _split_override(item: str) -> tuple[str, str]:
+    """``key=value`` -> (key, value); refuses control characters and a missing ``=``."""
+    key, eq, value = item.partition("=")
+    if _has_control(item):
+        raise ConfigError(
+            f"{printable(key) if eq and key else 'override'}: control characters are not "
+            f"allowed in overrides, got {item!r}"
+        )
+    if not eq or not key.strip():
+        raise ConfigError(f"{item}: overrides take the form key=value")
+    return key, value
+
+
+def _merge_override(cfg: DictConfig, item: str) -> DictConfig:
+    key, _ = _split_override(item)
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException as error:
+        raise ConfigError(_one_line(error, key)) from None
+    except yaml.YAMLError as error:  # an unparsable value, e.g. an unclosed [
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(printable(f"{key}: cannot parse {item!r}: {first}")) from None
 
 
 def load_config(study: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Schema <- study file <- overrides, then :func:`validate`. Raises :class:`ConfigError`."""
+    """Schema <- study file <- overrides, interpolations resolved, then :func:`validate`.
+
+    Raises :class:`ConfigError`. The config returned holds no interpolation: each was
+    resolved once, here, and the result is what was validated (and what gets stored).
+    """
     path = study_path(study)
-    schema = OmegaConf.structured(StudyConfig)
-    try:
-        loaded = OmegaConf.load(path)
-    except Exception as error:  # YAML syntax errors come from the yaml package
-        raise ConfigError(f"study: cannot read {path}: {str(error).splitlines()[0]}") from error
-    if not isinstance(loaded, DictConfig):
-        raise ConfigError(f"study: {path} must hold a mapping of settings")
+    loaded = _read_study(path)
     for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(f"{item}: overrides take the form key=value")
+        _split_override(item)
     try:
-        cfg = OmegaConf.merge(schema, loaded)
+        cfg = OmegaConf.merge(OmegaConf.structured(StudyConfig), loaded)
         if OmegaConf.is_missing(cfg, "name"):
             cfg.name = path.stem
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as error:
-        raise ConfigError(_one_line(error)) from error
+        raise ConfigError(_one_line(error)) from None
+    for item in overrides:
+        cfg = _merge_override(cfg, item)
+    _resolve(cfg)
+    _check_text(OmegaConf.to_container(cfg, resolve=False))
     validate(cfg)
     return cfg
+
+
+_RESOLVE_PREFIX = re.compile(r"^\w+ raised while resolving interpolation: ")
+
+
+def _resolve(cfg: DictConfig) -> None:
+    """Resolve every ``${...}`` in place; a failure is a ConfigError naming the key."""
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "config"
+        lines = str(error).splitlines()
+        reason = _RESOLVE_PREFIX.sub("", lines[0]) if lines else type(error).__name__
+        raise ConfigError(printable(f"{key}: cannot resolve its interpolation: {reason}")) from None
+    except Exception as error:  # a resolver's own failure that OmegaConf did not wrap
+        raise ConfigError(_one_line(error)) from None
+
+
+def _check_text(value: Any, key: str = "") -> None:
+    """No control characters in any key or string of the (resolved) config, and no string
+    that is still an interpolation (a value that resolved to another ``${...}``)."""
+    if isinstance(value, dict):
+        for name, child in value.items():
+            path = f"{key}.{name}" if key else str(name)
+            if isinstance(name, str) and _has_control(name):
+                raise ConfigError(
+                    f"{printable(path)}: control characters are not allowed in keys, got {name!r}"
+                )
+            _check_text(child, path)
+    elif isinstance(value, list):
+        for i, child in enumerate(value):
+            _check_text(child, f"{key}.{i}")
+    elif isinstance(value, str) and _has_control(value):
+        raise ConfigError(f"{key}: control characters are not allowed, got {value!r}")
+    elif isinstance(value, str) and "${" in value:
+        raise ConfigError(
+            f"{key}: resolves to another interpolation {value!r}; give the value itself"
+        )
 
 
 def _allowed(cfg: DictConfig, key: str, allowed: tuple[str, ...]) -> None:
@@ -189,10 +387,10 @@ def _allowed(cfg: DictConfig, key: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}: unknown value {value!r}; allowed: {', '.join(allowed)}")
 
 
-def _at_least(cfg: DictConfig, key: str, low: float) -> None:
+def _within(cfg: DictConfig, key: str, low: int, high: int) -> None:
     value = OmegaConf.select(cfg, key)
-    if value < low:
-        raise ConfigError(f"{key}: must be >= {low}, got {value}")
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{key}: must be an integer within [{low}, {high}], got {value!r}")
 
 
 def metric_of(cfg: DictConfig) -> str:
@@ -219,8 +417,7 @@ def _validate_fields(cfg: DictConfig) -> None:
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         raise ConfigError(f"{sorted(missing)[0]}: missing value")
-    if not str(cfg.name).strip() or any(c in str(cfg.name) for c in "/\\:"):
-        raise ConfigError(f"name: {cfg.name!r} must be non-empty without / \\ or :")
+    _validate_name(cfg.name)
     # task, data.*, model.* and train.*: the rules of the training code, in models/.
     try:
         check_run(cfg.task, *to_dataclasses(cfg))
@@ -232,18 +429,21 @@ def _validate_fields(cfg: DictConfig) -> None:
     _allowed(cfg, "search.pruner.name", PRUNERS)
     if cfg.search.metric:
         _allowed(cfg, "search.metric", TASK_METRICS[cfg.task])
-    for key in (
-        "stages.screen.trials",
-        "stages.screen.epochs",
-        "stages.promote.top_k",
-        "workers",
-        "heartbeat_interval",
-        "search.pruner.min_resource",
+    for key, low, high in (
+        ("stages.screen.trials", 1, MAX_TRIALS),
+        ("stages.screen.epochs", 1, MAX_EPOCHS),
+        ("stages.promote.top_k", 1, MAX_TRIALS),
+        ("stages.promote.epochs", 0, MAX_EPOCHS),
+        ("search.sampler.n_startup_trials", 0, MAX_TRIALS),
+        ("search.pruner.min_resource", 1, MAX_EPOCHS),
+        ("search.pruner.reduction_factor", 2, 100),
+        ("search.pruner.n_startup_trials", 0, MAX_TRIALS),
+        ("workers", 1, MAX_WORKERS),
+        ("heartbeat_interval", 1, MAX_SECONDS),
+        ("grace_period", 1, MAX_SECONDS),
+        ("max_retries", 0, MAX_RETRIES),
     ):
-        _at_least(cfg, key, 1)
-    _at_least(cfg, "stages.promote.epochs", 0)
-    _at_least(cfg, "search.pruner.reduction_factor", 2)
-    _at_least(cfg, "max_retries", 0)
+        _within(cfg, key, low, high)
     if cfg.grace_period <= cfg.heartbeat_interval:
         raise ConfigError(
             f"grace_period: must exceed heartbeat_interval ({cfg.heartbeat_interval}), "
@@ -252,14 +452,31 @@ def _validate_fields(cfg: DictConfig) -> None:
     _validate_devices(cfg.devices)
 
 
+def _validate_name(name: Any) -> None:
+    """A study name: part of Optuna study, folder and file names, so a plain word."""
+    text = str(name)
+    if len(text) > MAX_NAME_LENGTH or not _NAME.fullmatch(text) or ".." in text:
+        shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}... ({len(text)} characters)"
+        raise ConfigError(
+            f"name: {shown} is not a usable study name; use 1-{MAX_NAME_LENGTH} letters, "
+            "digits, '-', '_' or '.' (not first or last, never '..'); it defaults to the study "
+            "file's name, so set name=... to choose another"
+        )
+
+
 def _validate_devices(devices: str) -> None:
     text = str(devices).strip()
     if text in ("auto", "cpu"):
         return
     parts = [p.strip() for p in text.split(",")]
-    if not parts or not all(p.isdigit() for p in parts):
+    if (
+        not parts
+        or not all(p.isascii() and p.isdigit() for p in parts)
+        or any(int(p) > MAX_CUDA_INDEX for p in parts)
+    ):
         raise ConfigError(
-            f"devices: {devices!r} is not auto, cpu or comma-separated CUDA indices like 0,1,3"
+            f"devices: {devices!r} is not auto, cpu or comma-separated CUDA indices "
+            f"(0 to {MAX_CUDA_INDEX}) like 0,1,3"
         )
 
 
@@ -269,16 +486,26 @@ def _validate_space(cfg: DictConfig) -> None:
         check_dependencies(space)  # unknown or circular ``when``
     except UsageError as error:
         raise ConfigError(str(error)) from error
+    base = to_dataclasses(cfg)  # the settings each value of the space is checked within
     for name, spec in space.items():
         key = f"search.space.{name}"
         if OmegaConf.select(cfg, spec.target, default=_ABSENT) is _ABSENT:
             raise ConfigError(f"{key}.target: {spec.target!r} is not a key of the study config")
-        if spec.target.startswith(("search.", "stages.", "storage", "stage")):
-            raise ConfigError(f"{key}.target: {spec.target!r} cannot be searched")
+        if not spec.target.startswith(SEARCHABLE):
+            raise ConfigError(
+                f"{key}.target: {spec.target!r} cannot be searched; allowed: settings under "
+                f"{', '.join(p.rstrip('.') for p in SEARCHABLE)}"
+            )
         if spec.choices is not None:
             if len(spec.choices) == 0:
                 raise ConfigError(f"{key}.choices: empty; give at least one value")
             values = list(spec.choices)
+            for value in values:  # Optuna's categorical choices are plain values
+                if value is not None and not isinstance(value, bool | int | float | str):
+                    raise ConfigError(
+                        f"{key}.choices: each choice must be a number, string, boolean or "
+                        f"null, got {OmegaConf.to_container(value)!r}"
+                    )
         else:
             if spec.type not in ("float", "int"):
                 raise ConfigError(
@@ -301,10 +528,16 @@ def _validate_space(cfg: DictConfig) -> None:
                 float(spec.low).is_integer() and float(spec.high).is_integer()
             ):
                 raise ConfigError(f"{key}: int parameters need whole-number low and high")
-            if spec.type == "int":
-                values = [int(spec.low), int(spec.high)]
-            else:
-                values = [float(spec.low), float(spec.high)]
+            if spec.step is not None and not (
+                math.isfinite(spec.step) and 0 < spec.step <= spec.high - spec.low
+            ):
+                raise ConfigError(
+                    f"{key}.step: must be a number within (0, high - low = "
+                    f"{spec.high - spec.low:g}], got {spec.step!r}"
+                )
+            if spec.type == "int" and spec.step is not None and not float(spec.step).is_integer():
+                raise ConfigError(f"{key}.step: int parameters need a whole-number step")
+            values = _range_values(spec)
         for dep, wanted in spec.when.items():  # check_dependencies: dep is another parameter
             wanted_list = list(wanted) if OmegaConf.is_list(wanted) else [wanted]
             dep_spec = space[dep]
@@ -314,22 +547,49 @@ def _validate_space(cfg: DictConfig) -> None:
                     raise ConfigError(
                         f"{key}.when.{dep}: {unknown[0]!r} is not one of {dep}'s choices"
                     )
-        # Every value the space can produce must fit the target's type and allowed values.
+        # Every value the space can produce must fit the target's type and pass the training
+        # code's rules (models.config.check_run), as if it were written in the study file.
+        section, _, rest = spec.target.partition(".")
         for value in values:
-            trial_cfg = cfg.copy()
             try:
-                OmegaConf.update(trial_cfg, spec.target, value, merge=False)
-                _validate_fields(trial_cfg)
+                part = cfg[section].copy()  # only the section the target is in: fast
+                OmegaConf.update(part, rest, value, merge=False)
+                settings = dict(zip(("data", "model", "train"), base, strict=True))
+                settings[section] = OmegaConf.to_object(part)
+                check_run(cfg.task, settings["data"], settings["model"], settings["train"])
             except OmegaConfBaseException as error:
                 raise ConfigError(
-                    f"{key}: value {value!r} does not fit {spec.target}: "
-                    f"{str(error).splitlines()[0]}"
+                    printable(
+                        f"{key}: value {value!r} does not fit {spec.target}: "
+                        f"{str(error).splitlines()[0]}"
+                    )
                 ) from error
-            except ConfigError as error:
+            except UsageError as error:
                 raise ConfigError(f"{key}: value {value!r} is not usable: {error}") from error
 
 
 _ABSENT = object()
+# What a search space may write to: the settings of one training run.
+SEARCHABLE = ("data.", "model.", "train.")
+
+
+def _range_values(spec: DictConfig) -> list[Any]:
+    """The values of a low/high range that must each pass the target's rules. Every rule is
+    an interval, so the two ends and (for a float range) a value between them, which must fit
+    the target's type, cover it; an int range's values are all checked when there are few,
+    else the ends and the values one step inside them (a rule such as odd kernel sizes)."""
+    if spec.type == "float":
+        low, high = float(spec.low), float(spec.high)
+        if spec.step is not None:
+            n = math.floor((high - low) / spec.step + 1e-8)
+            return [low, low + spec.step, low + n * spec.step]
+        inner = math.sqrt(low * high) if spec.log else low + (high - low) / 3
+        return [low, inner, high]
+    low, high, step = int(spec.low), int(spec.high), int(spec.step or 1)
+    top = low + (high - low) // step * step  # the largest value on the grid
+    if (top - low) // step < _ENUMERATED_VALUES:
+        return list(range(low, top + 1, step))
+    return [low, low + step, top - step, top]
 
 
 def resolved_paths(cfg: DictConfig) -> dict[str, Path]:

@@ -108,6 +108,7 @@ def main() -> int:
     from reporting.artifacts import make_trial_artifact_hook
     from search import (
         StageError,
+        StorageUnavailableError,
         WorkersFailed,
         install_sigterm_as_interrupt,
         open_studies,
@@ -125,6 +126,7 @@ def main() -> int:
     try:
         hook = make_trial_artifact_hook(resolved_paths(cfg)["artifacts"])
         run_workers(cfg, url, progress=not args.no_progress, hooks=[hook])
+        summary = summarize(studies, cfg)
     except KeyboardInterrupt:
         print(
             "\ninterrupted: running trials were re-enqueued; run the same command again to "
@@ -132,11 +134,14 @@ def main() -> int:
             file=sys.stderr,
         )
         return 130
+    except StorageUnavailableError as error:
+        # Its running trial is re-enqueued (or retried once its heartbeat is missed).
+        print(f"error: {error}; run the same command again once it is back", file=sys.stderr)
+        return 1
     except (StageError, WorkersFailed) as error:
         print(f"error: {error}", file=sys.stderr)
         print_summary(cfg, summarize(studies, cfg))
         return 1
-    summary = summarize(studies, cfg)
     print_summary(cfg, summary)
     lost = without_result(summary)
     if lost:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ from optuna.trial import TrialState
 
 from models.training import NonFiniteLossError
 from search.config import direction_of
+from search.database import StorageUnavailableError
 from search.naming import STAGES, STUDY_UID_ATTR, new_study_uid, stage_metric, stage_study_name
 from search.objective import TrialRunner
 from search.space import baseline_params
@@ -114,28 +116,36 @@ def open_studies(cfg: DictConfig, url: str, seed_offset: int | None = None) -> S
         max_retry=int(cfg.max_retries),
     )
     claims = Claims(storage.engine)
-    if seed_offset is None:
-        seed_offset = sampler_offset(claims, cfg.name)
     direction = direction_of(cfg)
     studies = {}
     for stage in STAGES:
-        options = {
-            "storage": storage,
-            "study_name": stage_study_name(cfg.name, stage),
-            "sampler": make_sampler(cfg, seed_offset),
-            "pruner": make_pruner(cfg) if stage == "screen" else optuna.pruners.NopPruner(),
-        }
+        name = stage_study_name(cfg.name, stage)
         try:
             study = optuna.create_study(
+                storage=storage,
+                study_name=name,
                 direction=direction if stage != "final" else "maximize",
                 load_if_exists=False,
-                **options,
             )
             study.set_user_attr(STUDY_UID_ATTR, new_study_uid())
+            # Claims left by a study of this name that was deleted (from the dashboard, say)
+            # would hold this new one up: they belong to no study now.
+            stale = claims.release_all(f"{name}/")
+            if stale:
+                warnings.warn(
+                    f"{name}: released {stale} claim(s) left by a deleted study of this name",
+                    stacklevel=2,
+                )
         except optuna.exceptions.DuplicatedStudyError:
-            study = optuna.load_study(**options)
+            study = optuna.load_study(study_name=name, storage=storage)
             _wait_for_identity(study)
         studies[stage] = study
+    # Samplers and pruners are this process's own (Study.sampler is public and settable).
+    if seed_offset is None:
+        seed_offset = sampler_offset(claims, cfg.name)
+    for stage, study in studies.items():
+        study.sampler = make_sampler(cfg, seed_offset)
+        study.pruner = make_pruner(cfg) if stage == "screen" else optuna.pruners.NopPruner()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["storage"] = redact(str(resolved["storage"])) if resolved["storage"] else ""
     for stage, study in studies.items():
@@ -232,15 +242,27 @@ def _run_one(studies: Studies, stage: str, runner: TrialRunner, max_retries: int
     try:
         study.optimize(tracked, n_trials=1, catch=(Exception,))
     except KeyboardInterrupt:
-        if started:
-            trial = next(t for t in study.get_trials(deepcopy=True) if t.number == started[0])
-            if trial.state == TrialState.FAIL:
-                trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}
-                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retries)(
-                    study, trial
-                )
+        _requeue(study, started, max_retries)
         raise
+    if started:
+        trial = next(t for t in study.get_trials(deepcopy=False) if t.number == started[0])
+        reason = str(trial.user_attrs.get("fail_reason") or "")
+        if trial.state == TrialState.FAIL and reason.startswith(StorageUnavailableError.__name__):
+            # The storage went away past the retry bound and came back in time to record it:
+            # the configuration is not at fault, so it runs again, later. This process stops.
+            _requeue(study, started, max_retries)
+            raise StorageUnavailableError(reason.split(": ", 1)[-1])
     return started[0] if started else None
+
+
+def _requeue(study: optuna.Study, started: list[int], max_retries: int) -> None:
+    """Re-enqueue the failed trial this process started, to resume from its checkpoint."""
+    if not started:
+        return
+    trial = next(t for t in study.get_trials(deepcopy=True) if t.number == started[0])
+    if trial.state == TrialState.FAIL:
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retries)(study, trial)
 
 
 def _claim_waiting(studies: Studies, stage: str) -> bool:

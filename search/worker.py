@@ -17,6 +17,7 @@ import optuna
 from reporting.artifacts import make_trial_artifact_hook
 from search import (
     StageError,
+    StorageUnavailableError,
     install_sigterm_as_interrupt,
     redact,
     resolved_paths,
@@ -60,6 +61,9 @@ def main() -> int:
             f"[{label}] interrupted: its running trial was re-enqueued and will resume", flush=True
         )
         return 130
+    except StorageUnavailableError as error:
+        print(f"[{label}] error: {error}; start the worker again once it is back", file=sys.stderr)
+        return 1
     except StageError as error:
         print(f"[{label}] error: {error}", file=sys.stderr)
         return 1

@@ -295,3 +295,57 @@ def test_sigterm_to_the_launcher_stops_its_workers_and_requeues(tmp_path, backgr
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     waiting = [t for t in trials if t.state == TrialState.WAITING]
     assert waiting, [(t.number, t.state) for t in trials]  # re-enqueued to resume
+
+
+# ---- 3: a storage fault is ridden out, not a crash or a lost trial -----------------------------
+
+
+def _restart_postgres() -> None:
+    cluster = sorted(os.listdir("/etc/postgresql"))[0]
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", "restart"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    for _ in range(120):
+        ready = subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", "5432", "-q"])
+        if ready.returncode == 0:
+            return
+        time.sleep(0.5)
+    raise AssertionError("PostgreSQL did not come back")
+
+
+@pytest.mark.postgres
+def test_a_postgres_restart_during_a_trial_is_ridden_out(tmp_path, postgres_db_url):
+    if not Path("/etc/postgresql").is_dir() or os.geteuid() != 0:
+        pytest.skip("needs the local PostgreSQL cluster and root to restart it")
+    args = [
+        "study=quickstart",
+        f"runs_dir={tmp_path}",
+        f"storage={postgres_db_url}",
+        *TINY,
+        "stages.screen.trials=2",
+        "stages.screen.epochs=6",
+        "--no-progress",
+    ]
+    run = subprocess.Popen(
+        [sys.executable, "-m", "search.run", *args],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "checkpoints").glob(f"*/trial-*/{PRETRAIN_FILE}")):
+        assert time.monotonic() < deadline and run.poll() is None, run.communicate()
+        time.sleep(0.2)
+    _restart_postgres()  # mid-trial: the first trial has trained an epoch, not six
+    out, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err[-3000:]
+    assert "Traceback" not in err
+    trials = screen_trials(postgres_db_url)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2, [
+        (t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials
+    ]
