@@ -1,6 +1,9 @@
 """Optimizers and learning-rate schedules the report tried: Adam, SGD with momentum, LARS.
 
-LARS is timm's implementation. The schedule steps once per epoch: optional LinearLR warm-up
+LARS is timm's implementation, configured as SimCLR uses it: the layer-wise trust ratio is always
+applied to weights (timm applies it only when weight decay is non-zero unless ``always_adapt``),
+and biases and normalization parameters (every 1-D parameter) are excluded from both the
+adaptation and weight decay. The schedule steps once per epoch: optional LinearLR warm-up
 (the report used 10 epochs before LARS' cosine), then CosineAnnealingLR over the remaining
 epochs, or a constant rate.
 """
@@ -30,7 +33,14 @@ def build_optimizer(
     if cfg.name == "lars":
         from timm.optim import Lars  # timm is slow to import; only LARS runs need it
 
-        return Lars(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        weights = [p for p in params if p.ndim > 1]
+        excluded = [p for p in params if p.ndim <= 1]  # biases, BatchNorm scales and shifts
+        groups = [
+            {"params": weights, "weight_decay": cfg.weight_decay, "always_adapt": True},
+            # Weight decay 0 and always_adapt False: plain SGD with momentum for these.
+            {"params": excluded, "weight_decay": 0.0, "always_adapt": False},
+        ]
+        return Lars([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.momentum)
     raise AssertionError(cfg.name)  # pragma: no cover - check_optim allows only the above
 
 
