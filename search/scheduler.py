@@ -1,0 +1,334 @@
+"""Asynchronous successive halving (ASHA) over the whole budget: the one place that decides.
+
+Li et al. 2020, "A System for Massively Parallel Hyperparameter Tuning". A trial trains to the
+first *rung*, stops there, and is continued (from its checkpoint) to the next rung as soon as it
+ranks in the top ``1/eta`` of all results recorded at its rung so far, whether or not other
+trials are still running. A worker with nothing to continue starts a new configuration until
+``max_trials`` configurations exist. Nothing here trains, reads a clock or draws a random
+number: :func:`decide` maps what is in storage (one :class:`TrialRecord` per configuration) to
+the next piece of work, so the same records always give the same decision, whatever the study
+is called, and the same code drives real workers and the simulator (``benchmarks/simulate.py``).
+
+Rules (each is tested in ``tests/test_scheduler.py``):
+
+rungs
+    :func:`rungs`: geometric from the first rung to the long budget in ``floor(log_eta(long /
+    first))`` steps (at least one), each rounded half up to whole epochs; the ratio of
+    consecutive rungs is therefore at least ``eta``. ``rungs(1, 100, 3) == [1, 3, 10, 32, 100]``.
+ranking
+    the results recorded at a rung, best first; ties go to the lower trial number; a NaN result
+    ranks last. Every recorded result counts, also those of trials that went on, are running
+    further, or failed later: a result once recorded is never taken back, so a promotion that
+    was justified stays justified.
+promotion
+    scanning from the highest-but-one rung down, the best-ranked trial that is waiting at rung
+    ``k`` (``k`` is its highest result, it is neither running nor failed, nor was it continued)
+    and whose rank is below ``floor(n_k / eta)`` is continued to the next rung.
+long budget
+    at most ``top_k`` configurations are ever continued to the last rung. Once ``top_k`` were,
+    nothing new starts and nothing else is continued: no other configuration could reach the
+    long budget any more, so further work could not change the result. A configuration that
+    failed on its way there keeps its place. ASHA promotes early (on few results), so size
+    ``top_k`` with the budget (about ``max_trials / eta ** (len(rungs) - 1)``): a smaller cap
+    fills with early promotions and ends the search before ``max_trials`` configurations ran.
+endgame
+    when no new configuration may start and nothing is running, but no configuration was sent
+    to the long budget, the best-ranked waiting trial at the highest rung that has one is
+    continued (one rung at a time), so a study always ends with a long-budget result.
+retries
+    a trial that failed mid-rung has no result at that rung. A retry continues the same
+    configuration from its checkpoint; the caller folds the attempts of one configuration into
+    one record with :func:`merge_retries` (the record keeps the original's number, which is
+    also what keys the checkpoints). A queued retry counts as running towards its rung.
+
+Example::
+
+    >>> ladder = rungs(1, 100, 3)
+    >>> ladder
+    [1, 3, 10, 32, 100]
+    >>> records = [
+    ...     TrialRecord(0, {1: 0.91}),
+    ...     TrialRecord(1, {1: 0.52}),
+    ...     TrialRecord(2, {1: 0.70}),
+    ...     TrialRecord(3, {}, running_to=1),
+    ... ]
+    >>> settings = dict(rungs=ladder, eta=3, top_k=3, max_trials=20, direction="maximize")
+    >>> decide(records, **settings)  # trial 0 ranks first of 3 results: top 1/3
+    Continue(number=0, from_rung=1, to_rung=3)
+    >>> promotion_justified(records, 0, 1, **settings)
+    True
+    >>> records[0] = TrialRecord(0, {1: 0.91}, running_to=3, promoted_to=3)
+    >>> decide(records, **settings)  # nothing else is in the top third: a new configuration
+    StartNew(to_rung=1)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+Direction = Literal["maximize", "minimize"]
+DIRECTIONS = ("maximize", "minimize")
+
+
+def rungs(first: int, long_budget: int, eta: int) -> list[int]:
+    """The rung epochs from ``first`` to ``long_budget``: geometric, rounded half up, strictly
+    increasing, ending exactly at ``long_budget``.
+
+    >>> rungs(1, 81, 3), rungs(1, 100, 3), rungs(2, 100, 3), rungs(5, 10, 3), rungs(8, 8, 3)
+    ([1, 3, 9, 27, 81], [1, 3, 10, 32, 100], [2, 7, 27, 100], [5, 10], [8])
+    """
+    if first < 1 or long_budget < first or eta < 2:
+        raise ValueError(
+            f"rungs: need 1 <= first <= long_budget and eta >= 2, "
+            f"got first={first}, long_budget={long_budget}, eta={eta}"
+        )
+    if first == long_budget:
+        return [first]
+    # The small tolerance keeps exact powers (81 / 1 with eta 3) at their whole number of steps.
+    steps = max(1, math.floor(math.log(long_budget / first, eta) + 1e-9))
+    ratio = (long_budget / first) ** (1 / steps)
+    out = [first]
+    for k in range(1, steps):
+        out.append(max(out[-1] + 1, math.floor(first * ratio**k + 0.5)))
+    out.append(long_budget)
+    return out
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """What storage says about one configuration (all attempts of it, see :func:`merge_retries`).
+
+    ``results`` maps rung epochs to the metric recorded there; ``running_to`` is the rung it is
+    training (or queued) towards, None when it is not running; ``failed`` says its last attempt
+    failed and no retry is pending; ``promoted_to`` is the highest rung it was continued to
+    (None if it never was).
+    """
+
+    number: int
+    results: Mapping[int, float] = field(default_factory=dict)
+    running_to: int | None = None
+    failed: bool = False
+    promoted_to: int | None = None
+
+    @property
+    def reached(self) -> int | None:
+        """The highest rung with a result (None before the first)."""
+        return max(self.results) if self.results else None
+
+    @property
+    def sent_to(self) -> int | None:
+        """The highest rung this configuration was ever sent to (reached or not)."""
+        rungs_ = [r for r in (self.reached, self.running_to, self.promoted_to) if r is not None]
+        return max(rungs_) if rungs_ else None
+
+    @property
+    def running(self) -> bool:
+        return self.running_to is not None and not self.failed
+
+
+@dataclass(frozen=True)
+class Continue:
+    """Continue trial ``number`` from its checkpoint at ``from_rung`` to ``to_rung`` epochs."""
+
+    number: int
+    from_rung: int
+    to_rung: int
+
+
+@dataclass(frozen=True)
+class StartNew:
+    """Start a new configuration and train it to ``to_rung`` (the first rung) epochs."""
+
+    to_rung: int
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Nothing to do now; running trials may create work when they report."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    """No work is left and nothing is running."""
+
+
+Decision = Continue | StartNew | Wait | Finished
+
+
+def merge_retries(attempts: Sequence[TrialRecord]) -> TrialRecord:
+    """One record for a configuration from its attempts, the original first, retries in order.
+
+    The record keeps the original's number; a rung's first recorded result is kept (it is what
+    earlier decisions ranked); running and failed describe the last attempt; ``promoted_to`` is
+    the highest rung any attempt was continued to. A retry that is queued but not yet picked up
+    should be given as running towards its rung, so no one else is handed its work.
+
+    >>> merge_retries([
+    ...     TrialRecord(4, {1: 0.6}, failed=True, promoted_to=3),  # died between rungs 1 and 3
+    ...     TrialRecord(9, {}, running_to=3),  # its retry, resuming from the epoch-1 checkpoint
+    ... ])
+    TrialRecord(number=4, results={1: 0.6}, running_to=3, failed=False, promoted_to=3)
+    """
+    if not attempts:
+        raise ValueError("merge_retries: no attempts")
+    results: dict[int, float] = {}
+    for attempt in attempts:
+        for rung, value in attempt.results.items():
+            results.setdefault(rung, value)
+    last = attempts[-1]
+    promoted = [a.promoted_to for a in attempts if a.promoted_to is not None]
+    return TrialRecord(
+        number=attempts[0].number,
+        results=dict(sorted(results.items())),
+        running_to=None if last.failed else last.running_to,
+        failed=last.failed,
+        promoted_to=max(promoted) if promoted else None,
+    )
+
+
+def ranking(records: Sequence[TrialRecord], rung: int, direction: Direction) -> list[int]:
+    """Numbers of the trials with a result at ``rung``, best first (ties: lower number first;
+    NaN last)."""
+    sign = -1.0 if direction == "maximize" else 1.0
+
+    def key(record: TrialRecord) -> tuple[bool, float, int]:
+        value = float(record.results[rung])
+        nan = math.isnan(value)
+        return (nan, 0.0 if nan else sign * value, record.number)
+
+    return [r.number for r in sorted((r for r in records if rung in r.results), key=key)]
+
+
+def decide(
+    records: Sequence[TrialRecord],
+    *,
+    rungs: Sequence[int],
+    eta: int,
+    top_k: int,
+    max_trials: int,
+    direction: Direction,
+) -> Decision:
+    """The next piece of work for a free worker, from the records of all configurations."""
+    plan = _Plan(records, rungs, eta, top_k, max_trials, direction)
+    if plan.long_budget_full():
+        return Wait() if plan.any_running else Finished()
+    for rung in reversed(plan.rungs[:-1]):
+        for number in plan.promotable(rung):
+            return Continue(number, rung, plan.next_rung(rung))
+    if len(plan.records) < max_trials:
+        return StartNew(plan.rungs[0])
+    if plan.any_running:
+        return Wait()
+    endgame = plan.endgame()
+    if endgame is not None:
+        number, rung = endgame
+        return Continue(number, rung, plan.next_rung(rung))
+    return Finished()
+
+
+def promotion_justified(
+    records: Sequence[TrialRecord],
+    number: int,
+    rung: int,
+    *,
+    rungs: Sequence[int],
+    eta: int,
+    top_k: int,
+    max_trials: int,
+    direction: Direction,
+) -> bool:
+    """Whether continuing trial ``number`` from ``rung`` was allowed by these records (as they
+    were when the decision was made): the promotion rule or the endgame, under the cap.
+
+    :func:`decide` picks the best of the allowed promotions; this accepts any of them.
+    """
+    plan = _Plan(records, rungs, eta, top_k, max_trials, direction)
+    if rung not in plan.rungs[:-1] or plan.long_budget_full():
+        return False
+    if number in plan.promotable(rung):
+        return True
+    return plan.endgame() == (number, rung)
+
+
+class _Plan:
+    """The records of one decision, checked and indexed."""
+
+    def __init__(
+        self,
+        records: Sequence[TrialRecord],
+        rungs: Sequence[int],
+        eta: int,
+        top_k: int,
+        max_trials: int,
+        direction: Direction,
+    ) -> None:
+        ladder = [int(r) for r in rungs]
+        if not ladder or ladder[0] < 1 or any(a >= b for a, b in itertools.pairwise(ladder)):
+            raise ValueError(f"rungs: need positive, strictly increasing epochs, got {ladder}")
+        if eta < 2 or top_k < 1 or max_trials < 0:
+            raise ValueError(
+                f"need eta >= 2, top_k >= 1, max_trials >= 0; got {eta}, {top_k}, {max_trials}"
+            )
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction: {direction!r}; allowed: {', '.join(DIRECTIONS)}")
+        allowed = {*ladder, None}
+        for r in records:
+            if not (allowed.issuperset(r.results) and {r.running_to, r.promoted_to} <= allowed):
+                raise ValueError(f"trial {r.number}: a rung in {r} is not one of {ladder}")
+        self.records = list(records)
+        self.rungs = ladder
+        self.eta = eta
+        self.top_k = top_k
+        self.max_trials = max_trials
+        self.direction = direction
+        self.by_number = {r.number: r for r in self.records}
+        if len(self.by_number) < len(self.records):
+            raise ValueError("more than one record for a trial number (see merge_retries)")
+        self.any_running = any(r.running for r in self.records)
+        last = ladder[-1]
+        self.admitted = (
+            sum(last in r.results or last in (r.running_to, r.promoted_to) for r in self.records)
+            if len(ladder) > 1
+            else 0
+        )  # configurations sent to the long budget (one rung: nothing is ever continued)
+
+    def next_rung(self, rung: int) -> int:
+        return self.rungs[self.rungs.index(rung) + 1]
+
+    def waiting_at(self, record: TrialRecord, rung: int) -> bool:
+        """Stopped at ``rung`` with a result there, free to be continued."""
+        return (
+            record.reached == rung
+            and not record.running
+            and not record.failed
+            and (record.promoted_to is None or record.promoted_to <= rung)
+        )
+
+    def long_budget_full(self) -> bool:
+        return self.admitted >= self.top_k
+
+    def promotable(self, rung: int) -> list[int]:
+        """Trials waiting at ``rung`` that rank in its top ``floor(n / eta)``, best first."""
+        ranked = ranking(self.records, rung, self.direction)
+        top = ranked[: len(ranked) // self.eta]
+        return [n for n in top if self.waiting_at(self.by_number[n], rung)]
+
+    def endgame(self) -> tuple[int, int] | None:
+        """(number, rung) to continue when nothing else can happen but the long budget is
+        empty: the best waiting trial at the highest rung that has one."""
+        if (
+            len(self.rungs) < 2
+            or len(self.records) < self.max_trials
+            or self.any_running
+            or self.admitted
+        ):
+            return None
+        for rung in reversed(self.rungs[:-1]):
+            for number in ranking(self.records, rung, self.direction):
+                if self.waiting_at(self.by_number[number], rung):
+                    return number, rung
+        return None
