@@ -179,11 +179,15 @@ class Run:
         return torch.cat(out) if out else torch.empty(0, self.nets.latent_dim, device=self.device)
 
     @torch.inference_mode()
-    def knn_accuracy(self) -> float:
-        """Fraction of validation images whose k nearest train embeddings (cosine) vote right."""
-        bank = F.normalize(self.embed(self.splits.train_x[self.knn_bank]), dim=1)
+    def knn_accuracy(self, features: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+        """Fraction of validation images whose k nearest train embeddings (cosine) vote right.
+
+        ``features`` maps uint8 images to vectors; the encoder's latents by default.
+        """
+        features = features or self.embed
+        bank = F.normalize(features(self.splits.train_x[self.knn_bank]), dim=1)
         bank_labels = self.splits.train_y[self.knn_bank]
-        queries = F.normalize(self.embed(self.splits.val_x), dim=1)
+        queries = F.normalize(features(self.splits.val_x), dim=1)
         k = min(self.cfg.knn_k, len(bank))
         correct = 0
         for start in range(0, len(queries), EVAL_BATCH):
@@ -192,6 +196,20 @@ class Run:
             votes.scatter_add_(1, bank_labels[idx], (sims / 0.1).exp())
             correct += (votes.argmax(1) == self.splits.val_y[start : start + EVAL_BATCH]).sum()
         return float(correct) / max(len(queries), 1)
+
+    @torch.inference_mode()
+    def pixels(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """The images as the network sees them (normalized), flattened: the raw-pixel baseline."""
+        flat = [self.prepare_images(c).float().flatten(1) for c in self._chunks(x_uint8)]
+        return torch.cat(flat) if flat else torch.empty(0, 0, device=self.device)
+
+    def baselines(self) -> dict[str, float]:
+        """What a result must beat, on this run's split: kNN accuracy of the raw pixels and of
+        the encoder as it is now (call it before training: the untrained encoder)."""
+        return {
+            "raw_pixels_knn_accuracy": self.knn_accuracy(self.pixels),
+            "untrained_encoder_knn_accuracy": self.knn_accuracy(),
+        }
 
     @torch.inference_mode()
     def accuracy(self, x_uint8: torch.Tensor, y: torch.Tensor) -> float:

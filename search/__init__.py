@@ -48,6 +48,7 @@ _EXPORTS = {
     "distribution": "search.space",
     "ordered": "search.space",
     # stages and trials
+    "BASELINES_ATTR": "search.stages",
     "StageError": "search.stages",
     "Studies": "search.stages",
     "delete_stage_studies": "search.stages",

@@ -102,6 +102,15 @@ class TrialRunner:
             study.set_user_attr(STUDY_UID_ATTR, uid)
         return trial_dir_relative(study.study_name, str(uid), number)
 
+    def baselines(self) -> dict[str, float]:
+        """The study's baselines on its validation split: raw pixels and its own (the report's)
+        configuration's encoder untrained, both scored by kNN accuracy."""
+        run = self._make_run(self.cfg, None, None)
+        try:
+            return run.baselines()
+        finally:
+            self._release(run)
+
     def objective(self, stage: str) -> Callable[[optuna.Trial], float]:
         """The Optuna objective of ``stage`` (screen, promote or final)."""
         return {"screen": self.screen, "promote": self.promote, "final": self.final}[stage]
@@ -166,7 +175,7 @@ class TrialRunner:
         if "fail_reason" in trial.user_attrs:  # inherited by a retry from its original
             trial.set_user_attr("fail_reason", None)
 
-    def _make_run(self, tcfg: DictConfig, ckpt_dir: Path, fingerprint: str) -> Run:
+    def _make_run(self, tcfg: DictConfig, ckpt_dir: Path | None, fingerprint: str | None) -> Run:
         _, model_cfg, train_cfg = to_dataclasses(tcfg)
         train_cfg.device = self.device
         train_cfg.progress = self.progress

@@ -338,6 +338,19 @@ def _enqueue_once(
         time.sleep(POLL_S)
 
 
+BASELINES_ATTR = "baselines"  # the screen study's user attr: what a result must beat
+
+
+def record_baselines(studies: Studies, runner: TrialRunner) -> None:
+    """Score the study's baselines once (one process, by claim) into the screen study's attrs,
+    where the dashboard shows them and the report reads them."""
+    screen = studies.screen
+    if BASELINES_ATTR in screen.user_attrs:
+        return
+    if studies.claims.take(f"{screen.study_name}/baselines"):
+        screen.set_user_attr(BASELINES_ATTR, runner.baselines())
+
+
 def run_screen(
     studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial: TrialDone | None = None
 ) -> None:
@@ -350,6 +363,7 @@ def run_screen(
         return 1
 
     _enqueue_once(studies, f"{screen.study_name}/baseline", enqueue_baseline, screen)
+    record_baselines(studies, runner)
     # The waiting baseline is one of the screen's trials: the rest are new samples.
     _drain(
         studies,
