@@ -25,6 +25,7 @@ import optuna
 from omegaconf import DictConfig
 from optuna.trial import FrozenTrial, TrialState
 
+from models.errors import UsageError
 from reporting import figures, markdown
 from reporting.artifacts import final_figures
 from reporting.store import (
@@ -34,12 +35,28 @@ from reporting.store import (
     source_trial,
     stage_studies,
     stored_config,
+    unsafe_name_reason,
 )
 from reporting.tables import TASK_ORDER, pruning_savings, state_counts, trials_frame
 from search import apply, metric_of, resolved_paths, top_trials
 
 # Test images per t-SNE panel of the written report, at most (``--tsne-points``).
 REPORT_TSNE_POINTS = 2000
+
+
+def output_path(out_dir: Path, name: str, suffix: str) -> Path:
+    """``out_dir/NAME+suffix``; a UsageError naming ``study`` when it would leave ``out_dir``.
+
+    Study names come from storage, where anyone with access can rename a study (to
+    ``../../outside``, say): every report file name is checked here before it is written.
+    """
+    reason = unsafe_name_reason(name)
+    path = out_dir / f"{name}{suffix}"
+    if reason is None and path.resolve().parent != out_dir.resolve():
+        reason = f"{path.name} would be written outside {out_dir}"
+    if reason is not None:
+        raise UsageError(f"study: {name!r} cannot name report files: {reason}")
+    return path
 
 
 @dataclass
@@ -56,7 +73,7 @@ class MarkdownDocument:
 
     def figure(self, fig: Any, suffix: str, caption: str) -> None:
         """Save ``fig`` as ``NAME-suffix.png`` beside the document and link it."""
-        path = figures.save_png(fig, self.out_dir / f"{self.name}-{suffix}.png")
+        path = figures.save_png(fig, output_path(self.out_dir, self.name, f"-{suffix}.png"))
         self.files.append(path)
         self.add(f"![{caption}]({path.name})", "")
 
@@ -287,9 +304,17 @@ def write_report(
     tsne_points: int = REPORT_TSNE_POINTS,
     device: str = "auto",
 ) -> MarkdownDocument:
-    """Write the report of study ``name``; returns the document, with every file written."""
+    """Write the report of study ``name``; returns the document, with every file written.
+
+    Raises UsageError (``study: ...``) before writing anything when ``name`` cannot name files
+    inside ``out_dir`` (see :func:`output_path`).
+    """
+    reason = unsafe_name_reason(name)  # before reading storage; output_path checks the paths
+    if reason is not None:
+        raise UsageError(f"study: {name!r} cannot name report files: {reason}")
     cfg = stored_config(storage, name, overrides, url)
     out_dir = Path(out_dir) if out_dir else resolved_paths(cfg)["runs"] / "report"
+    csv_path, md_path = output_path(out_dir, name, "-trials.csv"), output_path(out_dir, name, ".md")
     out_dir.mkdir(parents=True, exist_ok=True)
     studies = stage_studies(storage, name)
     doc = MarkdownDocument(name, out_dir)
@@ -297,7 +322,6 @@ def write_report(
     final = finals[0] if finals else None
 
     frame = trials_frame(studies)
-    csv_path = out_dir / f"{name}-trials.csv"
     frame.to_csv(csv_path, index=False)
 
     doc.add(*markdown.heading(name, cfg, url), "")
@@ -315,7 +339,6 @@ def write_report(
     model_figures(doc, cfg, final, sources)
     doc.add("## Per-trial figures", "")
     doc.add(*markdown.dashboard_pointer(url, resolved_paths(cfg)["artifacts"]), "")
-    md_path = out_dir / f"{name}.md"
     md_path.write_text(doc.text())
     doc.files[:0] = [md_path, csv_path]
     return doc

@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -101,10 +102,45 @@ def open_existing_storage(url: str) -> optuna.storages.BaseStorage:
     return open_storage(url)
 
 
+def unsafe_name_reason(name: str) -> str | None:
+    """Why study ``name`` cannot name report files (``NAME.md`` ...), or None when it can.
+
+    A name found in storage is not checked by the config's name rule: optuna-dashboard (with
+    ``--allow-edits``) or any Optuna client can rename a study to ``../../outside``. A usable
+    name is a single file name: no path separator, no NUL or other control character, not
+    ``.`` or ``..``.
+    """
+    if not name:
+        return "it is empty"
+    if any(sep in name for sep in ("/", "\\")):
+        return "it holds a path separator, so its files would leave the report folder"
+    if name in (".", ".."):
+        return "it names a folder, not a file"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "it holds a control character"
+    return None
+
+
+_log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
 def study_names(storage: optuna.storages.BaseStorage) -> list[str]:
-    """Names of the studies (``<name>`` of ``<name>.screen`` etc.) held in ``storage``."""
+    """Names of the studies (``<name>`` of ``<name>.screen`` etc.) held in ``storage``.
+
+    Names that cannot name report files (:func:`unsafe_name_reason`) are left out, each with a
+    one-line warning on stderr (once per process).
+    """
     parts = (split_study_name(s.study_name) for s in storage.get_all_studies())
-    return sorted({p[0] for p in parts if p is not None})
+    names = sorted({p[0] for p in parts if p is not None})
+    for name in names:
+        reason = unsafe_name_reason(name)
+        if reason is not None and name not in _warned:
+            _warned.add(name)
+            # No handler is configured below the CLI: logging's last resort prints the message
+            # alone, one line on stderr.
+            _log.warning("warning: study: skipping %r in storage: %s", name, reason)
+    return [name for name in names if unsafe_name_reason(name) is None]
 
 
 def stored_config(
@@ -212,7 +248,14 @@ def final_checkpoint_paths(cfg: DictConfig, final: FrozenTrial) -> tuple[Path, P
             "(run by an older version of the search?)"
         )
     source = checkpoints / str(attrs["source_checkpoint_dir"]) / PRETRAIN_FILE
-    return source, checkpoints / str(attrs["checkpoint_dir"]) / PROBE_FILE
+    probe = checkpoints / str(attrs["checkpoint_dir"]) / PROBE_FILE
+    for path in (source, probe):
+        if not path.resolve().is_relative_to(checkpoints.resolve()):
+            raise FileNotFoundError(
+                f"final trial #{final.number} records a checkpoint folder outside "
+                f"{checkpoints}: {path.parent}"
+            )
+    return source, probe
 
 
 def rebuild_final_run(

@@ -54,12 +54,48 @@ class StorageUnavailableError(RuntimeError):
         self.reason = reason
 
 
+# Query parameters that carry a secret (matched case-insensitively): a name containing one of
+# these words, or ending in "key" (``api_key``, ``sslkey``, ``private_key``). libpq reads
+# ``password`` and ``sslpassword`` from the query as readily as from ``user:password@``.
+SECRET_QUERY_WORDS = ("password", "passwd", "passphrase", "pwd", "secret", "token", "credential")
+MASK = "***"
+# Rendered in place of a masked query value, then replaced by MASK: SQLAlchemy would otherwise
+# percent-encode the asterisks (``%2A%2A%2A``).
+_MASK_PLACEHOLDER = "MASKED0000000000000000"
+
+
+def is_secret_query_key(key: str) -> bool:
+    """Whether a URL query parameter named ``key`` holds a secret (its value is masked)."""
+    name = key.strip().lower()
+    return any(word in name for word in SECRET_QUERY_WORDS) or name.endswith("key")
+
+
 def redact(url: str) -> str:
-    """The URL with any password replaced by ``***``."""
+    """The URL with every secret replaced by ``***``.
+
+    Masks the password of ``user:password@`` and the value of every secret query parameter
+    (``?password=``, ``?sslpassword=``, ``?token=``, ...; see :func:`is_secret_query_key`). An
+    unparsable URL is shown as ``<unparsable storage URL>``, since what part of it is a
+    password cannot be told.
+    """
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except (ArgumentError, ValueError):
         return "<unparsable storage URL>"
+    secret = {key: _MASK_PLACEHOLDER for key in parsed.query if is_secret_query_key(key)}
+    if secret:
+        parsed = parsed.update_query_dict(secret)
+    shown = parsed.render_as_string(hide_password=True)
+    return shown.replace(_MASK_PLACEHOLDER, MASK) if secret else shown
+
+
+def has_secret(url: str) -> bool:
+    """Whether ``url`` holds a password or another secret that :func:`redact` masks."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return True  # cannot tell: treat it as secret
+    return parsed.password is not None or any(is_secret_query_key(k) for k in parsed.query)
 
 
 def check_url(url: str) -> sqlalchemy.engine.URL:

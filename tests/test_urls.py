@@ -1,0 +1,213 @@
+"""storage.urls: parsing storage URLs, refusing unsupported ones, never showing a password."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import optuna
+import pytest
+from sqlalchemy.engine import make_url
+
+from storage.urls import SUPPORTED, StorageError, check_url, open_storage, redact
+
+SECRET = "s3cret"
+
+
+# ---- parsing -------------------------------------------------------------------------------
+
+
+def test_postgres_url_is_parsed_into_its_parts():
+    parsed = check_url(f"postgresql+psycopg://alice:{SECRET}@db.example:6543/studies")
+    assert parsed.get_backend_name() == "postgresql"
+    assert parsed.drivername == "postgresql+psycopg"
+    assert (parsed.username, parsed.password) == ("alice", SECRET)
+    assert (parsed.host, parsed.port, parsed.database) == ("db.example", 6543, "studies")
+    assert SECRET not in str(parsed)  # printing the parsed URL hides the password too
+
+
+def test_supported_backends_are_sqlite_and_postgresql():
+    assert set(SUPPORTED) == {"sqlite", "postgresql"}
+    assert issubclass(StorageError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "url,backend",
+    [
+        (f"mysql://bob:{SECRET}@h/db", "mysql"),
+        (f"mysql+pymysql://bob:{SECRET}@h:3306/db", "mysql"),
+        (f"mssql+pyodbc://bob:{SECRET}@h/db", "mssql"),
+        (f"oracle://bob:{SECRET}@h/db", "oracle"),
+        ("redis://localhost:6379/0", "redis"),
+    ],
+)
+def test_unsupported_backends_are_refused_by_name(url, backend):
+    with pytest.raises(StorageError) as raised:
+        check_url(url)
+    message = str(raised.value)
+    assert message.startswith("storage: unsupported database")
+    assert repr(backend) in message and "allowed: sqlite, postgresql" in message
+    assert SECRET not in message and "\n" not in message
+
+
+def test_unknown_driver_of_a_supported_backend_is_refused():
+    with pytest.raises(StorageError, match=r"no driver for 'postgresql\+nosuch'") as raised:
+        check_url(f"postgresql+nosuch://bob:{SECRET}@h/db")
+    assert SECRET not in str(raised.value)
+    assert "bob:***@h" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["", "not a url", "runs/ssl-search.db", f"postgresql+psycopg://alice:{SECRET}@db:port/x"],
+)
+def test_unparsable_urls_are_refused_with_an_example_and_no_password(url):
+    with pytest.raises(StorageError, match="^storage: cannot parse") as raised:
+        check_url(url)
+    message = str(raised.value)
+    assert "sqlite:///runs/ssl-search.db" in message  # shows what a good one looks like
+    assert SECRET not in message
+
+
+# ---- hiding passwords ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url,expected",
+    [
+        (
+            f"postgresql+psycopg://alice:{SECRET}@db.example:5432/studies",
+            "postgresql+psycopg://alice:***@db.example:5432/studies",
+        ),
+        (f"postgresql+psycopg://alice:{SECRET}@db/x", "postgresql+psycopg://alice:***@db/x"),
+        (f"postgresql://:{SECRET}@db/x", "postgresql://:***@db/x"),  # password, no user
+        # Percent-encoded characters in the password (here '@' and ':').
+        ("postgresql+psycopg://alice:p%40ss%3Aw0rd@db/x", "postgresql+psycopg://alice:***@db/x"),
+        (f"mysql://bob:{SECRET}@h/db", "mysql://bob:***@h/db"),  # any backend, even refused ones
+        # A Unix socket given in the query keeps its path.
+        (
+            f"postgresql+psycopg://alice:{SECRET}@/x?host=/run/postgresql",
+            "postgresql+psycopg://alice:***@/x?host=%2Frun%2Fpostgresql",
+        ),
+    ],
+)
+def test_redact_masks_the_password(url, expected):
+    shown = redact(url)
+    assert shown == expected
+    for secret in (SECRET, "p%40ss", "p@ss", "w0rd"):
+        assert secret not in shown
+    assert make_url(shown).password == "***"  # still a URL, with the mask as its password
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://postgres@127.0.0.1:5432/test",
+        "postgresql+psycopg://db.example/studies",
+        "sqlite:///runs/ssl-search.db",
+        "sqlite:////abs/path/ssl-search.db",
+    ],
+)
+def test_redact_leaves_urls_without_a_password_alone(url):
+    assert redact(url) == url
+
+
+@pytest.mark.parametrize("url", ["", "not a url", f"postgresql+psycopg://alice:{SECRET}@db:port/x"])
+def test_redact_of_an_unparsable_url_shows_nothing_of_it(url):
+    assert redact(url) == "<unparsable storage URL>"
+
+
+def test_redact_masks_a_password_given_as_a_query_parameter():
+    shown = redact(f"postgresql+psycopg://alice@db/x?password={SECRET}&sslmode=require")
+    assert SECRET not in shown
+    assert "sslmode=require" in shown
+
+
+def test_errors_about_a_url_never_show_its_password(tmp_path):
+    # Port 1 on the loopback refuses at once: the connection error names the URL, masked.
+    with pytest.raises(StorageError, match="^storage: cannot connect to") as raised:
+        open_storage(f"postgresql+psycopg://alice:{SECRET}@127.0.0.1:1/nowhere")
+    message = str(raised.value)
+    assert SECRET not in message and "alice:***@127.0.0.1:1/nowhere" in message
+    assert "\n" not in message
+
+
+# ---- SQLite paths --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_in_memory_sqlite_is_refused(url):
+    with pytest.raises(StorageError, match="in-memory SQLite database cannot be shared"):
+        check_url(url)
+
+
+def test_sqlite_relative_and_absolute_paths(tmp_path):
+    assert check_url("sqlite:///runs/ssl-search.db").database == "runs/ssl-search.db"
+    absolute = tmp_path / "a" / "b.db"
+    assert check_url(f"sqlite:///{absolute}").database == str(absolute)
+    assert str(absolute).startswith("/")  # so the URL above had four slashes
+
+
+def test_checking_a_sqlite_url_creates_nothing(tmp_path):
+    deep = tmp_path / "not" / "yet" / "there" / "study.db"
+    check_url(f"sqlite:///{deep}")  # a missing folder is fine: opening will create it
+    assert not (tmp_path / "not").exists()
+
+
+def test_sqlite_under_a_file_is_refused(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(StorageError, match="cannot create a database under"):
+        check_url(f"sqlite:///{blocker / 'sub' / 'study.db'}")
+
+
+def test_opening_sqlite_creates_the_folders_in_wal_mode(tmp_path):
+    path = tmp_path / "new" / "folder" / "study.db"
+    storage = open_storage(f"sqlite:///{path}", heartbeat_interval=5, grace_period=30)
+    assert path.is_file()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert storage.get_heartbeat_interval() == 5
+    study = optuna.create_study(storage=storage, study_name="s")
+    assert optuna.load_study(study_name="s", storage=f"sqlite:///{path}")._study_id == (
+        study._study_id
+    )
+    storage.engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_several_openers_at_once_on_an_empty_database(backend, tmp_path: Path, request):
+    """Workers starting together all create Optuna's schema; every one of them succeeds."""
+    url = (
+        request.getfixturevalue("postgres_db_url")
+        if backend == "postgres"
+        else f"sqlite:///{tmp_path / 'empty.db'}"
+    )
+    count = 4
+    barrier = threading.Barrier(count)
+    opened: list[optuna.storages.RDBStorage] = []
+    errors: list[BaseException] = []
+
+    def open_one() -> None:
+        try:
+            barrier.wait(timeout=60)
+            opened.append(open_storage(url))
+        except BaseException as error:  # noqa: BLE001 - reported in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=open_one) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    try:
+        assert not errors, errors
+        assert len(opened) == count
+        optuna.create_study(storage=opened[0], study_name="shared")
+        assert [s.study_name for s in optuna.get_all_study_summaries(opened[-1])] == ["shared"]
+    finally:
+        for storage in opened:
+            storage.engine.dispose()
