@@ -50,6 +50,7 @@ from benchmarks._common import (
     parse_options,
     table,
 )
+from search.database import STORAGE_ENV
 
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 GOAL = 0.02
@@ -194,7 +195,8 @@ def run_config(storage: str, workers: int, opts: dict[str, Any]) -> Result:
         "stage=screen",
         f"workers={workers}",
         "devices=cpu",
-        f"storage={url}",
+        # The URL (maybe with a password) travels in the environment, not on the command line.
+        "storage=${oc.env:" + STORAGE_ENV + "}",
         f"name={name}",
         f"runs_dir={folder}",
         "--no-progress",
@@ -203,9 +205,10 @@ def run_config(storage: str, workers: int, opts: dict[str, Any]) -> Result:
     launch = datetime.now().astimezone()
     started = time.perf_counter()
     sink = subprocess.DEVNULL if opts["quiet"] else sys.stderr
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=sink, stderr=sink, env=child_env(opts))
+    env = dict(child_env(opts), **{STORAGE_ENV: url})
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=sink, stderr=sink, env=env)
     wall = time.perf_counter() - started
-    result = Result(storage, workers, cmd, wall)
+    result = Result(storage, workers, cmd, wall)  # cmd holds no password (see above)
     try:
         if proc.returncode != 0:
             result.error = f"search.run exited with code {proc.returncode}"

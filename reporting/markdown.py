@@ -154,11 +154,12 @@ def csv_pointer(csv_name: str) -> list[str]:
     ]
 
 
-def dashboard_pointer(url: str, artifacts_dir: Any) -> list[str]:
+def dashboard_pointer(name: str, url: str, artifacts_dir: Any) -> list[str]:
     """Where every trial's own figures are, and the command that shows them."""
     return [
         "Every trial's learning curves (and, for autoencoders, validation reconstructions) are "
-        "in Optuna's artifact store; browse them with",
+        "in Optuna's artifact store; browse them (read-only, on this machine) with",
         "",
-        f"    optuna-dashboard {redact(url)} --artifact-dir {artifacts_dir}",
+        f"    python -m search.dashboard study={name} storage={redact(url)} "
+        f"artifacts_dir={artifacts_dir}",
     ]

@@ -338,7 +338,7 @@ def write_report(
     sources = FigureSources(storage, url, overrides, tsne_points, device)
     model_figures(doc, cfg, final, sources)
     doc.add("## Per-trial figures", "")
-    doc.add(*markdown.dashboard_pointer(url, resolved_paths(cfg)["artifacts"]), "")
+    doc.add(*markdown.dashboard_pointer(name, url, resolved_paths(cfg)["artifacts"]), "")
     md_path.write_text(doc.text())
     doc.files[:0] = [md_path, csv_path]
     return doc
