@@ -10,7 +10,8 @@ Each rule on these settings lives here, once: ``check_data``, ``check_model``,
 ``check_optim``, ``check_train`` (and :func:`check_run` for all of them) raise a
 :class:`~models.errors.SettingError` or :class:`~models.errors.DataError` whose one-line message
 starts with the setting's dotted key. The training code calls them on what it is given, and
-``search.config.validate`` calls them when a study file is loaded.
+``search.config.validate`` calls them when a study file is loaded. Every number has a stated
+range (``MAX_*`` below, named in the message), so a typo is refused before a study is stored.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from models.errors import DataError, SettingError, UsageError
@@ -44,6 +46,19 @@ DATASET_FAMILY: dict[str, str | None] = {
 DEFAULT_ENCODER_KERNELS: dict[str, tuple[int, ...]] = {"mnist": (7, 7, 5), "cifar": (7, 7, 5)}
 DEFAULT_DECODER_KERNELS: dict[str, tuple[int, ...]] = {"mnist": (7, 7, 5), "cifar": (5, 7, 7, 7)}
 MIN_AUG_STRENGTH, MAX_AUG_STRENGTH = 0.0, 2.0
+# Upper bounds of the numeric settings: far above any useful value, low enough that a typo
+# (an extra zero, a stray exponent) is refused when the study is loaded instead of failing
+# every trial (or exhausting memory) once it is stored.
+MAX_WIDTH = 4096  # model.channels, latent_dim, projection_dim
+MAX_KERNEL_SIZE = 31  # the images are 28x28 or 32x32
+MAX_EPOCHS = 10_000  # train.epochs, train.probe.epochs, warm-up epochs
+MAX_BATCH_SIZE = 65_536
+MAX_LR = 100.0
+MAX_WEIGHT_DECAY = 1.0
+MAX_TEMPERATURE = 100.0
+SEED_LIMIT = 2**32  # seeds lie in [0, 2**32), what NumPy and torch accept everywhere
+MAX_SAMPLES = 10**9  # data.*_subset, train.knn_max_train, train.max_batches
+MAX_KNN_K = 10_000
 
 
 @dataclass
@@ -133,23 +148,62 @@ def check_choice(
     return value
 
 
-def check_int(value: Any, key: str, low: int, error: type[UsageError] = SettingError) -> int:
-    """An integer (not a bool) of at least ``low``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise error(f"{key}: must be an integer >= {low}, got {value!r}")
+def check_int(
+    value: Any,
+    key: str,
+    low: int,
+    error: type[UsageError] = SettingError,
+    *,
+    high: int | None = None,
+) -> int:
+    """An integer (not a bool) of at least ``low`` and, when given, at most ``high``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        ok = False
+    else:
+        ok = value >= low and (high is None or value <= high)
+    if not ok:
+        wanted = f">= {low}" if high is None else f"within [{low}, {high}]"
+        raise error(f"{key}: must be an integer {wanted}, got {value!r}")
     return value
 
 
-def check_positive(value: Any, key: str) -> float:
-    """A finite number > 0 (a learning rate, a temperature)."""
-    if not _is_number(value) or not math.isfinite(value) or value <= 0:
-        raise SettingError(f"{key}: must be a positive finite number, got {value!r}")
+def check_seed(value: Any, key: str, error: type[UsageError] = SettingError) -> int:
+    """A random seed: an integer in [0, 2**32)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+        raise error(f"{key}: must be an integer seed in [0, 2**32), got {value!r}")
+    return value
+
+
+def check_positive(value: Any, key: str, high: float | None = None) -> float:
+    """A finite number > 0 (a learning rate, a temperature), at most ``high`` when given."""
+    if (
+        not _is_number(value)
+        or not math.isfinite(value)
+        or value <= 0
+        or (high is not None and value > high)
+    ):
+        wanted = "a positive finite number" if high is None else f"a number within (0, {high:g}]"
+        raise SettingError(f"{key}: must be {wanted}, got {value!r}")
     return float(value)
 
 
-def check_non_negative(value: Any, key: str) -> float:
-    if not _is_number(value) or not math.isfinite(value) or value < 0:
-        raise SettingError(f"{key}: must be a finite number >= 0, got {value!r}")
+def check_non_negative(value: Any, key: str, high: float | None = None) -> float:
+    """A finite number >= 0, at most ``high`` when given."""
+    if (
+        not _is_number(value)
+        or not math.isfinite(value)
+        or value < 0
+        or (high is not None and value > high)
+    ):
+        wanted = "a finite number >= 0" if high is None else f"a number within [0, {high:g}]"
+        raise SettingError(f"{key}: must be {wanted}, got {value!r}")
+    return float(value)
+
+
+def check_momentum(value: Any, key: str) -> float:
+    """A momentum (SGD, LARS): a number in [0, 1); 1 or more never forgets and diverges."""
+    if not _is_number(value) or not 0.0 <= value < 1.0:  # also rejects NaN
+        raise SettingError(f"{key}: momentum must be a number in [0, 1), got {value!r}")
     return float(value)
 
 
@@ -165,8 +219,8 @@ def check_family(family: Any, key: str = "family") -> str:
 
 
 def check_kernels(kernels: Any, count: int | None, key: str, family: str | None) -> tuple[int, ...]:
-    """Odd positive kernel sizes ("same" padding keeps the spatial size only for odd ones);
-    exactly ``count`` of them unless ``count`` is None."""
+    """Odd positive kernel sizes ("same" padding keeps the spatial size only for odd ones) of at
+    most MAX_KERNEL_SIZE; exactly ``count`` of them unless ``count`` is None."""
     if isinstance(kernels, str | bytes) or not isinstance(kernels, Sequence):
         what = "a list of kernel sizes" if count is None else f"a list of {count} kernel sizes"
         raise SettingError(f"{key}: must be {what}, got {kernels!r}")
@@ -176,19 +230,34 @@ def check_kernels(kernels: Any, count: int | None, key: str, family: str | None)
         # bool is an int subclass; True as a kernel size is a typo, not a choice.
         if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise SettingError(f"{key}[{i}]: kernel sizes must be odd positive integers, got {k!r}")
+        if k > MAX_KERNEL_SIZE:
+            raise SettingError(
+                f"{key}[{i}]: kernel sizes must be at most {MAX_KERNEL_SIZE} (the images are "
+                f"28x28 or 32x32), got {k!r}"
+            )
     return tuple(kernels)
 
 
-def check_size(value: Any, key: str) -> int:
-    """A layer size (latent, hidden or output width, class count): an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SettingError(f"{key}: must be a positive integer, got {value!r}")
+def check_size(value: Any, key: str, high: int | None = None) -> int:
+    """A layer size (latent, hidden or output width, class count): an integer >= 1, and at
+    most ``high`` when given."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < 1
+        or (high is not None and value > high)
+    ):
+        wanted = "a positive integer" if high is None else f"an integer within [1, {high}]"
+        raise SettingError(f"{key}: must be {wanted}, got {value!r}")
     return value
 
 
 def check_channels(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SettingError(f"{key}: channel counts must be integers >= 1, got {value!r}")
+    """A conv layer's channel count: an integer within [1, MAX_WIDTH]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WIDTH:
+        raise SettingError(
+            f"{key}: channel counts must be integers within [1, {MAX_WIDTH}], got {value!r}"
+        )
     return value
 
 
@@ -236,30 +305,49 @@ def check_model(model: ModelConfig, family: str | None, key: str = "model") -> N
         if len(kernels) not in counts.values():
             wanted = " or ".join(f"{n} ({f})" for f, n in counts.items())
             raise SettingError(f"{key}.{name}: needs {wanted} kernel sizes, got {len(kernels)}")
-    check_size(model.latent_dim, f"{key}.latent_dim")
+    check_size(model.latent_dim, f"{key}.latent_dim", MAX_WIDTH)
     check_upsample(model.decoder_upsample, f"{key}.decoder_upsample")
     check_dropout(model.classifier_dropout, f"{key}.classifier_dropout")
     check_dropout(model.encoder_dropout, f"{key}.encoder_dropout")
-    check_size(model.projection_dim, f"{key}.projection_dim")
+    check_size(model.projection_dim, f"{key}.projection_dim", MAX_WIDTH)
 
 
 # ---- data -----------------------------------------------------------------------------------
 
 
 def check_data(data: DataConfig, key: str = "data") -> None:
-    """The data settings that can be checked without reading any data (raises DataError)."""
+    """The data settings that can be checked without reading any data (raises DataError):
+    ranges, and for ``imagefolder`` that ``data.path`` holds ``train/`` and ``test/`` folders."""
     check_choice(data.name, DATASETS, f"{key}.name", DataError)
     frac = data.val_fraction
     if not _is_number(frac) or not 0.0 < frac < 1.0:
         raise DataError(f"{key}.val_fraction: must be strictly between 0 and 1, got {frac!r}")
     for name in ("train_subset", "val_subset", "test_subset"):
         value = getattr(data, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise DataError(f"{key}.{name}: must be an integer >= 0 (0 = all), got {value!r}")
-    if data.name == "imagefolder" and not data.path:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SAMPLES:
+            raise DataError(
+                f"{key}.{name}: must be an integer within [0, {MAX_SAMPLES}] (0 = all), "
+                f"got {value!r}"
+            )
+    check_seed(data.split_seed, f"{key}.split_seed", DataError)
+    if data.name == "imagefolder":
+        check_image_folder(data.path, f"{key}.path", f"{key}.name")
+
+
+def check_image_folder(path: Any, key: str = "data.path", name_key: str = "data.name") -> Path:
+    """An ImageFolder root: an existing folder with ``train/`` and ``test/`` inside. Only the
+    folders are looked at; the images are read (and checked) by :mod:`models.data`."""
+    if not isinstance(path, str) or not path:
         raise DataError(
-            f"{key}.path: required for {key}.name=imagefolder (a folder with train/ and test/)"
+            f"{key}: required for {name_key}=imagefolder (a folder with train/ and test/)"
         )
+    root = Path(os.path.expanduser(path)).absolute()
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise DataError(
+                f"{key}: {root / split} is not a folder; expected train/ and test/ class folders"
+            )
+    return root
 
 
 # ---- training -------------------------------------------------------------------------------
@@ -267,16 +355,16 @@ def check_data(data: DataConfig, key: str = "data") -> None:
 
 def check_optim(optim: OptimConfig, key: str = "optim") -> None:
     check_choice(optim.name, OPTIMIZERS, f"{key}.name")
-    check_positive(optim.lr, f"{key}.lr")
-    check_non_negative(optim.weight_decay, f"{key}.weight_decay")
-    check_non_negative(optim.momentum, f"{key}.momentum")
+    check_positive(optim.lr, f"{key}.lr", MAX_LR)
+    check_non_negative(optim.weight_decay, f"{key}.weight_decay", MAX_WEIGHT_DECAY)
+    check_momentum(optim.momentum, f"{key}.momentum")
     check_choice(optim.schedule, SCHEDULES, f"{key}.schedule")
-    check_int(optim.warmup_epochs, f"{key}.warmup_epochs", 0)
+    check_int(optim.warmup_epochs, f"{key}.warmup_epochs", 0, high=MAX_EPOCHS)
 
 
 def check_temperature(value: Any, key: str = "temperature") -> float:
-    """NT-Xent's temperature: a finite number > 0."""
-    return check_positive(value, key)
+    """NT-Xent's temperature: a number within (0, MAX_TEMPERATURE]."""
+    return check_positive(value, key, MAX_TEMPERATURE)
 
 
 def check_aug_strength(value: Any, key: str = "train.aug_strength") -> float:
@@ -319,18 +407,20 @@ def check_device(name: Any, key: str = "train.device") -> str:
 
 def check_train(train: TrainConfig, key: str = "train") -> None:
     """Every training setting, the device included (it must exist on this machine)."""
-    check_int(train.epochs, f"{key}.epochs", 1)
-    check_int(train.batch_size, f"{key}.batch_size", 2)  # BatchNorm needs two samples
+    check_int(train.epochs, f"{key}.epochs", 1, high=MAX_EPOCHS)
+    # BatchNorm needs two samples a batch.
+    check_int(train.batch_size, f"{key}.batch_size", 2, high=MAX_BATCH_SIZE)
     check_optim(train.optim, f"{key}.optim")
     if train.temperature is not None:  # None: the family's default
         check_temperature(train.temperature, f"{key}.temperature")
     check_aug_strength(train.aug_strength, f"{key}.aug_strength")
-    check_int(train.probe.epochs, f"{key}.probe.epochs", 1)
-    check_int(train.probe.batch_size, f"{key}.probe.batch_size", 2)
+    check_int(train.probe.epochs, f"{key}.probe.epochs", 1, high=MAX_EPOCHS)
+    check_int(train.probe.batch_size, f"{key}.probe.batch_size", 2, high=MAX_BATCH_SIZE)
     check_optim(train.probe.optim, f"{key}.probe.optim")
-    check_int(train.knn_k, f"{key}.knn_k", 1)
-    check_int(train.knn_max_train, f"{key}.knn_max_train", 1)
-    check_int(train.max_batches, f"{key}.max_batches", 0)
+    check_int(train.knn_k, f"{key}.knn_k", 1, high=MAX_KNN_K)
+    check_int(train.knn_max_train, f"{key}.knn_max_train", 1, high=MAX_SAMPLES)
+    check_int(train.max_batches, f"{key}.max_batches", 0, high=MAX_SAMPLES)
+    check_seed(train.seed, f"{key}.seed")
     check_device(train.device, f"{key}.device")
     check_choice(train.amp, AMP_MODES, f"{key}.amp")
     check_choice(train.channels_last, CHANNELS_LAST_MODES, f"{key}.channels_last")

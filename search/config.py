@@ -4,8 +4,11 @@ overrides by dotted path, and validation that turns every mistake into one line 
 A study file fills in :class:`StudyConfig`; unknown keys and wrong types are rejected by
 OmegaConf, ranges and allowed names by :func:`validate`: ``task``, ``data.*``, ``model.*`` and
 ``train.*`` by the training code's own rules (:func:`models.config.check_run`, the device
-included), the search space and the search service's settings here. Nothing here touches
-storage, so a bad study or override fails before anything is written.
+included), the search space and the search service's settings here. Interpolations
+(``${...}``) are resolved once, at load, and the resolved values are what is validated; every
+value a search space can produce passes the same rules. Nothing here touches storage, so a bad
+study or override fails before anything is written. A study file that is not a mapping of
+settings is refused without quoting it (``study=`` takes any path).
 
 Example::
 

@@ -1,0 +1,331 @@
+"""Bad input is refused when the study is loaded, before anything is written.
+
+Every numeric setting must be finite and within a stated range, the study name a plain word,
+interpolations must resolve, overrides hold no control characters, every value a search space
+can produce must pass the training code's rules, an ImageFolder path must exist, and a study
+file that is not a mapping of settings is refused without quoting it. Most cases go through
+:func:`search.config.load_config` in-process (fast); a handful run the real command, which must
+exit 2 with one line and create no ``runs_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from search.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+UNSET = "SSL_SEARCH_TEST_UNSET_VARIABLE"
+SECRET = "hunter2-s3cret-token-0042"
+
+# (overrides, the key the one-line message starts with)
+BAD_OVERRIDES = [
+    # models: kernels, device
+    (["model.encoder_kernels=[4,5,3]"], "model.encoder_kernels[0]"),  # even
+    (["model.encoder_kernels=[5,5]"], "model.encoder_kernels"),  # digits' networks need 3
+    (["model.encoder_kernels=[5,5,999]"], "model.encoder_kernels[2]"),  # larger than the image
+    (["train.device=tpu"], "train.device"),
+    (["train.device=cuda:99"], "train.device"),  # no CUDA here, or not a visible index
+    # models: optimizer and loss
+    (["train.optim.lr=inf"], "train.optim.lr"),
+    (["train.optim.lr=nan"], "train.optim.lr"),
+    (["train.optim.lr=0"], "train.optim.lr"),
+    (["train.optim.lr=1e6"], "train.optim.lr"),
+    (["train.probe.optim.lr=-inf"], "train.probe.optim.lr"),
+    (["train.optim.momentum=-5"], "train.optim.momentum"),
+    (["train.optim.momentum=1.0"], "train.optim.momentum"),
+    (["train.probe.optim.momentum=2"], "train.probe.optim.momentum"),
+    (["train.optim.weight_decay=inf"], "train.optim.weight_decay"),
+    (["train.optim.weight_decay=-1e-4"], "train.optim.weight_decay"),
+    (["train.optim.warmup_epochs=1000000000"], "train.optim.warmup_epochs"),
+    (["train.temperature=inf"], "train.temperature"),
+    # models: widths
+    (["model.channels=1e26"], "model.channels"),
+    (["model.channels=100000000000000000000000000"], "model.channels"),
+    (["model.channels=4097"], "model.channels"),
+    (["model.channels=0"], "model.channels"),
+    (["model.latent_dim=100000"], "model.latent_dim"),
+    (["model.projection_dim=0"], "model.projection_dim"),
+    # models: seeds, epochs, batches, sizes
+    (["train.seed=-1"], "train.seed"),
+    (["train.seed=4294967296"], "train.seed"),  # 2**32
+    (["data.split_seed=-1"], "data.split_seed"),
+    (["train.epochs=0"], "train.epochs"),
+    (["train.epochs=1000000"], "train.epochs"),
+    (["train.batch_size=1"], "train.batch_size"),
+    (["train.batch_size=10000000000"], "train.batch_size"),
+    (["train.probe.epochs=1000000"], "train.probe.epochs"),
+    (["train.probe.batch_size=1000000000"], "train.probe.batch_size"),
+    (["train.knn_k=100000000000"], "train.knn_k"),
+    (["train.max_batches=-1"], "train.max_batches"),
+    (["data.train_subset=1000000000000"], "data.train_subset"),
+    # the search service's own settings
+    (["workers=0"], "workers"),
+    (["workers=100000"], "workers"),
+    (["stages.screen.trials=10000000000"], "stages.screen.trials"),
+    (["stages.promote.epochs=1000000"], "stages.promote.epochs"),
+    (["search.sampler.n_startup_trials=-1"], "search.sampler.n_startup_trials"),
+    (["search.pruner.reduction_factor=1000"], "search.pruner.reduction_factor"),
+    (["heartbeat_interval=1000000000"], "heartbeat_interval"),
+    (["grace_period=1000000000"], "grace_period"),
+    (["max_retries=1000000"], "max_retries"),
+    (["devices=0,99999"], "devices"),
+    # the study name
+    (["name=" + "a" * 300], "name"),
+    (["name=" + "a" * 101], "name"),
+    (["name=a/b"], "name"),
+    (["name=..\\evil"], "name"),
+    (["name=.."], "name"),
+    (["name=.hidden"], "name"),
+    (["name=a..b"], "name"),
+    (["name=trailing."], "name"),
+    (["name=with space"], "name"),
+    (["name=caf\u00e9"], "name"),
+    # interpolations
+    ([f"name=${{oc.env:{UNSET}}}"], "name"),
+    ([f"train.epochs=${{oc.env:{UNSET}}}"], "train.epochs"),
+    (["name=${oc.decode:'[1,'}"], "name"),
+    (["name=${no_such_resolver:x}"], "name"),
+    (["train.epochs=${name}"], "train.epochs"),  # resolves to a string
+    (["train.epochs=${train.no_such_key}"], "train.epochs"),
+    (["train.epochs=${"], "train.epochs"),  # unparsable interpolation
+    (["train.epochs=[1,"], "train.epochs"),  # unparsable value
+    # control characters (keys and values)
+    (["name=a\x01b"], "name"),
+    (["train\x07.epochs=3"], "train\\x07.epochs"),
+    (["train.epochs=3\x1b[31m"], "train.epochs"),
+    (["description=left\u202eright"], "description"),
+    (["description=two\nlines"], "description"),
+    # search-space values go through the same rules as direct settings
+    (["search.space.lars_lr.high=inf"], "search.space.lars_lr"),
+    (["search.space.lars_lr.high=1000"], "search.space.lars_lr"),  # lr above its bound
+    (["search.space.lars_lr.log=false", "search.space.lars_lr.low=0"], "search.space.lars_lr"),
+    (["search.space.channels.choices=[8,100000]"], "search.space.channels"),
+    (["search.space.batch_size.choices=[32,1]"], "search.space.batch_size"),
+    (["search.space.k={target: model.encoder_kernels.0, choices: [5, 4]}"], "search.space.k"),
+    (
+        ["search.space.k={target: model.encoder_kernels.0, type: int, low: 3, high: 7}"],
+        "search.space.k",
+    ),  # 4 and 6 are in the range
+    (["search.space.m={target: train.optim.momentum, low: 0.5, high: 1.0}"], "search.space.m"),
+    (
+        ["search.space.s={target: train.seed, type: int, low: 0, high: 5000000000}"],
+        "search.space.s",
+    ),
+    (["search.space.c={target: model.channels, low: 8, high: 16}"], "search.space.c"),  # floats
+    (
+        ["search.space.c={target: model.channels, type: int, low: 8, high: 16, step: 0}"],
+        "search.space.c.step",
+    ),
+    (
+        ["search.space.a={target: train.aug_strength, low: 0.1, high: 1.0, step: .inf}"],
+        "search.space.a.step",
+    ),  # fmt: skip
+    (
+        ["search.space.k={target: model.encoder_kernels, choices: [[3,5,7]]}"],
+        "search.space.k.choices",
+    ),  # fmt: skip
+    (["search.space.w={target: workers, choices: [1, 2]}"], "search.space.w.target"),
+    (["search.space.n={target: name, choices: [a, b]}"], "search.space.n.target"),
+    # an ImageFolder that is not there
+    (["data.name=imagefolder"], "data.path"),
+    (["data.name=imagefolder", "data.path=/nonexistent/images"], "data.path"),
+]
+
+
+def assert_refused(overrides: list[str], key: str, study: str = "quickstart") -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(study, overrides)
+    message = str(caught.value)
+    assert message.startswith(key), message
+    assert message[len(key)] in ":[", message  # the key itself, not a longer one
+    assert "\n" not in message and message.isprintable(), repr(message)
+    return message
+
+
+@pytest.mark.parametrize("overrides,key", BAD_OVERRIDES, ids=lambda v: repr(v)[:60])
+def test_bad_value_is_refused_at_load(monkeypatch, overrides, key):
+    monkeypatch.delenv(UNSET, raising=False)
+    assert_refused(overrides, key)
+
+
+def test_messages_state_the_allowed_range():
+    assert "[1, 256]" in assert_refused(["workers=100000"], "workers")
+    assert "[0, 2**32)" in assert_refused(["train.seed=-1"], "train.seed")
+    assert "[0, 1)" in assert_refused(["train.optim.momentum=-5"], "train.optim.momentum")
+    assert "4096" in assert_refused(["model.channels=5000"], "model.channels")
+    assert "(0, 100]" in assert_refused(["train.optim.lr=inf"], "train.optim.lr")
+    name = assert_refused(["name=a/b"], "name")
+    assert "letters, digits, '-', '_' or '.'" in name and "1-100" in name
+    escaped = assert_refused(["train.epochs=3\x1b[31m"], "train.epochs")
+    assert "\\x1b" in escaped and "\x1b" not in escaped  # shown escaped, never raw
+
+
+def test_boundary_values_are_accepted(tmp_path, monkeypatch):
+    monkeypatch.setenv(UNSET.replace("UNSET", "SET"), "from-env")
+    images = tmp_path / "images"
+    (images / "train").mkdir(parents=True)
+    (images / "test").mkdir()
+    cfg = load_config(
+        "quickstart",
+        [
+            "train.optim.momentum=0.0",
+            "train.probe.optim.momentum=0.999",
+            "train.optim.lr=100",
+            "train.optim.weight_decay=0",
+            f"train.seed={2**32 - 1}",
+            "data.split_seed=0",
+            "workers=256",
+            "model.channels=4096",
+            "train.epochs=10000",
+            "name=" + "a" * 100,
+            "search.space.lars_lr.high=100",
+        ],
+    )
+    assert cfg.workers == 256 and cfg.train.seed == 2**32 - 1
+    assert load_config("quickstart", ["name=ok.v1-x_2"]).name == "ok.v1-x_2"
+    cfg = load_config(
+        "quickstart",
+        [
+            f"name=${{oc.env:{UNSET.replace('UNSET', 'SET')}}}",
+            "checkpoints_dir=${runs_dir}/ckpt",
+            "data.name=imagefolder",
+            f"data.path={images}",
+            "search.space.k={target: model.encoder_kernels.0, type: int, low: 3, high: 7, step: 2}",
+        ],
+    )
+    assert cfg.name == "from-env" and cfg.checkpoints_dir == "runs/ckpt"
+    # Resolved once, at load: what is validated is what gets stored.
+    assert "${" not in OmegaConf.to_yaml(cfg)
+
+
+def test_an_interpolation_that_resolves_to_another_is_refused(monkeypatch):
+    monkeypatch.setenv(UNSET.replace("UNSET", "NESTED"), "${oc.env:HOME}")
+    assert_refused([f"name=${{oc.env:{UNSET.replace('UNSET', 'NESTED')}}}"], "name")
+
+
+def test_image_folder_needs_train_and_test(tmp_path):
+    (tmp_path / "train").mkdir()
+    message = assert_refused(["data.name=imagefolder", f"data.path={tmp_path}"], "data.path")
+    assert "test" in message
+
+
+# ---- study files: refused without quoting them -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (f"{SECRET}\nsecond line\n", "found a string"),  # a scalar document
+        ("42\n", "found a number"),
+        (f"- {SECRET}\n- b\n", "found a list"),
+        (f"task: contrastive\nkey: [{SECRET},\n", "not valid YAML: syntax error at line 3"),
+        (f"task: {SECRET}: nested\n", "not valid YAML: syntax error at line 1, column"),
+        (f"a: !!python/object:os.system {SECRET}\n", "an unsupported !tag at line 1"),
+        (f"{SECRET}: 1\n{SECRET}: 2\n", "a duplicate key at line 2"),
+        (f"root:{SECRET}:20228:0:99999:7:::\n", "line 1: keys must be names"),  # /etc/shadow
+        (f"user:x:{SECRET}:/home:/bin/sh\n", "found a string"),  # /etc/passwd
+    ],
+)
+def test_study_file_that_is_not_settings_is_not_quoted(tmp_path, text, expected):
+    study = tmp_path / "secret"  # any readable file, with or without .yaml
+    study.write_text(text)
+    message = assert_refused([], "study", study=str(study))
+    assert expected in message, message
+    assert SECRET not in message and "second line" not in message
+    assert str(study) in message
+
+
+def test_study_file_that_is_not_text(tmp_path):
+    study = tmp_path / "binary.yaml"
+    study.write_bytes(b"\xff\xfe" + SECRET.encode() + b"\x00\x01")
+    message = assert_refused([], "study", study=str(study))
+    assert "not UTF-8 text" in message and SECRET not in message
+
+
+def test_empty_study_file_only_misses_its_task(tmp_path):
+    for text in ("", "~\n", "# nothing\n"):
+        study = tmp_path / "empty.yaml"
+        study.write_text(text)
+        assert_refused([], "task", study=str(study))
+
+
+# ---- the real command: exit 2, one line, nothing created ------------------------------------
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != UNSET}
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "search.run", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, key: str) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {key}"), lines[0]
+    assert lines[0].isprintable(), repr(lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["train.optim.lr=inf"], "train.optim.lr"),
+        (["train.seed=4294967296"], "train.seed"),
+        (["workers=100000"], "workers"),
+        ([f"name=${{oc.env:{UNSET}}}"], "name"),
+        (["name=${oc.decode:'[1,'}"], "name"),
+        (["train.epochs=3\x1b[31m"], "train.epochs"),
+        (["data.name=imagefolder", "data.path=/nonexistent/images"], "data.path"),
+    ],
+    ids=lambda v: repr(v)[:40],
+)
+def test_command_refuses_before_creating_anything(tmp_path, overrides, key):
+    runs = tmp_path / "runs"
+    result = cli("study=quickstart", f"runs_dir={runs}", *overrides, cwd=tmp_path)
+    line = assert_one_line_error(result, key)
+    assert "\x1b" not in result.stderr
+    assert not runs.exists(), f"{runs} created although the input was refused: {line}"
+
+
+def test_command_does_not_print_a_secret_study_file(tmp_path):
+    study = tmp_path / "shadow"
+    study.write_text(f"{SECRET}\n")
+    runs = tmp_path / "runs"
+    result = cli(f"study={study}", f"runs_dir={runs}", cwd=tmp_path)
+    assert_one_line_error(result, "study")
+    assert "found a string" in result.stderr
+    assert SECRET not in result.stderr + result.stdout
+    assert not runs.exists()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_refused_value_leaves_the_study_name_usable(tmp_path):
+    """Before the fix a bad value created the study with it; the fixed command then trained
+    nothing ('no completed screen trial'). Now nothing is stored, and the good run trains."""
+    runs = tmp_path / "runs"
+    common = [f"runs_dir={runs}", "name=fixme", "stage=screen", "--no-progress"]
+    bad = cli("study=quickstart", *common, "train.optim.lr=inf", cwd=tmp_path)
+    assert_one_line_error(bad, "train.optim.lr")
+    assert not runs.exists()
+    good = cli(
+        "study=quickstart", *common, "stages.screen.trials=1", "stages.screen.epochs=1",
+        "train.max_batches=2", cwd=tmp_path,
+    )  # fmt: skip
+    assert good.returncode == 0, good.stderr
+    assert "[fixme.screen] 1 complete" in good.stdout, good.stdout
