@@ -22,11 +22,17 @@ import torch
 
 # The checkpoint file of each training phase inside a run's checkpoint folder.
 PHASE_FILES = {"pretrain": "pretrain.pt", "probe": "probe.pt"}
+BEST_FILE = "pretrain-best.pt"  # the pretrain epoch that scored best on validation
 
 
 def phase_checkpoint(folder: str | os.PathLike[str], phase: str) -> Path:
     """The checkpoint file of ``phase`` (pretrain or probe) in ``folder``."""
     return Path(folder) / PHASE_FILES[phase]
+
+
+def best_checkpoint(folder: str | os.PathLike[str]) -> Path:
+    """The best-on-validation pretrain checkpoint in ``folder`` (modules only)."""
+    return Path(folder) / BEST_FILE
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:

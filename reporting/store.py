@@ -30,6 +30,7 @@ from models.data import load_splits
 from models.errors import UsageError
 from models.training import Run
 from search import (
+    BEST_PRETRAIN_FILE,
     PRETRAIN_FILE,
     PROBE_FILE,
     STAGES,
@@ -247,7 +248,10 @@ def final_checkpoint_paths(cfg: DictConfig, final: FrozenTrial) -> tuple[Path, P
             f"final trial #{final.number} records no {' or '.join(missing)} "
             "(run by an older version of the search?)"
         )
-    source = checkpoints / str(attrs["source_checkpoint_dir"]) / PRETRAIN_FILE
+    # The encoder the final trial trained on: its recorded choice (best epoch or last).
+    chosen = str(attrs.get("encoder_checkpoint", ""))
+    encoder = BEST_PRETRAIN_FILE if chosen.startswith("best") else PRETRAIN_FILE
+    source = checkpoints / str(attrs["source_checkpoint_dir"]) / encoder
     probe = checkpoints / str(attrs["checkpoint_dir"]) / PROBE_FILE
     for path in (source, probe):
         if not path.resolve().is_relative_to(checkpoints.resolve()):

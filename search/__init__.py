@@ -32,6 +32,7 @@ _EXPORTS = {
     "study_path": "search.config",
     "to_dataclasses": "search.config",
     # names and paths
+    "BEST_PRETRAIN_FILE": "search.naming",
     "FINAL_METRIC": "search.naming",
     "PRETRAIN_FILE": "search.naming",
     "PROBE_FILE": "search.naming",

@@ -47,6 +47,7 @@ STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("hyperband", "successive_halving", "median", "none")
 RUN_STAGES = ("all", *STAGES)  # what stage= may name
+FINAL_CHECKPOINTS = ("best", "last")
 # The metric each task is ranked and pruned on, and which ones it may choose instead.
 TASK_METRICS = {
     "autoencoder": ("knn_accuracy", "val_mae"),
@@ -121,6 +122,9 @@ class PromoteStage:
 @dataclass
 class FinalStage:
     enabled: bool = True
+    # Which encoder of the best promoted trial the final classifier is trained on: the epoch
+    # that scored best on validation (as the report picked checkpoints), or the last one.
+    checkpoint: str = "best"  # best | last
 
 
 @dataclass
@@ -428,6 +432,7 @@ def _validate_fields(cfg: DictConfig) -> None:
         raise ConfigError(str(error)) from error
     # The rest is the search service's own.
     _allowed(cfg, "stage", RUN_STAGES)
+    _allowed(cfg, "stages.final.checkpoint", FINAL_CHECKPOINTS)
     _allowed(cfg, "search.sampler.name", SAMPLERS)
     _allowed(cfg, "search.pruner.name", PRUNERS)
     if cfg.search.metric:

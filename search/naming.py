@@ -27,11 +27,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from models.checkpoints import PHASE_FILES
+from models.checkpoints import BEST_FILE, PHASE_FILES
 
 STAGES = ("screen", "promote", "final")
 PRETRAIN_FILE = PHASE_FILES["pretrain"]  # the file names belong to the training code
 PROBE_FILE = PHASE_FILES["probe"]
+BEST_PRETRAIN_FILE = BEST_FILE
 # The final stage trains the frozen-encoder classifier and is ranked on its validation accuracy,
 # whatever metric the screen and promote stages use.
 FINAL_METRIC = "val_accuracy"

@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 from models.checkpoints import CheckpointError, check_identity, load_checkpoint, set_aside
 from models.data import ImageSplits, load_splits
 from models.training import EpochReport, Run
-from search.config import metric_of, resolved_paths, to_dataclasses
+from search.config import direction_of, metric_of, resolved_paths, to_dataclasses
 from search.naming import (
+    BEST_PRETRAIN_FILE,
     FINAL_METRIC,
     PRETRAIN_FILE,
     PROBE_FILE,
@@ -135,7 +136,7 @@ class TrialRunner:
             tcfg = apply(self.cfg, params)
             tcfg.train.epochs = long_budget(self.cfg)
             tcfg.train.seed = int(attrs.get("seed", self.cfg.train.seed))
-            source = self.paths["checkpoints"] / str(attrs["source_checkpoint_dir"]) / PRETRAIN_FILE
+            source = self._final_encoder(trial)
             own = self.checkpoint_dir_relative(trial.study, original_number(stored(trial)))
             trial.set_user_attr("checkpoint_dir", own.as_posix())
             fingerprint = run_fingerprint(tcfg)
@@ -174,6 +175,24 @@ class TrialRunner:
         )
         if "fail_reason" in trial.user_attrs:  # inherited by a retry from its original
             trial.set_user_attr("fail_reason", None)
+
+    def _final_encoder(self, trial: optuna.Trial) -> Path:
+        """The promoted encoder the final classifier trains on (``stages.final.checkpoint``):
+        its best epoch on validation, or its last; recorded as ``encoder_checkpoint``."""
+        folder = self.paths["checkpoints"] / str(trial.user_attrs["source_checkpoint_dir"])
+        last = folder / PRETRAIN_FILE
+        if self.cfg.stages.final.checkpoint == "best":
+            best = folder / BEST_PRETRAIN_FILE
+            state = load_checkpoint(best)
+            if state is not None:
+                trial.set_user_attr(
+                    "encoder_checkpoint", f"best: epoch {state['epoch']} ({best.name})"
+                )
+                return best
+            trial.set_user_attr("encoder_checkpoint", f"last: no {best.name} was kept")
+            return last
+        trial.set_user_attr("encoder_checkpoint", f"last ({last.name})")
+        return last
 
     def _make_run(self, tcfg: DictConfig, ckpt_dir: Path | None, fingerprint: str | None) -> Run:
         _, model_cfg, train_cfg = to_dataclasses(tcfg)
@@ -247,6 +266,8 @@ class TrialRunner:
             if previous is not None:
                 trial.set_user_attr("resumed_from_epoch", int(previous["epoch"]))
             run = self._make_run(tcfg, ckpt_dir, fingerprint)
+            if stage == "promote":  # the final stage may pick its best epoch
+                run.keep_best_by(self.metric, direction_of(self.cfg) == "maximize")
 
             def on_epoch(report: EpochReport) -> None:
                 self._record_epoch(trial, report)

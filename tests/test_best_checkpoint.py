@@ -1,0 +1,99 @@
+"""stages.final.checkpoint: the final classifier trains on the promoted encoder's best epoch."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from models.checkpoints import best_checkpoint, load_checkpoint, phase_checkpoint
+from models.config import DataConfig, ModelConfig, TrainConfig
+from models.data import load_splits
+from models.training import Run
+from search.config import ConfigError, load_config
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_splits(DataConfig(name="digits", train_subset=160, val_subset=48, test_subset=48))
+
+
+class ScriptedRun(Run):
+    """A real contrastive run whose validation metric follows a given curve."""
+
+    def __init__(self, curve: list[float], *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.curve = list(curve)
+
+    def knn_accuracy(self, features=None) -> float:
+        if features is not None:  # the baselines' raw-pixel kNN: not scripted
+            return super().knn_accuracy(features)
+        return self.curve.pop(0)
+
+
+def train(epochs: int) -> TrainConfig:
+    return TrainConfig(
+        epochs=epochs, batch_size=32, max_batches=2, device="cpu", progress=False, knn_k=5
+    )
+
+
+@pytest.mark.parametrize(
+    "curve,maximize,best_epoch",
+    [([0.5, 0.9, 0.7], True, 2), ([0.5, 0.2, 0.3], False, 2), ([0.4, 0.4, 0.6], True, 3)],
+)
+def test_the_best_epoch_on_validation_is_kept(digits, tmp_path, curve, maximize, best_epoch):
+    run = ScriptedRun(
+        curve,
+        "contrastive",
+        digits,
+        ModelConfig(channels=4, latent_dim=8),
+        train(3),
+        checkpoint_dir=tmp_path,
+        identity="x",
+    )
+    run.keep_best_by("knn_accuracy", maximize)
+    weights = {}
+    run.pretrain(
+        on_epoch=lambda r: weights.__setitem__(
+            r.epoch, copy.deepcopy(run.nets.encoder.state_dict())
+        )
+    )
+    best = load_checkpoint(best_checkpoint(tmp_path))
+    assert best["epoch"] == best_epoch and best["identity"] == "x"
+    assert best["best"]["value"] == curve[best_epoch - 1]
+    for name, tensor in weights[best_epoch].items():
+        torch.testing.assert_close(best["modules"]["encoder"][name], tensor)
+    last = load_checkpoint(phase_checkpoint(tmp_path, "pretrain"))
+    assert last["epoch"] == 3
+
+
+def test_a_tie_keeps_the_earlier_epoch_and_resume_keeps_the_best_so_far(digits, tmp_path):
+    model = ModelConfig(channels=4, latent_dim=8)
+    first = ScriptedRun([0.6, 0.6], "contrastive", digits, model, train(2), checkpoint_dir=tmp_path)
+    first.keep_best_by("knn_accuracy", True)
+    first.pretrain()
+    assert load_checkpoint(best_checkpoint(tmp_path))["epoch"] == 1
+    # Resumed for one more epoch scoring lower: the best stays epoch 1.
+    more = ScriptedRun([0.5], "contrastive", digits, model, train(3), checkpoint_dir=tmp_path)
+    more.keep_best_by("knn_accuracy", True)
+    more.pretrain()
+    assert load_checkpoint(best_checkpoint(tmp_path))["epoch"] == 1
+
+
+def test_without_keep_best_no_best_file_is_written(digits, tmp_path):
+    run = ScriptedRun(
+        [0.1], "contrastive", digits, ModelConfig(channels=4), train(1), checkpoint_dir=tmp_path
+    )
+    run.pretrain()
+    assert not best_checkpoint(tmp_path).exists()
+
+
+def test_final_checkpoint_setting_is_validated() -> None:
+    assert load_config("quickstart").stages.final.checkpoint == "best"
+    assert (
+        load_config("quickstart", ["stages.final.checkpoint=last"]).stages.final.checkpoint
+        == "last"
+    )
+    with pytest.raises(ConfigError, match=r"^stages\.final\.checkpoint: .*allowed: best, last"):
+        load_config("quickstart", ["stages.final.checkpoint=middle"])
