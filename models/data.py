@@ -15,9 +15,18 @@ Sources (``data.name``):
 - ``digits``: scikit-learn's bundled 8x8 digits, upsampled to 28x28 (MNIST family). It has no test
   split, so a stratified 20% is held out with a fixed seed (0): the test set never moves.
 - ``imagefolder``: ``data.path`` holding ``train/`` and ``test/`` class folders (ImageFolder layout,
-  classes in sorted folder order) of 28x28 grey or 32x32 RGB images.
+  classes in sorted folder order) of images of any size and mode. They are decoded for
+  ``data.family``: ``mnist`` (1x28x28 grey), ``cifar`` (3x32x32 RGB) or ``auto``, which picks
+  ``mnist`` when every train image is grey (grey modes, 16-bit included, or grey palettes) and
+  ``cifar`` otherwise (a folder mixing grey and colour files included); test/ follows train/.
+  Every image is converted to the family's mode (grey <-> RGB by ITU-R 601 luma / repetition;
+  alpha dropped; palette, CMYK, YCbCr... through PIL; 16-bit values scaled to 8 bits), then
+  resized, shorter side to 28 or 32 (bilinear, antialiased) and centre-cropped square; images
+  already of the family's shape are kept as they are. A file that cannot be decoded (truncated,
+  corrupt) is a one-line DataError naming it.
 
-Image folders are decoded once and cached in ``data.cache_dir`` as one ``.pt`` per split folder.
+Image folders (the CIFAR JPEG copy too) are decoded once and cached in ``data.cache_dir`` as one
+``.pt`` per split folder and family setting, so a changed ``data.family`` decodes again.
 
 Splits: the validation split is a ``data.val_fraction`` of the train set drawn with
 ``data.split_seed``; ``data.train_subset`` / ``data.val_subset`` then take seeded subsets of the
@@ -43,13 +52,13 @@ import torch
 from torch import Tensor
 
 from models.checkpoints import save_checkpoint
-from models.config import DataConfig, check_data
+from models.config import DATA_FAMILIES, DataConfig, check_data
 from models.errors import DataError
 
 FAMILY_SHAPES: dict[str, tuple[int, int, int]] = {"mnist": (1, 28, 28), "cifar": (3, 32, 32)}
 CIFAR_JPEG_DIR = "cifar10-jpeg"
 CIFAR_PICKLE_DIR = "cifar-10-batches-py"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: images of any size and mode, converted for data.family
 _TEST_SUBSET_SEED = 0
 _DIGITS_TEST_SEED = 0
 _DIGITS_TEST_FRACTION = 0.2
@@ -256,8 +265,8 @@ def _load_cifar10(cfg: DataConfig) -> _Loaded:
             warnings.warn(f"{e}; using the JPEG copy under {jpeg} instead", stacklevel=3)
     if have_jpeg:
         cache = _cache_dir(cfg)
-        tr_x, tr_y, classes = _load_folder(jpeg / "train", cache, "data.root", want="cifar")
-        te_x, te_y, te_classes = _load_folder(jpeg / "test", cache, "data.root", want="cifar")
+        tr_x, tr_y, classes, _ = _load_folder(jpeg / "train", cache, "data.root", "cifar")
+        te_x, te_y, te_classes, _ = _load_folder(jpeg / "test", cache, "data.root", "cifar")
         _check_same_classes(classes, te_classes, jpeg, "data.root")
         return "cifar", tr_x, tr_y, te_x, te_y, classes
     raise DataError(
@@ -315,18 +324,11 @@ def _load_imagefolder(cfg: DataConfig) -> _Loaded:
                 f"data.path: {path / split} is not a folder; expected train/ and test/ class folders"
             )
     cache = _cache_dir(cfg)
-    tr_x, tr_y, classes = _load_folder(path / "train", cache, "data.path")
-    family = _family_of(tr_x)
-    te_x, te_y, te_classes = _load_folder(path / "test", cache, "data.path", want=family)
+    # data.family "auto" is decided on train/; test/ is then decoded for the same family.
+    tr_x, tr_y, classes, family = _load_folder(path / "train", cache, "data.path", cfg.family)
+    te_x, te_y, te_classes, _ = _load_folder(path / "test", cache, "data.path", family)
     _check_same_classes(classes, te_classes, path, "data.path")
     return family, tr_x, tr_y, te_x, te_y, classes
-
-
-def _family_of(x: Tensor) -> str:
-    for fam, shape in FAMILY_SHAPES.items():
-        if tuple(x.shape[1:]) == shape:
-            return fam
-    raise AssertionError(x.shape)  # _load_folder only returns the two shapes
 
 
 def _check_same_classes(train: list[str], test: list[str], where: Path, field: str) -> None:
@@ -363,144 +365,241 @@ def _list_folder(folder: Path, field: str) -> tuple[list[str], list[str], list[i
     return classes, [path for path, _ in samples], [label for _, label in samples]
 
 
-def _cache_name(folder: Path, classes: list[str], files: list[str]) -> tuple[str, str]:
-    """(file name, glob of the same folder's older entries) of a folder's decoded-image cache.
+def _cache_name(folder: Path, classes: list[str], files: list[str], family: str) -> tuple[str, str]:
+    """(file name, prefix of the same folder's entries for the same ``family`` setting).
 
-    The name carries a hash of the absolute folder path and one of its content stamp (file count,
-    newest mtime, class names), so an edited folder gets a new entry and the stale one is removed."""
+    The name carries a hash of the absolute folder path, the family the images are decoded for
+    ("auto", "mnist" or "cifar": a changed data.family decodes again, into an entry of its own)
+    and a hash of the folder's content stamp (file count, newest mtime, class names) and the
+    decoder's version, so an edited folder gets a new entry and the stale one is removed."""
     newest = max(os.stat(f).st_mtime_ns for f in files)
     where = hashlib.sha256(str(folder).encode()).hexdigest()[:12]
-    stamp = f"v{_CACHE_VERSION}|{folder}|{len(files)}|{newest}|{','.join(classes)}"
+    c, h, w = FAMILY_SHAPES.get(family, (0, 0, 0))
+    stamp = f"v{_CACHE_VERSION}|{folder}|{family}|{c}x{h}x{w}|{len(files)}|{newest}|"
+    stamp += ",".join(classes)
     what = hashlib.sha256(stamp.encode()).hexdigest()[:16]
     label = re.sub(r"[^A-Za-z0-9_.-]", "_", folder.name)
     prefix = f"imagefolder-{label}-{where}-"
-    return f"{prefix}{what}.pt", f"{prefix}*.pt"
+    return f"{prefix}{family}-{what}.pt", prefix
+
+
+def _remove_stale(cache_file: Path, prefix: str, family: str) -> None:
+    """Delete the folder's older entries for the same family setting (and any of an older cache
+    layout); the entries kept for the other settings stay."""
+    others = tuple(f"{prefix}{f}-" for f in DATA_FAMILIES if f != family)
+    for stale in cache_file.parent.glob(f"{prefix}*.pt"):
+        if stale != cache_file and not stale.name.startswith(others):
+            with contextlib.suppress(OSError):
+                stale.unlink()
 
 
 def _load_folder(
-    folder: Path, cache_dir: Path | None, field: str, want: str | None = None
-) -> tuple[Tensor, Tensor, list[str]]:
-    """Decode an ImageFolder-layout folder into (uint8 (N,C,H,W), int64 labels, classes), via the cache."""
+    folder: Path, cache_dir: Path | None, field: str, family: str
+) -> tuple[Tensor, Tensor, list[str], str]:
+    """Decode an ImageFolder-layout folder for ``family`` ("auto", "mnist" or "cifar") into
+    (uint8 (N, C, H, W), int64 labels, classes, the family decoded for), via the cache."""
     classes, files, labels = _list_folder(folder, field)
-    cache_file = None
+    cache_file = prefix = None
     if cache_dir is not None:
-        name, family_glob = _cache_name(folder, classes, files)
+        name, prefix = _cache_name(folder, classes, files, family)
         cache_file = cache_dir / name
         if cache_file.is_file():
             try:
                 blob = torch.load(cache_file, map_location="cpu", weights_only=True)
-                x, y = blob["x"], blob["y"]
+                x, y, got = blob["x"], blob["y"], blob["family"]
                 if (
                     blob["classes"] == classes
-                    and x.shape[0] == len(files)
+                    and got in FAMILY_SHAPES
+                    and family in ("auto", got)
                     and x.dtype == torch.uint8
+                    and tuple(x.shape) == (len(files), *FAMILY_SHAPES[got])
+                    and tuple(y.shape) == (len(files),)
                 ):
-                    if want is not None and tuple(x.shape[1:]) != FAMILY_SHAPES[want]:
-                        raise DataError(_shape_message(field, want, tuple(x.shape[1:]), folder))
-                    return x, y, classes
-            except DataError:
-                raise
+                    return x, y, classes, got
             except Exception as e:  # a corrupt or foreign file: decode again and overwrite it
                 warnings.warn(
                     f"ignoring unreadable image cache {cache_file}: {_first_line(e)}", stacklevel=3
                 )
 
-    x = _decode_files(files, field, want)
+    resolved = _infer_family(files, field) if family == "auto" else family
+    x = _decode_files(files, field, resolved)
     y = torch.as_tensor(labels, dtype=torch.int64)
-    if cache_file is not None and _save_atomic({"x": x, "y": y, "classes": classes}, cache_file):
-        for stale in cache_file.parent.glob(family_glob):
-            if stale != cache_file:
-                with contextlib.suppress(OSError):
-                    stale.unlink()
-    return x, y, classes
+    blob = {"x": x, "y": y, "classes": classes, "family": resolved}
+    if cache_file is not None and _save_atomic(blob, cache_file):
+        _remove_stale(cache_file, prefix, family)
+    return x, y, classes, resolved
 
 
-def _shape_message(field: str, family: str | None, found: tuple[int, ...], where: object) -> str:
-    if family is None:
-        allowed = "images must be 28x28 grayscale or 32x32 RGB"
+# PIL modes of one grey channel: bilevel, 8-bit, 8-bit with alpha, 16-bit, 32-bit int and float.
+_GREY_MODES = frozenset(("1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"))
+
+
+def _is_grey(im) -> bool:
+    """Whether a PIL image (opened, not necessarily loaded) holds grey values only: a grey mode,
+    or a palette whose every colour is grey."""
+    if im.mode in _GREY_MODES:
+        return True
+    if im.mode in ("P", "PA") and im.palette is not None and im.palette.mode == "RGB":
+        pal = np.frombuffer(bytes(im.palette.palette), dtype=np.uint8)
+        pal = pal[: pal.size // 3 * 3].reshape(-1, 3)
+        return bool((pal == pal[:, :1]).all())
+    return False
+
+
+def _infer_family(files: list[str], field: str) -> str:
+    """data.family=auto: "mnist" when every file is grey (read from the file headers only),
+    else "cifar" (any colour image, mixed folders included)."""
+    from PIL import Image
+
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                grey = _is_grey(im)
+        except Exception as e:
+            raise DataError(f"{field}: cannot decode image {f}: {_first_line(e)}") from None
+        if not grey:
+            return "cifar"
+    return "mnist"
+
+
+def _decode_files(files: list[str], field: str, family: str) -> Tensor:
+    """Decode every file once (a one-off cost, not per batch) into one uint8 (N, C, H, W) tensor
+    of ``family``'s shape: converted to its colour mode (grey <-> RGB) and resized to its size."""
+    c, h, _ = FAMILY_SHAPES[family]
+    out = torch.empty((len(files), *FAMILY_SHAPES[family]), dtype=torch.uint8)
+    for i, f in enumerate(files):
+        out[i] = _fit(_decode(f, field), c, h)
+    return out
+
+
+def _fit(img: Tensor, channels: int, size: int) -> Tensor:
+    """A uint8 (1|3, H, W) image -> (channels, size, size): grey <-> RGB, then the shorter side
+    resized to ``size`` (bilinear, antialiased) and the centre cropped square. An image already
+    of that shape is returned unchanged."""
+    if img.shape[0] == 3 and channels == 1:
+        img = _luma(img)
+    if tuple(img.shape[1:]) != (size, size):
+        img = _resize_crop(img, size)
+    if img.shape[0] == 1 and channels == 3:
+        img = img.expand(3, -1, -1)
+    return img
+
+
+def _luma(rgb: Tensor) -> Tensor:
+    """uint8 RGB (3, H, W) -> grey (1, H, W) with ITU-R 601 weights, PIL's own fixed-point
+    formula, so the result equals ``Image.convert("L")``."""
+    r, g, b = rgb.to(torch.int32)
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8).unsqueeze(0)
+
+
+def _resize_crop(img: Tensor, size: int) -> Tensor:
+    import torch.nn.functional as F
+
+    h, w = img.shape[1:]
+    if h <= w:
+        nh, nw = size, max(size, int(size * w / h))
     else:
-        desc = "28x28 grayscale" if family == "mnist" else "32x32 RGB"
-        allowed = f"images must all be {desc} ({family} family, as the first one found)"
-    return f"{field}: {allowed}, found {'x'.join(map(str, found))} in {where}"
-
-
-def _decode_files(files: list[str], field: str, want: str | None) -> Tensor:
-    """Decode every file once (one-off cost, not per batch) into one uint8 (N, C, H, W) tensor.
-
-    The family is ``want`` or, when None, that of the first image (1x28x28 or 3x32x32); every image
-    must have that height and width. A 28x28 image with colour channels is converted to grey and a
-    32x32 grey or RGBA image to RGB, as PIL's ``convert`` would.
-    """
-    with warnings.catch_warnings():
-        # torchvision 0.29 deprecates its image codecs (for torchcodec) and warns on every call.
-        warnings.filterwarnings("ignore", message=_TV_DEPRECATION, category=DeprecationWarning)
-        first = _decode(files[0], "unchanged", field)
-        family = want
-        if family is None:
-            for fam, (_, h, w) in FAMILY_SHAPES.items():
-                if tuple(first.shape[1:]) == (h, w):
-                    family = fam
-            if family is None:
-                raise DataError(_shape_message(field, None, tuple(first.shape), files[0]))
-        c, h, w = FAMILY_SHAPES[family]
-        images = []
-        for i, f in enumerate(files):
-            img = first if i == 0 else _decode(f, "unchanged", field)
-            if img.shape[1] != h or img.shape[2] != w:
-                raise DataError(_shape_message(field, family, tuple(img.shape), f))
-            images.append(img)
-        for i, img in enumerate(images):  # rare: grey/RGBA/colour files in the other family's mode
-            if img.shape[0] != c:
-                images[i] = _decode(files[i], "gray" if c == 1 else "rgb", field)
-    return torch.stack(images).contiguous()
+        nh, nw = max(size, int(size * h / w)), size
+    x = F.interpolate(
+        img.unsqueeze(0).to(torch.float32),
+        size=(nh, nw),
+        mode="bilinear",
+        align_corners=False,
+        antialias=True,
+    )
+    top, left = (nh - size) // 2, (nw - size) // 2
+    x = x[0, :, top : top + size, left : left + size]
+    return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 _TV_DEPRECATION = ".*image decoding and encoding capabilities of TorchVision are deprecated"
+_JPEG_MAGIC = b"\xff\xd8"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @functools.cache
 def _tv_decoder():
-    """torchvision's ``decode_image`` and its modes, or None where this torchvision lacks them."""
+    """torchvision's ``decode_image`` and its UNCHANGED mode, or None where this torchvision
+    lacks them."""
     try:
         from torchvision.io import ImageReadMode, decode_image
     except ImportError:
         return None
-    modes = {
-        "unchanged": ImageReadMode.UNCHANGED,
-        "gray": ImageReadMode.GRAY,
-        "rgb": ImageReadMode.RGB,
-    }
-    return decode_image, modes
+    return decode_image, ImageReadMode.UNCHANGED
 
 
-def _decode(path: str, mode: str, field: str) -> Tensor:
-    """One image file -> uint8 (C, H, W); torchvision's decoder, PIL for formats it lacks.
+def _fast_path(data: bytes) -> bool:
+    """Files torchvision's decoder reads exactly as PIL would: JPEG (its 1 or 3 channel
+    results are checked after decoding) and 8-bit grey or RGB PNG (the IHDR's bit depth and
+    colour type; palette, alpha and 16-bit PNGs go through PIL)."""
+    if data.startswith(_JPEG_MAGIC):
+        return True
+    return data.startswith(_PNG_MAGIC) and len(data) > 25 and data[24] == 8 and data[25] in (0, 2)
 
-    ``mode``: "unchanged" | "gray" | "rgb"."""
-    with open(path, "rb") as fh:
-        data = fh.read()
+
+def _decode(path: str, field: str) -> Tensor:
+    """One image file -> uint8 (1, H, W) grey or (3, H, W) RGB, whatever its mode.
+
+    torchvision's decoder for 8-bit grey/RGB JPEG and PNG (the bulk, and the faster one); PIL
+    for everything else (see :func:`_pil_array`). A file neither can read (truncated, corrupt,
+    not an image) is a one-line DataError naming it."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as e:
+        raise DataError(f"{field}: cannot read image {path}: {_first_line(e)}") from None
     tv = _tv_decoder()
-    if tv is not None:
-        decode_image, modes = tv
+    if tv is not None and _fast_path(data):
+        decode_image, unchanged = tv
         try:
-            return decode_image(
-                torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=modes[mode]
-            )
+            with warnings.catch_warnings():
+                # torchvision 0.29 deprecates its codecs (for torchcodec), warning on every call.
+                warnings.filterwarnings("ignore", _TV_DEPRECATION, DeprecationWarning)
+                raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                img = decode_image(raw, mode=unchanged)
+            if img.dtype == torch.uint8 and img.ndim == 3 and img.shape[0] in (1, 3):
+                return img
         except RuntimeError:
-            pass  # e.g. BMP, PPM, TIFF: PIL below
-    from PIL import Image, UnidentifiedImageError
+            pass  # truncated or odd (CMYK JPEG...): PIL below says which, or reads it
+    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            if mode == "gray":
-                im = im.convert("L")
-            elif mode == "rgb" or im.mode not in ("L", "RGB", "RGBA"):
-                im = im.convert("RGB")
-            arr = np.array(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as e:
+            im.load()
+            arr = _pil_array(im)
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... for broken files
         raise DataError(f"{field}: cannot decode image {path}: {_first_line(e)}") from None
-    t = torch.from_numpy(arr)
+    t = torch.from_numpy(np.array(arr, dtype=np.uint8))  # a writable, contiguous copy
     return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def _pil_array(im) -> np.ndarray:
+    """A loaded PIL image -> uint8 (H, W) grey or (H, W, 3) RGB.
+
+    16-bit grey (``I;16*``) and 32-bit integer (``I``, read as 16-bit, what 16-bit PNGs and TIFFs
+    give) values are scaled from 0..65535 to 0..255 (``round(v * 255 / 65535)``, so ``257 * k``
+    is ``k``); float (``F``) images whose values lie in [0, 1] are scaled by 255, others clipped
+    to 0..255. Alpha is dropped (as ImageFolder's ``convert("RGB")`` does); palette images
+    become grey when every palette colour is grey, else RGB; CMYK, YCbCr, HSV and the rest are
+    converted to RGB by PIL."""
+    mode = im.mode
+    if mode in ("1", "L", "LA", "La"):
+        return np.asarray(im.convert("L") if mode == "1" else im.getchannel(0), dtype=np.uint8)
+    if mode.startswith("I;16") or mode == "I":
+        wide = np.asarray(im).astype(np.int64).clip(0, 65535)
+        return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+    if mode == "F":
+        f = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if f.size and f.min() >= 0.0 and f.max() <= 1.0:
+            f = f * 255.0
+        return np.rint(f.clip(0.0, 255.0)).astype(np.uint8)
+    if mode in ("P", "PA"):
+        if _is_grey(im):
+            return np.asarray(im.convert("L"), dtype=np.uint8)
+        return np.asarray(im.convert("RGBA").convert("RGB"), dtype=np.uint8)
+    if mode != "RGB":
+        im = im.convert("RGB")
+    return np.asarray(im, dtype=np.uint8)
 
 
 def _save_atomic(obj: dict, target: Path) -> bool:

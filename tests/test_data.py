@@ -248,22 +248,30 @@ def test_imagefolder_loads(tmp_path: Path, shape, family: str) -> None:
     assert len(after) == 2 and len(after & before) == 1  # test/ unchanged, train/ re-decoded
 
 
-def test_imagefolder_wrong_shape(tmp_path: Path) -> None:
+def test_imagefolder_other_sizes_are_resized(tmp_path: Path) -> None:
+    """64x64 RGB (once refused) is resized to the CIFAR family's 32x32; data.family=mnist makes
+    the same folder 28x28 grey (tests/test_image_sizes.py covers sizes and modes in depth)."""
     root = write_folder(tmp_path / "big", (3, 64, 64))
     cfg = DataConfig(name="imagefolder", path=str(root), cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(
-        DataError,
-        match=r"data\.path: images must be 28x28 grayscale or 32x32 RGB, found 3x64x64 in ",
-    ):
-        load_splits(cfg)
+    s = load_splits(cfg)
+    assert s.family == "cifar" and s.test_x.shape == (6, 3, 32, 32)
+    cfg.family = "mnist"
+    s = load_splits(cfg)
+    assert s.family == "mnist" and s.test_x.shape == (6, 1, 28, 28)
 
 
 def test_imagefolder_mixed_shapes(tmp_path: Path) -> None:
+    """A colour file among grey ones makes an auto folder CIFAR-family: every image RGB 32x32."""
     root = write_folder(tmp_path / "mix", (1, 28, 28))
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(root / "train" / "b" / "zzz.png")
-    cfg = DataConfig(name="imagefolder", path=str(root), cache_dir="")
-    with pytest.raises(DataError, match=r"data\.path: .*found 3x32x32 in .*zzz\.png"):
-        load_splits(cfg)
+    cfg = DataConfig(name="imagefolder", path=str(root), cache_dir="", val_fraction=0.5)
+    s = load_splits(cfg)
+    assert s.family == "cifar" and s.train_x.shape[1:] == (3, 32, 32)
+    assert s.test_x.shape == (6, 3, 32, 32)
+    # grey images become RGB by repeating the channel
+    assert torch.equal(s.test_x[:, 0], s.test_x[:, 1]) and torch.equal(
+        s.test_x[:, 0], s.test_x[:, 2]
+    )
 
 
 def test_unwritable_cache_warns_and_still_loads(tmp_path: Path) -> None:
