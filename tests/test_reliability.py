@@ -349,3 +349,17 @@ def test_a_postgres_restart_during_a_trial_is_ridden_out(tmp_path, postgres_db_u
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2, [
         (t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials
     ]
+
+
+# ---- 5: a stage study deleted from the dashboard does not leave the study stuck ----------------
+
+
+def test_a_deleted_stage_study_is_recreated_and_its_stale_claims_released(tmp_path):
+    url, first = run_screen(tmp_path, "stages.screen.trials=1")
+    optuna.delete_study(study_name=stage_study_name("quickstart", "screen"), storage=url)
+    # Before, its claim rows (baseline enqueued, slot 0 taken) outlived it: a rerun waited for
+    # an enqueue that never came, then exited 1. Now the new study starts clean, saying so.
+    with pytest.warns(UserWarning, match="released .* claim"):
+        _, again = run_screen(tmp_path, "stages.screen.trials=1")
+    assert [t.state for t in again] == [TrialState.COMPLETE]
+    assert again[0].user_attrs["checkpoint_dir"] != first[0].user_attrs["checkpoint_dir"]
