@@ -7,21 +7,29 @@ random crop, flip, jitter, grayscale and blur (torchvision's v2 transforms would
 per batch). Randomness comes from the global torch RNG (``torch.manual_seed`` makes it repeatable).
 Normalization (CIFAR) is not part of these modules: apply ``ImageSplits.normalize`` after them.
 
-The report's recipes at strength 1 (p = probability of applying; "none" = identity):
+The recipes at strength 1 (p = probability of applying):
 
 =============  =========================================  =========================================
 recipe         mnist (1x28x28)                            cifar (3x32x32)
 =============  =========================================  =========================================
-encoder        none                                       RandomResizedCrop scale (0.7,1) ·
+encoder        RandomResizedCrop scale (0.7,1) [*]        RandomResizedCrop scale (0.7,1) ·
 (1.2.1/1.2.2)                                             HorizontalFlip 0.5 ·
                                                           ColorJitter(0.8,0.8,0.8,0.2) p 0.2
-probe          none                                       RandomResizedCrop scale (0.7,1) ·
+probe          RandomResizedCrop scale (0.7,1) [*]        RandomResizedCrop scale (0.7,1) ·
 (classifier)                                              HorizontalFlip 0.5
 contrastive    RandomResizedCrop scale (0.6,1) ·          RandomResizedCrop scale (0.08,1) ·
 (SimCLR)       GaussianBlur k3 p 0.5                      HorizontalFlip 0.5 ·
                                                           ColorJitter(0.4,0.4,0.4,0.1) p 0.5 ·
                                                           Grayscale p 0.2 · GaussianBlur k3 p 0.5
 =============  =========================================  =========================================
+
+Each is the report's recipe except [*]: on MNIST the report trained 1.2.1/1.2.2 encoders and
+every classifier without augmentation ("there was no importance for applying augmentations in
+tasks 1.2.1 and 1.2.2"), so its choice there is strength 0 (:data:`REPORT_STRENGTH`; what a
+strength of ``None`` means). The MNIST recipe a search may switch on is the crop the report
+chose for CIFAR-10's 1.2.1/1.2.2 encoders and classifiers, without the flip (a mirrored digit is
+another glyph) and the colour jitter (grey images); it is close to MNIST's own contrastive crop
+(0.6, 1).
 
 RandomResizedCrop always uses torchvision's aspect-ratio range (3/4, 4/3) and GaussianBlur its sigma
 range (0.1, 2.0); ColorJitter is ``kornia.augmentation.ColorJitter``, which uses torchvision's
@@ -40,7 +48,7 @@ jitter hue               h                               min(0.5, s*h)
 blur sigma range         (0.1, 2.0)                      (0.1, 0.1 + s*1.9)
 =======================  ==============================  =============================================
 
-``s = 1`` is the report's recipe exactly, ``s = 0`` returns ``nn.Identity`` (bit-exact identity),
+``s = 1`` is the table's recipe exactly, ``s = 0`` returns ``nn.Identity`` (bit-exact identity),
 values above 1 extrapolate with the same formulas (at ``s = 2`` the contrastive crop's scale floor
 is 0.05), except the horizontal flip, which stays at p = 0.5: flipping every image would be a fixed
 transform, less random than flipping half of them. An op whose magnitude or probability becomes 0 is left out.
@@ -58,6 +66,13 @@ from torch import nn
 from models.config import FAMILIES, check_aug_strength, check_choice, check_family
 
 RECIPES = ("encoder", "probe", "contrastive")
+# The strength of the report's own choice per (family, recipe): what ``strength=None`` means.
+# MNIST's encoder (1.2.1/1.2.2) and classifier training used no augmentation.
+REPORT_STRENGTH: dict[tuple[str, str], float] = {
+    (family, recipe): 0.0 if family == "mnist" and recipe != "contrastive" else 1.0
+    for family in FAMILIES
+    for recipe in RECIPES
+}
 
 _IMAGE_SIZE = {"mnist": (28, 28), "cifar": (32, 32)}
 _RATIO = (3 / 4, 4 / 3)
@@ -66,8 +81,9 @@ _CROP_SCALE_FLOOR = 0.05
 
 # The report's recipes at strength 1: (op kind, its parameters).
 _RECIPES: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {
-    ("mnist", "encoder"): [],
-    ("mnist", "probe"): [],
+    # Not the report's (it used none: REPORT_STRENGTH 0); its CIFAR-10 crop, for a search.
+    ("mnist", "encoder"): [("crop", {"lo": 0.7})],
+    ("mnist", "probe"): [("crop", {"lo": 0.7})],
     ("mnist", "contrastive"): [
         ("crop", {"lo": 0.6}),
         ("blur", {"p": 0.5}),
@@ -106,19 +122,23 @@ class _Clamp01(nn.Module):
         return x.clamp(0.0, 1.0)
 
 
-def _check(family: str, recipe: str, strength: float) -> float:
+def _check(family: str, recipe: str, strength: float | None, key: str) -> float:
     check_family(family)
     check_choice(recipe, RECIPES, "recipe")
-    return check_aug_strength(strength)
+    if strength is None:
+        return REPORT_STRENGTH[(family, recipe)]
+    return check_aug_strength(strength, key)
 
 
 def _prob(p: float, s: float) -> float:
     return min(1.0, s * p)
 
 
-def _scaled_ops(family: str, recipe: str, strength: float) -> list[_Op]:
+def _scaled_ops(
+    family: str, recipe: str, strength: float | None, key: str = "train.aug_strength"
+) -> list[_Op]:
     """The recipe's ops with the strength mapping of the module docstring applied."""
-    s = _check(family, recipe, strength)
+    s = _check(family, recipe, strength, key)
     if s == 0.0:
         return []
     ops: list[_Op] = []
@@ -193,18 +213,25 @@ def _build_op(op: _Op) -> nn.Module:
     raise AssertionError(op.kind)  # pragma: no cover
 
 
-def build_augmentation(family: str, recipe: str, strength: float = 1.0) -> nn.Module:
+def build_augmentation(
+    family: str,
+    recipe: str,
+    strength: float | None = None,
+    *,
+    key: str = "train.aug_strength",
+) -> nn.Module:
     """The batch augmentation for ``family`` ("mnist" | "cifar") and ``recipe``.
 
     ``recipe`` is "encoder" (1.2.1/1.2.2 encoder training), "probe" (classifier training, all tasks)
     or "contrastive" (one SimCLR view; call it twice for two views). ``strength`` scales the recipe
-    (see the module docstring). Returns ``nn.Identity`` when no op is left (strength 0, or a recipe
-    that is "none"), else an ``nn.Sequential`` of kornia ops followed by a clamp to [0, 1].
+    (see the module docstring); None is the report's choice (:data:`REPORT_STRENGTH`). ``key``
+    names the setting in the error a bad strength raises. Returns ``nn.Identity`` when no op is
+    left (strength 0), else an ``nn.Sequential`` of kornia ops followed by a clamp to [0, 1].
     """
-    ops = _scaled_ops(family, recipe, strength)
+    ops = _scaled_ops(family, recipe, strength, key)
     if not ops:
         return nn.Identity()
     return nn.Sequential(*[_build_op(op) for op in ops], _Clamp01())
 
 
-__all__ = ["FAMILIES", "RECIPES", "build_augmentation"]
+__all__ = ["FAMILIES", "RECIPES", "REPORT_STRENGTH", "build_augmentation"]

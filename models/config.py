@@ -34,8 +34,11 @@ UPSAMPLE_MODES = ("convtranspose", "nearest", "bilinear")
 AMP_MODES = ("auto", "off", "bf16")
 CHANNELS_LAST_MODES = ("auto", "off", "on")
 FAMILIES = ("mnist", "cifar")
-# The family (network shapes, augmentation recipes) of each dataset; imagefolder's is known
-# only once its images are read (28x28 grey: mnist, 32x32 RGB: cifar).
+# data.family: the network family an image folder is decoded for; "auto" decides from the train
+# images (all grey: mnist, else cifar).
+DATA_FAMILIES = ("auto", *FAMILIES)
+# The family (network shapes, augmentation recipes) of each dataset; imagefolder's is
+# data.family, or known only once its images are read when that is "auto".
 DATASET_FAMILY: dict[str, str | None] = {
     "mnist": "mnist",
     "digits": "mnist",
@@ -45,6 +48,18 @@ DATASET_FAMILY: dict[str, str | None] = {
 # The report's kernel lists per family, used when ModelConfig leaves them None.
 DEFAULT_ENCODER_KERNELS: dict[str, tuple[int, ...]] = {"mnist": (7, 7, 5), "cifar": (7, 7, 5)}
 DEFAULT_DECODER_KERNELS: dict[str, tuple[int, ...]] = {"mnist": (7, 7, 5), "cifar": (5, 7, 7, 7)}
+# How many wide convs (width model.channels unless listed per layer) each family's encoder and
+# decoder have: the convs before the latent map, and the decoder's up to its output conv.
+ENCODER_WIDE_CONVS: dict[str, int] = {"mnist": 2, "cifar": 2}
+DECODER_WIDE_CONVS: dict[str, int] = {"mnist": 2, "cifar": 3}
+# Channels of the encoder's last conv, the latent map: mnist (1,14,14) before its linear layer,
+# cifar (2,8,8) flattened as the 128-d latent.
+DEFAULT_LATENT_CHANNELS: dict[str, int] = {"mnist": 1, "cifar": 2}
+# The classifier's convs on the latent map: cifar's two, mnist's classifier is an MLP only.
+DEFAULT_CLASSIFIER_CHANNELS: dict[str, tuple[int, ...]] = {"mnist": (), "cifar": (256, 512)}
+CLASSIFIER_CONV_KERNEL = 3  # the report's kernel of each cifar classifier conv
+MAX_CLASSIFIER_CONVS = 3  # each halves cifar's 8x8 latent map
+MAX_HIDDEN_LAYERS = 8  # model.classifier_hidden
 MIN_AUG_STRENGTH, MAX_AUG_STRENGTH = 0.0, 2.0
 # Upper bounds of the numeric settings: far above any useful value, low enough that a typo
 # (an extra zero, a stray exponent) is refused when the study is loaded instead of failing
@@ -69,6 +84,9 @@ class DataConfig:
     # torchvision root (env SSL_SEARCH_DATA, else ./data); cifar10 also finds <root>/cifar10-jpeg/
     root: str = field(default_factory=lambda: os.environ.get("SSL_SEARCH_DATA", "data"))
     path: str = ""  # imagefolder only: a folder holding train/ and test/ class folders
+    # imagefolder: auto | mnist (28x28 grey) | cifar (32x32 RGB); images of any size and mode
+    # are converted and resized to it once, when decoded. Other datasets: auto or their own.
+    family: str = "auto"
     download: bool = False  # let torchvision fetch MNIST/CIFAR-10 when online
     val_fraction: float = 0.1  # validation split carved from train, seeded
     train_subset: int = 0  # 0 = all; otherwise a seeded subset of the train split
@@ -82,13 +100,21 @@ class DataConfig:
 class ModelConfig:
     """Network shapes. ``None`` means the report's value for the dataset family."""
 
-    channels: int = 256  # width of every encoder/decoder conv
+    channels: int = 256  # width of every wide encoder/decoder conv not listed per layer
+    encoder_channels: list[int] | None = None  # per wide conv (2); None = [channels] * 2
+    decoder_channels: list[int] | None = None  # per wide conv (mnist 2, cifar 3); None = channels
     encoder_kernels: list[int] | None = None  # mnist [7,7,5]; cifar [7,7,5]
     decoder_kernels: list[int] | None = None  # mnist [7,7,5]; cifar [5,7,7,7]
-    latent_dim: int = 128  # mnist only; cifar's latent is (2,8,8) = 128
+    latent_channels: int | None = None  # the latent map's channels: mnist 1 (1,14,14); cifar 2
+    latent_dim: int = 128  # mnist only; cifar's latent is (latent_channels,8,8) = 128
     decoder_upsample: str = "convtranspose"  # convtranspose | nearest | bilinear
+    # The cifar classifier's convs on the latent map (1 to 3; mnist's classifier has none):
+    classifier_channels: list[int] | None = None  # cifar [256, 512]
+    classifier_kernels: list[int] | None = None  # cifar [3, 3]: 3 for each conv
+    classifier_hidden: list[int] = field(default_factory=lambda: [512, 256, 128])  # both
     classifier_dropout: float = 0.1
     encoder_dropout: float = 0.0  # the report tried it and dropped it; searchable
+    projection_hidden: int | None = None  # None = the latent size (SimCLR), 128
     projection_dim: int = 128
 
 
@@ -109,6 +135,9 @@ class ProbeConfig:
     epochs: int = 20
     batch_size: int = 64
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # Strength of the classifier's own augmentation ("probe" recipe); None = the report's fixed
+    # recipe (cifar: crop + flip, mnist: none), whatever train.aug_strength a trial chose.
+    aug_strength: float | None = None
 
 
 @dataclass
@@ -117,7 +146,9 @@ class TrainConfig:
     batch_size: int = 32
     optim: OptimConfig = field(default_factory=OptimConfig)
     temperature: float | None = None  # NT-Xent; None = 0.5 on mnist, 0.15 on cifar
-    aug_strength: float = 1.0  # 0 = no augmentation, 1 = the report's recipe
+    # Pre-training augmentation: 0 = none, 1 = the recipe at full strength (the report's, except
+    # mnist 1.2.1/1.2.2, where the report used none); None = the report's choice for the run.
+    aug_strength: float | None = None
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     knn_k: int = 20
     knn_max_train: int = 10000  # train embeddings used as the kNN memory bank
@@ -275,6 +306,39 @@ def check_upsample(mode: Any, key: str) -> str:
     return mode
 
 
+def check_widths(widths: Any, key: str, low: int = 1, high: int | None = None) -> tuple[int, ...]:
+    """A list of channel counts (each within [1, MAX_WIDTH]) of ``low`` to ``high`` entries."""
+    if isinstance(widths, str | bytes) or not isinstance(widths, Sequence):
+        raise SettingError(f"{key}: must be a list of channel counts, got {widths!r}")
+    if len(widths) < low or (high is not None and len(widths) > high):
+        wanted = f"at least {low}" if high is None else f"{low} to {high}"
+        raise SettingError(f"{key}: needs {wanted} channel counts, got {len(widths)}")
+    return tuple(check_channels(w, f"{key}[{i}]") for i, w in enumerate(widths))
+
+
+def check_hidden(widths: Any, key: str) -> tuple[int, ...]:
+    """The classifier's hidden layer widths: 0 to MAX_HIDDEN_LAYERS sizes within [1, MAX_WIDTH]."""
+    if isinstance(widths, str | bytes) or not isinstance(widths, Sequence):
+        raise SettingError(f"{key}: must be a list of layer widths, got {widths!r}")
+    if len(widths) > MAX_HIDDEN_LAYERS:
+        raise SettingError(f"{key}: at most {MAX_HIDDEN_LAYERS} hidden layers, got {len(widths)}")
+    return tuple(check_size(w, f"{key}[{i}]", MAX_WIDTH) for i, w in enumerate(widths))
+
+
+def _family_count(
+    length: int, per_family: dict[str, int], family: str | None, key: str, what: str
+) -> None:
+    """``length`` is the family's count of ``what``, or either family's when not yet known."""
+    if family is not None:
+        if length != per_family[family]:
+            raise SettingError(
+                f"{key}: needs {per_family[family]} {what} for {family}, got {length}"
+            )
+    elif length not in per_family.values():
+        wanted = " or ".join(f"{n} ({f})" for f, n in per_family.items())
+        raise SettingError(f"{key}: needs {wanted} {what}, got {length}")
+
+
 def model_kernels(model: ModelConfig, family: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(encoder, decoder) kernel lists of ``model`` for ``family``, defaults filled in."""
     enc, dec = model.encoder_kernels, model.decoder_kernels
@@ -284,12 +348,46 @@ def model_kernels(model: ModelConfig, family: str) -> tuple[tuple[int, ...], tup
     )
 
 
+def model_channels(model: ModelConfig, family: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(encoder, decoder) widths of the wide convs, ``model.channels`` where not listed."""
+    enc, dec = model.encoder_channels, model.decoder_channels
+    return (
+        tuple([model.channels] * ENCODER_WIDE_CONVS[family] if enc is None else enc),
+        tuple([model.channels] * DECODER_WIDE_CONVS[family] if dec is None else dec),
+    )
+
+
+def model_latent_channels(model: ModelConfig, family: str) -> int:
+    """Channels of the latent map: ``model.latent_channels`` or the family's (mnist 1, cifar 2)."""
+    lc = model.latent_channels
+    return DEFAULT_LATENT_CHANNELS[family] if lc is None else lc
+
+
+def model_classifier_convs(
+    model: ModelConfig, family: str
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(widths, kernels) of the classifier's convs; both empty for mnist (an MLP)."""
+    ch = model.classifier_channels
+    widths = tuple(DEFAULT_CLASSIFIER_CHANNELS[family] if ch is None else ch)
+    ks = model.classifier_kernels
+    kernels = tuple([CLASSIFIER_CONV_KERNEL] * len(widths) if ks is None else ks)
+    return widths, kernels
+
+
 def check_model(model: ModelConfig, family: str | None, key: str = "model") -> None:
     """Check ``model`` for a dataset ``family`` ("mnist", "cifar", or None when not yet known:
-    then a kernel list may have the length of either family's)."""
+    then a list may have the length of either family's)."""
     if family is not None:
         check_family(family)
     check_channels(model.channels, f"{key}.channels")
+    for name, counts in (
+        ("encoder_channels", ENCODER_WIDE_CONVS),
+        ("decoder_channels", DECODER_WIDE_CONVS),
+    ):
+        widths = getattr(model, name)
+        if widths is not None:  # None: model.channels for each
+            check_widths(widths, f"{key}.{name}")
+            _family_count(len(widths), counts, family, f"{key}.{name}", "channel counts")
     for name, defaults in (
         ("encoder_kernels", DEFAULT_ENCODER_KERNELS),
         ("decoder_kernels", DEFAULT_DECODER_KERNELS),
@@ -302,14 +400,41 @@ def check_model(model: ModelConfig, family: str | None, key: str = "model") -> N
             continue
         check_kernels(kernels, None, f"{key}.{name}", None)
         counts = {f: len(defaults[f]) for f in FAMILIES}
-        if len(kernels) not in counts.values():
-            wanted = " or ".join(f"{n} ({f})" for f, n in counts.items())
-            raise SettingError(f"{key}.{name}: needs {wanted} kernel sizes, got {len(kernels)}")
+        _family_count(len(kernels), counts, None, f"{key}.{name}", "kernel sizes")
+    if model.latent_channels is not None:
+        check_channels(model.latent_channels, f"{key}.latent_channels")
     check_size(model.latent_dim, f"{key}.latent_dim", MAX_WIDTH)
     check_upsample(model.decoder_upsample, f"{key}.decoder_upsample")
+    _check_classifier_convs(model, family, key)
+    check_hidden(model.classifier_hidden, f"{key}.classifier_hidden")
     check_dropout(model.classifier_dropout, f"{key}.classifier_dropout")
     check_dropout(model.encoder_dropout, f"{key}.encoder_dropout")
+    if model.projection_hidden is not None:
+        check_size(model.projection_hidden, f"{key}.projection_hidden", MAX_WIDTH)
     check_size(model.projection_dim, f"{key}.projection_dim", MAX_WIDTH)
+
+
+def _check_classifier_convs(model: ModelConfig, family: str | None, key: str) -> None:
+    widths, kernels = model.classifier_channels, model.classifier_kernels
+    if family == "mnist":
+        for name, value in (("classifier_channels", widths), ("classifier_kernels", kernels)):
+            if value is not None:
+                raise SettingError(
+                    f"{key}.{name}: the mnist classifier is an MLP on the latent vector, without "
+                    f"convolutions; leave it unset (model.classifier_hidden sets its widths)"
+                )
+        return
+    if widths is not None:
+        check_widths(widths, f"{key}.classifier_channels", 1, MAX_CLASSIFIER_CONVS)
+    if kernels is not None:
+        count = len(DEFAULT_CLASSIFIER_CHANNELS["cifar"] if widths is None else widths)
+        check_kernels(kernels, None, f"{key}.classifier_kernels", None)
+        if len(kernels) != count:
+            sizes = "kernel size" if count == 1 else "kernel sizes"
+            raise SettingError(
+                f"{key}.classifier_kernels: needs {count} {sizes}, one per classifier conv "
+                f"({key}.classifier_channels), got {len(kernels)}"
+            )
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -330,8 +455,24 @@ def check_data(data: DataConfig, key: str = "data") -> None:
                 f"got {value!r}"
             )
     check_seed(data.split_seed, f"{key}.split_seed", DataError)
+    check_choice(data.family, DATA_FAMILIES, f"{key}.family", DataError)
+    own = DATASET_FAMILY[data.name]
+    if own is not None and data.family not in ("auto", own):
+        raise DataError(
+            f"{key}.family: {data.name} is a {own}-family dataset; use auto or {own}, "
+            f"got {data.family!r} (only imagefolder sets are converted to a family)"
+        )
     if data.name == "imagefolder":
         check_image_folder(data.path, f"{key}.path", f"{key}.name")
+
+
+def data_family(data: DataConfig) -> str | None:
+    """The network family of ``data`` as far as known without reading images: the dataset's
+    own, else ``data.family`` (None for an ``auto`` image folder, decided from its images)."""
+    own = DATASET_FAMILY.get(data.name)
+    if own is not None:
+        return own
+    return data.family if data.family in FAMILIES else None
 
 
 def check_image_folder(path: Any, key: str = "data.path", name_key: str = "data.name") -> Path:
@@ -413,10 +554,13 @@ def check_train(train: TrainConfig, key: str = "train") -> None:
     check_optim(train.optim, f"{key}.optim")
     if train.temperature is not None:  # None: the family's default
         check_temperature(train.temperature, f"{key}.temperature")
-    check_aug_strength(train.aug_strength, f"{key}.aug_strength")
+    if train.aug_strength is not None:  # None: the report's choice
+        check_aug_strength(train.aug_strength, f"{key}.aug_strength")
     check_int(train.probe.epochs, f"{key}.probe.epochs", 1, high=MAX_EPOCHS)
     check_int(train.probe.batch_size, f"{key}.probe.batch_size", 2, high=MAX_BATCH_SIZE)
     check_optim(train.probe.optim, f"{key}.probe.optim")
+    if train.probe.aug_strength is not None:  # None: the report's fixed classifier recipe
+        check_aug_strength(train.probe.aug_strength, f"{key}.probe.aug_strength")
     check_int(train.knn_k, f"{key}.knn_k", 1, high=MAX_KNN_K)
     check_int(train.knn_max_train, f"{key}.knn_max_train", 1, high=MAX_SAMPLES)
     check_int(train.max_batches, f"{key}.max_batches", 0, high=MAX_SAMPLES)
@@ -430,5 +574,5 @@ def check_run(task: str, data: DataConfig, model: ModelConfig, train: TrainConfi
     """All settings of one training run, under the keys a study file gives them."""
     check_task(task)
     check_data(data)
-    check_model(model, DATASET_FAMILY[data.name])
+    check_model(model, data_family(data))
     check_train(train)

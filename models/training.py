@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from models.augment import build_augmentation
 from models.checkpoints import (
+    best_checkpoint,
     capture_rng_state,
     check_identity,
     load_checkpoint,
@@ -126,10 +127,17 @@ class Run:
         self.temperature = train.temperature or DEFAULT_TEMPERATURE[self.family]
         pretrain_recipe = "contrastive" if task == "contrastive" else "encoder"
         self.pretrain_aug = build_augmentation(self.family, pretrain_recipe, train.aug_strength)
-        self.probe_aug = build_augmentation(self.family, "probe", train.aug_strength)
+        # The classifier keeps the report's fixed recipe whatever strength the trial chose for
+        # pre-training, unless the study sets the probe's own (train.probe.aug_strength).
+        self.probe_aug = build_augmentation(
+            self.family, "probe", train.probe.aug_strength, key="train.probe.aug_strength"
+        )
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         # Written into every checkpoint; a checkpoint with another identity is never resumed.
         self.identity = identity
+        # (metric, maximize): also keep the pretrain epoch that scored best on it, as the
+        # report picked encoders by validation (see keep_best_by).
+        self.best_by: tuple[str, bool] | None = None
         # A fixed subset of train images serves as the kNN memory bank.
         bank_size = min(train.knn_max_train, len(self.splits.train_y))
         order = torch.randperm(len(self.splits.train_y), generator=torch.Generator().manual_seed(0))
@@ -266,8 +274,10 @@ class Run:
         path = phase_checkpoint(self.checkpoint_dir, phase) if self.checkpoint_dir else None
         history: list[EpochReport] = []
         state = load_checkpoint(path) if path else None
+        best = None  # {"value", "epoch"} of the best epoch so far, when keeping the best
         if state is not None:
             check_identity(path, state, self.identity)
+            best = state.get("best")
             for name, module in modules.items():
                 module.load_state_dict(state["modules"][name])
             optimizer.load_state_dict(state["optimizer"])
@@ -315,6 +325,23 @@ class Run:
                 eval_seconds=time.perf_counter() - eval_started,
             )
             history.append(report)
+            if (
+                path
+                and phase == "pretrain"
+                and self.best_by
+                and _improves(report, best, *self.best_by)
+            ):
+                best = {"value": report.metrics[self.best_by[0]], "epoch": report.epoch}
+                save_checkpoint(
+                    best_checkpoint(self.checkpoint_dir),
+                    {
+                        "phase": phase,
+                        "identity": self.identity,
+                        "epoch": report.epoch,
+                        "modules": {n: m.state_dict() for n, m in modules.items()},
+                        "best": best,
+                    },
+                )
             if path:
                 saving_started = time.perf_counter()
                 save_checkpoint(
@@ -327,6 +354,7 @@ class Run:
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "rng": capture_rng_state(),
+                        "best": best,
                         "history": [asdict(h) for h in history],
                     },
                 )
@@ -336,6 +364,10 @@ class Run:
         return history
 
     # ---- phases ---------------------------------------------------------------------------
+
+    def keep_best_by(self, metric: str, maximize: bool) -> None:
+        """Also keep the pretrain epoch best on validation ``metric`` (``pretrain-best.pt``)."""
+        self.best_by = (metric, maximize)
 
     def pretrain_modules(self) -> dict[str, nn.Module]:
         second = {"autoencoder": "decoder", "guided": "classifier", "contrastive": "projection"}
@@ -453,3 +485,15 @@ class Run:
         if self.needs_probe:
             self.train_probe(on_epoch)
         return self.evaluate()
+
+
+def _improves(
+    report: EpochReport, best: dict[str, float] | None, metric: str, maximize: bool
+) -> bool:
+    """Whether this epoch beats the best so far on ``metric`` (ties keep the earlier epoch)."""
+    value = report.metrics[metric]
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value > best["value"] if maximize else value < best["value"]

@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.augment import FAMILIES, RECIPES, build_augmentation
+from models.augment import FAMILIES, RECIPES, REPORT_STRENGTH, build_augmentation
 from models.errors import SettingError
 
 SHAPES = {"mnist": (1, 28, 28), "cifar": (3, 32, 32)}
 ALL = [(f, r) for f in FAMILIES for r in RECIPES]
 NONTRIVIAL = [
+    ("mnist", "encoder"),
+    ("mnist", "probe"),
     ("mnist", "contrastive"),
     ("cifar", "encoder"),
     ("cifar", "probe"),
@@ -55,9 +57,24 @@ def test_strength_zero_is_exact_identity(family: str, recipe: str) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("recipe", ["encoder", "probe"])
-def test_mnist_encoder_and_probe_recipes_are_none(family: str, recipe: str) -> None:
-    aug = build_augmentation(family, recipe, 1.0)
+def test_reports_choice_is_none_for_mnist_encoder_and_probe(family: str, recipe: str) -> None:
+    """strength None is the report's choice: no augmentation on MNIST outside SimCLR."""
+    aug = build_augmentation(family, recipe, None)
     assert isinstance(aug, nn.Identity) == (family == "mnist")
+    assert REPORT_STRENGTH[(family, recipe)] == (0.0 if family == "mnist" else 1.0)
+    # At strength 1 the MNIST recipe is the report's CIFAR-10 encoder crop, nothing else.
+    ops = ops_of(build_augmentation(family, recipe, 1.0))
+    assert ops[K.RandomResizedCrop]._param_generator.scale == pytest.approx((0.7, 1.0))
+    if family == "mnist":
+        assert set(ops) == {K.RandomResizedCrop}
+
+
+def test_none_is_strength_one_where_the_report_augmented() -> None:
+    for family, recipe in ALL:
+        if REPORT_STRENGTH[(family, recipe)] == 1.0:
+            default = ops_of(build_augmentation(family, recipe, None))
+            one = ops_of(build_augmentation(family, recipe, 1.0))
+            assert {t: repr(m) for t, m in default.items()} == {t: repr(m) for t, m in one.items()}
 
 
 @pytest.mark.parametrize(("family", "recipe"), ALL)
@@ -170,6 +187,9 @@ def test_change_grows_with_strength(family: str, recipe: str) -> None:
 def test_bad_strength_raises(bad: float) -> None:
     with pytest.raises(SettingError, match=r"^train\.aug_strength: must be within \[0, 2\]"):
         build_augmentation("cifar", "probe", bad)
+    key = "train.probe.aug_strength"
+    with pytest.raises(SettingError, match=r"^train\.probe\.aug_strength: must be within"):
+        build_augmentation("cifar", "probe", bad, key=key)
 
 
 def test_bad_family_or_recipe_raises() -> None:
