@@ -105,15 +105,40 @@ def set_aside(path: str | os.PathLike[str], reason: str) -> Path:
     return target
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """Torch's global RNG states (CPU and every CUDA device): all the training code draws from."""
+def _rng_device(device: torch.device | str | None) -> torch.device:
+    return torch.device("cpu") if device is None else torch.device(device)
+
+
+def capture_rng_state(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Torch's global RNG states that the training code draws from: the CPU generator, and
+    the generator of the training ``device`` when that is a CUDA device (that one only).
+
+    Saving one CUDA state, not one per visible GPU, lets a checkpoint move between GPUs,
+    between processes with other ``CUDA_VISIBLE_DEVICES`` masks, and between GPU and CPU.
+    """
     state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    dev = _rng_device(device)
+    if dev.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(dev)
     return state
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
+def restore_rng_state(state: dict[str, Any], device: torch.device | str | None = None) -> None:
+    """Restore what :func:`capture_rng_state` saved onto a run training on ``device``.
+
+    The CPU state is always restored. A CUDA state goes to ``device`` when the run is on CUDA;
+    on a CPU run it is ignored (the run draws nothing from a CUDA generator). An older
+    checkpoint's list of per-GPU states restores the entry of ``device``'s index, or the first
+    when the writer saw fewer GPUs; a run on CUDA without a saved CUDA state keeps its own.
+    """
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    dev = _rng_device(device)
+    cuda = state.get("cuda")
+    if dev.type != "cuda" or cuda is None:
+        return
+    if isinstance(cuda, (list, tuple)):  # legacy: one state per GPU the writer could see
+        if not cuda:
+            return
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        cuda = cuda[index] if index < len(cuda) else cuda[0]
+    torch.cuda.set_rng_state(cuda, dev)

@@ -58,7 +58,7 @@ from models.config import (
     check_train,
 )
 from models.data import ImageSplits
-from models.losses import nt_xent
+from models.losses import full_precision, nt_xent
 from models.networks import build_networks
 from models.optim import build_optimizer, build_scheduler
 
@@ -198,11 +198,13 @@ class Run:
         queries = F.normalize(features(self.splits.val_x), dim=1)
         k = min(self.cfg.knn_k, len(bank))
         correct = 0
-        for start in range(0, len(queries), EVAL_BATCH):
-            sims, idx = (queries[start : start + EVAL_BATCH] @ bank.T).topk(k, dim=1)
-            votes = torch.zeros(len(sims), self.splits.num_classes, device=self.device)
-            votes.scatter_add_(1, bank_labels[idx], (sims / 0.1).exp())
-            correct += (votes.argmax(1) == self.splits.val_y[start : start + EVAL_BATCH]).sum()
+        with full_precision(self.device.type):  # float32 similarities even inside autocast
+            for start in range(0, len(queries), EVAL_BATCH):
+                sims, idx = (queries[start : start + EVAL_BATCH] @ bank.T).topk(k, dim=1)
+                votes = torch.zeros(len(sims), self.splits.num_classes, device=self.device)
+                votes.scatter_add_(1, bank_labels[idx], (sims / 0.1).exp())
+                hits = votes.argmax(1) == self.splits.val_y[start : start + EVAL_BATCH]
+                correct += hits.sum()
         return float(correct) / max(len(queries), 1)
 
     @torch.inference_mode()
@@ -282,7 +284,7 @@ class Run:
                 module.load_state_dict(state["modules"][name])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            restore_rng_state(state["rng"])
+            restore_rng_state(state["rng"], self.device)
             history = [EpochReport(**h) for h in state["history"]]
         for epoch in range(len(history), epochs):
             for module in modules.values():
@@ -353,7 +355,7 @@ class Run:
                         "modules": {n: m.state_dict() for n, m in modules.items()},
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
-                        "rng": capture_rng_state(),
+                        "rng": capture_rng_state(self.device),
                         "best": best,
                         "history": [asdict(h) for h in history],
                     },
@@ -381,13 +383,16 @@ class Run:
 
         def autoencoder_step(idx: torch.Tensor) -> torch.Tensor:
             x = self.prepare_images(splits.train_x[idx], augment)
-            return F.l1_loss(nets.decoder(nets.encoder(x)).float(), x.float())
+            recon = nets.decoder(nets.encoder(x))
+            with full_precision(x.device.type):
+                return F.l1_loss(recon.float(), x.float())
 
         def guided_step(idx: torch.Tensor) -> torch.Tensor:
             logits = nets.classifier(
                 nets.encoder(self.prepare_images(splits.train_x[idx], augment))
             )
-            return F.cross_entropy(logits.float(), splits.train_y[idx])
+            with full_precision(logits.device.type):
+                return F.cross_entropy(logits.float(), splits.train_y[idx])
 
         def contrastive_step(idx: torch.Tensor) -> torch.Tensor:
             raw = splits.train_x[idx]
@@ -441,7 +446,9 @@ class Run:
             else:
                 with torch.no_grad():
                     latents = nets.encoder(self.prepare_images(splits.train_x[idx], augment))
-            return F.cross_entropy(nets.classifier(latents).float(), splits.train_y[idx])
+            logits = nets.classifier(latents)
+            with full_precision(logits.device.type):
+                return F.cross_entropy(logits.float(), splits.train_y[idx])
 
         def metrics() -> dict[str, float]:
             return {"val_accuracy": self.accuracy(splits.val_x, splits.val_y)}

@@ -3,7 +3,8 @@
 :func:`worker_loop` is what every worker runs, whether started by ``search.run workers=N`` on
 this machine or by ``search.worker`` from another shell or machine. :func:`run_workers` starts
 N such processes (spawned as fresh interpreters, never forked), each pinned to one device with
-``CUDA_VISIBLE_DEVICES`` round-robin, and shows one aggregated progress bar read from storage.
+``CUDA_VISIBLE_DEVICES`` round-robin (mapped through the launcher's own mask), and shows one
+aggregated progress bar read from storage.
 No process is special: killing any of them, including the launcher, leaves the study
 consistent, and any worker started later carries on.
 """
@@ -25,18 +26,23 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from search.config import resolved_paths
+from search.config import ConfigError, resolved_paths
 from search.database import WORKER_STORAGE_ENV
 from search.naming import STAGES, stage_metric
 from search.objective import TrialHook, TrialRunner
 from search.stages import open_studies, run_stages
 
 
-def device_plan(devices: str, workers: int) -> list[str]:
-    """Device of each worker: ``cpu``, or a CUDA index (visible as cuda:0 inside the worker)."""
+def device_plan(devices: str, workers: int, device_count: int | None = None) -> list[str]:
+    """Device of each worker: ``cpu``, or a CUDA index among the GPUs this process sees.
+
+    ``device_count`` (for ``devices=auto``) defaults to ``torch.cuda.device_count()``; pass it
+    to plan without asking CUDA. :func:`cuda_masks` turns the indices into the
+    ``CUDA_VISIBLE_DEVICES`` of each worker process (where the GPU is cuda:0).
+    """
     text = str(devices).strip()
     if text == "auto":
-        count = torch.cuda.device_count()
+        count = torch.cuda.device_count() if device_count is None else device_count
         indices = [str(i) for i in range(count)] if count else []
     elif text == "cpu":
         indices = []
@@ -45,6 +51,46 @@ def device_plan(devices: str, workers: int) -> list[str]:
     if not indices:
         return ["cpu"] * workers
     return [indices[i % len(indices)] for i in range(workers)]
+
+
+def cuda_masks(plan: Sequence[str], parent_mask: str | None) -> list[str]:
+    """``CUDA_VISIBLE_DEVICES`` of each worker of ``plan`` (``""`` for a CPU worker).
+
+    A plan's indices count the GPUs this process sees, and a child's ``CUDA_VISIBLE_DEVICES``
+    replaces the parent's: so under a parent mask (``parent_mask``, the launcher's value,
+    ``None`` when unset) index i becomes the mask's i-th entry, taken as written (an index, or
+    a ``GPU-...``/``MIG-...`` UUID). Under ``4,5`` (as Slurm sets it) index 1 is ``5``.
+    Raises :class:`ConfigError` for an index the mask does not have.
+    """
+    entries = None if parent_mask is None else [e.strip() for e in parent_mask.split(",")]
+    if entries is not None and entries == [""]:
+        entries = []
+    masks = []
+    for dev in plan:
+        if dev == "cpu":
+            masks.append("")
+        elif entries is None:
+            masks.append(dev)
+        elif int(dev) < len(entries) and entries[int(dev)]:
+            masks.append(entries[int(dev)])
+        else:
+            raise ConfigError(
+                f"devices: GPU {dev} is not visible here: CUDA_VISIBLE_DEVICES={parent_mask!r} "
+                f"shows {len(entries)} GPU(s), numbered from 0"
+            )
+    return masks
+
+
+def in_process_device(devices: str, train_device: str, first: str) -> str:
+    """Device of the one worker run in this process, ``first`` being its :func:`device_plan`.
+
+    With ``devices=auto`` an explicit ``train.device`` (``cpu``, ``cuda:1``, ...) wins;
+    otherwise the plan's device (``cpu`` or ``cuda:<index>``).
+    """
+    auto = str(devices).strip() == "auto"
+    if auto and (str(train_device) != "auto" or first == "cpu"):
+        return str(train_device)
+    return "cpu" if first == "cpu" else f"cuda:{first}"
 
 
 def _announce(label: str, study: optuna.Study, number: int, metric: str) -> None:
@@ -137,13 +183,10 @@ def run_workers(
     """
     plan = device_plan(cfg.devices, int(cfg.workers))
     if int(cfg.workers) == 1:
-        device = (
-            cfg.train.device
-            if plan[0] == "cpu" and str(cfg.devices) == "auto"
-            else ("cpu" if plan[0] == "cpu" else f"cuda:{plan[0]}")
-        )
+        device = in_process_device(cfg.devices, cfg.train.device, plan[0])
         worker_loop(cfg, url, device=device, label="worker 0", progress=progress, hooks=hooks)
         return
+    masks = cuda_masks(plan, os.environ.get("CUDA_VISIBLE_DEVICES"))
     # Workers read the exact resolved config this process validated, from one file (0600,
     # without the storage URL: that travels in the environment, never on a command line).
     folder = resolved_paths(cfg)["runs"] / "workers"
@@ -159,15 +202,14 @@ def run_workers(
     stop = threading.Event()
     watcher = _progress_thread(cfg, url, stop) if progress else None
     try:
-        for i, dev in enumerate(plan):
+        for i, (dev, mask) in enumerate(zip(plan, masks, strict=True)):
             env = dict(os.environ)
             env[WORKER_STORAGE_ENV] = url
+            env["CUDA_VISIBLE_DEVICES"] = mask
             if dev == "cpu":
-                env["CUDA_VISIBLE_DEVICES"] = ""
                 env["OMP_NUM_THREADS"] = str(threads)
                 device = "cpu"
             else:
-                env["CUDA_VISIBLE_DEVICES"] = dev
                 device = "cuda"
             label = f"w{i}:{'cpu' if dev == 'cpu' else 'gpu' + dev}"
             cmd = [

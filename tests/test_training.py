@@ -103,7 +103,10 @@ def test_finished_phase_is_not_retrained(digits, tmp_path):
 
 
 def test_diverging_run_raises_nonfinite_loss(digits):
-    train = small_train(optim=OptimConfig(name="sgd", lr=1e30))
+    # The largest rate validation allows (100) with momentum diverges within a few epochs.
+    train = small_train(
+        epochs=3, max_batches=0, optim=OptimConfig(name="sgd", lr=100.0, momentum=0.9)
+    )
     with pytest.raises(NonFiniteLossError, match="nan|inf"):
         Run("guided", digits, ModelConfig(channels=4), train).pretrain()
 

@@ -1,0 +1,152 @@
+"""GPU plumbing, checked on the CPU: RNG checkpoints that move between GPU counts, worker
+device masks under a parent CUDA_VISIBLE_DEVICES, the in-process device choice, and NT-Xent in
+float32 under autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import checkpoints
+from models.checkpoints import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from models.losses import nt_xent
+from search.config import ConfigError
+from search.pool import cuda_masks, device_plan, in_process_device
+
+# ---- RNG state: the training device's only ------------------------------------------------
+
+
+def fake_cuda_state(seed: int) -> torch.Tensor:
+    """Shaped like torch.cuda.get_rng_state(): a small uint8 tensor (seed + offset)."""
+    return torch.tensor([seed] * 8 + [0] * 8, dtype=torch.uint8)
+
+
+def test_cpu_run_ignores_cuda_states_and_continues_the_cpu_stream(tmp_path):
+    torch.manual_seed(123)
+    state = capture_rng_state("cpu")
+    assert set(state) == {"cpu"}
+    expected = torch.rand(5)
+    # A checkpoint written by a process that saw two GPUs (the old per-GPU list) and one
+    # written on a GPU run (one state): both restore here, where no GPU is used.
+    for cuda in ([fake_cuda_state(1), fake_cuda_state(2)], fake_cuda_state(1)):
+        path = tmp_path / "pretrain.pt"
+        save_checkpoint(path, {"epoch": 1, "rng": {"cpu": state["cpu"], "cuda": cuda}})
+        loaded = load_checkpoint(path)
+        torch.manual_seed(999)  # move the stream away; restoring must bring it back
+        restore_rng_state(loaded["rng"], torch.device("cpu"))
+        assert torch.equal(torch.rand(5), expected)
+    restore_rng_state(state)  # no device: a CPU run
+    assert torch.equal(torch.rand(5), expected)
+
+
+def test_cuda_run_saves_and_restores_its_own_device_only(monkeypatch):
+    saved = fake_cuda_state(7)
+    got: list[tuple[torch.Tensor, torch.device]] = []
+    monkeypatch.setattr(
+        checkpoints.torch.cuda, "get_rng_state", lambda device: saved if device.index == 0 else 0
+    )
+    monkeypatch.setattr(
+        checkpoints.torch.cuda, "set_rng_state", lambda state, device: got.append((state, device))
+    )
+    state = capture_rng_state(torch.device("cuda:0"))
+    assert state["cuda"] is saved  # one state, not one per visible GPU
+
+    # In a one-GPU worker: a legacy two-GPU list gives the entry of its device, no IndexError.
+    legacy = {"cpu": torch.get_rng_state(), "cuda": [fake_cuda_state(1), fake_cuda_state(2)]}
+    restore_rng_state(legacy, "cuda:0")
+    restore_rng_state(legacy, "cuda:1")
+    restore_rng_state(legacy, "cuda:5")  # the writer saw fewer GPUs: the first state
+    restore_rng_state(state, "cuda:3")  # a one-state checkpoint moves to another GPU
+    restore_rng_state({"cpu": torch.get_rng_state()}, "cuda:0")  # written on a CPU run
+    assert [(int(s[0]), str(d)) for s, d in got] == [
+        (1, "cuda:0"),
+        (2, "cuda:1"),
+        (1, "cuda:5"),
+        (7, "cuda:3"),
+    ]
+
+
+# ---- worker devices under the launcher's CUDA_VISIBLE_DEVICES ----------------------------
+
+
+def test_auto_plan_maps_through_the_parent_mask():
+    plan = device_plan("auto", 2, device_count=2)
+    assert plan == ["0", "1"]
+    assert cuda_masks(plan, "4,5") == ["4", "5"]
+    assert cuda_masks(device_plan("auto", 3, device_count=2), "4, 5") == ["4", "5", "4"]
+
+
+def test_explicit_index_maps_through_the_parent_mask():
+    assert cuda_masks(device_plan("1", 1), "4,5") == ["5"]
+    assert cuda_masks(device_plan("0,1", 2), "GPU-aaaa,GPU-bbbb") == ["GPU-aaaa", "GPU-bbbb"]
+    assert cuda_masks(device_plan("1", 2), "MIG-x,MIG-y") == ["MIG-y", "MIG-y"]
+
+
+def test_no_parent_mask_gives_plain_indices_and_cpu_workers_no_gpu():
+    assert cuda_masks(device_plan("0,3", 3), None) == ["0", "3", "0"]
+    assert cuda_masks(device_plan("auto", 2, device_count=0), "4,5") == ["", ""]
+    assert cuda_masks(device_plan("cpu", 2), None) == ["", ""]
+
+
+@pytest.mark.parametrize("parent", ["4,5", "", "GPU-aaaa"])
+def test_index_outside_the_parent_mask_is_a_config_error(parent):
+    with pytest.raises(ConfigError, match="devices"):
+        cuda_masks(device_plan("2", 1), parent)
+
+
+# ---- the in-process worker's device -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("devices", "train_device", "count", "expected"),
+    [
+        ("auto", "cpu", 2, "cpu"),  # train.device wins with devices=auto, GPU or not
+        ("auto", "cuda:1", 2, "cuda:1"),
+        ("auto", "auto", 2, "cuda:0"),
+        ("auto", "auto", 0, "auto"),  # no GPU: train.device=auto resolves to the CPU
+        ("auto", "cpu", 0, "cpu"),
+        ("1", "cpu", 2, "cuda:1"),  # explicit devices win over train.device
+        ("cpu", "cuda:0", 2, "cpu"),
+    ],
+)
+def test_in_process_device(devices, train_device, count, expected):
+    first = device_plan(devices, 1, device_count=count)[0]
+    assert in_process_device(devices, train_device, first) == expected
+
+
+# ---- NT-Xent in float32 under autocast -------------------------------------------------------
+
+
+def bf16_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Tensor:
+    """The loss as it was: written plainly, so autocast runs its matmul in bf16."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    logits = (z @ z.T / t).float()
+    n = z1.shape[0]
+    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+    return F.cross_entropy(logits, torch.arange(2 * n).roll(n))
+
+
+def test_nt_xent_is_float32_under_autocast():
+    g = torch.Generator().manual_seed(0)
+    # Positive pairs close together, as after some training; bf16-representable inputs, so
+    # the autocast run sees exactly the values the fp32 run sees.
+    z1 = torch.randn(64, 32, generator=g)
+    z2 = z1 + torch.randn(64, 32, generator=g)
+    z1, z2 = z1.bfloat16().float(), z2.bfloat16().float()
+    t = 0.05
+    fp32 = nt_xent(z1, z2, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = nt_xent(z1, z2, t)
+        old = bf16_nt_xent(z1, z2, t)
+        amp_bf16_inputs = nt_xent(z1.bfloat16(), z2.bfloat16(), t)
+    assert amp.dtype == torch.float32
+    assert torch.allclose(amp, fp32, rtol=0, atol=1e-6)
+    assert torch.allclose(amp_bf16_inputs, fp32, rtol=0, atol=1e-6)
+    # Without the fix the difference is real: the test would catch it.
+    assert abs(float(old) - float(fp32)) > 1e-4  # about 0.6% of the loss here
