@@ -16,12 +16,25 @@ from optuna.trial import FrozenTrial
 
 from reporting.tables import (
     ACCURACY_COLUMNS,
+    DATASET_LABELS,
+    REPORT_DATASETS,
     TASK_LABELS,
+    TASK_ORDER,
     PruningSavings,
     best_params_frame,
+    published_budget,
     results_frame,
+    search_budget,
 )
 from search import STAGES, long_budget, metric_of, redact
+
+# What the epochs column of a results table counts.
+EPOCHS_HEAD = "epochs (encoder + classifier)"
+EPOCHS_NOTE = (
+    "Epochs are encoder training + training of the classifier on the frozen encoder; the "
+    "classification-guided task (1.2.2) trains encoder and classifier together, one number. "
+    "Numbers trained for different epochs are not a like-for-like comparison."
+)
 
 
 def table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -51,11 +64,13 @@ def _missing(value: float) -> bool:
 
 
 def results_table(cfg: DictConfig, final: FrozenTrial | None) -> list[str]:
-    """The found configuration's numbers beside the report's (see :func:`results_frame`)."""
+    """The found configuration's numbers beside the report's (see :func:`results_frame`), each
+    with the epochs behind it (:func:`reporting.tables.search_budget`, ``PUBLISHED_EPOCHS``)."""
     if final is None:
         return ["No final trial completed, so there are no train / validation / test numbers yet."]
     frame = results_frame(cfg, final)
     has_mae = len(frame.columns) > len(ACCURACY_COLUMNS)
+    ours = search_budget(cfg, final)
 
     def cells(row: str, accuracy: str, mae: str, suffix: str = "") -> list[str]:
         return [
@@ -65,24 +80,34 @@ def results_table(cfg: DictConfig, final: FrozenTrial | None) -> list[str]:
             for c, v in frame.loc[row].items()
         ]
 
-    head = ["", "accuracy train (%)", "val (%)", "test (%)"]
+    head = ["", EPOCHS_HEAD, "accuracy train (%)", "val (%)", "test (%)"]
     if has_mae:
         head += ["MAE train", "MAE val", "MAE test"]
-    rows = [[f"this search (final #{final.number})", *cells("found", ".2f", ".4f")]]
+    rows = [[f"this search (final #{final.number})", str(ours), *cells("found", ".2f", ".4f")]]
     if "published" not in frame.index:
         return [
             *table(head, rows),
             "",
             f"The report did not run {cfg.task} on {cfg.data.name} (it used MNIST and CIFAR-10), "
-            "so there are no published numbers to compare with.",
+            f"so there are no published numbers to compare with. {EPOCHS_NOTE}",
         ]
+    theirs = published_budget(cfg)
     label = f"report ({TASK_LABELS[cfg.task].split(' ')[0]} {cfg.data.name})"
-    rows.append([label, *cells("published", ".2f", ".4f")])
-    rows.append(["difference", *cells("difference", "+.2f", "+.4f", " pp")])
+    rows.append([label, str(theirs), *cells("published", ".2f", ".4f")])
+    same = theirs is not None and (ours.encoder, ours.probe) == (theirs.encoder, theirs.probe)
+    rows.append(
+        ["difference", "same" if same else "differ", *cells("difference", "+.2f", "+.4f", " pp")]
+    )
     note = "Differences are this search minus the report (accuracy in percentage points"
     note += "; for MAE lower is better" if has_mae else ""
     units = "pixels in [0, 1]" if cfg.data.name == "mnist" else "normalized pixels"
     note += f", MAE in {units})." if has_mae else ")."
+    note += f" {EPOCHS_NOTE}"
+    if not same and theirs is not None:
+        note += (
+            f" Here they differ: this search's numbers come from {ours} epochs, the report's "
+            f"from {theirs}."
+        )
     return [*table(head, rows), "", note]
 
 
@@ -162,4 +187,103 @@ def dashboard_pointer(name: str, url: str, artifacts_dir: Any) -> list[str]:
         "",
         f"    python -m search.dashboard study={name} storage={redact(url)} "
         f"artifacts_dir={artifacts_dir}",
+    ]
+
+
+# ---- baselines -------------------------------------------------------------------------
+
+BASELINE_LABELS = {
+    "raw_pixels": "raw pixels (no network), kNN",
+    "untrained_encoder": "the report's encoder, untrained (random weights), kNN",
+    "report_configuration": "the report's configuration, trained",
+    "best_screen": "best screen trial",
+    "best_promote": "best promoted trial",
+}
+
+
+def baselines_section(cfg: DictConfig, frame: pd.DataFrame) -> list[str]:
+    """The raw-pixel and untrained-encoder baselines beside the search's best (the frame of
+    :func:`reporting.tables.baselines_frame`), and what they mean."""
+    rows = []
+    recorded = True
+    for r in frame.itertuples(index=False):
+        label = BASELINE_LABELS[r.row]
+        if r.row in ("raw_pixels", "untrained_encoder"):
+            if _missing(r.value):
+                recorded = False
+                rows.append([label, "-", r.metric, "not recorded"])
+            else:
+                rows.append([label, "-", r.metric, f"{100 * r.value:.2f}%"])
+            continue
+        state = "" if r.state == "COMPLETE" else f", {r.state.lower()}"
+        epochs = "?" if pd.isna(r.epochs) else str(int(r.epochs))
+        trial = f"{r.stage} #{r.number} ({epochs} epoch{'' if epochs == '1' else 's'}{state})"
+        rows.append([label, trial, r.metric, f"{100 * r.value:.2f}%"])
+    lines = [*table(["", "trial", "metric (validation)", "value"], rows), ""]
+    if not recorded:
+        lines.append(
+            "The raw-pixel and untrained-encoder baselines were not recorded for this study "
+            "(it ran on an older version of the search, which did not score them)."
+        )
+    else:
+        lines.append(
+            "Both baselines are kNN accuracy on the validation split with the trials' own k "
+            f"({cfg.train.knn_k}) and bank of training images: *raw pixels* votes with the "
+            "(normalized) images themselves, no network at all; *untrained encoder* votes with "
+            "the latents of the report's encoder before any training. A learned latent space "
+            "is worth its training only by as much as it beats both."
+        )
+    if metric_of(cfg) != "knn_accuracy":
+        lines.append(
+            f"This study ranks trials by `{metric_of(cfg)}` (a trained classifier), not kNN: "
+            "the baselines are a floor for it, not the same measurement."
+        )
+    return lines
+
+
+# ---- every finished study --------------------------------------------------------------
+
+
+def combined_table(frame: pd.DataFrame) -> list[str]:
+    """The report's table for every finished study (the frame of :func:`combined_frame`):
+    test accuracy of each task and the autoencoder's test MAE, this search beside the report,
+    with the epochs behind each number; '-' where no study finished."""
+    datasets = list(dict.fromkeys(frame["dataset"]))  # the report's first, in frame order
+    head = ["task"]
+    for dataset in datasets:
+        shown = DATASET_LABELS.get(dataset, dataset)
+        head.append(f"{shown}: this search")
+        if dataset in REPORT_DATASETS:
+            head.append(f"{shown}: report")
+
+    def cell(task: str, dataset: str, source: str, column: str, fmt: str) -> str:
+        found = frame[
+            (frame["task"] == task) & (frame["dataset"] == dataset) & (frame["source"] == source)
+        ]
+        if found.empty or _missing(found.iloc[0][column]):
+            return "-"
+        r = found.iloc[0]
+        text = f"{r[column]:{fmt}} ({r['epochs']})"
+        return text if source == "report" else f"{text}, `{r['study']}` final #{r['final_trial']}"
+
+    rows = []
+    for label, column, fmt, tasks in (
+        ("test accuracy (%)", "test_accuracy", ".2f", TASK_ORDER),
+        ("reconstruction MAE, test", "test_mae", ".4f", ("autoencoder",)),
+    ):
+        for task in tasks:
+            row = [f"{TASK_LABELS[task]}: {label}"]
+            for dataset in datasets:
+                row.append(cell(task, dataset, "search", column, fmt))
+                if dataset in REPORT_DATASETS:
+                    row.append(cell(task, dataset, "report", column, fmt))
+            rows.append(row)
+    return [
+        "# All studies: test numbers beside the report's",
+        "",
+        *table(head, rows),
+        "",
+        "Each cell of this search is the best final trial (by validation accuracy) of the "
+        "studies in this storage that ran that task on that dataset; '-' where none finished. "
+        f"{EPOCHS_NOTE} MAE is in pixels in [0, 1] for MNIST and normalized pixels for CIFAR-10.",
     ]

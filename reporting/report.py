@@ -2,11 +2,16 @@
 
 :func:`write_report` writes ``<runs_dir>/report/NAME.md``, ``NAME-trials.csv`` (every trial of
 the three stages) and PNG figures beside them: the report's results table for the configuration
-the search found next to the published numbers, the best parameters of each stage, what pruning
-saved, optimization history, intermediate values and parameter importances, and the report's
-three figure kinds (test reconstructions, latent interpolation, t-SNE of the test set in raw
-image space and in the latent space of every task run on the same dataset in this storage).
+the search found next to the published numbers (with the epochs behind each), the raw-pixel and
+untrained-encoder baselines beside the search's best, the best parameters of each stage, what
+pruning saved, optimization history, intermediate values and parameter importances, and the
+report's three figure kinds (test reconstructions, latent interpolation, t-SNE of the test set
+in raw image space and in the latent space of every task run on the same dataset in this
+storage).
 Where a study has too little data for a figure, the document says so instead.
+
+:func:`write_combined` writes ``all-studies.md`` for ``study=all``: the report's results table
+(tasks x datasets, test accuracy and MAE) from every finished study in storage, with budgets.
 
 The data comes from :mod:`reporting.store` and :mod:`reporting.tables`, the text from
 :mod:`reporting.markdown`, the figures from :mod:`reporting.figures`; this module places them.
@@ -15,6 +20,8 @@ The data comes from :mod:`reporting.store` and :mod:`reporting.tables`, the text
 from __future__ import annotations
 
 import json
+import logging
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,16 +37,26 @@ from reporting import figures, markdown
 from reporting.artifacts import final_figures
 from reporting.store import (
     SplitsCache,
+    finished_finals,
     rebuild_final_run,
     same_dataset_finals,
     source_trial,
     stage_studies,
     stored_config,
+    study_names,
     unsafe_name_reason,
 )
-from reporting.tables import TASK_ORDER, pruning_savings, state_counts, trials_frame
-from search import apply, metric_of, resolved_paths, top_trials
+from reporting.tables import (
+    TASK_ORDER,
+    baselines_frame,
+    combined_frame,
+    pruning_savings,
+    state_counts,
+    trials_frame,
+)
+from search import apply, metric_of, redact, resolved_paths, top_trials
 
+_log = logging.getLogger(__name__)
 # Test images per t-SNE panel of the written report, at most (``--tsne-points``).
 REPORT_TSNE_POINTS = 2000
 
@@ -111,33 +128,74 @@ def search_plots(doc: MarkdownDocument, cfg: DictConfig, screen: optuna.Study) -
         _search_plots(doc, cfg, screen)
 
 
-def _search_plots(doc: MarkdownDocument, cfg: DictConfig, screen: optuna.Study) -> None:
+def one_title(ax: Any, text: str) -> Any:
+    """Give ``ax`` the single title ``text``, on the left; returns ``ax``.
+
+    Optuna's matplotlib plots set a centred title of their own ("Intermediate Values Plot",
+    "Optimization History Plot"; the importances plot a left one): setting ours with
+    ``loc="left"`` alone would print both, one over the other.
+    """
+    for loc in ("center", "right"):
+        ax.set_title("", loc=loc)
+    ax.set_title(text, loc="left")
+    return ax
+
+
+def history_plot(screen: optuna.Study, metric: str) -> Any:
+    """Optuna's optimization history of the screen stage, titled once."""
     from optuna.visualization import matplotlib as ovm
 
+    ax = ovm.plot_optimization_history(screen, target_name=metric)
+    return one_title(ax, f"{screen.study_name}: optimization history ({metric})")
+
+
+def intermediate_plot(screen: optuna.Study, metric: str) -> Any:
+    """Optuna's intermediate values (the metric per epoch) of the screen stage, titled once."""
+    from optuna.visualization import matplotlib as ovm
+
+    ax = ovm.plot_intermediate_values(screen)
+    one_title(ax, f"{screen.study_name}: {metric} per epoch")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    legend = ax.get_legend()
+    if legend is not None and len(legend.get_texts()) > 12:
+        legend.remove()
+    return ax
+
+
+def importance_plot(screen: optuna.Study, metric: str) -> Any:
+    """Optuna's parameter importances of the screen stage, titled once (may raise)."""
+    from optuna.visualization import matplotlib as ovm
+
+    ax = ovm.plot_param_importances(screen, target_name=metric)
+    one_title(ax, f"hyperparameter importances for {metric}")
+    legend = ax.get_legend()
+    if legend is not None:
+        legend.remove()
+    return ax
+
+
+def _search_plots(doc: MarkdownDocument, cfg: DictConfig, screen: optuna.Study) -> None:
     metric = metric_of(cfg)
     doc.add("## Optimization history", "")
     complete, varying = _varying_complete(screen)
     if complete == 0:
         doc.add("No screen trial completed, so there is no optimization history to plot.", "")
     else:
-        ax = ovm.plot_optimization_history(screen, target_name=metric)
-        ax.set_title(f"{screen.study_name}: optimization history ({metric})", loc="left")
-        doc.optuna_figure(ax, "optimization-history", "optimization history")
+        doc.optuna_figure(
+            history_plot(screen, metric), "optimization-history", "optimization history"
+        )
         doc.add(
             "Only completed trials have a final value; pruned trials appear in the next plot.",
             "",
         )
     if any(t.intermediate_values for t in screen.get_trials(deepcopy=False)):
-        ax = ovm.plot_intermediate_values(screen)
-        ax.set_title(
-            f"{screen.study_name}: {metric} per epoch (pruned trials stop early)", loc="left"
+        doc.optuna_figure(
+            intermediate_plot(screen, metric),
+            "intermediate-values",
+            "intermediate values per epoch",
         )
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        legend = ax.get_legend()
-        if legend is not None and len(legend.get_texts()) > 12:
-            legend.remove()
-        doc.optuna_figure(ax, "intermediate-values", "intermediate values per epoch")
+        doc.add("One line per screen trial; pruned trials stop early.", "")
     else:
         doc.add("No screen trial reported a value per epoch yet.", "")
     doc.add("## Parameter importances", "")
@@ -150,14 +208,10 @@ def _search_plots(doc: MarkdownDocument, cfg: DictConfig, screen: optuna.Study) 
         )
         return
     try:
-        ax = ovm.plot_param_importances(screen, target_name=metric)
+        ax = importance_plot(screen, metric)
     except Exception as error:  # e.g. no parameter shared by all completed trials
         doc.add(f"Parameter importances could not be computed: {error}.", "")
         return
-    ax.set_title(f"hyperparameter importances for {metric}", loc="left")
-    legend = ax.get_legend()
-    if legend is not None:
-        legend.remove()
     doc.optuna_figure(ax, "param-importances", "parameter importances")
     if complete < 10:
         doc.add(
@@ -329,6 +383,8 @@ def write_report(
     doc.add(*markdown.results_table(cfg, final), "")
     if final is not None:
         doc.add(*markdown.provenance(final), "")
+    doc.add("## Baselines: what the search has to beat", "")
+    doc.add(*markdown.baselines_section(cfg, baselines_frame(cfg, studies)), "")
     doc.add("## Best parameters per stage", "", *markdown.best_params_table(cfg, studies), "")
     doc.add("## Trials", "", *markdown.state_counts_table(state_counts(frame)), "")
     doc.add(*markdown.csv_pointer(csv_path.name), "")
@@ -342,3 +398,38 @@ def write_report(
     md_path.write_text(doc.text())
     doc.files[:0] = [md_path, csv_path]
     return doc
+
+
+# ---- every study in storage ------------------------------------------------------------
+
+COMBINED_NAME = "all-studies"  # <out_dir>/all-studies.md: what ``study=all`` adds
+
+
+def write_combined(
+    storage: optuna.storages.BaseStorage, url: str, overrides: Sequence[str], out_dir: Path
+) -> Path | None:
+    """Write ``out_dir/all-studies.md``: the report's results table (3 tasks x MNIST and
+    CIFAR-10, plus any other dataset found) from every study in storage whose final stage
+    finished, beside the report's numbers, with the epochs behind each; returns its path.
+
+    Writes nothing and returns None (with a one-line warning) when a study in storage is itself
+    named ``all-studies``: the table would overwrite that study's report.
+    """
+    path = output_path(Path(out_dir), COMBINED_NAME, ".md")
+    if COMBINED_NAME in study_names(storage):
+        _log.warning(
+            "warning: study: not writing the combined table: it would overwrite the report of "
+            "the study named %r (%s)",
+            COMBINED_NAME,
+            path,
+        )
+        return None
+    frame = combined_frame(finished_finals(storage, overrides, url))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [
+        *markdown.combined_table(frame),
+        "",
+        f"Storage `{redact(url)}`. Generated {time.strftime('%Y-%m-%d %H:%M')}.",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path

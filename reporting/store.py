@@ -217,6 +217,29 @@ def same_dataset_finals(
     return found
 
 
+def finished_finals(
+    storage: optuna.storages.BaseStorage, overrides: Sequence[str], url: str
+) -> dict[tuple[str, str], tuple[DictConfig, FrozenTrial]]:
+    """(task, dataset) -> (config, best final trial) over every study in ``storage`` with a
+    completed final stage; where several studies ran the same task and dataset, the best final
+    validation accuracy (the study name breaks ties)."""
+    found: dict[tuple[str, str], tuple[DictConfig, FrozenTrial]] = {}
+    for name in study_names(storage):
+        try:
+            cfg = stored_config(storage, name, location_overrides(overrides), url)
+            final = optuna.load_study(study_name=stage_study_name(name, "final"), storage=storage)
+        except (UsageError, ConfigError, KeyError):
+            continue
+        best = top_trials(final, 1)
+        if not best:
+            continue
+        key = (str(cfg.task), str(cfg.data.name))
+        held = found.get(key)
+        if held is None or best[0].value > held[1].value:
+            found[key] = (cfg, best[0])
+    return found
+
+
 # ---- rebuilding the final trial's networks ---------------------------------------------
 
 

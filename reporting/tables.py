@@ -3,7 +3,12 @@
 - :func:`trials_frame`: one row per trial of every stage (Optuna's ``Study.trials_dataframe``
   with the user attrs worth a column, and why a trial was pruned or failed): the trials CSV;
 - :func:`state_counts`: trials per stage and state;
-- :func:`results_frame`: the configuration found next to the published numbers;
+- :func:`results_frame`: the configuration found next to the published numbers, and the
+  epochs behind each (:func:`search_budget`, :data:`PUBLISHED_EPOCHS`);
+- :func:`combined_frame`: every finished study's test numbers beside the report's, shaped like
+  the report's table (``search.report study=all``);
+- :func:`baselines_frame`: the study's raw-pixel and untrained-encoder baselines beside the
+  search's best;
 - :func:`best_params_frame`: the best trial of each stage;
 - :func:`pruning_savings`: what pruning saved in the screen stage.
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import optuna
 import pandas as pd
@@ -21,7 +27,16 @@ from omegaconf import DictConfig
 from optuna.trial import FrozenTrial, TrialState
 
 from reporting.artifacts import ARTIFACT_ATTR_PREFIX
-from search import STAGES, failure_reason, stage_metric, top_trials
+from search import (
+    BASELINES_ATTR,
+    STAGES,
+    apply,
+    failure_reason,
+    long_budget,
+    metric_of,
+    stage_metric,
+    top_trials,
+)
 
 TASK_ORDER = ("autoencoder", "guided", "contrastive")
 TASK_LABELS = {
@@ -49,6 +64,66 @@ PUBLISHED: dict[tuple[str, str], dict[str, float]] = {
         "train_accuracy": 72.38, "val_accuracy": 68.96, "test_accuracy": 69.64,
     },
 }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Epochs behind a number: encoder training, then the frozen-encoder classifier (probe).
+
+    ``probe`` is None for the classification-guided task (1.2.2), which trains encoder and
+    classifier jointly in ``encoder`` epochs; ``max_batches`` > 0 when epochs were capped.
+    """
+
+    encoder: int
+    probe: int | None
+    max_batches: int = 0
+
+    def __str__(self) -> str:
+        """``"100 + 30"`` (``"50"`` for guided), noting a cap on batches per epoch."""
+        text = str(self.encoder) if self.probe is None else f"{self.encoder} + {self.probe}"
+        if self.max_batches:
+            text += f" (at most {self.max_batches} batches per epoch)"
+        return text
+
+    @property
+    def phrase(self) -> str:
+        """``"100 + 30 epochs"``, ``"50 epochs"``, ``"1 + 1 epochs of at most 2 batches"``."""
+        text = str(self.encoder) if self.probe is None else f"{self.encoder} + {self.probe}"
+        single = self.probe is None and self.encoder == 1
+        text += " epoch" if single else " epochs"
+        return text + (f" of at most {self.max_batches} batches" if self.max_batches else "")
+
+
+# The report's epochs for each published number: spec/report.md, "Training recipes the report
+# settled on" (seed-report.txt, "Number of epochs" under MNIST and under CIFAR10): encoder
+# training (1.2.1 reconstruct, 1.2.2 joint, 1.2.3 contrastive), then classification on the
+# frozen encoder (none for 1.2.2, whose classifier trains with the encoder).
+PUBLISHED_EPOCHS: dict[tuple[str, str], Budget] = {
+    ("autoencoder", "mnist"): Budget(15, 20),
+    ("guided", "mnist"): Budget(10, None),
+    ("contrastive", "mnist"): Budget(100, 20),
+    ("autoencoder", "cifar10"): Budget(20, 20),
+    ("guided", "cifar10"): Budget(50, None),
+    ("contrastive", "cifar10"): Budget(200, 30),
+}
+DATASET_LABELS = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
+REPORT_DATASETS = ("mnist", "cifar10")
+
+
+def search_budget(cfg: DictConfig, final: FrozenTrial) -> Budget:
+    """The epochs behind a final trial's numbers: its encoder trained as a promoted trial
+    (:func:`search.long_budget`), then ``train.probe.epochs`` of its frozen-encoder classifier
+    (none for guided, which the final stage only evaluates)."""
+    tcfg = apply(cfg, final.params)
+    probe = None if str(cfg.task) == "guided" else int(tcfg.train.probe.epochs)
+    return Budget(long_budget(cfg), probe, int(tcfg.train.max_batches))
+
+
+def published_budget(cfg: DictConfig) -> Budget | None:
+    """The report's epochs for ``cfg``'s task and dataset (None where it did not run them)."""
+    return PUBLISHED_EPOCHS.get((str(cfg.task), str(cfg.data.name)))
+
+
 ACCURACY_COLUMNS = tuple(f"{s}_accuracy" for s in SPLITS)
 MAE_COLUMNS = tuple(f"{s}_mae" for s in SPLITS)
 
@@ -216,3 +291,129 @@ def pruning_savings(cfg: DictConfig, screen: optuna.Study) -> PruningSavings | N
         epochs_run=sum(int(t.user_attrs.get("epochs_run", 0)) for t in trials),
         mean_epoch_seconds=sum(per_epoch) / len(per_epoch) if per_epoch else None,
     )
+
+
+# ---- every finished study, shaped like the report's table ------------------------------
+
+COMBINED_COLUMNS = (
+    "task", "dataset", "source", "study", "final_trial", "test_accuracy", "test_mae", "epochs",
+)  # fmt: skip
+
+
+def combined_datasets(found: Mapping[tuple[str, str], Any]) -> list[str]:
+    """The report's datasets (MNIST, CIFAR-10), then any other dataset a study ran on."""
+    others = sorted({dataset for _, dataset in found} - set(REPORT_DATASETS))
+    return [*REPORT_DATASETS, *others]
+
+
+def combined_frame(found: Mapping[tuple[str, str], tuple[DictConfig, FrozenTrial]]) -> pd.DataFrame:
+    """Test accuracy (%) and test MAE of each task x dataset: one ``search`` row (the best
+    finished study's final trial; NaN where no study finished) and, for the report's datasets,
+    one ``report`` row; ``epochs`` is the :class:`Budget` behind the numbers, as a phrase."""
+    nan = float("nan")
+    rows: list[dict[str, Any]] = []
+    for task in TASK_ORDER:
+        for dataset in combined_datasets(found):
+            row: dict[str, Any] = {"task": task, "dataset": dataset, "source": "search"}
+            held = found.get((task, dataset))
+            if held is None:
+                row.update(study=None, final_trial=None, test_accuracy=nan, test_mae=nan)
+                row["epochs"] = None
+            else:
+                cfg, final = held
+                attrs = final.user_attrs
+                accuracy = attrs.get("test_accuracy")
+                row.update(study=str(cfg.name), final_trial=final.number)
+                row["test_accuracy"] = nan if accuracy is None else 100 * accuracy
+                row["test_mae"] = attrs.get("test_mae", nan)
+                row["epochs"] = search_budget(cfg, final).phrase
+            rows.append(row)
+            if dataset in REPORT_DATASETS:
+                published = PUBLISHED[(task, dataset)]
+                rows.append(
+                    {
+                        "task": task,
+                        "dataset": dataset,
+                        "source": "report",
+                        "study": None,
+                        "final_trial": None,
+                        "test_accuracy": published["test_accuracy"],
+                        "test_mae": published.get("test_mae", nan),
+                        "epochs": PUBLISHED_EPOCHS[(task, dataset)].phrase,
+                    }
+                )
+    frame = pd.DataFrame(rows, columns=list(COMBINED_COLUMNS))
+    frame["final_trial"] = frame["final_trial"].astype("Int64")
+    return frame
+
+
+# ---- baselines -------------------------------------------------------------------------
+
+# The screen study's ``baselines`` attr: kNN accuracy on the validation split, same k and bank as
+# the trials' knn_accuracy metric.
+BASELINE_KEYS = {
+    "raw_pixels": "raw_pixels_knn_accuracy",
+    "untrained_encoder": "untrained_encoder_knn_accuracy",
+}
+BASELINE_COLUMNS = ("row", "stage", "number", "state", "epochs", "metric", "value")
+
+
+def stored_baselines(screen: optuna.Study) -> dict[str, float] | None:
+    """The baselines the search recorded on the screen study (None for an older study)."""
+    stored = screen.user_attrs.get(BASELINES_ATTR)
+    return dict(stored) if isinstance(stored, Mapping) else None
+
+
+def _last_value(trial: FrozenTrial) -> float | None:
+    if trial.value is not None:
+        return float(trial.value)
+    if trial.intermediate_values:
+        return float(trial.intermediate_values[max(trial.intermediate_values)])
+    return None
+
+
+def baselines_frame(cfg: DictConfig, studies: Mapping[str, optuna.Study]) -> pd.DataFrame:
+    """What the search must beat, beside what it got, one row each (``row`` column):
+
+    - ``raw_pixels``, ``untrained_encoder``: the recorded kNN baselines (NaN when not recorded);
+    - ``report_configuration``: the screen trial of the report's own configuration (user attr
+      ``baseline == "report"``), its value or, when pruned, its last reported value;
+    - ``best_screen``, ``best_promote``: the best completed trial of each stage.
+
+    Values are fractions in [0, 1] in ``metric``; missing trials are left out.
+    """
+    metric = metric_of(cfg)
+    stored = stored_baselines(studies["screen"]) or {}
+    nan = float("nan")
+    rows: list[dict[str, Any]] = [
+        {"row": row, "metric": "knn_accuracy", "value": stored.get(key, nan)}
+        for row, key in BASELINE_KEYS.items()
+    ]
+    screen = studies["screen"].get_trials(deepcopy=False)
+    report = [t for t in screen if t.user_attrs.get("baseline") == "report"]
+    candidates: list[tuple[str, str, FrozenTrial | None]] = [
+        ("report_configuration", "screen", report[0] if report else None),
+    ]
+    for stage in ("screen", "promote"):
+        if stage in studies:
+            best = top_trials(studies[stage], 1)
+            candidates.append((f"best_{stage}", stage, best[0] if best else None))
+    for row, stage, trial in candidates:
+        value = None if trial is None else _last_value(trial)
+        if trial is None or value is None:
+            continue
+        rows.append(
+            {
+                "row": row,
+                "stage": stage,
+                "number": trial.number,
+                "state": trial.state.name,
+                "epochs": trial.user_attrs.get("epochs_run"),
+                "metric": metric,
+                "value": value,
+            }
+        )
+    frame = pd.DataFrame(rows, columns=list(BASELINE_COLUMNS))
+    for column in ("number", "epochs"):
+        frame[column] = frame[column].astype("Int64")
+    return frame

@@ -133,7 +133,13 @@ def worker_loop(
     def on_trial(stage: str, number: int) -> None:
         _announce(label, studies.of(stage), number, stage_metric(cfg, stage))
 
-    run_stages(studies, runner, cfg, on_trial=on_trial)
+    try:
+        run_stages(studies, runner, cfg, on_trial=on_trial)
+    finally:
+        for hook in hooks:  # hooks that finish their work off the trial (figures) wait here
+            flush = getattr(hook, "flush", None)
+            if flush is not None:
+                flush()
 
 
 STOP_GRACE_S = 30.0  # how long stopped workers get to re-enqueue their trials

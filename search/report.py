@@ -6,7 +6,8 @@ to the published numbers, the best parameters of each stage, what pruning saved,
 history, intermediate values and parameter importances, and the report's three figure kinds
 (test reconstructions, latent interpolation, t-SNE of the test set in raw image space and in the
 latent space of every task run on the same dataset in this storage). Where a study has too
-little data for a figure, the report says so instead.
+little data for a figure, the report says so instead. ``study=all`` also writes
+``all-studies.md``: the report's results table from every finished study in the storage.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import optuna
 
 from models.errors import UsageError
-from reporting.report import REPORT_TSNE_POINTS, write_report
+from reporting.report import REPORT_TSNE_POINTS, write_combined, write_report
 from reporting.store import locate, open_existing_storage, study_names
-from search import redact, storage_url
+from search import redact, resolved_paths, storage_url
 from search.cli import guarded, parser, split_study
 
 
@@ -53,14 +55,27 @@ def main() -> int:
     names = [name] if name else study_names(storage)
     if not names:
         raise UsageError(f"study: no study in {redact(url)}; run python -m search.run first")
+    folders = []
     for each in names:
         started = time.perf_counter()
         doc = write_report(
             each, storage, url, rest, args.out, max(args.tsne_points, 5), args.device
         )
+        folders.append(doc.out_dir)
         print(f"{each}: wrote {len(doc.files)} files in {time.perf_counter() - started:.1f}s")
         for path in doc.files:
             print(f"  {path}")
+    if name is None:  # study=all: one table of every finished study, beside the reports
+        out = (
+            Path(args.out)
+            if args.out
+            else folders[0]
+            if len(set(folders)) == 1
+            else resolved_paths(base)["runs"] / "report"
+        )
+        combined = write_combined(storage, url, rest, out)
+        if combined is not None:
+            print(f"all studies: wrote {combined}")
     return 0
 
 

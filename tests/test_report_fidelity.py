@@ -1,0 +1,286 @@
+"""What the report compares: epochs behind every number, baselines, single titles, and per-trial
+figures drawn off the trial's path (real SQLite, small finished studies on CPU)."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from dataclasses import asdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import optuna
+import pytest
+from conftest import run_module
+
+import search
+from reporting import figures
+from reporting.artifacts import make_trial_artifact_hook, placeholder_png, trial_artifacts
+from reporting.markdown import results_table
+from reporting.report import history_plot, intermediate_plot, write_report
+from reporting.tables import PUBLISHED_EPOCHS, Budget
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Two studies of different tasks on the quickstart's digits, as small as a finished study gets.
+TINY = (
+    "stages.screen.trials=2",
+    "stages.screen.epochs=1",
+    "stages.promote.top_k=1",
+    "stages.promote.epochs=1",
+    "train.probe.epochs=1",
+    "train.max_batches=2",
+    "search.space.channels.choices=[8]",
+    "data.train_subset=200",
+    "data.val_subset=60",
+    "data.test_subset=60",
+)
+STUDIES = {"fid-contrastive": [], "fid-autoencoder": ["task=autoencoder"]}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A runs folder whose storage holds two finished studies (contrastive, autoencoder), run
+    in this process with the artifact hook, every figure drawn."""
+    runs = tmp_path_factory.mktemp("fidelity-runs")
+    for name, extra in STUDIES.items():
+        cfg = search.load_config("quickstart", [f"runs_dir={runs}", f"name={name}", *TINY, *extra])
+        studies = search.open_studies(cfg, search.storage_url(cfg))
+        runner = search.TrialRunner(
+            cfg, device="cpu", progress=False, find_trial=studies.find_trial
+        )
+        hook = make_trial_artifact_hook(search.resolved_paths(cfg)["artifacts"])
+        runner.hooks.append(hook)
+        search.run_stages(studies, runner, cfg)
+        assert hook.flush(timeout=120)
+        assert not hook.renderer.failed
+    return runs
+
+
+def _stage_studies(runs: Path, name: str) -> dict[str, optuna.Study]:
+    url = f"sqlite:///{runs / 'ssl-search.db'}"
+    return {
+        stage: optuna.load_study(study_name=f"{name}.{stage}", storage=url)
+        for stage in search.STAGES
+    }
+
+
+@pytest.fixture(scope="module")
+def reported(finished: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """``search.report study=all`` on that storage: (report folder, what it printed)."""
+    out = tmp_path_factory.mktemp("fidelity-report")
+    done = run_module(
+        "search.report", "study=all", f"runs_dir={finished}", "--out", str(out),
+        "--tsne-points", "5", "--device", "cpu",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out, done.stdout
+
+
+# ---- 1. the epochs behind every number --------------------------------------------------
+
+
+@pytest.mark.slow
+def test_study_all_writes_one_table_shaped_like_the_reports_with_budgets(reported):
+    out, stdout = reported
+    combined = out / "all-studies.md"
+    assert f"all studies: wrote {combined}" in stdout
+    md = combined.read_text()
+    head = next(line for line in md.splitlines() if line.startswith("| task"))
+    for column in ("MNIST: this search", "MNIST: report", "CIFAR-10: this search",
+                   "CIFAR-10: report", "digits: this search"):  # fmt: skip
+        assert column in head
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if "|" in line}
+    contrastive = rows["1.2.3 contrastive / SimCLR (frozen encoder): test accuracy (%)"]
+    # Ours: 1 promoted epoch + 1 probe epoch at 2 batches each; the report's 200 + 30 epochs.
+    assert "(1 + 1 epochs of at most 2 batches), `fid-contrastive` final #0" in contrastive
+    assert "69.64 (200 + 30 epochs)" in contrastive and "98.88 (100 + 20 epochs)" in contrastive
+    guided = rows["1.2.2 classification-guided encoder: test accuracy (%)"]
+    assert "80.42 (50 epochs)" in guided and "99.14 (10 epochs)" in guided
+    assert guided.count(" - ") >= 3  # no guided study finished: '-' for this search
+    mae = rows["1.2.1 self-supervised autoencoder (frozen encoder): reconstruction MAE, test"]
+    assert "`fid-autoencoder` final #0" in mae and "0.0160 (15 + 20 epochs)" in mae
+    assert "0.295 (20 + 20 epochs)" in mae.replace("0.2950", "0.295")
+
+
+def test_results_table_states_both_budgets_and_says_when_they_differ():
+    cfg = search.load_config("cifar_contrastive")
+    final = optuna.trial.create_trial(
+        value=0.7,
+        params={},
+        distributions={},
+        user_attrs={"train_accuracy": 0.75, "val_accuracy": 0.7, "test_accuracy": 0.69},
+    )
+    text = "\n".join(results_table(cfg, final))
+    assert "epochs (encoder + classifier)" in text
+    assert "| this search (final #-1) | 100 + 30 |" in text  # promoted for 100, probe 30
+    assert "| report (1.2.3 cifar10) | 200 + 30 |" in text
+    assert "| difference | differ |" in text
+    assert "from 100 + 30 epochs, the report's from 200 + 30" in text
+
+
+@pytest.mark.parametrize("key", sorted(PUBLISHED_EPOCHS))
+def test_published_epochs_follow_the_reports_recipes(key):
+    budget = PUBLISHED_EPOCHS[key]
+    assert isinstance(budget, Budget)
+    assert (budget.probe is None) == (key[0] == "guided")
+
+
+# ---- 2. baselines ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_each_study_report_shows_both_baselines_beside_the_best(finished, reported):
+    out, _ = reported
+    for name in STUDIES:
+        stored = _stage_studies(finished, name)["screen"].user_attrs[search.BASELINES_ATTR]
+        md = (out / f"{name}.md").read_text()
+        section = md.split("## Baselines", 1)[1].split("\n## ", 1)[0]
+        raw = f"{100 * stored['raw_pixels_knn_accuracy']:.2f}%"
+        untrained = f"{100 * stored['untrained_encoder_knn_accuracy']:.2f}%"
+        assert f"| raw pixels (no network), kNN | - | knn_accuracy | {raw} |" in section
+        assert f"untrained (random weights), kNN | - | knn_accuracy | {untrained} |" in section
+        assert "| the report's configuration, trained | screen #" in section
+        assert "| best screen trial | screen #" in section
+        assert "| best promoted trial | promote #" in section
+        assert "no network at all" in section and "not recorded" not in section
+
+
+@pytest.mark.slow
+def test_a_study_without_recorded_baselines_says_not_recorded(finished, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for part in finished.glob("ssl-search.db*"):  # the database and its WAL files
+        shutil.copy(part, runs / part.name)
+    url = f"sqlite:///{runs / 'ssl-search.db'}"
+    screen = optuna.load_study(study_name="fid-contrastive.screen", storage=url)
+    screen.set_user_attr(search.BASELINES_ATTR, None)  # as a study run before baselines existed
+    storage = search.open_storage(url)
+    doc = write_report(
+        "fid-contrastive", storage, url, [f"runs_dir={finished}"], tmp_path / "out", 5, "cpu"
+    )
+    md = doc.files[0].read_text()
+    section = md.split("## Baselines", 1)[1].split("\n## ", 1)[0]
+    assert "| raw pixels (no network), kNN | - | knn_accuracy | not recorded |" in section
+    assert "were not recorded for this study" in section
+    assert "| best screen trial | screen #" in section  # the search's own numbers stay
+
+
+# ---- 3. figures ------------------------------------------------------------------------
+
+
+def _titles(ax) -> list[str]:
+    shown = [ax.get_title(loc) for loc in ("left", "center", "right")]
+    return [t for t in (*shown, ax.figure.get_suptitle()) if t]
+
+
+def test_optuna_plots_in_the_report_have_one_title_each():
+    import matplotlib.pyplot as plt
+
+    study = optuna.create_study(direction="maximize", study_name="plots.screen")
+    for k in range(3):
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        for epoch in (1, 2):
+            trial.report(0.1 * k + 0.01 * epoch, epoch)
+        study.tell(trial, 0.1 * k)
+    with matplotlib.rc_context():
+        for ax in (intermediate_plot(study, "knn_accuracy"), history_plot(study, "knn_accuracy")):
+            assert len(_titles(ax)) == 1, _titles(ax)
+            assert _titles(ax)[0].startswith("plots.screen: ")
+            plt.close(ax.figure)
+
+
+def _tiny_trial(tmp_path: Path):
+    """A running trial with a one-epoch curve and the Run that trained it (contrastive)."""
+    import torch
+
+    from models.config import DataConfig, ModelConfig, TrainConfig
+    from models.data import load_splits
+    from models.training import Run
+
+    splits = load_splits(DataConfig(name="digits", train_subset=100, val_subset=30))
+    model = ModelConfig(channels=4, encoder_kernels=[3, 3, 3], latent_dim=16, projection_dim=16)
+    torch.manual_seed(0)
+    run = Run("contrastive", splits, model, TrainConfig(epochs=1, max_batches=2, progress=False))
+    history = run.pretrain()
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}", study_name="t")
+    trial = study.ask()
+    trial.set_user_attr("stage", "screen")
+    trial.set_user_attr("curve", [asdict(h) for h in history])
+    return study, trial, run
+
+
+def test_learning_curves_are_drawn_after_the_hook_returns(tmp_path, monkeypatch):
+    """The hook attaches the figure to the running trial and returns while the drawing is
+    still held back; the trial finishes; the drawn figure then replaces the placeholder."""
+    gate = threading.Event()
+    drawn_on: list[threading.Thread] = []
+    original = figures.learning_curves
+
+    def held_back(curve, title):
+        drawn_on.append(threading.current_thread())
+        assert gate.wait(timeout=120), "never released"
+        return original(curve, title)
+
+    monkeypatch.setattr(figures, "learning_curves", held_back)
+    study, trial, run = _tiny_trial(tmp_path)
+    hook = make_trial_artifact_hook(tmp_path / "artifacts")
+    hook(trial, run, None, {})
+    # Returned with the drawing still waiting: it is not the trial's to wait for.
+    assert not gate.is_set() and hook.renderer.pending == 1
+    study.tell(trial, 0.5)
+    finished = study.trials[0]
+    assert finished.state == optuna.trial.TrialState.COMPLETE
+    found = trial_artifacts(finished)
+    assert set(found) == {"learning_curves.png"}  # recorded on the trial itself
+    path = tmp_path / "artifacts" / found["learning_curves.png"]
+    assert path.read_bytes() == placeholder_png()
+    gate.set()
+    assert hook.flush(timeout=120)
+    assert drawn_on and drawn_on[0] is not threading.current_thread()
+    png = path.read_bytes()
+    assert png[:8] == PNG_MAGIC and png != placeholder_png()
+    assert hook.renderer.drawn == 1 and not hook.renderer.failed
+    assert finished.user_attrs["artifact_seconds"] > 0
+
+
+def test_a_figure_that_cannot_be_drawn_leaves_a_note_not_a_failure(tmp_path, monkeypatch):
+    def broken(curve, title):
+        raise ValueError("no axes today")
+
+    monkeypatch.setattr(figures, "learning_curves", broken)
+    study, trial, run = _tiny_trial(tmp_path)
+    hook = make_trial_artifact_hook(tmp_path / "artifacts")
+    hook(trial, run, None, {})
+    study.tell(trial, 0.5)
+    assert hook.flush(timeout=120)
+    assert hook.renderer.failed and "no axes today" in hook.renderer.failed[0]
+    found = trial_artifacts(study.trials[0])
+    png = (tmp_path / "artifacts" / found["learning_curves.png"]).read_bytes()
+    assert png[:8] == PNG_MAGIC and png != placeholder_png()  # the error, drawn as a note
+    assert "artifact_error" not in study.trials[0].user_attrs
+
+
+@pytest.mark.slow
+def test_every_trial_of_both_studies_has_its_drawn_learning_curves(finished):
+    store = finished / "artifacts"
+    checked = 0
+    for name in STUDIES:
+        for stage, study in _stage_studies(finished, name).items():
+            for trial in study.get_trials():
+                if trial.state != optuna.trial.TrialState.COMPLETE:
+                    continue
+                found = trial_artifacts(trial)
+                assert "learning_curves.png" in found, (name, stage, trial.number)
+                if name == "fid-autoencoder":
+                    assert "val_reconstructions.png" in found
+                if stage == "final":
+                    assert "tsne.png" in found
+                for artifact_id in found.values():
+                    png = (store / artifact_id).read_bytes()
+                    assert png[:8] == PNG_MAGIC and png != placeholder_png()
+                assert not trial.user_attrs.get("artifact_error")
+                checked += 1
+    assert checked >= 6  # every stage of both studies
