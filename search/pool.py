@@ -139,7 +139,7 @@ def worker_loop(
         for hook in hooks:  # hooks that finish their work off the trial (figures) wait here
             flush = getattr(hook, "flush", None)
             if flush is not None:
-                flush()
+                flush(60.0)
 
 
 STOP_GRACE_S = 30.0  # how long stopped workers get to re-enqueue their trials
