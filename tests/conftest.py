@@ -1,10 +1,17 @@
-"""Shared fixtures: the read-only data copies beside the checkout, and a scratch runs folder."""
+"""Shared fixtures: the read-only data copies, a finished quickstart, a PostgreSQL database.
+
+Every test that needs PostgreSQL asks for ``postgres_db_url``: a database of its own, created
+empty on the local server and dropped when the test ends (it is marked ``postgres``).
+"""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +22,12 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 # Two cores: keep torch from oversubscribing them when pytest runs subprocesses too.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if {"postgres_db_url", "postgres_url"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.postgres)
 
 
 @pytest.fixture(scope="session")
@@ -59,22 +72,102 @@ QUICKSTART_OVERRIDES = (
     "search.pruner.n_startup_trials=1",
     "search.space.channels.choices=[8]",
 )
-POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+# ---- PostgreSQL: one fresh database per test, dropped afterwards ----------------------------
+
+POSTGRES_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
+# Databases that exist on every server (``postgres``) or on the CI one (``test``): tests connect
+# to one of them only to create and drop their own database, never to store anything there.
+MAINTENANCE_DATABASES = ("postgres", "test")
+TEST_DATABASE_PREFIX = "ssl_search_"
+# How long creating or dropping a database waits for a server that is restarting (a test that
+# restarts it on purpose may be running beside this one).
+ADMIN_RETRY_S = 60
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> str:
-    """The local PostgreSQL server (CI starts it); tests skip with the reason where it is down."""
+def postgres_admin():
+    """An AUTOCOMMIT engine on the server's maintenance database; skips where it is down.
+
+    It keeps no connection between uses (``NullPool``), so a server restart in between leaves
+    nothing stale behind.
+    """
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    errors = []
+    for database in MAINTENANCE_DATABASES:
+        engine = sqlalchemy.create_engine(
+            f"{POSTGRES_SERVER}/{database}",
+            isolation_level="AUTOCOMMIT",
+            poolclass=NullPool,
+            connect_args={"connect_timeout": 3},
+        )
+        try:
+            with engine.connect():
+                pass
+        except Exception as error:  # noqa: BLE001
+            engine.dispose()
+            errors.append(f"{database}: {str(getattr(error, 'orig', error)).strip()}")
+            continue
+        yield engine
+        engine.dispose()
+        return
+    pytest.skip(f"PostgreSQL not reachable at {POSTGRES_SERVER}: {'; '.join(errors)}")
+
+
+def admin_execute(admin, *statements: str, **params: str) -> None:
+    """Run ``statements`` in one session, again from the start while the server is away."""
     import sqlalchemy
 
+    deadline = time.monotonic() + ADMIN_RETRY_S
+    while True:
+        try:
+            with admin.connect() as conn:
+                for statement in statements:
+                    conn.execute(sqlalchemy.text(statement), params)
+            return
+        except sqlalchemy.exc.OperationalError:
+            # The server is restarting, or (DROP) a pooled connection of the test reconnected
+            # between terminating the sessions and dropping: try the whole sequence again.
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def create_database(admin, name: str) -> None:
+    admin_execute(admin, f'CREATE DATABASE "{name}"')
+
+
+def drop_database(admin, name: str) -> None:
+    """End every session on database ``name`` (a killed worker's too), then drop it."""
+    admin_execute(
+        admin,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = :name AND pid <> pg_backend_pid()",
+        f'DROP DATABASE IF EXISTS "{name}"',
+        name=name,
+    )
+
+
+@pytest.fixture
+def postgres_db_url(postgres_admin) -> Iterator[str]:
+    """A new, empty PostgreSQL database for this test alone: its URL; dropped afterwards.
+
+    Tests never share a database, so none sees another's studies or claims, and a test that
+    leaves connections open (a killed worker, an engine still pooled) is still cleaned up.
+    """
+    name = f"{TEST_DATABASE_PREFIX}{uuid.uuid4().hex[:12]}"
+    create_database(postgres_admin, name)
     try:
-        engine = sqlalchemy.create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
-        with engine.connect():
-            pass
-        engine.dispose()
-    except Exception as error:  # noqa: BLE001
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}: {error}")
-    return POSTGRES_URL
+        yield f"{POSTGRES_SERVER}/{name}"
+    finally:
+        drop_database(postgres_admin, name)
+
+
+@pytest.fixture
+def postgres_url(postgres_db_url: str) -> str:
+    """Old name of :func:`postgres_db_url` (also a fresh database per test)."""
+    return postgres_db_url
 
 
 def run_module(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:

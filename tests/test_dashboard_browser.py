@@ -71,6 +71,7 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
 
 
+@pytest.mark.slow
 def test_dashboard_wrapper_binds_to_loopback_with_the_artifact_dir(finished_quickstart):
     runs_dir, overrides = finished_quickstart
     done = run_module(
@@ -85,6 +86,7 @@ def test_dashboard_wrapper_binds_to_loopback_with_the_artifact_dir(finished_quic
     assert done.returncode == 2 and done.stderr.startswith("error: port:")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     chromium_path() is None, reason="no Chromium installed (apt-get install chromium)"
 )

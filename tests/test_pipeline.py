@@ -57,6 +57,7 @@ def check_finished_pipeline(url: str, name: str, screen_trials: int, top_k: int)
     assert attrs["source_trial"] == best_promoted.number
 
 
+@pytest.mark.slow
 def test_quickstart_pipeline_then_the_same_command_adds_nothing(finished_quickstart):
     runs, overrides = finished_quickstart
     url = f"sqlite:///{runs / 'ssl-search.db'}"
@@ -71,34 +72,37 @@ def test_quickstart_pipeline_then_the_same_command_adds_nothing(finished_quickst
     assert "[worker" not in again.stdout  # no trial ran
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
-def test_pipeline_on_postgres_and_a_second_study_stays_independent(tmp_path, postgres_url):
+def test_pipeline_on_postgres_and_a_second_study_stays_independent(tmp_path, postgres_db_url):
+    url = postgres_db_url  # a database of this test's own, dropped afterwards
     first_name, second_name = f"qs-{uuid.uuid4().hex[:8]}", f"qs-{uuid.uuid4().hex[:8]}"
     common = [
         *QUICKSTART_OVERRIDES,
-        f"storage={postgres_url}",
+        f"storage={url}",
         f"runs_dir={tmp_path}",
         "stages.screen.trials=3",
     ]
     first = load_config("quickstart", [*common, f"name={first_name}"])
-    run_stages(open_studies(first, postgres_url), TrialRunner(first, progress=False), first)
-    check_finished_pipeline(postgres_url, first_name, 3, 2)
-    before = {
-        s: len(trials_of(postgres_url, first_name, s)) for s in ("screen", "promote", "final")
-    }
+    run_stages(open_studies(first, url), TrialRunner(first, progress=False), first)
+    check_finished_pipeline(url, first_name, 3, 2)
+    before = {s: len(trials_of(url, first_name, s)) for s in ("screen", "promote", "final")}
 
     second = load_config(
         "quickstart", [*common, f"name={second_name}", "stage=screen", "stages.screen.trials=2"]
     )
-    run_stages(open_studies(second, postgres_url), TrialRunner(second, progress=False), second)
-    assert len(trials_of(postgres_url, second_name, "screen")) == 2
-    assert trials_of(postgres_url, second_name, "promote") == []
-    after = {s: len(trials_of(postgres_url, first_name, s)) for s in before}
+    run_stages(open_studies(second, url), TrialRunner(second, progress=False), second)
+    assert len(trials_of(url, second_name, "screen")) == 2
+    assert trials_of(url, second_name, "promote") == []
+    after = {s: len(trials_of(url, first_name, s)) for s in before}
     assert after == before
-    stored = optuna.load_study(study_name=f"{second_name}.screen", storage=postgres_url)
+    stored = optuna.load_study(study_name=f"{second_name}.screen", storage=url)
     assert stored.user_attrs["config"]["name"] == second_name
 
 
+# Slow: loading (and for CIFAR, decoding) the real data takes longer than the training.
+# Each study file is also checked, quickly, by test_config_cli's dry runs.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "study",
     [s for s in available_studies() if s != "quickstart"],
