@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 import sqlalchemy
 import torch
 from conftest import run_module
+from sqlalchemy.engine import make_url
 
 from models.config import DataConfig, ModelConfig, ProbeConfig, TrainConfig
 from models.data import load_splits
@@ -28,9 +28,6 @@ from search.objective import TrialRunner
 from search.stages import make_pruner, open_studies
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-# The local server trusts connections from 127.0.0.1, so any password is accepted.
-ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 # A screen trial on digits that takes about a second on a CPU core.
 TINY = (
@@ -254,33 +251,11 @@ def test_run_rejects_grace_period_below_heartbeat_before_writing(tmp_path: Path)
 
 
 @pytest.fixture
-def postgres_db_with_password():
-    """A fresh database on the local server, as a URL carrying a password (the server trusts
-    local connections, so any password works). Dropped afterwards."""
-    try:
-        admin = sqlalchemy.create_engine(
-            ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3}
-        )
-        with admin.connect():
-            pass
-    except Exception as error:  # noqa: BLE001
-        pytest.skip(f"PostgreSQL not reachable at {ADMIN_URL}: {error}")
-    name = f"ssl_guard_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield name, f"postgresql+psycopg://postgres:s3cr3t-pw@127.0.0.1:5432/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(
-                sqlalchemy.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :name AND pid <> pg_backend_pid()"
-                ),
-                {"name": name},
-            )
-            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
+def postgres_db_with_password(postgres_db_url):
+    """A fresh database (conftest's, dropped afterwards) as a URL carrying a password: the
+    local server trusts local connections, so any password works."""
+    url = make_url(postgres_db_url).set(password="s3cr3t-pw")
+    yield url.database, url.render_as_string(hide_password=False)
 
 
 @pytest.mark.postgres

@@ -29,9 +29,6 @@ from storage.claims import Claims
 from storage.retry import RETRIED_METHODS, RetryingRDBStorage, is_transient
 from storage.urls import StorageUnavailableError, open_storage
 
-PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
-
-
 # ---- helpers ---------------------------------------------------------------------------------
 
 
@@ -64,44 +61,15 @@ def _restart_postgres() -> None:
 
 
 @pytest.fixture
-def pg_fault_url() -> Iterator[str]:
-    """A database of this test's own on the local server; dropped (server up again) at the end."""
+def pg_fault_url(postgres_db_url: str) -> Iterator[str]:
+    """A database of this test's own (conftest's: dropped at the end, waiting for the server
+    if it is still restarting)."""
     if shutil.which("pg_ctlcluster") is None or not Path("/etc/postgresql").is_dir():
         pytest.skip("no local PostgreSQL cluster to restart")
-    admin = sqlalchemy.create_engine(
-        f"{PG_SERVER}/test", isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3}
-    )
     try:
-        with admin.connect():
-            pass
-    except sqlalchemy.exc.OperationalError as error:
-        admin.dispose()
-        pytest.skip(f"PostgreSQL not reachable: {str(error.orig).strip()}")
-    name = f"ssl_faults_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"{PG_SERVER}/{name}"
+        yield postgres_db_url
     finally:
         _wait_for_postgres()
-        admin.dispose()  # its pooled connection died with the restart
-        for attempt in range(5):
-            try:
-                with admin.connect() as conn:
-                    conn.execute(
-                        sqlalchemy.text(
-                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                            "WHERE datname = :name AND pid <> pg_backend_pid()"
-                        ),
-                        {"name": name},
-                    )
-                    conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}"'))
-                break
-            except sqlalchemy.exc.OperationalError:
-                if attempt == 4:
-                    raise
-                time.sleep(0.5)
-        admin.dispose()
 
 
 HOLD_LOCK = textwrap.dedent(
