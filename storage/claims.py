@@ -108,7 +108,9 @@ class Claims:
 
         def attempt() -> int:
             with self.engine.begin() as conn:
-                return conn.execute(CLAIMS.delete().where(CLAIMS.c.key.startswith(prefix))).rowcount
+                return conn.execute(
+                    CLAIMS.delete().where(CLAIMS.c.key.startswith(prefix, autoescape=True))
+                ).rowcount
 
         return self._retry("release claims", attempt)
 
@@ -117,7 +119,9 @@ class Claims:
 
         def attempt() -> list[str]:
             with self.engine.connect() as conn:
-                rows = conn.execute(sa.select(CLAIMS.c.key).where(CLAIMS.c.key.startswith(prefix)))
+                rows = conn.execute(
+                    sa.select(CLAIMS.c.key).where(CLAIMS.c.key.startswith(prefix, autoescape=True))
+                )
                 return [r[0] for r in rows]
 
         return self._retry("list claims", attempt)

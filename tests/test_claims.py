@@ -148,10 +148,6 @@ def test_release_all_frees_the_keys_under_a_prefix_only(new_engine):
     assert claims.take("qs.screen/slot/0")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Claims.taken/release_all use LIKE unescaped: '_' and '%' in a study name are wildcards",
-)
 def test_taken_treats_the_prefix_literally(new_engine):
     claims = Claims(new_engine())
     assert claims.take("mnistXautoencoder.screen/slot/0")
