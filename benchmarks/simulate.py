@@ -156,16 +156,9 @@ def synthetic_frame(
     return pd.concat(parts, ignore_index=True)
 
 
-def synthetic_table(
-    n_configs: int = 200,
-    epochs: int = 100,
-    seeds: int = 1,
-    seed: int = 0,
-    noise: float = 0.0,
-    crossing: float = 0.0,
-) -> Table:
-    """:func:`synthetic_frame` as a :data:`Table`."""
-    return table_from_frame(synthetic_frame(n_configs, epochs, seeds, seed, noise, crossing))
+def synthetic_table(*args: int | float, **kwargs: int | float) -> Table:
+    """:func:`synthetic_frame` (same arguments and defaults) as a :data:`Table`."""
+    return table_from_frame(synthetic_frame(*args, **kwargs))
 
 
 def default_target(

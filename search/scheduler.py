@@ -213,7 +213,7 @@ def decide(
     direction: Direction,
 ) -> Decision:
     """The next piece of work for a free worker, from the records of all configurations."""
-    plan = _Plan(records, rungs, eta, top_k, max_trials, direction)
+    plan = _Plan(records, direction, rungs, eta, top_k, max_trials)
     if plan.long_budget_full():
         return Wait() if plan.any_running else Finished()
     for rung in reversed(plan.rungs[:-1]):
@@ -246,7 +246,7 @@ def promotion_justified(
 
     :func:`decide` picks the best of the allowed promotions; this accepts any of them.
     """
-    plan = _Plan(records, rungs, eta, top_k, max_trials, direction)
+    plan = _Plan(records, direction, rungs, eta, top_k, max_trials)
     if rung not in plan.rungs[:-1] or plan.long_budget_full():
         return False
     if number in plan.promotable(rung):
@@ -260,11 +260,11 @@ class _Plan:
     def __init__(
         self,
         records: Sequence[TrialRecord],
+        direction: Direction,
         rungs: Sequence[int],
         eta: int,
         top_k: int,
         max_trials: int,
-        direction: Direction,
     ) -> None:
         ladder = [int(r) for r in rungs]
         if not ladder or ladder[0] < 1 or any(a >= b for a, b in itertools.pairwise(ladder)):

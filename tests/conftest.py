@@ -7,15 +7,20 @@ empty on the local server and dropped when the test ends (it is marked ``postgre
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    import optuna
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -72,6 +77,26 @@ QUICKSTART_OVERRIDES = (
     "search.pruner.n_startup_trials=1",
     "search.space.channels.choices=[8]",
 )
+# The smallest stages a finished study gets: two screen trials, one promoted, one epoch each.
+TINY_STAGES = (
+    "stages.screen.trials=2",
+    "stages.screen.epochs=1",
+    "stages.promote.top_k=1",
+    "stages.promote.epochs=1",
+    "train.probe.epochs=1",
+    "train.max_batches=2",
+)
+# The quickstart study file's own settings, as parameters of its space (copied by hand from
+# studies/quickstart.yaml, not computed).
+QUICKSTART_SETTINGS = {
+    "channels": 16,
+    "batch_size": 64,
+    "optimizer": "adam",
+    "adam_lr": 3.0e-3,
+    "temperature": 0.5,
+    "aug_strength": 1.0,
+}
+
 # ---- PostgreSQL: one fresh database per test, dropped afterwards ----------------------------
 
 POSTGRES_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
@@ -181,6 +206,78 @@ def run_module(module: str, *args: str, timeout: float = 600) -> subprocess.Comp
         text=True,
         timeout=timeout,
     )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, key: str) -> str:
+    """``result`` exited 2 with no traceback and one line on stderr naming ``key``; that line."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {key}"), lines[0]
+    return lines[0]
+
+
+def trace_shapes(
+    net: torch.nn.Module, x: torch.Tensor, shaped: tuple[type, ...], *, eval_mode: bool = False
+) -> list[tuple[str, tuple[int, ...]]]:
+    """(layer type, per-sample output shape) for every layer of a ``shaped`` type that ``net(x)``
+    runs, in execution order (no gradients; in eval mode first if ``eval_mode``)."""
+    seen: list[tuple[str, tuple[int, ...]]] = []
+    handles = [
+        m.register_forward_hook(
+            lambda mod, _inp, out: seen.append((type(mod).__name__, tuple(out.shape[1:])))
+        )
+        for m in net.modules()
+        if isinstance(m, shaped)
+    ]
+    try:
+        if eval_mode:
+            net.eval()
+        with torch.no_grad():
+            net(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def tiny_trained_trial(
+    tmp_path: Path, task: str, *, train_subset: int, val_subset: int, **model: Any
+) -> tuple[optuna.Study, optuna.trial.Trial, Any]:
+    """A running screen trial with a one-epoch curve (digits, 2 batches) in a new SQLite study,
+    and the Run of ``task`` that trained it: (study, trial, run)."""
+    from dataclasses import asdict
+
+    import optuna
+
+    from models.config import DataConfig, ModelConfig, TrainConfig
+    from models.data import load_splits
+    from models.training import Run
+
+    splits = load_splits(
+        DataConfig(name="digits", train_subset=train_subset, val_subset=val_subset)
+    )
+    config = ModelConfig(channels=4, encoder_kernels=[3, 3, 3], **model)
+    torch.manual_seed(0)
+    run = Run(task, splits, config, TrainConfig(epochs=1, max_batches=2, progress=False))
+    history = run.pretrain()
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}", study_name="t")
+    trial = study.ask()
+    trial.set_user_attr("stage", "screen")
+    trial.set_user_attr("curve", [asdict(h) for h in history])
+    return study, trial, run
+
+
+def interrupt_and_collect(proc: subprocess.Popen, timeout: float) -> str:
+    """Send ``proc`` SIGINT and return its (text) output; killed if it outlives ``timeout`` s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate(timeout=timeout)
+    return out
 
 
 @pytest.fixture(scope="session")

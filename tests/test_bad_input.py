@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_line_error as one_line_error
 from omegaconf import OmegaConf
 
 from search.config import ConfigError, load_config
@@ -273,13 +274,9 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, key: str) -> str:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"error: {key}"), lines[0]
-    assert lines[0].isprintable(), repr(lines[0])
-    return lines[0]
+    line = one_line_error(result, key)
+    assert line.isprintable(), repr(line)
+    return line
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import QUICKSTART_SETTINGS, assert_one_line_error
 
 from search.config import ConfigError, available_studies, load_config
 from search.space import baseline_params, suggest
@@ -70,14 +71,6 @@ def test_bad_override_exits_2_naming_the_key_and_writes_nothing(tmp_path, overri
     result = cli("search.run", "study=quickstart", f"runs_dir={runs}", override, cwd=tmp_path)
     assert_one_line_error(result, key)
     assert not runs.exists()  # nothing was created, let alone written
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, key: str) -> None:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"error: {key}"), lines[0]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -194,14 +187,7 @@ def test_study_defaults_are_in_its_space(study):
 # the YAML, not computed): conditional parameters of other optimizers are inactive, and
 # sgd_schedule/lars_schedule are left out as they are.
 STUDY_SETTINGS = {
-    "quickstart": {
-        "channels": 16,
-        "batch_size": 64,
-        "optimizer": "adam",
-        "adam_lr": 3.0e-3,
-        "temperature": 0.5,
-        "aug_strength": 1.0,
-    },
+    "quickstart": QUICKSTART_SETTINGS,
     "cifar_contrastive": {
         "encoder_kernel_1": 7,
         "encoder_kernel_2": 7,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import REPO_ROOT, run_module
+from conftest import REPO_ROOT, interrupt_and_collect, run_module
 
 from search.dashboard import (
     dashboard_app,
@@ -110,22 +109,22 @@ def storage_url(tmp_path: Path) -> str:
     return make_storage(tmp_path / "guard.db")
 
 
-@pytest.fixture
-def read_only(storage_url: str, tmp_path: Path) -> Iterator[Served]:
-    served = Served(storage_url, tmp_path / "artifacts", allow_edits=False)
+def _serving(storage_url: str, tmp_path: Path, *, allow_edits: bool) -> Iterator[Served]:
+    served = Served(storage_url, tmp_path / "artifacts", allow_edits=allow_edits)
     try:
         yield served
     finally:
         served.close()
+
+
+@pytest.fixture
+def read_only(storage_url: str, tmp_path: Path) -> Iterator[Served]:
+    yield from _serving(storage_url, tmp_path, allow_edits=False)
 
 
 @pytest.fixture
 def editable(storage_url: str, tmp_path: Path) -> Iterator[Served]:
-    served = Served(storage_url, tmp_path / "artifacts", allow_edits=True)
-    try:
-        yield served
-    finally:
-        served.close()
+    yield from _serving(storage_url, tmp_path, allow_edits=True)
 
 
 # ---- Host names --------------------------------------------------------------------------
@@ -319,12 +318,7 @@ def test_the_command_serves_read_only_from_the_storage_in_the_environment(
         assert request(f"{base}/api/studies/{sid}", method="DELETE", body={})[0] == 403
         assert study_names(storage_url) == [STUDY]
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate(timeout=15)
+        out = interrupt_and_collect(proc, timeout=15)
     assert f"optuna-dashboard for {storage_url}" in out and "read-only" in out
     assert "DELETE" in out and "refused" in out  # the refusal is reported where it runs
 

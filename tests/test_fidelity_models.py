@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from conftest import trace_shapes
 from torch import nn
 
 from models.augment import build_augmentation
@@ -66,54 +67,34 @@ EVERY_WIDTH = {
 EXPECTED = {
     "mnist": {
         "encoder": [
-            ("Conv2d", (6, 28, 28)),
-            ("Conv2d", (10, 28, 28)),
-            ("MaxPool2d", (10, 14, 14)),
-            ("Conv2d", (2, 14, 14)),
-            ("Flatten", (392,)),
-            ("Linear", (24,)),
+            ("Conv2d", (6, 28, 28)), ("Conv2d", (10, 28, 28)), ("MaxPool2d", (10, 14, 14)),
+            ("Conv2d", (2, 14, 14)), ("Flatten", (392,)), ("Linear", (24,)),
         ],
         "decoder": [
-            ("Linear", (392,)),
-            ("Unflatten", (2, 14, 14)),
-            ("ConvTranspose2d", (12, 28, 28)),
-            ("ConvTranspose2d", (4, 28, 28)),
-            ("ConvTranspose2d", (1, 28, 28)),
+            ("Linear", (392,)), ("Unflatten", (2, 14, 14)), ("ConvTranspose2d", (12, 28, 28)),
+            ("ConvTranspose2d", (4, 28, 28)), ("ConvTranspose2d", (1, 28, 28)),
         ],
         "classifier": [("Linear", (20,)), ("Linear", (12,)), ("Linear", (10,))],
         "projection": [("Linear", (18,)), ("Linear", (14,))],
     },
     "cifar": {
         "encoder": [
-            ("Conv2d", (6, 32, 32)),
-            ("MaxPool2d", (6, 16, 16)),
-            ("Conv2d", (10, 16, 16)),
-            ("MaxPool2d", (10, 8, 8)),
-            ("Conv2d", (3, 8, 8)),
-            ("Flatten", (192,)),
+            ("Conv2d", (6, 32, 32)), ("MaxPool2d", (6, 16, 16)), ("Conv2d", (10, 16, 16)),
+            ("MaxPool2d", (10, 8, 8)), ("Conv2d", (3, 8, 8)), ("Flatten", (192,)),
         ],
         "decoder": [
-            ("Unflatten", (3, 8, 8)),
-            ("ConvTranspose2d", (12, 8, 8)),
-            ("ConvTranspose2d", (4, 16, 16)),
-            ("ConvTranspose2d", (6, 32, 32)),
+            ("Unflatten", (3, 8, 8)), ("ConvTranspose2d", (12, 8, 8)),
+            ("ConvTranspose2d", (4, 16, 16)), ("ConvTranspose2d", (6, 32, 32)),
             ("Conv2d", (3, 32, 32)),
         ],
         "classifier": [
-            ("Unflatten", (3, 8, 8)),
-            ("Conv2d", (16, 8, 8)),
-            ("MaxPool2d", (16, 4, 4)),
-            ("Conv2d", (8, 4, 4)),
-            ("MaxPool2d", (8, 2, 2)),
-            ("Conv2d", (12, 2, 2)),
-            ("MaxPool2d", (12, 1, 1)),
-            ("Flatten", (12,)),
-            ("Linear", (20,)),
-            ("Linear", (10,)),
+            ("Unflatten", (3, 8, 8)), ("Conv2d", (16, 8, 8)), ("MaxPool2d", (16, 4, 4)),
+            ("Conv2d", (8, 4, 4)), ("MaxPool2d", (8, 2, 2)), ("Conv2d", (12, 2, 2)),
+            ("MaxPool2d", (12, 1, 1)), ("Flatten", (12,)), ("Linear", (20,)), ("Linear", (10,)),
         ],
         "projection": [("Linear", (18,)), ("Linear", (14,))],
     },
-}
+}  # fmt: skip
 KERNELS = {
     "mnist": {"encoder": [3, 5, 3], "decoder": [5, 3, 3], "classifier": []},
     "cifar": {"encoder": [3, 5, 3], "decoder": [3, 5, 3, 5], "classifier": [5, 3, 1]},
@@ -128,22 +109,7 @@ def write_study(tmp_path: Path, text: str, name: str = "study") -> str:
 
 
 def trace(net: nn.Module, x: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
-    seen: list[tuple[str, tuple[int, ...]]] = []
-    hooks = [
-        m.register_forward_hook(
-            lambda mod, _i, out: seen.append((type(mod).__name__, tuple(out.shape[1:])))
-        )
-        for m in net.modules()
-        if isinstance(m, SHAPED)
-    ]
-    try:
-        net.eval()
-        with torch.no_grad():
-            net(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
+    return trace_shapes(net, x, SHAPED, eval_mode=True)
 
 
 def kernels_of(net: nn.Module) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import trace_shapes
 from torch import nn
 
 from models.config import ModelConfig, check_model
@@ -38,21 +39,7 @@ SHAPED = (
 
 def trace(net: nn.Module, x: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
     """(layer type, per-sample output shape) for every SHAPED layer, in execution order."""
-    seen: list[tuple[str, tuple[int, ...]]] = []
-    handles = [
-        m.register_forward_hook(
-            lambda mod, _inp, out: seen.append((type(mod).__name__, tuple(out.shape[1:])))
-        )
-        for m in net.modules()
-        if isinstance(m, SHAPED)
-    ]
-    try:
-        with torch.no_grad():
-            net(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
+    return trace_shapes(net, x, SHAPED)
 
 
 def leaf_types(net: nn.Module) -> list[str]:

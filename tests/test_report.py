@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
-from conftest import run_module
+from conftest import run_module, tiny_trained_trial
 
 from reporting.artifacts import make_trial_artifact_hook, trial_artifacts
 from reporting.markdown import results_table
@@ -182,21 +181,9 @@ def test_results_table_sits_beside_the_published_numbers():
 
 def test_hook_survives_a_trial_without_history(tmp_path):
     """The hook reads the curve from storage, so it also works where no history is passed."""
-    import torch
-
-    from models.config import DataConfig, ModelConfig, TrainConfig
-    from models.data import load_splits
-    from models.training import Run
-
-    splits = load_splits(DataConfig(name="digits", train_subset=200, val_subset=50))
-    model = ModelConfig(channels=4, encoder_kernels=[3, 3, 3], latent_dim=16)
-    torch.manual_seed(0)
-    run = Run("autoencoder", splits, model, TrainConfig(epochs=1, max_batches=2, progress=False))
-    history = run.pretrain()
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}", study_name="t")
-    trial = study.ask()
-    trial.set_user_attr("stage", "screen")
-    trial.set_user_attr("curve", [asdict(h) for h in history])
+    study, trial, run = tiny_trained_trial(
+        tmp_path, "autoencoder", train_subset=200, val_subset=50, latent_dim=16
+    )
     hook = make_trial_artifact_hook(tmp_path / "artifacts")
     hook(trial, run, None, {})
     study.tell(trial, 0.5)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib
@@ -14,7 +13,7 @@ matplotlib.use("Agg")
 
 import optuna
 import pytest
-from conftest import run_module
+from conftest import TINY_STAGES, run_module, tiny_trained_trial
 
 import search
 from reporting import figures
@@ -26,12 +25,7 @@ from reporting.tables import PUBLISHED_EPOCHS, Budget
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Two studies of different tasks on the quickstart's digits, as small as a finished study gets.
 TINY = (
-    "stages.screen.trials=2",
-    "stages.screen.epochs=1",
-    "stages.promote.top_k=1",
-    "stages.promote.epochs=1",
-    "train.probe.epochs=1",
-    "train.max_batches=2",
+    *TINY_STAGES,
     "search.space.channels.choices=[8]",
     "data.train_subset=200",
     "data.val_subset=60",
@@ -194,22 +188,9 @@ def test_optuna_plots_in_the_report_have_one_title_each():
 
 def _tiny_trial(tmp_path: Path):
     """A running trial with a one-epoch curve and the Run that trained it (contrastive)."""
-    import torch
-
-    from models.config import DataConfig, ModelConfig, TrainConfig
-    from models.data import load_splits
-    from models.training import Run
-
-    splits = load_splits(DataConfig(name="digits", train_subset=100, val_subset=30))
-    model = ModelConfig(channels=4, encoder_kernels=[3, 3, 3], latent_dim=16, projection_dim=16)
-    torch.manual_seed(0)
-    run = Run("contrastive", splits, model, TrainConfig(epochs=1, max_batches=2, progress=False))
-    history = run.pretrain()
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}", study_name="t")
-    trial = study.ask()
-    trial.set_user_attr("stage", "screen")
-    trial.set_user_attr("curve", [asdict(h) for h in history])
-    return study, trial, run
+    return tiny_trained_trial(
+        tmp_path, "contrastive", train_subset=100, val_subset=30, latent_dim=16, projection_dim=16
+    )
 
 
 def test_learning_curves_are_drawn_after_the_hook_returns(tmp_path, monkeypatch):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, TINY_STAGES, interrupt_and_collect
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
@@ -261,12 +260,7 @@ def test_a_search_with_a_password_leaks_it_nowhere(postgres_db_url: str, tmp_pat
                 "storage=${oc.env:" + STORAGE_ENV + "}",
                 f"runs_dir={runs}",
                 "workers=2",
-                "stages.screen.trials=2",
-                "stages.screen.epochs=1",
-                "stages.promote.top_k=1",
-                "stages.promote.epochs=1",
-                "train.probe.epochs=1",
-                "train.max_batches=2",
+                *TINY_STAGES,
                 "--no-progress",
             ],
             cwd=REPO_ROOT,
@@ -372,10 +366,5 @@ def serve_dashboard(
         assert len(pages) == 4, sorted(pages)  # the list and the three stage studies
         watch_arguments(proc.pid, seen)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate(timeout=30)
+        out = interrupt_and_collect(proc, timeout=30)
     return out, pages

@@ -164,9 +164,11 @@ def test_random_search_and_pipeline_jobs(table: dict) -> None:
     assert random_run.epochs == 10 * LONG and len(random_run.full) == 10
     assert random_run.best_curve() == sorted(random_run.best_curve())
 
-    pipeline = Pipeline(
-        screen_trials=20, screen_epochs=5, top_k=3, long_budget=LONG, direction="maximize"
-    )
+    settings = {
+        "screen_trials": 20, "screen_epochs": 5, "top_k": 3, "long_budget": LONG,
+        "direction": "maximize",
+    }  # fmt: skip
+    pipeline = Pipeline(**settings)
     run = simulate(table, pipeline, workers=4, seed=0, long_budget=LONG)
     screen = [(t, j) for t, _, j in run.jobs if j.stop == 5]
     promote = [(t, j) for t, _, j in run.jobs if j.stop == LONG]
@@ -177,14 +179,7 @@ def test_random_search_and_pipeline_jobs(table: dict) -> None:
     best_screen = sorted(pipeline.completed, key=lambda n: -pipeline.completed[n])[:3]
     assert [j.config for _, j in promote] == [screen[n][1].config for n in best_screen]
     assert len(pipeline.completed) < 20  # the median rule pruned some screen trials
-    unpruned = Pipeline(
-        screen_trials=20,
-        screen_epochs=5,
-        top_k=3,
-        long_budget=LONG,
-        direction="maximize",
-        prune=False,
-    )
+    unpruned = Pipeline(**settings, prune=False)
     full = simulate(table, unpruned, workers=4, seed=0, long_budget=LONG)
     assert full.epochs == 20 * 5 + 3 * LONG > run.epochs
     assert run.utilization < 1.0 and run.first_idle is not None  # the barrier idles workers

@@ -8,6 +8,7 @@ from typing import Any
 
 import optuna
 import pytest
+from conftest import QUICKSTART_SETTINGS
 from omegaconf import DictConfig, OmegaConf
 
 from models.errors import UsageError
@@ -141,14 +142,7 @@ def test_contains_uses_bounds_steps_and_choices() -> None:
 
 
 def test_baseline_is_the_study_files_own_settings(quickstart: DictConfig) -> None:
-    assert baseline_params(quickstart) == {
-        "channels": 16,
-        "batch_size": 64,
-        "optimizer": "adam",
-        "adam_lr": 3.0e-3,
-        "temperature": 0.5,
-        "aug_strength": 1.0,
-    }
+    assert baseline_params(quickstart) == QUICKSTART_SETTINGS
 
 
 def test_baseline_leaves_out_values_outside_the_space(quickstart: DictConfig) -> None:

@@ -6,6 +6,7 @@ the storage; the SQLite tests hold the database file's write lock from another p
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import re
@@ -100,6 +101,27 @@ def _hold_sqlite_lock(db: Path, seconds: float, tmp_path: Path) -> subprocess.Po
     return holder
 
 
+@contextlib.contextmanager
+def _losing_commit_answers(engine: sqlalchemy.engine.Engine) -> Iterator[dict[str, bool]]:
+    """While ``lose["next"]`` (set at the start) holds, the next commit on ``engine`` is stored,
+    then its answer is lost (the connection 'drops'); the flag is cleared when that happens."""
+    lose = {"next": True}
+
+    def commit(conn) -> None:  # noqa: ANN001
+        if lose["next"]:
+            lose["next"] = False
+            conn.connection.driver_connection.commit()  # the change is stored ...
+            raise sqlalchemy.exc.OperationalError(  # ... and the answer is lost
+                "COMMIT", None, ConnectionResetError("server closed the connection")
+            )
+
+    sqlalchemy.event.listen(engine, "commit", commit)
+    try:
+        yield lose
+    finally:
+        sqlalchemy.event.remove(engine, "commit", commit)
+
+
 def _sqlite_storage(tmp_path: Path, **kwargs) -> tuple[RetryingRDBStorage, Path]:
     db = tmp_path / "faults.db"
     storage = open_storage(f"sqlite:///{db}", **kwargs)
@@ -184,25 +206,12 @@ def test_a_retried_state_change_recognises_its_own_lost_commit(tmp_path: Path) -
     study.enqueue_trial({})
     waiting = study.get_trials(states=(TrialState.WAITING,))[0]._trial_id
     running = storage.create_new_trial(study._study_id)
-    lose = {"next": True}
-
-    def commit(conn) -> None:  # noqa: ANN001
-        if lose["next"]:
-            lose["next"] = False
-            conn.connection.driver_connection.commit()  # the change is stored ...
-            raise sqlalchemy.exc.OperationalError(  # ... and the answer is lost
-                "COMMIT", None, ConnectionResetError("server closed the connection")
-            )
-
-    sqlalchemy.event.listen(storage.engine, "commit", commit)
-    try:
+    with _losing_commit_answers(storage.engine) as lose:
         assert storage.set_trial_state_values(running, TrialState.COMPLETE, [0.5]) is True
         assert lose["next"] is False
         lose["next"] = True
         assert storage.set_trial_state_values(waiting, TrialState.RUNNING) is True
         assert lose["next"] is False
-    finally:
-        sqlalchemy.event.remove(storage.engine, "commit", commit)
     assert storage.get_trial(running).state == TrialState.COMPLETE
     assert storage.get_trial(running).values == [0.5]
     assert storage.get_trial(waiting).state == TrialState.RUNNING
@@ -215,21 +224,8 @@ def test_a_retried_state_change_recognises_its_own_lost_commit(tmp_path: Path) -
 def test_a_retried_claim_recognises_its_own_lost_commit(tmp_path: Path) -> None:
     storage, _ = _sqlite_storage(tmp_path, retry_seconds=10)
     claims = Claims(storage.engine)
-    lose = {"next": True}
-
-    def commit(conn) -> None:  # noqa: ANN001
-        if lose["next"]:
-            lose["next"] = False
-            conn.connection.driver_connection.commit()  # the row is stored ...
-            raise sqlalchemy.exc.OperationalError(  # ... and the answer is lost
-                "COMMIT", None, ConnectionResetError("server closed the connection")
-            )
-
-    sqlalchemy.event.listen(storage.engine, "commit", commit)
-    try:
+    with _losing_commit_answers(storage.engine) as lose:
         assert claims.take("mine") is True
-    finally:
-        sqlalchemy.event.remove(storage.engine, "commit", commit)
     assert lose["next"] is False
     assert claims.taken("mine") == ["mine"]
     assert Claims(storage.engine, owner="other").take("mine") is False
