@@ -31,7 +31,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if {"postgres_db_url", "postgres_url"} & set(getattr(item, "fixturenames", ())):
+        if "postgres_db_url" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.postgres)
 
 
@@ -187,12 +187,6 @@ def postgres_db_url(postgres_admin) -> Iterator[str]:
         yield f"{POSTGRES_SERVER}/{name}"
     finally:
         drop_database(postgres_admin, name)
-
-
-@pytest.fixture
-def postgres_url(postgres_db_url: str) -> str:
-    """Old name of :func:`postgres_db_url` (also a fresh database per test)."""
-    return postgres_db_url
 
 
 def run_module(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
