@@ -292,6 +292,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, key: str) -> str:
     ],
     ids=lambda v: repr(v)[:40],
 )
+@pytest.mark.slow
 def test_command_refuses_before_creating_anything(tmp_path, overrides, key):
     runs = tmp_path / "runs"
     result = cli("study=quickstart", f"runs_dir={runs}", *overrides, cwd=tmp_path)
@@ -300,6 +301,7 @@ def test_command_refuses_before_creating_anything(tmp_path, overrides, key):
     assert not runs.exists(), f"{runs} created although the input was refused: {line}"
 
 
+@pytest.mark.slow
 def test_command_does_not_print_a_secret_study_file(tmp_path):
     study = tmp_path / "shadow"
     study.write_text(f"{SECRET}\n")
@@ -312,6 +314,7 @@ def test_command_does_not_print_a_secret_study_file(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.slow
 def test_refused_value_leaves_the_study_name_usable(tmp_path):
     """Before the fix a bad value created the study with it; the fixed command then trained
     nothing ('no completed screen trial'). Now nothing is stored, and the good run trains."""

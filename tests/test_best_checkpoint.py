@@ -42,6 +42,7 @@ def train(epochs: int) -> TrainConfig:
     "curve,maximize,best_epoch",
     [([0.5, 0.9, 0.7], True, 2), ([0.5, 0.2, 0.3], False, 2), ([0.4, 0.4, 0.6], True, 3)],
 )
+@pytest.mark.slow
 def test_the_best_epoch_on_validation_is_kept(digits, tmp_path, curve, maximize, best_epoch):
     run = ScriptedRun(
         curve,

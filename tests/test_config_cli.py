@@ -66,6 +66,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         ("search.space.optimizer.when={adam_lr: 0.001}", "search.space.optimizer.when"),  # cycle
     ],
 )
+@pytest.mark.slow
 def test_bad_override_exits_2_naming_the_key_and_writes_nothing(tmp_path, override, key):
     runs = tmp_path / "runs"
     result = cli("search.run", "study=quickstart", f"runs_dir={runs}", override, cwd=tmp_path)
@@ -74,6 +75,7 @@ def test_bad_override_exits_2_naming_the_key_and_writes_nothing(tmp_path, overri
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.slow
 def test_cuda_device_without_cuda_exits_2(tmp_path):
     runs = tmp_path / "runs"
     result = cli(
@@ -97,6 +99,7 @@ def test_cuda_device_index_must_be_visible(monkeypatch):
         load_config("quickstart", ["train.device=cuda:x"])
 
 
+@pytest.mark.slow
 def test_circular_when_in_a_study_file_exits_2(tmp_path):
     """A cycle of ``when`` (a -> b -> c -> a) fails validation; --dry-run prints no traceback."""
     text = (REPO / "studies" / "quickstart.yaml").read_text()
@@ -120,6 +123,7 @@ def test_circular_when_in_a_study_file_exits_2(tmp_path):
         load_config(str(study))
 
 
+@pytest.mark.slow
 def test_unknown_study_lists_the_known_ones(tmp_path):
     result = cli("search.run", "study=cifar_contrastiv", cwd=tmp_path)
     assert result.returncode == 2
@@ -127,6 +131,7 @@ def test_unknown_study_lists_the_known_ones(tmp_path):
     assert "cifar_contrastive" in result.stderr
 
 
+@pytest.mark.slow
 def test_unreachable_postgres_exits_2_and_hides_the_password(tmp_path):
     url = "postgresql+psycopg://alice:s3cret@127.0.0.1:1/nowhere"
     result = cli(
@@ -138,6 +143,7 @@ def test_unreachable_postgres_exits_2_and_hides_the_password(tmp_path):
     assert "***" in result.stderr
 
 
+@pytest.mark.slow
 def test_bad_input_to_existing_study_leaves_it_intact(tmp_path):
     """A bad override on a second run must not touch what the first run stored."""
     runs = tmp_path / "runs"
@@ -164,6 +170,7 @@ def test_study_accepts_a_user_yaml_path(tmp_path):
 
 
 @pytest.mark.parametrize("study", available_studies())
+@pytest.mark.slow
 def test_every_study_passes_dry_run_without_touching_storage(tmp_path, study):
     result = cli(
         "search.run", f"study={study}", f"runs_dir={tmp_path}/runs", "--dry-run", cwd=tmp_path
@@ -218,6 +225,7 @@ def test_first_screen_trial_is_the_study_files_settings(tmp_path, study):
     assert trial.params == STUDY_SETTINGS[study]
 
 
+@pytest.mark.slow
 def test_report_defaults_in_study_files():
     """Spot-check the report's settings (spec tables) in the study files."""
     c = load_config("cifar_contrastive")

@@ -280,6 +280,7 @@ def test_with_allow_edits_a_foreign_host_or_page_still_cannot_write(
 # ---- the command ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_help_says_read_only_loopback_and_where_a_password_goes():
     done = run_module("search.dashboard", "--help")
     assert done.returncode == 0, done.stderr
@@ -289,6 +290,7 @@ def test_help_says_read_only_loopback_and_where_a_password_goes():
     assert STORAGE_ENV in text and "never on a command line" in text
 
 
+@pytest.mark.slow
 def test_the_command_serves_read_only_from_the_storage_in_the_environment(
     storage_url: str, tmp_path: Path
 ):
@@ -409,6 +411,7 @@ def test_checkpoint_folders_outside_the_checkpoints_folder_are_refused(tmp_path)
         final_checkpoint_paths(cfg, outside)
 
 
+@pytest.mark.slow
 def test_report_command_skips_or_refuses_such_a_name(tmp_path):
     url, name = renamed_outside(tmp_path)
     runs = tmp_path / "runs"

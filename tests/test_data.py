@@ -78,6 +78,7 @@ def test_split_deterministic_and_seeded(digits: ImageSplits) -> None:
     assert other.val_idx.numel() == digits.val_idx.numel()
 
 
+@pytest.mark.slow
 def test_split_deterministic_across_processes(digits: ImageSplits) -> None:
     code = (
         "from models.config import DataConfig; from models.data import load_splits; "
@@ -159,6 +160,7 @@ def test_real_mnist(mnist_root: Path) -> None:
     assert s.std.item() == pytest.approx(0.3081, abs=0.002)
 
 
+@pytest.mark.slow
 def test_cifar_jpeg_copy_and_cache(cifar_root: Path, cache_dir: Path, monkeypatch) -> None:
     cfg = DataConfig(
         name="cifar10",

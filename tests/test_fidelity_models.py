@@ -275,6 +275,7 @@ def test_a_space_value_that_breaks_a_width_rule_is_refused_at_load(tmp_path):
 # The report studies
 
 
+@pytest.mark.slow
 def test_report_studies_search_wider_channels_and_mnist_augmentation():
     for name in (
         "mnist_autoencoder",

@@ -128,6 +128,7 @@ class PruneAtStep(optuna.pruners.BasePruner):
     [(2, optuna.trial.TrialState.COMPLETE, 2), (1, optuna.trial.TrialState.PRUNED, 1)],
     ids=["last-epoch-completes", "earlier-epoch-prunes"],
 )
+@pytest.mark.slow
 def test_screen_never_prunes_after_the_last_epoch(
     tmp_path: Path, prune_at: int, state: optuna.trial.TrialState, epochs_run: int
 ) -> None:
@@ -225,6 +226,7 @@ def test_grace_period_must_exceed_heartbeat_interval(grace: int) -> None:
     load_config("quickstart", ["heartbeat_interval=10", "grace_period=11"])  # just above: fine
 
 
+@pytest.mark.slow
 def test_run_rejects_grace_period_below_heartbeat_before_writing(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     # Sized so that, were the check missing, the run would still end within seconds.

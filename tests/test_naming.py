@@ -36,12 +36,23 @@ def test_an_unknown_stage_is_refused() -> None:
         naming.stage_study_name("q", "all")
 
 
-def test_trial_dirs_are_per_study_and_zero_padded(tmp_path: Path) -> None:
-    a = naming.trial_dir(tmp_path, "q.screen", 7)
-    assert a == tmp_path / "q.screen" / "trial-00007"
-    assert naming.trial_dir(tmp_path, "q.promote", 7) != a
-    assert naming.trial_dir(tmp_path, "q.screen", 12345).name == "trial-12345"
-    assert naming.PRETRAIN_FILE != naming.PROBE_FILE
+def test_trial_dirs_are_per_study_identity_and_zero_padded(tmp_path: Path) -> None:
+    a = naming.trial_dir(tmp_path, "q.screen", "abc123", 7)
+    assert a == tmp_path / "q.screen-abc123" / "trial-00007"
+    assert a == tmp_path / naming.trial_dir_relative("q.screen", "abc123", 7)
+    assert naming.trial_dir(tmp_path, "q.promote", "abc123", 7) != a
+    # Another study of the same name (a new database, another storage) has another identity.
+    assert naming.trial_dir(tmp_path, "q.screen", naming.new_study_uid(), 7) != a
+    assert naming.trial_dir(tmp_path, "q.screen", "abc123", 12345).name == "trial-12345"
+    assert naming.PRETRAIN_FILE != naming.PROBE_FILE != naming.BEST_PRETRAIN_FILE
+
+
+def test_the_fingerprint_follows_what_changes_the_weights_not_where_it_runs() -> None:
+    base = load_config("quickstart")
+    same = load_config("quickstart", ["train.device=cpu", "data.root=/elsewhere", "runs_dir=/x"])
+    other = load_config("quickstart", ["train.temperature=0.9"])
+    assert naming.run_fingerprint(base) == naming.run_fingerprint(same)
+    assert naming.run_fingerprint(base) != naming.run_fingerprint(other)
 
 
 def test_the_final_stage_is_ranked_on_validation_accuracy_the_others_on_the_study_metric() -> None:

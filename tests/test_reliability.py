@@ -27,6 +27,9 @@ from search import (
 )
 from tests.conftest import REPO_ROOT, run_module
 
+# Every test here trains or starts search.run processes.
+pytestmark = pytest.mark.slow
+
 # Tiny screens on scikit-learn's digits: every trial trains 2 epochs of 2 batches.
 TINY = [
     "stage=screen",

@@ -122,6 +122,7 @@ SECRET_URL = (
 )
 
 
+@pytest.mark.slow
 def test_dashboard_print_command_masks_the_password_and_says_where_it_goes(tmp_path):
     env = {STORAGE_ENV: SECRET_URL}
     done = run_env("search.dashboard", "study=quickstart", f"runs_dir={tmp_path}", env=env)
@@ -139,6 +140,7 @@ def test_dashboard_print_command_masks_the_password_and_says_where_it_goes(tmp_p
     assert SECRET not in done.stdout + done.stderr and "password=***" in done.stdout
 
 
+@pytest.mark.slow
 def test_run_header_masks_the_password(tmp_path):
     done = run_env(
         "search.run",

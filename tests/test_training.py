@@ -24,6 +24,7 @@ def small_train(**kw) -> TrainConfig:
 
 
 @pytest.mark.parametrize("task", ["autoencoder", "guided", "contrastive"])
+@pytest.mark.slow
 def test_each_task_reports_metrics_every_epoch_and_final_numbers(digits, task):
     seen = []
     train = small_train(probe=ProbeConfig(epochs=1, batch_size=32))
@@ -65,6 +66,7 @@ class Interrupt(Exception):
         ("autoencoder", OptimConfig(name="adam", lr=1e-3)),
     ],
 )
+@pytest.mark.slow
 def test_resume_from_epoch_checkpoint_matches_uninterrupted_run(digits, tmp_path, task, optim):
     model = ModelConfig(channels=4, latent_dim=16, classifier_dropout=0.3, encoder_dropout=0.1)
     train = small_train(epochs=3, optim=optim)
@@ -111,6 +113,7 @@ def test_diverging_run_raises_nonfinite_loss(digits):
         Run("guided", digits, ModelConfig(channels=4), train).pretrain()
 
 
+@pytest.mark.slow
 def test_contrastive_training_lifts_knn_accuracy_above_untrained(digits):
     model = ModelConfig(channels=8, latent_dim=32, projection_dim=32)
     torch.manual_seed(0)
@@ -121,6 +124,7 @@ def test_contrastive_training_lifts_knn_accuracy_above_untrained(digits):
     assert after > before + 0.02, (before, after)
 
 
+@pytest.mark.slow
 def test_reconstruction_mae_falls(digits):
     torch.manual_seed(0)
     run = Run("autoencoder", digits, ModelConfig(channels=4, latent_dim=16), small_train(epochs=3))
