@@ -161,7 +161,9 @@ def test_a_garbage_promoted_checkpoint_fails_the_final_with_a_reason_and_exit_1(
     promoted = optuna.load_study(
         study_name=stage_study_name("quickstart", "promote"), storage=url
     ).get_trials()[0]
-    checkpoint_of(tmp_path, promoted).write_bytes(b"not a checkpoint at all")
+    # Every encoder checkpoint the final could use (the last epoch's and the best one's).
+    for path in checkpoint_of(tmp_path, promoted).parent.glob("*.pt"):
+        path.write_bytes(b"not a checkpoint at all")
     done = run_module("search.run", "study=quickstart", "stage=final", *base, "--no-progress")
     assert done.returncode == 1, done.stdout[-2000:]
     final = optuna.load_study(study_name=stage_study_name("quickstart", "final"), storage=url)
