@@ -91,10 +91,6 @@ class TrialRunner:
             self._splits = load_splits(data_cfg)
         return self._splits
 
-    def checkpoint_dir(self, study: optuna.Study, number: int) -> Path:
-        """Trial ``number``'s checkpoint folder, keyed by the study's identity."""
-        return self.paths["checkpoints"] / self.checkpoint_dir_relative(study, number)
-
     @staticmethod
     def checkpoint_dir_relative(study: optuna.Study, number: int) -> Path:
         uid = study.user_attrs.get(STUDY_UID_ATTR)
@@ -227,11 +223,13 @@ class TrialRunner:
             tqdm.write(f"trial #{trial.number}: {note}")
             return None
 
-    def _duplicate_of(self, trial: optuna.Trial, params: dict[str, Any]) -> int | None:
+    @staticmethod
+    def _duplicate_of(
+        trial: optuna.Trial, this: optuna.trial.FrozenTrial, params: dict[str, Any]
+    ) -> int | None:
         """A sampled trial whose configuration another trial of the study already has."""
         if trial.user_attrs.get("baseline") or not params:
             return None  # enqueued on purpose
-        this = stored(trial)
         if original_number(this) != trial.number:
             return None  # a retry continues its original
         for other in trial.study.get_trials(deepcopy=False):
@@ -245,14 +243,15 @@ class TrialRunner:
         try:
             self._begin(trial, stage)
             params = suggest(trial, self.cfg.search.space)
-            if prune and (same := self._duplicate_of(trial, params)) is not None:
+            this = stored(trial)
+            if prune and (same := self._duplicate_of(trial, this, params)) is not None:
                 reason = f"skipped: same configuration as trial #{same}"
                 trial.set_user_attr("duplicate_of", same)
                 trial.set_user_attr("prune_reason", reason)
                 raise optuna.TrialPruned(reason)
             tcfg = apply(self.cfg, params)
             tcfg.train.epochs = epochs
-            number = original_number(stored(trial))
+            number = original_number(this)
             seed = trial.user_attrs.get("seed")
             if seed is None:  # promoted trials carry their source's seed
                 seed = int(self.cfg.train.seed) + number
