@@ -27,7 +27,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, TypeVar
 
 import optuna
@@ -99,6 +99,20 @@ def is_transient(error: BaseException) -> bool:
         if verdict is not None:
             return verdict
         current = current.__cause__ or current.__context__
+    return False
+
+
+def is_busy(error: BaseException) -> bool:
+    """Whether ``error`` is SQLite's "database is locked/busy": nothing was committed."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sqlite3.OperationalError):
+            message = str(current).lower()
+            return "locked" in message or "busy" in message
+        orig = current.orig if isinstance(current, sa_exc.DBAPIError) else None
+        current = orig or current.__cause__ or current.__context__
     return False
 
 
@@ -299,33 +313,42 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
     ) -> bool:
         """As Optuna's, retried; a retry finds out whether a lost attempt had committed.
 
-        When the connection drops during the commit, the change may be stored although the
-        call failed. The retry then sees a finished trial (``UpdateFinishedTrialError``) or,
-        for WAITING -> RUNNING, a trial no longer waiting (False). If the trial already has
-        exactly the state and values asked for (and, for RUNNING, was started since this call
-        began; the claims hand each waiting trial to one process), that is this call's success.
+        Only a connection lost during the commit leaves that in doubt: the change may be
+        stored although the call failed. A "database is locked" (SQLite busy) error means the
+        transaction did not commit, so its retry is an ordinary one: if another process popped
+        the waiting trial meanwhile, this call answers False and Optuna pops the next.
+
+        After a doubtful attempt the retry sees a finished trial (``UpdateFinishedTrialError``)
+        or, for WAITING -> RUNNING, a trial no longer waiting (False). If the trial already has
+        exactly the state and values asked for (and, for RUNNING, a start time stamped while a
+        doubtful attempt of this call was in flight: Optuna stamps it inside the attempt), that
+        is this call's success.
         """
-        began = datetime.now() - timedelta(seconds=1)
-        attempts = 0
+        doubtful: list[tuple[datetime, datetime]] = []  # (start, end) of attempts lost in doubt
 
         def attempt() -> bool:
-            nonlocal attempts
-            attempts += 1
+            began = datetime.now()
             try:
                 changed = optuna.storages.RDBStorage.set_trial_state_values(
                     self, trial_id, state, values
                 )
             except optuna.exceptions.UpdateFinishedTrialError:
-                if attempts > 1 and state.is_finished():
+                if doubtful and state.is_finished():
                     trial = self.get_trial(trial_id)
                     if trial.state == state and _same_values(trial.values, values):
                         return True
                 raise
-            if not changed and attempts > 1 and state == TrialState.RUNNING:
+            except Exception as error:
+                if is_transient(error) and not is_busy(error):
+                    doubtful.append((began, datetime.now()))
+                raise
+            if not changed and doubtful and state == TrialState.RUNNING:
                 trial = self.get_trial(trial_id)
                 started = trial.datetime_start
                 return (
-                    trial.state == TrialState.RUNNING and started is not None and started >= began
+                    trial.state == TrialState.RUNNING
+                    and started is not None
+                    and any(a <= started <= b for a, b in doubtful)
                 )
             return changed
 

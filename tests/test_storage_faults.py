@@ -11,6 +11,7 @@ import inspect
 import logging
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -219,6 +220,30 @@ def test_a_retried_state_change_recognises_its_own_lost_commit(tmp_path: Path) -
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
         storage.set_trial_state_values(running, TrialState.COMPLETE, [0.5])
     assert storage.set_trial_state_values(waiting, TrialState.RUNNING) is False
+
+
+def test_a_pop_that_met_a_locked_database_never_takes_another_process_trial(tmp_path: Path) -> None:
+    """SQLite answered "database is locked": nothing was committed, and while this process
+    backed off another one popped the waiting trial. The retry must answer False (Optuna then
+    pops the next one), not take the other process's trial as its own (two workers would run
+    one trial and the second would crash on "Cannot tell a COMPLETE trial")."""
+    storage, db = _sqlite_storage(tmp_path, retry_seconds=10)
+    study = optuna.create_study(storage=storage, study_name="s")
+    study.enqueue_trial({})
+    waiting = study.get_trials(states=(TrialState.WAITING,))[0]._trial_id
+    other = open_storage(f"sqlite:///{db}")
+
+    def commit(conn) -> None:  # noqa: ANN001
+        sqlalchemy.event.remove(storage.engine, "commit", commit)
+        conn.connection.driver_connection.rollback()  # the busy commit stored nothing ...
+        assert other.set_trial_state_values(waiting, TrialState.RUNNING) is True  # ... B pops
+        raise sqlalchemy.exc.OperationalError(
+            "COMMIT", None, sqlite3.OperationalError("database is locked")
+        )
+
+    sqlalchemy.event.listen(storage.engine, "commit", commit)
+    assert storage.set_trial_state_values(waiting, TrialState.RUNNING) is False
+    assert storage.get_trial(waiting).state == TrialState.RUNNING
 
 
 def test_a_retried_claim_recognises_its_own_lost_commit(tmp_path: Path) -> None:
