@@ -268,8 +268,10 @@ class Run:
         step: Callable[[torch.Tensor], torch.Tensor],
         metrics: Callable[[], dict[str, float]],
         on_epoch: EpochCallback | None,
+        stop_at: int | None = None,
     ) -> list[EpochReport]:
         params = [p for m in modules.values() for p in m.parameters()]
+        stop = epochs if stop_at is None else max(1, min(int(stop_at), epochs))
         key = "train.optim" if phase == "pretrain" else "train.probe.optim"
         optimizer = build_optimizer(params, optim, key)
         scheduler = build_scheduler(optimizer, optim, epochs, key)
@@ -286,7 +288,7 @@ class Run:
             scheduler.load_state_dict(state["scheduler"])
             restore_rng_state(state["rng"], self.device)
             history = [EpochReport(**h) for h in state["history"]]
-        for epoch in range(len(history), epochs):
+        for epoch in range(len(history), stop):
             for module in modules.values():
                 module.train()
             batches = self._batches(n_images, batch_size)
@@ -376,8 +378,15 @@ class Run:
         name = second[self.task]
         return {"encoder": self.nets.encoder, name: getattr(self.nets, name)}
 
-    def pretrain(self, on_epoch: EpochCallback | None = None) -> list[EpochReport]:
-        """Train the encoder with the task's objective for ``train.epochs`` epochs."""
+    def pretrain(
+        self, on_epoch: EpochCallback | None = None, stop_at: int | None = None
+    ) -> list[EpochReport]:
+        """Train the encoder with the task's objective for ``train.epochs`` epochs.
+
+        ``stop_at`` stops after that epoch (a rung) with the learning-rate schedule still
+        defined over ``train.epochs``: a later call with a larger ``stop_at`` (or none)
+        continues from the checkpoint exactly as if the run had never stopped.
+        """
         nets, splits = self.nets, self.splits
         augment = self.pretrain_aug
 
@@ -426,6 +435,7 @@ class Run:
             steps[self.task],
             metrics,
             on_epoch,
+            stop_at,
         )
 
     def train_probe(self, on_epoch: EpochCallback | None = None) -> list[EpochReport]:

@@ -94,6 +94,36 @@ def test_resume_from_epoch_checkpoint_matches_uninterrupted_run(digits, tmp_path
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.parametrize(
+    "task,optim",
+    [
+        ("contrastive", OptimConfig(name="lars", lr=0.5, schedule="cosine", warmup_epochs=1)),
+        ("guided", OptimConfig(name="sgd", lr=0.05, schedule="cosine")),
+    ],
+)
+def test_stopped_at_rungs_and_continued_equals_one_uninterrupted_run(digits, tmp_path, task, optim):
+    """ASHA's continuation: stop at rung 1, then 2, continue to the long budget (4) in fresh
+    Runs (other workers); the weights equal one straight 4-epoch run with the same seed,
+    because the schedule is defined over the long budget from the first epoch."""
+    model = ModelConfig(channels=4, latent_dim=16)
+    train = small_train(epochs=4, optim=optim, seed=7)
+    straight = Run(task, digits, model, train, checkpoint_dir=tmp_path / "straight")
+    straight_history = straight.pretrain()
+
+    seen = []
+    for rung, noise_seed in ((1, 11), (2, 22), (None, 33)):
+        torch.manual_seed(noise_seed)  # another process: the checkpoint restores the RNG
+        run = Run(task, digits, model, train, checkpoint_dir=tmp_path / "rungs")
+        history = run.pretrain(on_epoch=seen.append, stop_at=rung)
+        assert history[-1].epoch == (rung or 4)
+    assert [r.epoch for r in seen] == [1, 2, 3, 4]  # each epoch trained once
+    assert all(r.epochs == 4 for r in seen)  # the schedule's horizon is the long budget
+    a, b = _weights(straight), _weights(run)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [h.metrics for h in history] == [h.metrics for h in straight_history]
+
+
 def test_finished_phase_is_not_retrained(digits, tmp_path):
     train = small_train(epochs=1)
     Run("guided", digits, ModelConfig(channels=4), train, checkpoint_dir=tmp_path).pretrain()
