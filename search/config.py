@@ -45,7 +45,7 @@ from search.space import check_dependencies
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 SAMPLERS = ("tpe", "random")
-PRUNERS = ("hyperband", "successive_halving", "median", "none")
+PRUNERS = ("asha", "hyperband", "successive_halving", "median", "none")
 RUN_STAGES = ("all", *STAGES)  # what stage= may name
 FINAL_CHECKPOINTS = ("best", "last")
 # The metric each task is ranked and pruned on, and which ones it may choose instead.
@@ -101,9 +101,11 @@ class SamplerConfig:
 
 @dataclass
 class PrunerConfig:
-    name: str = "hyperband"  # hyperband | successive_halving | median | none
-    min_resource: int = 1  # epochs before a trial can first be pruned
-    reduction_factor: int = 3
+    # asha: rungs over the whole budget, trials continued from their checkpoints (the
+    # default); the others prune the screen and retrain the top-k (the previous pipeline).
+    name: str = "asha"  # asha | hyperband | successive_halving | median | none
+    min_resource: int = 1  # asha: the first rung; else epochs before a trial can be pruned
+    reduction_factor: int = 3  # asha: eta, the ratio of consecutive rungs
     n_startup_trials: int = 5  # median: trials that finish before it prunes
 
 

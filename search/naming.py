@@ -28,6 +28,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from models.checkpoints import BEST_FILE, PHASE_FILES
+from search.scheduler import rungs
 
 STAGES = ("screen", "promote", "final")
 PRETRAIN_FILE = PHASE_FILES["pretrain"]  # the file names belong to the training code
@@ -111,3 +112,16 @@ def stage_metric(cfg: DictConfig, stage: str) -> str:
 def long_budget(cfg: DictConfig) -> int:
     """Epochs of a promoted (long) run: ``stages.promote.epochs``, or ``train.epochs`` when 0."""
     return int(cfg.stages.promote.epochs or cfg.train.epochs)
+
+
+def uses_rungs(cfg: DictConfig) -> bool:
+    """Whether the study is scheduled by rungs over the whole budget (``search.pruner: asha``)
+    rather than by the previous screen -> barrier -> retrain pipeline."""
+    return str(cfg.search.pruner.name) == "asha"
+
+
+def rung_ladder(cfg: DictConfig) -> list[int]:
+    """The study's rungs: geometric from ``search.pruner.min_resource`` to the long budget with
+    ratio ``search.pruner.reduction_factor`` (see :func:`search.scheduler.rungs`)."""
+    first = min(int(cfg.search.pruner.min_resource), long_budget(cfg))
+    return rungs(first, long_budget(cfg), int(cfg.search.pruner.reduction_factor))

@@ -41,7 +41,9 @@ from search.naming import (
     long_budget,
     new_study_uid,
     run_fingerprint,
+    rung_ladder,
     trial_dir_relative,
+    uses_rungs,
 )
 from search.space import apply, suggest
 from storage.claims import default_owner
@@ -115,11 +117,23 @@ class TrialRunner:
     # ---- stage objectives -----------------------------------------------------------------
 
     def screen(self, trial: optuna.Trial) -> float:
+        if uses_rungs(self.cfg):
+            return self._train_to_rung(trial, "screen")
         epochs = int(self.cfg.stages.screen.epochs)
         return self._train(trial, "screen", epochs, prune=True)
 
     def promote(self, trial: optuna.Trial) -> float:
+        if uses_rungs(self.cfg):
+            return self._train_to_rung(trial, "promote")
         return self._train(trial, "promote", long_budget(self.cfg), prune=False)
+
+    def _train_to_rung(self, trial: optuna.Trial, stage: str) -> float:
+        """Train a configuration to its rung (``rung_to``; a new one: the first rung), from
+        the checkpoint where it stopped (``rung_from``), the schedule over the long budget."""
+        to = int(trial.user_attrs.get("rung_to", rung_ladder(self.cfg)[0]))
+        if "rung_to" not in trial.user_attrs:
+            trial.set_user_attr("rung_to", to)
+        return self._train(trial, stage, long_budget(self.cfg), prune=False, stop_at=to)
 
     def final(self, trial: optuna.Trial) -> float:
         """Train the frozen-encoder classifier on the best promoted encoder; test numbers."""
@@ -228,8 +242,8 @@ class TrialRunner:
         trial: optuna.Trial, this: optuna.trial.FrozenTrial, params: dict[str, Any]
     ) -> int | None:
         """A sampled trial whose configuration another trial of the study already has."""
-        if trial.user_attrs.get("baseline") or not params:
-            return None  # enqueued on purpose
+        if trial.user_attrs.get("baseline") or "rung_from" in trial.user_attrs or not params:
+            return None  # enqueued on purpose (the report's configuration, a continuation)
         if original_number(this) != trial.number:
             return None  # a retry continues its original
         for other in trial.study.get_trials(deepcopy=False):
@@ -237,30 +251,53 @@ class TrialRunner:
                 return other.number
         return None
 
-    def _train(self, trial: optuna.Trial, stage: str, epochs: int, prune: bool) -> float:
+    def _train(
+        self,
+        trial: optuna.Trial,
+        stage: str,
+        epochs: int,
+        prune: bool,
+        stop_at: int | None = None,
+    ) -> float:
         run = None
         started = time.perf_counter()
+        continued = "rung_from" in trial.user_attrs
         try:
             self._begin(trial, stage)
             params = suggest(trial, self.cfg.search.space)
             this = stored(trial)
-            if prune and (same := self._duplicate_of(trial, this, params)) is not None:
+            new_sample = prune or (stop_at is not None and not continued)
+            if new_sample and (same := self._duplicate_of(trial, this, params)) is not None:
                 reason = f"skipped: same configuration as trial #{same}"
                 trial.set_user_attr("duplicate_of", same)
                 trial.set_user_attr("prune_reason", reason)
                 raise optuna.TrialPruned(reason)
             tcfg = apply(self.cfg, params)
             tcfg.train.epochs = epochs
-            number = original_number(this)
+            # A configuration is keyed by the screen trial that first sampled it.
+            number = int(trial.user_attrs.get("config", original_number(this)))
+            if stop_at is not None and "config" not in trial.user_attrs:
+                trial.set_user_attr("config", number)
             seed = trial.user_attrs.get("seed")
             if seed is None:  # promoted trials carry their source's seed
                 seed = int(self.cfg.train.seed) + number
                 trial.set_user_attr("seed", seed)
             tcfg.train.seed = int(seed)
-            relative = self.checkpoint_dir_relative(trial.study, number)
+            if continued:  # the configuration's own folder, wherever it was started
+                relative = Path(str(trial.user_attrs["checkpoint_dir"]))
+            else:
+                relative = self.checkpoint_dir_relative(trial.study, number)
             ckpt_dir = self.paths["checkpoints"] / relative
             trial.set_user_attr("checkpoint_dir", relative.as_posix())
             fingerprint = run_fingerprint(tcfg)
+            if continued and not (ckpt_dir / PRETRAIN_FILE).exists():
+                raise CheckpointError(
+                    ckpt_dir / PRETRAIN_FILE,
+                    f"configuration #{number} is to continue from epoch "
+                    f"{trial.user_attrs['rung_from']} but this worker cannot read its checkpoint; "
+                    "checkpoints_dir must be one location every worker reaches (a shared folder "
+                    "or mount, the same path on every machine); nothing was retrained",
+                )
             previous = self._resumable(trial, ckpt_dir / PRETRAIN_FILE, fingerprint)
             if previous is not None:
                 trial.set_user_attr("resumed_from_epoch", int(previous["epoch"]))
@@ -281,8 +318,12 @@ class TrialRunner:
                     trial.set_user_attr("prune_reason", reason)
                     raise optuna.TrialPruned(reason)
 
-            history = run.pretrain(on_epoch=on_epoch)
+            history = run.pretrain(on_epoch=on_epoch, stop_at=stop_at)
             trial.set_user_attr("wall_time_s", time.perf_counter() - started)
+            if stop_at is not None:
+                first = int(trial.user_attrs.get("rung_from", 0))
+                trial.set_user_attr("epochs_added", max(0, min(stop_at, epochs) - first))
+                history = [h for h in history if h.epoch <= stop_at]
             self._run_hooks(trial, run, tcfg, {"history": history})
             return float(history[-1].metrics[self.metric])
         except optuna.TrialPruned:

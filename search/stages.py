@@ -19,6 +19,7 @@ trains nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 import warnings
@@ -33,8 +34,25 @@ from optuna.trial import TrialState
 from models.training import NonFiniteLossError
 from search.config import direction_of
 from search.database import StorageUnavailableError
-from search.naming import STAGES, STUDY_UID_ATTR, new_study_uid, stage_metric, stage_study_name
-from search.objective import TrialRunner
+from search.naming import (
+    STAGES,
+    STUDY_UID_ATTR,
+    new_study_uid,
+    rung_ladder,
+    stage_metric,
+    stage_study_name,
+    uses_rungs,
+)
+from search.objective import TrialRunner, original_number
+from search.scheduler import (
+    Continue,
+    Finished,
+    StartNew,
+    TrialRecord,
+    decide,
+    merge_retries,
+    ranking,
+)
 from search.space import baseline_params
 from storage.claims import Claims
 from storage.urls import open_storage, redact
@@ -86,6 +104,8 @@ def make_sampler(cfg: DictConfig, seed_offset: int = 0) -> optuna.samplers.BaseS
 def make_pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
     p = cfg.search.pruner
     epochs = int(cfg.stages.screen.epochs)
+    if p.name == "asha":  # the rung scheduler stops trials at rungs; nothing is pruned
+        return optuna.pruners.NopPruner()
     if p.name == "hyperband":
         return optuna.pruners.HyperbandPruner(
             min_resource=int(p.min_resource),
@@ -418,14 +438,14 @@ def run_final(
     promote, final = studies.promote, studies.final
 
     def enqueue_final() -> int:
-        best = top_trials(promote, 1)
+        best = long_budget_trials(studies, cfg)[:1]
         if not best:
             raise StageError(f"{promote.study_name}: no completed promoted trial to evaluate")
         t = best[0]
         final.enqueue_trial(
             t.params,
             user_attrs={
-                "source_study": promote.study_name,
+                "source_study": stage_study_name(cfg.name, t.user_attrs.get("stage", "promote")),
                 "source_trial": t.number,
                 "source_checkpoint_dir": t.user_attrs["checkpoint_dir"],
                 "source_value": t.value,
@@ -435,7 +455,8 @@ def run_final(
         )
         return 1
 
-    _drain(studies, "promote", runner, cfg, on_trial=on_trial)
+    if not uses_rungs(cfg):
+        _drain(studies, "promote", runner, cfg, on_trial=on_trial)
     _enqueue_once(studies, f"{final.study_name}/enqueue", enqueue_final, final)
     _drain(studies, "final", runner, cfg, on_trial=on_trial)
 
@@ -443,11 +464,230 @@ def run_final(
 STAGE_RUNNERS = {"screen": run_screen, "promote": run_promote, "final": run_final}
 
 
+# ---- rungs over the whole budget (search.pruner: asha) ---------------------------------------
+
+
+def scheduler_settings(cfg: DictConfig, up_to: int | None = None) -> dict[str, Any]:
+    """The arguments of :func:`search.scheduler.decide` for study ``cfg``.
+
+    ``up_to`` keeps only the rungs up to that many epochs (``stage=screen``: the screen is the
+    rungs up to ``stages.screen.epochs``), with no cap at its top.
+    """
+    ladder = rung_ladder(cfg)
+    top_k = int(cfg.stages.promote.top_k)
+    if up_to is not None and up_to < ladder[-1]:
+        ladder = [r for r in ladder if r <= up_to] or ladder[:1]
+        top_k = int(cfg.stages.screen.trials)
+    return {
+        "rungs": ladder,
+        "eta": int(cfg.search.pruner.reduction_factor),
+        "top_k": top_k,
+        "max_trials": int(cfg.stages.screen.trials),
+        "direction": direction_of(cfg),
+    }
+
+
+def _config_of(trial: optuna.trial.FrozenTrial) -> int:
+    return int(trial.user_attrs.get("config", original_number(trial)))
+
+
+def scheduler_records(studies: Studies, cfg: DictConfig) -> list[TrialRecord]:
+    """One :class:`TrialRecord` per configuration, from the screen and promote studies.
+
+    Each Optuna trial is one leg of a configuration, trained from ``rung_from`` (absent: a
+    new configuration, from epoch 0) to ``rung_to``; its value is the result at ``rung_to``.
+    Retries and continuations carry the configuration's number (``config``).
+    """
+    first = rung_ladder(cfg)[0]
+    attempts: dict[int, list[TrialRecord]] = {}
+    for stage in ("screen", "promote"):
+        for t in studies.of(stage).get_trials(deepcopy=False):
+            if "duplicate_of" in t.user_attrs or t.state == TrialState.PRUNED:
+                continue
+            to = int(t.user_attrs.get("rung_to", first))
+            promoted = to if "rung_from" in t.user_attrs else None
+            if t.state == TrialState.COMPLETE:
+                record = TrialRecord(0, {to: float(t.value)}, promoted_to=promoted)
+            elif t.state == TrialState.FAIL:
+                record = TrialRecord(0, failed=True, promoted_to=promoted)
+            else:  # RUNNING or WAITING: on its way to its rung
+                record = TrialRecord(0, running_to=to, promoted_to=promoted)
+            attempts.setdefault(_config_of(t), []).append(record)
+    records = [
+        merge_retries([dataclasses.replace(a, number=config) for a in legs])
+        for config, legs in sorted(attempts.items())
+    ]
+    # A continuation claimed but not (yet) queued counts as sent: nobody decides it again, and
+    # one whose claimer died is given up rather than waited for.
+    claimed: dict[int, int] = {}
+    for key in studies.claims.taken(f"{studies.screen.study_name}/continue/"):
+        config, rung = (int(part) for part in key.rsplit("/", 2)[1:])
+        claimed[config] = max(rung, claimed.get(config, rung))
+    return [
+        dataclasses.replace(r, promoted_to=max(r.promoted_to or 0, claimed[r.number]))
+        if r.number in claimed
+        else r
+        for r in records
+    ]
+
+
+def _snapshot(records: list[TrialRecord]) -> list[list[Any]]:
+    """``records`` as JSON (stored with each promotion, so it can be checked afterwards)."""
+    return [
+        [r.number, {str(k): v for k, v in r.results.items()}, r.running_to, r.failed, r.promoted_to]
+        for r in records
+    ]
+
+
+def records_from_snapshot(snapshot: list[list[Any]]) -> list[TrialRecord]:
+    """The records a promotion was decided on (see :func:`_snapshot`)."""
+    return [
+        TrialRecord(int(n), {int(k): float(v) for k, v in res.items()}, run, bool(failed), prom)
+        for n, res, run, failed, prom in snapshot
+    ]
+
+
+def _first_leg(studies: Studies, config: int) -> optuna.trial.FrozenTrial:
+    """The screen trial that sampled configuration ``config`` (or its retry that finished)."""
+    legs = [t for t in studies.screen.get_trials(deepcopy=False) if _config_of(t) == config]
+    return next((t for t in legs if t.state == TrialState.COMPLETE), legs[0])
+
+
+def _enqueue_continuation(
+    studies: Studies,
+    cfg: DictConfig,
+    decision: Continue,
+    records: list[TrialRecord],
+    settings: dict[str, Any],
+) -> None:
+    """Queue configuration ``decision.number``'s next leg, in exactly one process."""
+    screen = studies.screen
+    key = f"{screen.study_name}/continue/{decision.number}/{decision.to_rung}"
+    if not studies.claims.take(key):
+        return  # another process promoted it first
+    if decision.to_rung == settings["rungs"][-1]:
+        # At most top_k configurations ever reach the long budget, whoever decides.
+        seats = [f"{screen.study_name}/long-budget/{i}" for i in range(int(settings["top_k"]))]
+        if not any(studies.claims.take(seat) for seat in seats):
+            return  # the long budget filled meanwhile; the key stays: it was not promoted
+    source = _first_leg(studies, decision.number)
+    ranked = ranking(records, decision.from_rung, settings["direction"])
+    stage = "screen" if decision.to_rung <= int(cfg.stages.screen.epochs) else "promote"
+    value = next(r for r in records if r.number == decision.number).results[decision.from_rung]
+    studies.of(stage).enqueue_trial(
+        source.params,
+        user_attrs={
+            "config": decision.number,
+            "rung_from": decision.from_rung,
+            "rung_to": decision.to_rung,
+            "seed": source.user_attrs.get("seed"),
+            "checkpoint_dir": source.user_attrs.get("checkpoint_dir"),
+            "source_study": screen.study_name,
+            "source_trial": decision.number,
+            "source_value": value,
+            "promotion": {
+                "rank": ranked.index(decision.number) + 1,
+                "of": len(ranked),
+                "records": _snapshot(records),
+            },
+        },
+    )
+
+
+def _claim_new(studies: Studies, slots: int) -> str | None:
+    """A screen slot for a new configuration (the key), or None when all are taken."""
+    screen = studies.screen
+    skipped = sum("duplicate_of" in t.user_attrs for t in screen.get_trials(deepcopy=False))
+    slots += min(skipped, 10 * slots)
+    taken = set(studies.claims.taken(f"{screen.study_name}/slot/"))
+    for i in range(slots):
+        key = f"{screen.study_name}/slot/{i}"
+        if key not in taken and studies.claims.take(key):
+            return key
+    return None
+
+
+def run_rungs(
+    studies: Studies,
+    runner: TrialRunner,
+    cfg: DictConfig,
+    on_trial: TrialDone | None = None,
+    up_to: int | None = None,
+) -> None:
+    """Asynchronous successive halving over the whole budget (see :mod:`search.scheduler`).
+
+    Every process loops: run a queued leg if there is one (a retry, or a continuation some
+    process decided), else ask :func:`search.scheduler.decide` what the stored records call
+    for: queue a continuation (exactly once, by claim), start a new configuration (by slot
+    claim), wait for running trials, or stop.
+    """
+    screen = studies.screen
+
+    def enqueue_baseline() -> int:
+        screen.enqueue_trial(
+            baseline_params(cfg), user_attrs={"baseline": "report"}, skip_if_exists=True
+        )
+        return 1
+
+    _enqueue_once(studies, f"{screen.study_name}/baseline", enqueue_baseline, screen)
+    record_baselines(studies, runner)
+    settings = scheduler_settings(cfg, up_to)
+    retries = int(cfg.max_retries)
+    while True:
+        for stage in ("screen", "promote"):
+            _fail_stale(studies.of(stage))
+        waiting = next(
+            (stage for stage in ("promote", "screen") if _claim_waiting(studies, stage)), None
+        )
+        if waiting is not None:
+            number = _run_one(studies, waiting, runner, retries)
+            if on_trial and number is not None:
+                on_trial(waiting, number)
+            continue
+        records = scheduler_records(studies, cfg)
+        decision = decide(records, **settings)
+        if isinstance(decision, Continue):
+            _enqueue_continuation(studies, cfg, decision, records, settings)
+            continue  # whoever queued it, the loop's next turn picks the leg up
+        if isinstance(decision, StartNew):
+            slot = _claim_new(studies, int(cfg.stages.screen.trials) - 1)
+            if slot is not None:
+                number = _run_one(studies, "screen", runner, retries)
+                ran = studies.find_trial(screen.study_name, number) if number is not None else None
+                if ran is None or "rung_from" in ran.user_attrs or original_number(ran) != number:
+                    studies.claims.release(slot)  # it ran queued work instead: slot unused
+                if on_trial and number is not None:
+                    on_trial("screen", number)
+                continue
+        if isinstance(decision, Finished):
+            return
+        time.sleep(POLL_S)  # others are training; their results decide what comes next
+
+
+def long_budget_trials(studies: Studies, cfg: DictConfig) -> list[optuna.trial.FrozenTrial]:
+    """Completed runs at the long budget, best first: the promote stage's results."""
+    if not uses_rungs(cfg):
+        return top_trials(studies.promote, len(studies.promote.trials))
+    last = rung_ladder(cfg)[-1]
+    done = [
+        t
+        for stage in ("screen", "promote")
+        for t in studies.of(stage).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if int(t.user_attrs.get("rung_to", 0)) == last
+    ]
+    reverse = direction_of(cfg) == "maximize"
+    return sorted(done, key=lambda t: t.value, reverse=reverse)
+
+
 def run_stages(
     studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial: TrialDone | None = None
 ) -> None:
     """Run the configured stage, or all three in order."""
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
+    if uses_rungs(cfg) and cfg.stage in ("all", "screen", "promote"):
+        up_to = int(cfg.stages.screen.epochs) if cfg.stage == "screen" else None
+        run_rungs(studies, runner, cfg, on_trial, up_to)
+        stages = tuple(s for s in stages if s == "final")
     for stage in stages:
         if stage == "final" and not cfg.stages.final.enabled:
             continue

@@ -136,7 +136,7 @@ def test_each_study_runs_a_tiny_screen_trial_on_the_real_data(tmp_path, study, r
 
 
 def test_hyperband_uses_the_screen_budget():
-    cfg = load_config("quickstart", ["stages.screen.epochs=7"])
+    cfg = load_config("quickstart", ["stages.screen.epochs=7", "search.pruner.name=hyperband"])
     pruner = make_pruner(cfg)
     assert isinstance(pruner, optuna.pruners.HyperbandPruner)
     assert pruner._max_resource == 7
