@@ -23,11 +23,21 @@ re-run; a diverged trial counts the epoch that diverged) in the order the trials
   as the best 1 in 10 configurations random search trains in full".
 
 Goal: pipeline epochs-to-target / random epochs-to-target <= 1/3.
+
+Modes (the first argument ``mode=...``; each takes its own options, see ``--help``):
+
+- ``mode=train`` (default): the above, training for real.
+- ``mode=tabulate``: make the table of real learning curves (``benchmarks/tabulate.py``).
+- ``mode=simulate``: replay random search, plain Optuna (TPE + Hyperband), the previous
+  pipeline and the new scheduler on the stored table, in simulated time
+  (``benchmarks/replay.py``); its last line is
+  ``ratio to random <x>, to optuna-hyperband <y>, utilization@8 <u8>, utilization@64 <u64>``.
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -202,7 +212,27 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+MODES = ("train", "tabulate", "simulate")
+
+
 def main() -> int:
+    modes = [a for a in sys.argv[1:] if a.lstrip("-").startswith("mode=")]
+    mode = modes[-1].split("=", 1)[1] if modes else "train"
+    if mode not in MODES:
+        raise SystemExit(f"error: mode: unknown value {mode!r}; allowed: {', '.join(MODES)}")
+    sys.argv = [sys.argv[0], *(a for a in sys.argv[1:] if a not in modes)]
+    if mode == "tabulate":
+        from benchmarks.tabulate import main as tabulate
+
+        return tabulate()
+    if mode == "simulate":
+        from benchmarks.replay import main as replay
+
+        return replay()
+    return train()
+
+
+def train() -> int:
     opts = parse_options(
         "python -m benchmarks.search_efficiency",
         __doc__.split("\n\n")[0],

@@ -20,9 +20,16 @@ pipeline
     completed, like Optuna's ``MedianPruner``); a barrier (every screen trial finished); then the
     ``top_k`` completed ones retrained from scratch to the long budget (same configuration and
     seed, hence the same curve).
+optuna-hyperband
+    plain Optuna (:class:`OptunaHyperband`): one study, TPE and ``HyperbandPruner``, asked and
+    told per epoch; a pruned trial stops for good, nothing is continued.
 
-All methods draw new configurations in one seeded random order of the table's configurations,
-and each configuration keeps one seed's curve (drawn with the same seed) for the whole run.
+By default all methods draw new configurations in one seeded random order of the table's
+configurations, and each configuration keeps one seed's curve (drawn with the same seed) for
+the whole run; ``simulate(draws=n)`` draws with replacement instead, a seed per draw (needed
+when a method wants more configurations than the table has, and by ``optuna-hyperband``).
+A NaN in the table (a run that diverged) ends the job in that epoch, as a failed trial.
+The tabulated benchmark on the project's own curves is ``benchmarks/replay.py``.
 
 Reported per method: epochs (by all workers) and simulated seconds until the best long-budget
 value reaches a target, the best long-budget value within a budget of epochs, worker utilization
@@ -48,7 +55,7 @@ import heapq
 import math
 import random
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -70,6 +77,16 @@ from search.scheduler import (
 from search.scheduler import rungs as make_rungs
 
 COLUMNS = ("config_id", "seed", "epoch", "metric", "seconds")
+
+
+def arm(config: str, seed: int) -> str:
+    """The key of one curve, ``config@seed`` (seed: its place in the table's seed order)."""
+    return f"{config}@{seed}"
+
+
+def config_of(key: str) -> str:
+    """The configuration of a key made by :func:`arm` (a plain configuration id unchanged)."""
+    return key.rsplit("@", 1)[0] if "@" in key else key
 
 
 # ---- the table --------------------------------------------------------------------------------
@@ -111,8 +128,9 @@ def table_from_frame(frame: pd.DataFrame) -> Table:
 
 
 def load_table(path: str | Path) -> Table:
-    """The learning-curve table in CSV file ``path`` (see :func:`table_from_frame`)."""
-    return table_from_frame(pd.read_csv(path))
+    """The learning-curve table in CSV file ``path`` (see :func:`table_from_frame`); lines
+    starting with ``#`` (the command that made it) are skipped."""
+    return table_from_frame(pd.read_csv(path, comment="#"))
 
 
 def synthetic_frame(
@@ -161,14 +179,33 @@ def synthetic_table(*args: int | float, **kwargs: int | float) -> Table:
     return table_from_frame(synthetic_frame(*args, **kwargs))
 
 
+def synthetic_params(table: Table, long_budget: int, seed: int = 0) -> dict[str, dict[str, float]]:
+    """A one-parameter space for a synthetic table: ``x`` in [0, 1] is a configuration's rank by
+    its mean long-budget value (1 = best) plus uniform noise of +-0.1, so a sampler can learn
+    where the good configurations are (pair with :meth:`ParamSpace.unit_interval`)."""
+    rng = np.random.default_rng(seed)
+    mean = {c: float(np.mean([cv.metric[long_budget - 1] for cv in table[c]])) for c in table}
+    ranked = sorted(table, key=lambda c: (mean[c], c))
+    scale = max(len(ranked) - 1, 1)
+    return {
+        c: {"x": float(np.clip(i / scale + rng.uniform(-0.1, 0.1), 0.0, 1.0))}
+        for i, c in enumerate(ranked)
+    }
+
+
 def default_target(
     table: Table, long_budget: int, direction: Direction, quantile: float = 0.9
 ) -> float:
     """As good as the best 1 in 10 configurations trained in full: the 90th percentile of the
-    table's long-budget values (all seeds pooled; the 10th when minimizing)."""
-    values = [curve.metric[long_budget - 1] for curves in table.values() for curve in curves]
+    table's long-budget values (all seeds pooled; the 10th when minimizing). A run that
+    diverged (NaN) counts as the worst value."""
+    values = np.array([c.metric[long_budget - 1] for curves in table.values() for c in curves])
+    worst = -np.inf if direction == "maximize" else np.inf
+    values = np.where(np.isnan(values), worst, values)
     q = quantile if direction == "maximize" else 1 - quantile
-    return float(np.quantile(values, q))
+    with np.errstate(invalid="ignore"):  # interpolating between two diverged runs: NaN
+        target = float(np.quantile(values, q))
+    return worst if math.isnan(target) else target
 
 
 # ---- methods --------------------------------------------------------------------------------
@@ -252,6 +289,9 @@ class Asha:
         return decision
 
     def tell(self, job: Job, epoch: int, value: float) -> bool:
+        if math.isnan(value):  # diverged: the trial fails, without a result at this rung
+            self.trials[job.trial] = replace(self.trials[job.trial], running_to=None, failed=True)
+            return False
         if epoch == job.stop:  # the job ends at a rung
             trial = self.trials[job.trial]
             results = {**trial.results, epoch: value}
@@ -345,8 +385,8 @@ class Pipeline:
         return Wait() if self.running else Finished()
 
     def tell(self, job: Job, epoch: int, value: float) -> bool:
-        if job.trial >= self.screen_trials:
-            return True
+        if job.trial >= self.screen_trials or math.isnan(value):
+            return True  # a NaN (diverged) ends the job: the trial failed, it is not ranked
         self.curves[job.trial][epoch] = value
         if epoch == job.stop:
             self.completed[job.trial] = value
@@ -363,6 +403,207 @@ class Pipeline:
 
     def done(self, job: Job, epoch: int) -> None:
         self.running -= 1
+
+
+@dataclass(frozen=True)
+class ParamSpace:
+    """A search space as Optuna sees it: ``suggest`` asks a trial for a parameter set (only the
+    active parameters of a conditional space); ``distributions`` give each parameter's range,
+    for :class:`Nearest`. ``conditional``: TPE models each branch apart (``group=True``), as
+    the project's sampler does for a space with ``when:``."""
+
+    suggest: Callable[[Any], dict[str, Any]]
+    distributions: Mapping[str, Any]
+    conditional: bool = False
+
+    @classmethod
+    def unit_interval(cls) -> ParamSpace:
+        """One float ``x`` in [0, 1] (the space of :func:`synthetic_params`)."""
+        import optuna
+
+        return cls(
+            suggest=lambda trial: {"x": trial.suggest_float("x", 0.0, 1.0)},
+            distributions={"x": optuna.distributions.FloatDistribution(0.0, 1.0)},
+        )
+
+    @classmethod
+    def of_study(cls, cfg: Any) -> ParamSpace:
+        """The space of a loaded study config (``search.space``), suggested by the search's own
+        :func:`search.space.suggest`."""
+        from search.space import distribution, suggest
+
+        space = cfg.search.space
+        return cls(
+            suggest=lambda trial: suggest(trial, space),
+            distributions={name: distribution(spec) for name, spec in space.items()},
+            conditional=any(spec.when for spec in space.values()),
+        )
+
+
+class Nearest:
+    """The tabulated configuration nearest to a parameter set.
+
+    Distance: the sum over parameters of squared per-parameter distances: a numeric parameter's
+    difference on its range scaled to [0, 1] (on a log scale when the range is ``log``); a
+    categorical parameter 0 when equal, else 1; a parameter active on one side only 1. Ties go
+    to the first configuration in sorted order.
+    """
+
+    def __init__(self, params: Mapping[str, Mapping[str, Any]], space: ParamSpace) -> None:
+        import optuna
+
+        self.configs = sorted(params)
+        self.columns: list[tuple[str, Any, np.ndarray, np.ndarray]] = []
+        for name, dist in space.distributions.items():
+            present = np.array([_given(params[c].get(name)) for c in self.configs])
+            if isinstance(dist, optuna.distributions.CategoricalDistribution):
+                values = np.array(
+                    [
+                        _choice(dist, params[c][name]) if p else -1
+                        for c, p in zip(self.configs, present, strict=True)
+                    ]
+                )
+            else:
+                values = np.array(
+                    [
+                        self._scale(dist, float(params[c][name])) if p else 0.0
+                        for c, p in zip(self.configs, present, strict=True)
+                    ]
+                )
+            self.columns.append((name, dist, present, values))
+
+    @staticmethod
+    def _scale(dist: Any, value: float) -> float:
+        low, high = float(dist.low), float(dist.high)
+        if high == low:
+            return 0.0
+        if dist.log:
+            return (math.log(value) - math.log(low)) / (math.log(high) - math.log(low))
+        return (value - low) / (high - low)
+
+    def __call__(self, query: Mapping[str, Any]) -> str:
+        import optuna
+
+        total = np.zeros(len(self.configs))
+        for name, dist, present, values in self.columns:
+            if not _given(query.get(name)):
+                total += present.astype(float)
+                continue
+            if isinstance(dist, optuna.distributions.CategoricalDistribution):
+                d = (values != _choice(dist, query[name])).astype(float)
+            else:
+                d = np.abs(values - self._scale(dist, float(query[name])))
+            total += np.where(present, d**2, 1.0)
+        return self.configs[int(np.argmin(total))]
+
+
+def _choice(dist: Any, value: Any) -> int:
+    """The index of ``value`` among a categorical distribution's choices (by ``==``, so a CSV's
+    8.0 is the choice 8); -1 when it is none of them."""
+    return next((i for i, c in enumerate(dist.choices) if c == value), -1)
+
+
+def _given(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+class OptunaHyperband:
+    """Plain Optuna: one flat study, TPE and ``HyperbandPruner``, no continuation.
+
+    Driven by ask-and-tell as a user's workers would: each free worker asks a new trial (so
+    several trials are open at once), reports every epoch (``trial.report``) and stops the
+    trial when ``trial.should_prune()``; a pruned trial is never resumed, and every trial
+    trains from scratch towards the long budget. TPE suggests parameters in the study's space
+    (:class:`ParamSpace`); the trial trains the tabulated configuration nearest to them
+    (:class:`Nearest`), with one of its seeds drawn at random. Needs ``simulate(draws=...)``
+    keys (:func:`arm`). The sampler is the project's (``search.stages.make_sampler``: TPE,
+    multivariate, grouped for a conditional space); the pruner has ``min_resource=first``,
+    ``max_resource=long_budget`` and ``reduction_factor=eta``. The study is in memory, named
+    after ``seed``: Optuna's Hyperband puts a trial in a bracket by hashing the study name.
+    """
+
+    name = "optuna-hyperband"
+
+    def __init__(
+        self,
+        *,
+        space: ParamSpace,
+        params: Mapping[str, Mapping[str, Any]],
+        seeds: Mapping[str, int],
+        n_trials: int,
+        first: int,
+        long_budget: int,
+        eta: int,
+        direction: Direction,
+        seed: int,
+        n_startup_trials: int = 10,
+    ) -> None:
+        self.space = space
+        self.nearest = Nearest(params, space)
+        self.seeds = dict(seeds)
+        self.n_trials = n_trials
+        self.first, self.long_budget, self.eta = first, long_budget, eta
+        self.direction: Direction = direction
+        self.seed = seed
+        self.n_startup_trials = n_startup_trials
+        self.start([])
+
+    def start(self, configs: Sequence[str]) -> None:
+        import optuna
+
+        self.rng = random.Random(self.seed)
+        self.study = optuna.create_study(
+            study_name=f"{self.name}-{self.seed}",
+            direction=self.direction,
+            sampler=optuna.samplers.TPESampler(
+                seed=self.seed,
+                n_startup_trials=self.n_startup_trials,
+                multivariate=True,
+                group=self.space.conditional,
+            ),
+            pruner=optuna.pruners.HyperbandPruner(
+                min_resource=self.first,
+                max_resource=self.long_budget,
+                reduction_factor=self.eta,
+            ),
+        )
+        self.open: dict[int, Any] = {}  # trial number -> its optuna.Trial, while it trains
+        self.asked = self.pruned = 0
+
+    def ask(self) -> Job | Wait | Finished:
+        if self.asked >= self.n_trials:
+            return Wait() if self.open else Finished()
+        self.asked += 1
+        trial = self.study.ask()
+        config = self.nearest(self.space.suggest(trial))
+        trial.set_user_attr("config", config)
+        self.open[trial.number] = trial
+        key = arm(config, self.rng.randrange(self.seeds[config]))
+        return Job(trial.number, key, 0, self.long_budget)
+
+    def tell(self, job: Job, epoch: int, value: float) -> bool:
+        import optuna
+
+        trial = self.open[job.trial]
+        if math.isnan(value):  # diverged: the objective raised
+            self._close(trial, state=optuna.trial.TrialState.FAIL)
+            return False
+        trial.report(value, epoch)
+        if epoch == self.long_budget:
+            self._close(trial, values=value)
+            return True
+        if trial.should_prune():
+            self.pruned += 1
+            self._close(trial, state=optuna.trial.TrialState.PRUNED)
+            return False
+        return True
+
+    def _close(self, trial: Any, **outcome: Any) -> None:
+        self.study.tell(trial, **outcome)
+        del self.open[trial.number]
+
+    def done(self, job: Job, epoch: int) -> None:
+        pass
 
 
 # ---- the simulator -------------------------------------------------------------------------
@@ -435,14 +676,32 @@ def simulate(
     seed: int,
     long_budget: int,
     direction: Direction = "maximize",
+    draws: int | None = None,
 ) -> Result:
-    """Run ``method`` with ``workers`` simulated workers on ``table``; deterministic per seed."""
+    """Run ``method`` with ``workers`` simulated workers on ``table``; deterministic per seed.
+
+    ``draws=None``: new configurations come in a random order of the table's configurations
+    (each at most once) and each keeps one seed's curve for the whole run. ``draws=n``: ``n``
+    draws with replacement, each a configuration and one of its seeds (key ``config@seed``,
+    see :func:`arm`), so a configuration drawn twice may show another seed's noise; every
+    ``config@seed`` can be trained (methods that pick configurations themselves use this).
+
+    A NaN value (a run that diverged) ends its job in that epoch, as the failed trial would.
+    """
     if workers < 1:
         raise ValueError(f"workers: need at least 1, got {workers}")
     rng = random.Random(seed)
-    order = sorted(table)
-    rng.shuffle(order)
-    curve_of = {c: table[c][rng.randrange(len(table[c]))] for c in sorted(table)}
+    configs = sorted(table)
+    if draws is None:
+        order = list(configs)
+        rng.shuffle(order)
+        curve_of = {c: table[c][rng.randrange(len(table[c]))] for c in configs}
+    else:
+        curve_of = {arm(c, k): curve for c in configs for k, curve in enumerate(table[c])}
+        order = []
+        for _ in range(draws):
+            config = rng.choice(configs)
+            order.append(arm(config, rng.randrange(len(table[config]))))
     short = [c for c, curve in curve_of.items() if len(curve.metric) < long_budget]
     if short:
         raise ValueError(f"{len(short)} configuration(s) have fewer than {long_budget} epochs")
@@ -471,7 +730,8 @@ def simulate(
                 if jobs and result.first_idle is None:
                     result.first_idle = now
                 break  # the answer is the same for every other free worker until a job ends
-            if not 0 <= answer.start < answer.stop <= len(curve_of[answer.config].metric):
+            curve = curve_of.get(answer.config)
+            if curve is None or not 0 <= answer.start < answer.stop <= len(curve.metric):
                 raise ValueError(f"{method.name}: cannot train {answer}")
             worker = idle.pop(0)
             jobs[worker] = (answer, now)
@@ -490,7 +750,7 @@ def simulate(
         value = curve_of[job.config].metric[epoch - 1]
         if epoch == long_budget:
             result.full.append(Point(now, result.epochs, value, job.trial, job.config))
-        keep = method.tell(job, epoch, value)
+        keep = method.tell(job, epoch, value) and not math.isnan(value)
         if keep and epoch < job.stop:
             schedule(worker)
             continue

@@ -1,0 +1,488 @@
+"""Search methods replayed on the stored table of real learning curves, in simulated time.
+
+The table (``benchmarks/tables/quickstart-curves.csv``, made by ``benchmarks/tabulate.py`` with
+the project's trainer) holds every epoch's metric and seconds of 100 configurations of the
+quickstart study's space (20 of them with a second seed). Four methods are replayed on it by
+:func:`benchmarks.simulate.simulate` with 1, 8 and 64 simulated workers, ``reps`` times each
+(repetition ``r`` uses seed ``r`` for everything it draws):
+
+random
+    random search: every configuration trained from scratch to the full budget.
+optuna-hyperband
+    plain Optuna (:class:`benchmarks.simulate.OptunaHyperband`): one in-memory study, TPE with
+    the study's sampler settings, ``HyperbandPruner(min_resource=first,
+    max_resource=full budget, reduction_factor=eta)``, ask/tell with one open trial per busy
+    worker, ``report``/``should_prune`` every epoch, no continuation. TPE suggests parameters
+    in the study's own space (``search.space.suggest``); the trial trains the tabulated
+    configuration nearest to them (``benchmarks.simulate.Nearest``).
+pipeline
+    the previous screen -> barrier -> retrain top-k pipeline (median pruning in the screen).
+asha
+    the new scheduler, :func:`search.scheduler.decide`, continuing trials from rung checkpoints
+    (a continuation costs only the epochs it adds).
+
+Configurations for random, pipeline and asha are draws with replacement from the table (each a
+configuration, uniformly, and one of its seeds); Optuna picks its own. **Budgets** (a user
+scaling the search with the workers): every method sees ``per_worker`` x workers
+configurations (default 27: one Hyperband bracket per worker, 27 -> 9 -> 3 -> 1 over rungs 1, 3,
+10, 30); asha and the pipeline send ``configurations / eta^(rungs - 1)`` of them (= workers by
+default) to the full budget; the pipeline screens for ``screen_epochs`` epochs.
+
+Reported per method and worker count, medians over repetitions: epochs (all workers) and
+simulated seconds until a full-budget result reaches the target (the 90th percentile of the
+table's full-budget values, every seed pooled, a diverged run counting as the worst; a
+repetition that never reaches it counts as infinite), how many repetitions reached it, the best
+full-budget value within the epochs asha used in the same repetition (equal budget), the
+epochs spent, and worker utilization (busy worker-seconds / (workers x seconds until the last
+job ended)). The last line of the output is::
+
+    ratio to random <x>, to optuna-hyperband <y>, utilization@8 <u8>, utilization@64 <u64>
+
+with x, y asha's median epochs to target over the other method's, at ``ratio_workers`` (8), and
+u8, u64 asha's median utilization at 8 and 64 workers ("-" for a worker count not run).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from benchmarks._common import REPO_ROOT, Option, csv, csv_int, fmt, log, parse_options, table
+from benchmarks.simulate import (
+    Asha,
+    Method,
+    OptunaHyperband,
+    ParamSpace,
+    Pipeline,
+    RandomSearch,
+    Table,
+    default_target,
+    load_table,
+    simulate,
+)
+from search.scheduler import rungs as make_rungs
+
+DEFAULT_TABLE = "benchmarks/tables/quickstart-curves.csv"
+DEFAULT_FIGURE = "docs/tabulated-best-so-far.png"
+METHODS = ("random", "optuna-hyperband", "pipeline", "asha")
+
+
+# ---- the context of one replay ----------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """Everything a replay needs: the table, its configurations' parameters, the space."""
+
+    table: Table
+    params: dict[str, dict[str, Any]]
+    space: ParamSpace
+    long_budget: int
+    first: int = 1
+    eta: int = 3
+    per_worker: int = 27
+    screen_epochs: int = 3
+    n_startup_trials: int = 10
+    direction: str = "maximize"
+
+    @property
+    def rungs(self) -> list[int]:
+        return make_rungs(self.first, self.long_budget, self.eta)
+
+    def budget(self, workers: int) -> tuple[int, int]:
+        """(configurations, configurations sent to the full budget) for ``workers``."""
+        configs = self.per_worker * workers
+        return configs, max(1, configs // self.eta ** (len(self.rungs) - 1))
+
+    def method(self, name: str, workers: int, seed: int) -> Method:
+        configs, top_k = self.budget(workers)
+        if name == "random":
+            return RandomSearch(long_budget=self.long_budget, n_trials=configs)
+        if name == "asha":
+            return Asha(
+                rungs=self.rungs,
+                eta=self.eta,
+                top_k=top_k,
+                max_trials=configs,
+                direction=self.direction,  # type: ignore[arg-type]
+            )
+        if name == "pipeline":
+            return Pipeline(
+                screen_trials=configs,
+                screen_epochs=self.screen_epochs,
+                top_k=top_k,
+                long_budget=self.long_budget,
+                direction=self.direction,  # type: ignore[arg-type]
+            )
+        if name == "optuna-hyperband":
+            return OptunaHyperband(
+                space=self.space,
+                params=self.params,
+                seeds={c: len(curves) for c, curves in self.table.items()},
+                n_trials=configs,
+                first=self.first,
+                long_budget=self.long_budget,
+                eta=self.eta,
+                direction=self.direction,  # type: ignore[arg-type]
+                seed=seed,
+                n_startup_trials=self.n_startup_trials,
+            )
+        raise ValueError(f"methods: unknown {name!r}; allowed: {', '.join(METHODS)}")
+
+
+def load_params(path: str | Path, curves: Table) -> dict[str, dict[str, Any]]:
+    """config_id -> its active parameters, from ``tabulate``'s configurations CSV, for the
+    configurations of ``curves``."""
+    frame = pd.read_csv(path, comment="#").drop(columns=["seed0", "seed1"], errors="ignore")
+    out: dict[str, dict[str, Any]] = {}
+    for row in frame.to_dict("records"):
+        config = str(row.pop("config_id"))
+        out[config] = {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+    missing = sorted(set(curves) - set(out))
+    if missing:
+        raise ValueError(f"{path}: no parameters for {', '.join(missing[:5])}")
+    return {c: out[c] for c in curves}
+
+
+# ---- one run and its summary ------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    """What the report needs from one simulated run."""
+
+    method: str
+    workers: int
+    seed: int
+    epochs: int
+    end_time: float
+    utilization: float
+    hit_epochs: float  # inf: never reached the target
+    hit_time: float
+    best_curve: list[tuple[int, float]] = field(default_factory=list)
+    full_runs: int = 0
+    pruned: int | None = None
+    wall_s: float = 0.0
+
+    def best_within(self, epochs: float) -> float | None:
+        values = [v for e, v in self.best_curve if e <= epochs]
+        return values[-1] if values else None
+
+
+_SETUP: Setup | None = None  # per process (set before the pool forks, or by run_one's caller)
+
+
+def run_one(task: tuple[str, int, int, float]) -> Summary:
+    """Simulate ``(method, workers, seed, target)`` on the module's :data:`_SETUP`."""
+    name, workers, seed, target = task
+    setup = _SETUP
+    assert setup is not None, "replay: no setup"
+    method = setup.method(name, workers, seed)
+    started = time.perf_counter()
+    result = simulate(
+        setup.table,
+        method,
+        workers=workers,
+        seed=seed,
+        long_budget=setup.long_budget,
+        direction=setup.direction,  # type: ignore[arg-type]
+        draws=setup.budget(workers)[0],
+    )
+    hit = result.reached(target)
+    return Summary(
+        method=name,
+        workers=workers,
+        seed=seed,
+        epochs=result.epochs,
+        end_time=result.end_time,
+        utilization=result.utilization,
+        hit_epochs=float(hit.epochs) if hit else math.inf,
+        hit_time=hit.time if hit else math.inf,
+        best_curve=result.best_curve(),
+        full_runs=len(result.full),
+        pruned=getattr(method, "pruned", None),
+        wall_s=time.perf_counter() - started,
+    )
+
+
+def replay(
+    setup: Setup,
+    *,
+    methods: Sequence[str],
+    workers: Sequence[int],
+    reps: int,
+    target: float,
+    jobs: int = 1,
+) -> dict[tuple[str, int], list[Summary]]:
+    """Every (method, worker count) ``reps`` times; ``jobs`` processes (fork) share the work."""
+    global _SETUP
+    _SETUP = setup
+    tasks = [(m, w, s, target) for w in workers for m in methods for s in range(reps)]
+    # the longest first, so the pool's last tasks are short
+    tasks.sort(key=lambda t: -t[1] * (4 if t[0] == "optuna-hyperband" else 1))
+    out: dict[tuple[str, int], list[Summary]] = {}
+    if jobs > 1:
+        import multiprocessing
+
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            summaries = list(pool.map(run_one, tasks, chunksize=1))
+    else:
+        summaries = [run_one(t) for t in tasks]
+    for s in sorted(summaries, key=lambda s: s.seed):
+        out.setdefault((s.method, s.workers), []).append(s)
+    return out
+
+
+# ---- the report -------------------------------------------------------------------------------
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else math.nan
+
+
+def ratio(ours: float, theirs: float) -> float:
+    if math.isinf(ours) and math.isinf(theirs):
+        return math.nan
+    return ours / theirs if theirs else math.inf
+
+
+def shown(value: float, digits: int = 0) -> str:
+    if math.isnan(value):
+        return "-"
+    if math.isinf(value):
+        return "not reached"
+    return fmt(value, digits)
+
+
+def rows_for(
+    runs: dict[tuple[str, int], list[Summary]], workers: int, methods: Sequence[str]
+) -> list[list[str]]:
+    asha = {s.seed: s for s in runs.get(("asha", workers), [])}
+    rows = []
+    for name in methods:
+        summaries = runs.get((name, workers), [])
+        if not summaries:
+            continue
+        at_budget = [
+            s.best_within(asha[s.seed].epochs) for s in summaries if s.seed in asha
+        ]  # equal budget: the epochs asha used in the same repetition
+        values = [v for v in at_budget if v is not None]
+        pruned = [s.pruned for s in summaries if s.pruned is not None]
+        rows.append(
+            [
+                name,
+                f"{sum(not math.isinf(s.hit_epochs) for s in summaries)}/{len(summaries)}",
+                shown(median([s.hit_epochs for s in summaries])),
+                shown(median([s.hit_time for s in summaries])),
+                f"{shown(median(values), 4)} ({len(values)}/{len(at_budget)})" if asha else "-",
+                shown(median([float(s.epochs) for s in summaries])),
+                shown(median([float(s.full_runs) for s in summaries])),
+                shown(median([s.utilization for s in summaries]), 3),
+                shown(median([float(p) for p in pruned])) if pruned else "-",
+            ]
+        )
+    return rows
+
+
+HEADERS = [
+    "method",
+    "reached",
+    "epochs to target",
+    "simulated s to target",
+    "best full-budget value at asha's epochs (reps with one)",
+    "epochs spent",
+    "full-budget runs",
+    "utilization",
+    "pruned trials",
+]
+
+
+def number(value: float) -> str:
+    """A ratio as the final line prints it: 3 decimals, ``inf``, or ``-`` when undefined."""
+    return "-" if math.isnan(value) else ("inf" if math.isinf(value) else f"{value:.3f}")
+
+
+def hits_median(runs: dict[tuple[str, int], list[Summary]], name: str, workers: int) -> float:
+    """Median epochs to target (a repetition that missed counts as infinite)."""
+    return median([s.hit_epochs for s in runs.get((name, workers), [])])
+
+
+def ratios_line(runs: dict[tuple[str, int], list[Summary]], workers: int) -> str:
+    """asha's median epochs to target over each other method's, at ``workers``."""
+    ours = hits_median(runs, "asha", workers)
+    parts = [
+        f"{name} {number(ratio(ours, hits_median(runs, name, workers)))}"
+        for name in METHODS
+        if name != "asha" and (name, workers) in runs
+    ]
+    return f"{workers} worker(s): asha epochs to target / " + ", ".join(parts)
+
+
+def final_line(runs: dict[tuple[str, int], list[Summary]], ratio_workers: int) -> str:
+    def hits(name: str) -> float:
+        return hits_median(runs, name, ratio_workers)
+
+    def util(workers: int) -> str:
+        summaries = runs.get(("asha", workers), [])
+        return f"{median([s.utilization for s in summaries]):.3f}" if summaries else "-"
+
+    ours = hits("asha")
+    return (
+        f"ratio to random {number(ratio(ours, hits('random')))}, "
+        f"to optuna-hyperband {number(ratio(ours, hits('optuna-hyperband')))}, "
+        f"utilization@8 {util(8)}, utilization@64 {util(64)}"
+    )
+
+
+def best_so_far_figure(
+    runs: dict[tuple[str, int], list[Summary]],
+    workers: int,
+    methods: Sequence[str],
+    target: float,
+    path: Path,
+    maximize: bool = True,
+) -> Path | None:
+    """Median over repetitions of the best full-budget value so far against epochs (PNG)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    summaries = {m: runs.get((m, workers), []) for m in methods}
+    if not any(summaries.values()):
+        return None
+    top = max(s.epochs for ss in summaries.values() for s in ss)
+    grid = np.unique(np.geomspace(1, max(top, 2), 300).astype(int))
+    figure = Figure(figsize=(6.4, 3.6), dpi=110)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    for name, ss in summaries.items():
+        if not ss:
+            continue
+        worst = -np.inf if maximize else np.inf
+        curves = np.full((len(ss), len(grid)), worst)  # no full-budget result yet: the worst
+        for i, s in enumerate(ss):
+            for epochs, value in s.best_curve:
+                curves[i, grid >= epochs] = value
+        line = np.median(curves, axis=0)
+        end = np.median([s.epochs for s in ss])  # drawn until the median run ended
+        line = np.where(np.isfinite(line) & (grid <= end), line, np.nan)
+        ax.step(grid, line, where="post", label=name)
+    ax.axhline(target, color="grey", linestyle=":", linewidth=1, label="target (p90)")
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("epochs trained by all workers")
+    ax.set_ylabel("best full-budget value (median)")
+    ax.set_title(f"Best so far, {workers} workers, {len(next(iter(summaries.values())))} reps")
+    ax.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
+def main() -> int:
+    options = parse_options(
+        "python -m benchmarks.search_efficiency mode=simulate",
+        __doc__.split("\n\n")[0],
+        {
+            "table": Option(DEFAULT_TABLE, str, "learning-curve CSV made by benchmarks.tabulate"),
+            "study": Option("quickstart", str, "the study whose space the table was drawn from"),
+            "workers": Option("1,8,64", csv_int, "simulated worker counts"),
+            "reps": Option(20, int, "repetitions per method and worker count (seeds 0..reps-1)"),
+            "methods": Option(",".join(METHODS), csv, "methods to replay"),
+            "per_worker": Option(27, int, "configurations per worker, for every method"),
+            "first": Option(1, int, "first rung (asha) and Hyperband's min_resource"),
+            "eta": Option(3, int, "reduction factor (asha, Hyperband)"),
+            "screen_epochs": Option(3, int, "pipeline: screen epochs"),
+            "long_budget": Option(0, int, "full budget (0 = the table's epochs)"),
+            "ratio_workers": Option(8, int, "worker count of the final line's ratios"),
+            "figure": Option(DEFAULT_FIGURE, str, "best-so-far PNG at 8 workers ('' = none)"),
+            "jobs": Option(2, int, "processes sharing the repetitions"),
+        },
+        epilog="examples:\n  python -m benchmarks.search_efficiency mode=simulate\n"
+        "  python -m benchmarks.search_efficiency mode=simulate reps=3 workers=1,8 figure=",
+    )
+    import optuna
+
+    from search.config import direction_of, load_config
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    started = time.perf_counter()
+    path = Path(options["table"])
+    path = path if path.is_absolute() else REPO_ROOT / path
+    curves = load_table(path)
+    epochs = min(len(c.metric) for cs in curves.values() for c in cs)
+    cfg = load_config(options["study"])
+    setup = Setup(
+        table=curves,
+        params=load_params(path.with_name(path.stem + "-configs.csv"), curves),
+        space=ParamSpace.of_study(cfg),
+        long_budget=options["long_budget"] or epochs,
+        first=options["first"],
+        eta=options["eta"],
+        per_worker=options["per_worker"],
+        screen_epochs=options["screen_epochs"],
+        n_startup_trials=int(cfg.search.sampler.n_startup_trials),
+        direction=direction_of(cfg),
+    )
+    target = default_target(curves, setup.long_budget, setup.direction)  # type: ignore[arg-type]
+    n_curves = sum(len(c) for c in curves.values())
+    print(
+        f"table {options['table']}: {len(curves)} configurations, {n_curves} curves, full budget "
+        f"{setup.long_budget} epochs; target {cfg.search.metric} >= {target:.4f} (p90 of the "
+        f"{n_curves} full-budget values)"
+    )
+    print(
+        f"rungs {setup.rungs}, eta {setup.eta}; budget per worker count W: {setup.per_worker} x W "
+        f"configurations for every method (draws with replacement; optuna: TPE's own), "
+        f"asha and pipeline send {setup.per_worker} x W / {setup.eta}^{len(setup.rungs) - 1} to "
+        f"the full budget; pipeline screen {setup.screen_epochs} epochs, median pruning; "
+        f"optuna: TPE (n_startup_trials {setup.n_startup_trials}, multivariate, group) + "
+        f"HyperbandPruner({setup.first}, {setup.long_budget}, {setup.eta}); "
+        f"medians over {options['reps']} repetitions\n"
+    )
+    runs = replay(
+        setup,
+        methods=options["methods"],
+        workers=options["workers"],
+        reps=options["reps"],
+        target=target,
+        jobs=options["jobs"],
+    )
+    for workers in options["workers"]:
+        configs, top_k = setup.budget(workers)
+        print(f"### {workers} worker(s): {configs} configurations, {top_k} to the full budget\n")
+        print(table(HEADERS, rows_for(runs, workers, options["methods"])) + "\n")
+    if options["figure"] and 8 in options["workers"]:
+        figure = Path(options["figure"])
+        figure = figure if figure.is_absolute() else REPO_ROOT / figure
+        drawn = best_so_far_figure(
+            runs, 8, options["methods"], target, figure, setup.direction == "maximize"
+        )
+        if drawn:
+            log(f"figure: {drawn}")
+    for workers in options["workers"]:
+        print(ratios_line(runs, workers))
+    cpu = sum(s.wall_s for ss in runs.values() for s in ss)
+    print(
+        f"replay time {time.perf_counter() - started:.0f}s ({cpu:.0f}s of simulation, "
+        f"{options['jobs']} process(es)); ratios at {options['ratio_workers']} workers"
+    )
+    print(final_line(runs, options["ratio_workers"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
