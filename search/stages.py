@@ -616,10 +616,11 @@ def run_rungs(
 ) -> None:
     """Asynchronous successive halving over the whole budget (see :mod:`search.scheduler`).
 
-    Every process loops: run a queued leg if there is one (a retry, or a continuation some
-    process decided), else ask :func:`search.scheduler.decide` what the stored records call
-    for: queue a continuation (exactly once, by claim), start a new configuration (by slot
-    claim), wait for running trials, or stop.
+    Every process loops: run a queued leg if there is one (a retry, a continuation or a new
+    configuration some process decided), else ask :func:`search.scheduler.decide` what the
+    stored records call for: queue a continuation (exactly once, by claim), queue a new
+    configuration (by slot claim), wait for running trials, or stop. Only claimed queued trials
+    are popped, so every pop finds one waiting.
     """
     screen = studies.screen
 
@@ -652,12 +653,9 @@ def run_rungs(
         if isinstance(decision, StartNew):
             slot = _claim_new(studies, int(cfg.stages.screen.trials) - 1)
             if slot is not None:
-                number = _run_one(studies, "screen", runner, retries)
-                ran = studies.find_trial(screen.study_name, number) if number is not None else None
-                if ran is None or "rung_from" in ran.user_attrs or original_number(ran) != number:
-                    studies.claims.release(slot)  # it ran queued work instead: slot unused
-                if on_trial and number is not None:
-                    on_trial("screen", number)
+                # Queued like every other leg (the sampler fills in the parameters when it is
+                # popped), so each pop answers one claim and no process samples beyond the slots.
+                screen.enqueue_trial({}, user_attrs={"slot": slot.rsplit("/", 1)[1]})
                 continue
         if isinstance(decision, Finished):
             return

@@ -268,6 +268,27 @@ def _same_values(stored: Sequence[float] | None, wanted: Sequence[float] | None)
     )
 
 
+def _transactional_reads(engine: sqlalchemy.Engine) -> None:
+    """Make a SQLite transaction start at its first statement, reads included.
+
+    Python's sqlite3 driver opens a transaction only before a write, so the read that decides
+    a write (Optuna's "is this trial still WAITING?" before setting it RUNNING) runs outside it:
+    two processes could both see WAITING and both pop the same trial. With the transaction
+    begun before the read (SQLAlchemy's documented recipe), the second writer gets "database is
+    locked" (a stale snapshot in WAL mode), and its retry reads the trial afresh.
+    """
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _no_driver_transactions(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def _begin_at_first_statement(conn: sqlalchemy.Connection) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+    engine.dispose()  # connections made before the hooks (schema checks) are not reused
+
+
 class RetryingRDBStorage(optuna.storages.RDBStorage):
     """``RDBStorage`` whose database calls ride out transient faults for ``retry_seconds``."""
 
@@ -277,6 +298,8 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         self._local = threading.local()
         super().__init__(url, *args, **kwargs)
         _ENGINE_RETRY_SECONDS[self.engine] = retry_seconds
+        if self.engine.dialect.name == "sqlite":
+            _transactional_reads(self.engine)
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()

@@ -246,6 +246,28 @@ def test_a_pop_that_met_a_locked_database_never_takes_another_process_trial(tmp_
     assert storage.get_trial(waiting).state == TrialState.RUNNING
 
 
+def test_two_processes_never_pop_the_same_waiting_trial_on_sqlite(tmp_path: Path) -> None:
+    """A reads the trial (WAITING), B pops it, then A writes: A must see that it lost."""
+    storage, db = _sqlite_storage(tmp_path, retry_seconds=10)
+    study = optuna.create_study(storage=storage, study_name="s")
+    study.enqueue_trial({})
+    waiting = study.get_trials(states=(TrialState.WAITING,))[0]._trial_id
+    other = open_storage(f"sqlite:///{db}")
+    popped_by_other = []
+
+    def before(conn, cursor, statement, *args) -> None:  # noqa: ANN001
+        if statement.lstrip().upper().startswith("UPDATE TRIALS") and not popped_by_other:
+            popped_by_other.append(other.set_trial_state_values(waiting, TrialState.RUNNING))
+
+    sqlalchemy.event.listen(storage.engine, "before_cursor_execute", before)
+    try:
+        mine = storage.set_trial_state_values(waiting, TrialState.RUNNING)
+    finally:
+        sqlalchemy.event.remove(storage.engine, "before_cursor_execute", before)
+    assert popped_by_other == [True]
+    assert mine is False
+
+
 def test_a_retried_claim_recognises_its_own_lost_commit(tmp_path: Path) -> None:
     storage, _ = _sqlite_storage(tmp_path, retry_seconds=10)
     claims = Claims(storage.engine)
