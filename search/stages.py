@@ -43,7 +43,7 @@ from search.naming import (
     stage_study_name,
     uses_rungs,
 )
-from search.objective import TrialRunner, original_number
+from search.objective import TrialRunner, original_number, stored
 from search.scheduler import (
     Continue,
     Finished,
@@ -249,14 +249,35 @@ def _fail_stale(study: optuna.Study) -> None:
 # ---- running trials --------------------------------------------------------------------
 
 
-def _run_one(studies: Studies, stage: str, runner: TrialRunner, max_retries: int) -> int | None:
-    """Run one trial of ``stage``; its number. Ctrl-C re-enqueues it so it resumes later."""
+def _run_one(
+    studies: Studies,
+    stage: str,
+    runner: TrialRunner,
+    max_retries: int,
+    claimed: int | None = None,
+    on_fresh: Callable[[], bool] | None = None,
+) -> int | None:
+    """Run one trial of ``stage``; its number. Ctrl-C re-enqueues it so it resumes later.
+
+    Optuna pops the first waiting trial, or samples a new one when none is waiting.
+    ``claimed``: the waiting trial this process claimed; if Optuna popped another one that no
+    one had claimed yet, the claim moves to it. ``on_fresh``: called when Optuna sampled a new
+    trial (the queue emptied meanwhile); unless it answers True (a slot was taken for it), the
+    trial is pruned at once as "nothing queued" and trains nothing.
+    """
     study = studies.of(stage)
     objective = runner.objective(stage)
     started: list[int] = []
 
     def tracked(trial: optuna.Trial) -> float:
         started.append(trial.number)
+        moved = claimed is not None and trial.number != claimed
+        if moved and studies.claims.take(_waiting_key(study, trial.number)):
+            studies.claims.release(_waiting_key(study, claimed))
+        if on_fresh is not None and not _was_queued(stored(trial)) and not on_fresh():
+            reason = "nothing queued: another worker took the queued trial first"
+            trial.set_user_attr("prune_reason", reason)
+            raise optuna.TrialPruned(reason)
         return objective(trial)
 
     try:
@@ -285,13 +306,26 @@ def _requeue(study: optuna.Study, started: list[int], max_retries: int) -> None:
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retries)(study, trial)
 
 
-def _claim_waiting(studies: Studies, stage: str) -> bool:
-    """Claim one WAITING trial of ``stage`` so that this process alone pops it."""
+def _was_queued(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether ``trial`` was popped from the queue (enqueued, or a retry), not sampled anew."""
+    return "fixed_params" in trial.system_attrs or original_number(trial) != trial.number
+
+
+def _waiting_key(study: optuna.Study, number: int) -> str:
+    return f"{study.study_name}/waiting/{number}"
+
+
+def _claim_waiting(studies: Studies, stage: str) -> int | None:
+    """Claim one WAITING trial of ``stage`` (its number): this process will pop one trial.
+
+    Optuna pops the first waiting trial, which may not be the one claimed; :func:`_run_one`
+    then moves the claim to the trial it got (see there), so every waiting trial is popped.
+    """
     study = studies.of(stage)
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        if studies.claims.take(f"{study.study_name}/waiting/{t.number}"):
-            return True
-    return False
+        if studies.claims.take(_waiting_key(study, t.number)):
+            return t.number
+    return None
 
 
 def _drain(
@@ -310,8 +344,9 @@ def _drain(
     study = studies.of(stage)
     while True:
         _fail_stale(study)
-        if _claim_waiting(studies, stage) or _claim_slot(studies, study, new_slots):
-            number = _run_one(studies, stage, runner, int(cfg.max_retries))
+        claimed = _claim_waiting(studies, stage)
+        if claimed is not None or _claim_slot(studies, study, new_slots):
+            number = _run_one(studies, stage, runner, int(cfg.max_retries), claimed)
             if on_trial and number is not None:
                 on_trial(stage, number)
             continue
@@ -616,11 +651,10 @@ def run_rungs(
 ) -> None:
     """Asynchronous successive halving over the whole budget (see :mod:`search.scheduler`).
 
-    Every process loops: run a queued leg if there is one (a retry, a continuation or a new
-    configuration some process decided), else ask :func:`search.scheduler.decide` what the
-    stored records call for: queue a continuation (exactly once, by claim), queue a new
-    configuration (by slot claim), wait for running trials, or stop. Only claimed queued trials
-    are popped, so every pop finds one waiting.
+    Every process loops: run a queued leg if there is one (a retry, or a continuation some
+    process decided), else ask :func:`search.scheduler.decide` what the stored records call
+    for: queue a continuation (exactly once, by claim), start a new configuration (by slot
+    claim), wait for running trials, or stop.
     """
     screen = studies.screen
 
@@ -634,16 +668,27 @@ def run_rungs(
     record_baselines(studies, runner)
     settings = scheduler_settings(cfg, up_to)
     retries = int(cfg.max_retries)
+    new_configs = int(cfg.stages.screen.trials) - 1  # the report's configuration is the first
     while True:
         for stage in ("screen", "promote"):
             _fail_stale(studies.of(stage))
-        waiting = next(
-            (stage for stage in ("promote", "screen") if _claim_waiting(studies, stage)), None
+        # Queued legs first, deepest stage first: any process may pop them.
+        queued = next(
+            (
+                stage
+                for stage in ("promote", "screen")
+                if studies.of(stage).get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            ),
+            None,
         )
-        if waiting is not None:
-            number = _run_one(studies, waiting, runner, retries)
+        if queued is not None:
+
+            def new_slot(stage: str = queued) -> bool:
+                return stage == "screen" and _claim_new(studies, new_configs) is not None
+
+            number = _run_one(studies, queued, runner, retries, on_fresh=new_slot)
             if on_trial and number is not None:
-                on_trial(waiting, number)
+                on_trial(queued, number)
             continue
         records = scheduler_records(studies, cfg)
         decision = decide(records, **settings)
@@ -651,11 +696,14 @@ def run_rungs(
             _enqueue_continuation(studies, cfg, decision, records, settings)
             continue  # whoever queued it, the loop's next turn picks the leg up
         if isinstance(decision, StartNew):
-            slot = _claim_new(studies, int(cfg.stages.screen.trials) - 1)
+            slot = _claim_new(studies, new_configs)
             if slot is not None:
-                # Queued like every other leg (the sampler fills in the parameters when it is
-                # popped), so each pop answers one claim and no process samples beyond the slots.
-                screen.enqueue_trial({}, user_attrs={"slot": slot.rsplit("/", 1)[1]})
+                number = _run_one(studies, "screen", runner, retries)
+                ran = studies.find_trial(screen.study_name, number) if number is not None else None
+                if ran is not None and _was_queued(ran):
+                    studies.claims.release(slot)  # it ran a queued leg instead: slot unused
+                if on_trial and number is not None:
+                    on_trial("screen", number)
                 continue
         if isinstance(decision, Finished):
             return
