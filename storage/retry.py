@@ -269,13 +269,14 @@ def _same_values(stored: Sequence[float] | None, wanted: Sequence[float] | None)
 
 
 def _transactional_reads(engine: sqlalchemy.Engine) -> None:
-    """Make a SQLite transaction start at its first statement, reads included.
+    """Make each SQLite transaction take the write lock at its first statement, reads included.
 
     Python's sqlite3 driver opens a transaction only before a write, so the read that decides
     a write (Optuna's "is this trial still WAITING?" before setting it RUNNING) runs outside it:
-    two processes could both see WAITING and both pop the same trial. With the transaction
-    begun before the read (SQLAlchemy's documented recipe), the second writer gets "database is
-    locked" (a stale snapshot in WAL mode), and its retry reads the trial afresh.
+    two processes could both see WAITING and both pop the same trial. ``BEGIN IMMEDIATE`` (on
+    SQLAlchemy's documented hooks) makes the read and the write one step: the second process
+    waits for the first (the busy timeout) and then reads the trial as it now is. Transactions
+    are short, so the waits are too; many workers belong on PostgreSQL anyway.
     """
 
     @sqlalchemy.event.listens_for(engine, "connect")
@@ -283,8 +284,8 @@ def _transactional_reads(engine: sqlalchemy.Engine) -> None:
         dbapi_connection.isolation_level = None
 
     @sqlalchemy.event.listens_for(engine, "begin")
-    def _begin_at_first_statement(conn: sqlalchemy.Connection) -> None:
-        conn.exec_driver_sql("BEGIN")
+    def _begin_with_the_write_lock(conn: sqlalchemy.Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     engine.dispose()  # connections made before the hooks (schema checks) are not reused
 

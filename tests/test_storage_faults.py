@@ -247,25 +247,30 @@ def test_a_pop_that_met_a_locked_database_never_takes_another_process_trial(tmp_
 
 
 def test_two_processes_never_pop_the_same_waiting_trial_on_sqlite(tmp_path: Path) -> None:
-    """A reads the trial (WAITING), B pops it, then A writes: A must see that it lost."""
+    """A has read the trial (WAITING) and is about to set it RUNNING when B tries to pop it:
+    B must wait for A and then see RUNNING, not pop it too."""
     storage, db = _sqlite_storage(tmp_path, retry_seconds=10)
     study = optuna.create_study(storage=storage, study_name="s")
     study.enqueue_trial({})
     waiting = study.get_trials(states=(TrialState.WAITING,))[0]._trial_id
     other = open_storage(f"sqlite:///{db}")
-    popped_by_other = []
+    with ThreadPoolExecutor(1) as pool:
+        others: list = []
 
-    def before(conn, cursor, statement, *args) -> None:  # noqa: ANN001
-        if statement.lstrip().upper().startswith("UPDATE TRIALS") and not popped_by_other:
-            popped_by_other.append(other.set_trial_state_values(waiting, TrialState.RUNNING))
+        def before(conn, cursor, statement, *args) -> None:  # noqa: ANN001
+            if statement.lstrip().upper().startswith("UPDATE TRIALS") and not others:
+                others.append(
+                    pool.submit(other.set_trial_state_values, waiting, TrialState.RUNNING)
+                )
+                time.sleep(1.0)  # B has all the time it needs to pop, if it can
 
-    sqlalchemy.event.listen(storage.engine, "before_cursor_execute", before)
-    try:
-        mine = storage.set_trial_state_values(waiting, TrialState.RUNNING)
-    finally:
-        sqlalchemy.event.remove(storage.engine, "before_cursor_execute", before)
-    assert popped_by_other == [True]
-    assert mine is False
+        sqlalchemy.event.listen(storage.engine, "before_cursor_execute", before)
+        try:
+            mine = storage.set_trial_state_values(waiting, TrialState.RUNNING)
+        finally:
+            sqlalchemy.event.remove(storage.engine, "before_cursor_execute", before)
+        theirs = others[0].result(timeout=30)
+    assert (mine, theirs) == (True, False)
 
 
 def test_a_retried_claim_recognises_its_own_lost_commit(tmp_path: Path) -> None:
