@@ -282,7 +282,7 @@ def test_simulate_mode_on_the_stored_table(
     from benchmarks import search_efficiency
 
     figure = tmp_path / "best.png"
-    argv = ["search_efficiency", "mode=simulate", "reps=2", "workers=1,8", "per_worker=2"]
+    argv = ["search_efficiency", "mode=simulate", "reps=2", "workers=1,8", "configs=1:4,8:16"]
     monkeypatch.setattr(sys, "argv", [*argv, "jobs=1", f"figure={figure}"])
     assert search_efficiency.main() == 0
     out = capsys.readouterr().out.strip().splitlines()
