@@ -131,13 +131,16 @@ MAE_COLUMNS = tuple(f"{s}_mae" for s in SPLITS)
 
 # ---- trials ----------------------------------------------------------------------------
 
-# Columns of the trials frame, in order: KEY_COLUMNS, params_*, ATTR_COLUMNS, LINK_COLUMNS,
-# artifacts (uploads per trial), then the accuracy and MAE columns where some trial has them
-# (final trials; autoencoders).
+# Columns of the trials frame, in order: KEY_COLUMNS, RUNG_COLUMNS, params_*, ATTR_COLUMNS,
+# LINK_COLUMNS, artifacts (uploads per trial), then the accuracy and MAE columns where some
+# trial has them (final trials; autoencoders).
 KEY_COLUMNS = ("stage", "number", "state", "value")
+# Rung-scheduled studies: the configuration a leg belongs to (its first screen trial), the
+# rung it continued from (empty: started from scratch), the rung it trained to, epochs added.
+RUNG_COLUMNS = ("config", "rung_from", "rung_to", "epochs_added")
 ATTR_COLUMNS = ("epochs_run", "wall_time_s", "images_per_second", "seed", "device")
 LINK_COLUMNS = ("reason", "source_trial", "baseline", "datetime_start", "datetime_complete")
-INT_COLUMNS = ("epochs_run", "seed", "source_trial")
+INT_COLUMNS = ("epochs_run", "seed", "source_trial", *RUNG_COLUMNS)
 _DATAFRAME_ATTRS = (
     "number", "value", "datetime_start", "datetime_complete", "params", "user_attrs", "state",
 )  # fmt: skip
@@ -169,7 +172,7 @@ def _stage_frame(stage: str, study: optuna.Study) -> pd.DataFrame:
     out["value"] = frame[value]
     for column in sorted(c for c in frame.columns if c.startswith("params_")):
         out[column] = frame[column]
-    for name in ATTR_COLUMNS:
+    for name in (*RUNG_COLUMNS, *ATTR_COLUMNS):
         out[name] = attr(name)
     out["reason"] = [trial_reason(trials[n], every) for n in frame["number"]]
     out["source_trial"] = attr("source_trial")
@@ -200,7 +203,9 @@ def trials_frame(studies: Mapping[str, optuna.Study]) -> pd.DataFrame:
         frame[column] = frame[column].astype("Int64")
     params = sorted(c for c in frame.columns if c.startswith("params_"))
     results = [c for c in (*ACCURACY_COLUMNS, *MAE_COLUMNS) if c in frame.columns]
-    order = [*KEY_COLUMNS, *params, *ATTR_COLUMNS, *LINK_COLUMNS, "artifacts", *results]
+    order = [
+        *KEY_COLUMNS, *RUNG_COLUMNS, *params, *ATTR_COLUMNS, *LINK_COLUMNS, "artifacts", *results,
+    ]  # fmt: skip
     return frame[order]
 
 

@@ -21,7 +21,9 @@ from collections import Counter
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
+from conftest import run_module
 from optuna.trial import TrialState
 
 from search.config import load_config
@@ -97,7 +99,13 @@ def check_rung_study(url: str, cfg) -> list[optuna.trial.FrozenTrial]:  # noqa: 
     first, last = settings["rungs"][0], settings["rungs"][-1]
     # Every configuration was started once, and each rung of it was trained once.
     new = [t for t in screen if "rung_from" not in t.user_attrs]
-    assert len(new) == int(cfg.stages.screen.trials)
+    at_last = [t for t in legs if t.user_attrs.get("rung_to") == last]
+    assert 1 <= len(at_last) <= settings["top_k"]  # at most top_k reached the long budget
+    # The trial budget was spent, unless the long budget filled first (then nothing new could
+    # reach it: the search is over).
+    assert len(new) == int(cfg.stages.screen.trials) or (
+        len(new) < int(cfg.stages.screen.trials) and len(at_last) == settings["top_k"]
+    )
     keys = Counter(
         (t.user_attrs.get("config", t.number), t.user_attrs.get("rung_to", first)) for t in legs
     )
@@ -106,9 +114,6 @@ def check_rung_study(url: str, cfg) -> list[optuna.trial.FrozenTrial]:  # noqa: 
     for t in legs:
         to = t.user_attrs.get("rung_to", first)
         assert (t in screen) == (to <= int(cfg.stages.screen.epochs))
-    # At most top_k configurations reached the long budget.
-    at_last = [t for t in legs if t.user_attrs.get("rung_to") == last]
-    assert 1 <= len(at_last) <= settings["top_k"]
     # Each promotion ranked in the top 1/eta at its rung when it was made, and the results it
     # was ranked on are the results stored (none changed or vanished afterwards).
     stored = {
@@ -215,3 +220,51 @@ def test_four_workers_on_sqlite_promote_exactly_once(tmp_path: Path) -> None:
     _run_workers(url, "rungs4", 4)
     cfg = load_config("quickstart", [*RUNG_STUDY, "name=rungs4", f"storage={url}"])
     check_rung_study(url, cfg)
+
+
+# ---- a real run: training, continuation from checkpoints, the report ------------------------
+
+REAL_RUN = [
+    "stages.screen.trials=6",
+    "stages.screen.epochs=1",
+    "stages.promote.epochs=3",
+    "stages.promote.top_k=1",
+    "search.pruner.name=asha",
+    "search.pruner.min_resource=1",
+    "search.pruner.reduction_factor=3",
+    "train.max_batches=3",
+    "train.probe.epochs=1",
+    "search.space.channels.choices=[8]",
+]
+
+
+@pytest.mark.slow
+def test_real_run_with_two_workers_continues_legs_and_reports_rungs(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    args = ["study=quickstart", f"runs_dir={tmp_path}", "workers=2", "devices=cpu", *REAL_RUN]
+    done = run_module("search.run", *args, "--no-progress")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cfg = load_config("quickstart", [*REAL_RUN, f"storage={url}"])
+    legs = check_rung_study(url, cfg)
+    continued = [t for t in legs if "rung_from" in t.user_attrs]
+    for t in continued:  # trained only the epochs it added, from the rung's checkpoint
+        assert t.user_attrs["resumed_from_epoch"] == t.user_attrs["rung_from"]
+        assert t.user_attrs["epochs_added"] == t.user_attrs["rung_to"] - t.user_attrs["rung_from"]
+        assert len(t.intermediate_values) == t.user_attrs["epochs_added"]
+    final = optuna.load_study(study_name="quickstart.final", storage=url).get_trials()
+    best = long_budget_trials(open_studies(cfg, url), cfg)[0]
+    assert final[0].user_attrs["source_trial"] == best.number
+    assert final[0].user_attrs["source_checkpoint_dir"] == best.user_attrs["checkpoint_dir"]
+
+    out = tmp_path / "report"
+    report = run_module(
+        "search.report", "study=quickstart", f"runs_dir={tmp_path}", "--out", str(out)
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    frame = pd.read_csv(out / "quickstart-trials.csv")
+    legs_frame = frame[frame["stage"] != "final"]
+    assert {"config", "rung_from", "rung_to", "epochs_added"} <= set(frame.columns)
+    assert legs_frame["rung_to"].notna().all()
+    assert sorted(legs_frame["rung_from"].dropna().astype(int)) == sorted(
+        t.user_attrs["rung_from"] for t in continued
+    )
