@@ -22,11 +22,14 @@ asha
     (a continuation costs only the epochs it adds).
 
 Configurations for random, pipeline and asha are draws with replacement from the table (each a
-configuration, uniformly, and one of its seeds); Optuna picks its own. **Budgets** (a user
-scaling the search with the workers): every method sees ``per_worker`` x workers
-configurations (default 27: one Hyperband bracket per worker, 27 -> 9 -> 3 -> 1 over rungs 1, 3,
-10, 30); asha and the pipeline send ``configurations / eta^(rungs - 1)`` of them (= workers by
-default) to the full budget; the pipeline screens for ``screen_epochs`` epochs.
+configuration, uniformly, and one of its seeds); Optuna picks its own. **Budgets**: every
+method sees the same number of configurations, chosen per worker count as a user who grows the
+search with the workers would, less than in proportion (``configs``, default 81 at 1 worker,
+216 = 27 per worker at 8, 576 = 9 per worker at 64; other worker counts ``per_worker`` x
+workers); asha and the pipeline send ``configurations / eta^(rungs - 1)`` of them (3, 8, 21)
+to the full budget; the pipeline screens for ``screen_epochs`` epochs. The replay's cost limits
+the largest: plain Optuna's TPE re-reads every trial at each ask, so 1,728 trials (27 per
+worker at 64) take about 250 s of CPU per repetition here, 576 take 18 s.
 
 Reported per method and worker count, medians over repetitions: epochs (all workers) and
 simulated seconds until a full-budget result reaches the target (the 90th percentile of the
@@ -77,6 +80,17 @@ DEFAULT_FIGURE = "docs/tabulated-best-so-far.png"
 METHODS = ("random", "optuna-hyperband", "pipeline", "asha")
 
 
+def budgets(text: str) -> dict[int, int]:
+    """``"1:81,8:216"`` -> {1: 81, 8: 216}."""
+    out = {}
+    for part in csv(text):
+        workers, sep, configs = part.partition(":")
+        if not sep:
+            raise ValueError(f"expected W:N pairs, got {part!r}")
+        out[int(workers)] = int(configs)
+    return out
+
+
 # ---- the context of one replay ----------------------------------------------------------------
 
 
@@ -91,6 +105,7 @@ class Setup:
     first: int = 1
     eta: int = 3
     per_worker: int = 27
+    configs: dict[int, int] = field(default_factory=dict)  # workers -> configurations
     screen_epochs: int = 3
     n_startup_trials: int = 10
     direction: str = "maximize"
@@ -101,7 +116,7 @@ class Setup:
 
     def budget(self, workers: int) -> tuple[int, int]:
         """(configurations, configurations sent to the full budget) for ``workers``."""
-        configs = self.per_worker * workers
+        configs = self.configs.get(workers, self.per_worker * workers)
         return configs, max(1, configs // self.eta ** (len(self.rungs) - 1))
 
     def method(self, name: str, workers: int, seed: int) -> Method:
@@ -138,6 +153,32 @@ class Setup:
                 n_startup_trials=self.n_startup_trials,
             )
         raise ValueError(f"methods: unknown {name!r}; allowed: {', '.join(METHODS)}")
+
+
+def diagnostics(table: Table, rungs: Sequence[int], long_budget: int) -> dict[str, float]:
+    """How much the table lets a method pick: the rank correlation (Spearman) across
+    configurations between the value at each rung and at the full budget (first seed; a
+    diverged run ranks last), and the correlation between two seeds' full-budget values over
+    the configurations that have two (seed noise: 1 = none)."""
+
+    def ranks(values: np.ndarray) -> np.ndarray:
+        return pd.Series(np.nan_to_num(values, nan=-np.inf)).rank().to_numpy()
+
+    first = [curves[0] for curves in table.values()]
+    final = ranks(np.array([c.metric[long_budget - 1] for c in first]))
+    out = {}
+    for rung in rungs[:-1]:
+        at = ranks(np.array([c.metric[rung - 1] for c in first]))
+        out[f"rung {rung}"] = float(np.corrcoef(at, final)[0, 1])
+    pairs = [
+        (cs[0].metric[long_budget - 1], cs[1].metric[long_budget - 1])
+        for cs in table.values()
+        if len(cs) > 1
+    ]
+    if len(pairs) > 2:
+        a, b = np.array(pairs).T
+        out["seeds"] = float(np.corrcoef(a, b)[0, 1])
+    return out
 
 
 def load_params(path: str | Path, curves: Table) -> dict[str, dict[str, Any]]:
@@ -236,12 +277,20 @@ def replay(
 
         context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            summaries = list(pool.map(run_one, tasks, chunksize=1))
+            summaries = [_logged(s, i, len(tasks)) for i, s in enumerate(pool.map(run_one, tasks))]
     else:
-        summaries = [run_one(t) for t in tasks]
+        summaries = [_logged(run_one(t), i, len(tasks)) for i, t in enumerate(tasks)]
     for s in sorted(summaries, key=lambda s: s.seed):
         out.setdefault((s.method, s.workers), []).append(s)
     return out
+
+
+def _logged(summary: Summary, index: int, total: int) -> Summary:
+    log(
+        f"[{index + 1}/{total}] {summary.method}, {summary.workers} worker(s), seed "
+        f"{summary.seed}: {summary.epochs} epochs, {summary.wall_s:.1f}s"
+    )
+    return summary
 
 
 # ---- the report -------------------------------------------------------------------------------
@@ -375,11 +424,13 @@ def best_so_far_figure(
             for epochs, value in s.best_curve:
                 curves[i, grid >= epochs] = value
         line = np.median(curves, axis=0)
-        end = np.median([s.epochs for s in ss])  # drawn until the median run ended
+        end = max(s.epochs for s in ss)  # a run that ended keeps its best
         line = np.where(np.isfinite(line) & (grid <= end), line, np.nan)
         ax.step(grid, line, where="post", label=name)
     ax.axhline(target, color="grey", linestyle=":", linewidth=1, label="target (p90)")
     ax.set_xscale("log")
+    ticks = [t for t in (10, 30, 100, 300, 1000, 3000, 10000, 30000) if t <= top]
+    ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("epochs trained by all workers")
     ax.set_ylabel("best full-budget value (median)")
@@ -401,7 +452,10 @@ def main() -> int:
             "workers": Option("1,8,64", csv_int, "simulated worker counts"),
             "reps": Option(20, int, "repetitions per method and worker count (seeds 0..reps-1)"),
             "methods": Option(",".join(METHODS), csv, "methods to replay"),
-            "per_worker": Option(27, int, "configurations per worker, for every method"),
+            "configs": Option(
+                "1:81,8:216,64:576", budgets, "configurations per worker count W:N, every method"
+            ),
+            "per_worker": Option(27, int, "configurations per worker for a W not in configs"),
             "first": Option(1, int, "first rung (asha) and Hyperband's min_resource"),
             "eta": Option(3, int, "reduction factor (asha, Hyperband)"),
             "screen_epochs": Option(3, int, "pipeline: screen epochs"),
@@ -433,6 +487,7 @@ def main() -> int:
         first=options["first"],
         eta=options["eta"],
         per_worker=options["per_worker"],
+        configs=options["configs"],
         screen_epochs=options["screen_epochs"],
         n_startup_trials=int(cfg.search.sampler.n_startup_trials),
         direction=direction_of(cfg),
@@ -444,11 +499,22 @@ def main() -> int:
         f"{setup.long_budget} epochs; target {cfg.search.metric} >= {target:.4f} (p90 of the "
         f"{n_curves} full-budget values)"
     )
+    found = diagnostics(curves, setup.rungs, setup.long_budget)
     print(
-        f"rungs {setup.rungs}, eta {setup.eta}; budget per worker count W: {setup.per_worker} x W "
-        f"configurations for every method (draws with replacement; optuna: TPE's own), "
-        f"asha and pipeline send {setup.per_worker} x W / {setup.eta}^{len(setup.rungs) - 1} to "
-        f"the full budget; pipeline screen {setup.screen_epochs} epochs, median pruning; "
+        "rank correlation with the full-budget value across configurations: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in found.items() if k != "seeds")
+        + (
+            f"; full-budget values of two seeds of one configuration correlate {found['seeds']:.2f}"
+            if "seeds" in found
+            else ""
+        )
+    )
+    print(
+        f"rungs {setup.rungs}, eta {setup.eta}; configurations per method (draws with "
+        f"replacement; optuna: TPE's own) by worker count: "
+        f"{', '.join(f'{w}: {setup.budget(w)[0]}' for w in options['workers'])}; asha and "
+        f"pipeline send configurations / {setup.eta}^{len(setup.rungs) - 1} to the full budget; "
+        f"pipeline screen {setup.screen_epochs} epochs, median pruning; "
         f"optuna: TPE (n_startup_trials {setup.n_startup_trials}, multivariate, group) + "
         f"HyperbandPruner({setup.first}, {setup.long_budget}, {setup.eta}); "
         f"medians over {options['reps']} repetitions\n"

@@ -37,6 +37,7 @@ from benchmarks.simulate import (
     table_from_frame,
 )
 from benchmarks.tabulate import configs_path, draw_configs, read_done
+from search.scheduler import rungs
 
 REPO = Path(__file__).resolve().parent.parent
 TABLE = REPO / DEFAULT_TABLE
@@ -258,6 +259,17 @@ def test_replay_on_a_synthetic_table(synthetic: Setup) -> None:
     line = final_line(runs, 8)
     assert FINAL.match(line), line
     assert line.endswith("utilization@64 -")
+
+
+def test_diagnostics_measure_rank_consistency_and_seed_noise() -> None:
+    from benchmarks.replay import diagnostics
+
+    steady = synthetic_table(n_configs=40, epochs=LONG, seeds=2)  # rank-consistent, no noise
+    found = diagnostics(steady, rungs(1, LONG, 3), LONG)
+    assert set(found) == {"rung 1", "rung 3", "rung 9", "seeds"}
+    assert all(v == pytest.approx(1.0) for v in found.values())
+    noisy = synthetic_table(n_configs=40, epochs=LONG, seeds=2, noise=0.3, crossing=1.0)
+    assert all(v < 0.9 for v in diagnostics(noisy, rungs(1, LONG, 3), LONG).values())
 
 
 def test_final_line_counts_a_miss_as_infinite() -> None:
