@@ -268,3 +268,29 @@ def test_real_run_with_two_workers_continues_legs_and_reports_rungs(tmp_path: Pa
     assert sorted(legs_frame["rung_from"].dropna().astype(int)) == sorted(
         t.user_attrs["rung_from"] for t in continued
     )
+
+
+def test_a_leg_whose_checkpoint_this_worker_cannot_read_fails_and_says_how_to_share_it(
+    tmp_path: Path,
+) -> None:
+    """Continuing needs the rung checkpoint: never a silent retrain from scratch."""
+    from search.objective import TrialRunner
+    from search.stages import _run_one
+
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    cfg = load_config("quickstart", [*REAL_RUN, f"storage={url}", f"runs_dir={tmp_path}"])
+    studies = open_studies(cfg, url)
+    studies.promote.enqueue_trial(
+        {"channels": 8, "batch_size": 32, "optimizer": "adam", "adam_lr": 1e-3,
+         "temperature": 0.5, "aug_strength": 1.0},
+        user_attrs={"config": 4, "rung_from": 1, "rung_to": 3, "seed": 4,
+                    "checkpoint_dir": "quickstart.screen-0123456789ab/trial-00004"},
+    )  # fmt: skip
+    number = _run_one(studies, "promote", TrialRunner(cfg, progress=False), 0)
+    trial = studies.promote.get_trials()[number]
+    assert trial.state == TrialState.FAIL
+    reason = trial.user_attrs["fail_reason"]
+    assert "quickstart.screen-0123456789ab/trial-00004/pretrain.pt" in reason
+    assert "checkpoints_dir" in reason and "every worker" in reason
+    assert "epochs_run" not in trial.user_attrs  # nothing was trained
+    assert not (tmp_path / "checkpoints" / "quickstart.screen-0123456789ab").exists()
