@@ -429,7 +429,11 @@ def best_so_far_figure(
         ax.step(grid, line, where="post", label=name)
     ax.axhline(target, color="grey", linestyle=":", linewidth=1, label="target (p90)")
     ax.set_xscale("log")
-    ticks = [t for t in (10, 30, 100, 300, 1000, 3000, 10000, 30000) if t <= top]
+    first = min(
+        (s.best_curve[0][0] for ss in summaries.values() for s in ss if s.best_curve), default=1
+    )
+    ax.set_xlim(first / 1.5, top * 1.2)
+    ticks = [t for t in (10, 30, 100, 300, 1000, 3000, 10000, 30000) if first / 1.5 <= t <= top]
     ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("epochs trained by all workers")
