@@ -29,7 +29,7 @@ search with the workers would, less than in proportion (``configs``, default 81 
 workers); asha and the pipeline send ``configurations / eta^(rungs - 1)`` of them (3, 8, 21)
 to the full budget; the pipeline screens for ``screen_epochs`` epochs. The replay's cost limits
 the largest: plain Optuna's TPE re-reads every trial at each ask, so 1,728 trials (27 per
-worker at 64) take about 250 s of CPU per repetition here, 576 take 18 s.
+worker at 64) took 313 s of CPU for one repetition here (profiled), 576 took 18 s.
 
 Reported per method and worker count, medians over repetitions: epochs (all workers) and
 simulated seconds until a full-budget result reaches the target (the 90th percentile of the
