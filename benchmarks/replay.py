@@ -106,6 +106,7 @@ class Setup:
     eta: int = 3
     per_worker: int = 27
     configs: dict[int, int] = field(default_factory=dict)  # workers -> configurations
+    admit: int = 0  # configurations / admit go to the full budget (0: eta^(len(rungs) - 1))
     screen_epochs: int = 3
     n_startup_trials: int = 10
     direction: str = "maximize"
@@ -117,7 +118,8 @@ class Setup:
     def budget(self, workers: int) -> tuple[int, int]:
         """(configurations, configurations sent to the full budget) for ``workers``."""
         configs = self.configs.get(workers, self.per_worker * workers)
-        return configs, max(1, configs // self.eta ** (len(self.rungs) - 1))
+        divisor = self.admit or self.eta ** (len(self.rungs) - 1)
+        return configs, max(1, configs // divisor)
 
     def method(self, name: str, workers: int, seed: int) -> Method:
         configs, top_k = self.budget(workers)
@@ -212,6 +214,7 @@ class Summary:
     hit_time: float
     best_curve: list[tuple[int, float]] = field(default_factory=list)
     full_runs: int = 0
+    trials: int = 0  # trials started (for the pipeline: screened + retrained)
     pruned: int | None = None
     wall_s: float = 0.0
 
@@ -251,6 +254,7 @@ def run_one(task: tuple[str, int, int, float]) -> Summary:
         hit_time=hit.time if hit else math.inf,
         best_curve=result.best_curve(),
         full_runs=len(result.full),
+        trials=len({job.trial for _, _, job in result.jobs}),
         pruned=getattr(method, "pruned", None),
         wall_s=time.perf_counter() - started,
     )
@@ -336,6 +340,7 @@ def rows_for(
                 shown(median([s.hit_time for s in summaries])),
                 f"{shown(median(values), 4)} ({len(values)}/{len(at_budget)})" if asha else "-",
                 shown(median([float(s.epochs) for s in summaries])),
+                shown(median([float(s.trials) for s in summaries])),
                 shown(median([float(s.full_runs) for s in summaries])),
                 shown(median([s.utilization for s in summaries]), 3),
                 shown(median([float(p) for p in pruned])) if pruned else "-",
@@ -351,6 +356,7 @@ HEADERS = [
     "simulated s to target",
     "best full-budget value at asha's epochs (reps with one)",
     "epochs spent",
+    "trials started",
     "full-budget runs",
     "utilization",
     "pruned trials",
@@ -460,6 +466,11 @@ def main() -> int:
                 "1:81,8:216,64:576", budgets, "configurations per worker count W:N, every method"
             ),
             "per_worker": Option(27, int, "configurations per worker for a W not in configs"),
+            "admit": Option(
+                0,
+                int,
+                "asha, pipeline: configurations / admit to the full budget (0 = eta^(rungs - 1))",
+            ),
             "first": Option(1, int, "first rung (asha) and Hyperband's min_resource"),
             "eta": Option(3, int, "reduction factor (asha, Hyperband)"),
             "screen_epochs": Option(3, int, "pipeline: screen epochs"),
@@ -492,6 +503,7 @@ def main() -> int:
         eta=options["eta"],
         per_worker=options["per_worker"],
         configs=options["configs"],
+        admit=options["admit"],
         screen_epochs=options["screen_epochs"],
         n_startup_trials=int(cfg.search.sampler.n_startup_trials),
         direction=direction_of(cfg),
@@ -517,7 +529,8 @@ def main() -> int:
         f"rungs {setup.rungs}, eta {setup.eta}; configurations per method (draws with "
         f"replacement; optuna: TPE's own) by worker count: "
         f"{', '.join(f'{w}: {setup.budget(w)[0]}' for w in options['workers'])}; asha and "
-        f"pipeline send configurations / {setup.eta}^{len(setup.rungs) - 1} to the full budget; "
+        f"pipeline send configurations / {setup.admit or setup.eta ** (len(setup.rungs) - 1)} "
+        "to the full budget; "
         f"pipeline screen {setup.screen_epochs} epochs, median pruning; "
         f"optuna: TPE (n_startup_trials {setup.n_startup_trials}, multivariate, group) + "
         f"HyperbandPruner({setup.first}, {setup.long_budget}, {setup.eta}); "

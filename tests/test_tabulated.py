@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import sys
@@ -251,11 +252,16 @@ def test_replay_on_a_synthetic_table(synthetic: Setup) -> None:
             assert 0.0 < s.utilization <= 1.0
             assert s.epochs > 0 and s.end_time > 0
             if name == "random":
-                assert s.epochs == configs * LONG and s.full_runs == configs
+                assert s.epochs == configs * LONG and s.full_runs == s.trials == configs
+            if name == "asha":
+                assert s.trials <= configs
             if name in ("asha", "pipeline"):
                 assert s.full_runs <= top_k
         if workers == 1:
             assert all(s.utilization == pytest.approx(1.0) for s in summaries)
+    assert synthetic.budget(8) == (72, 2)  # 9 per worker, 1/27 to the full budget
+    assert dataclasses.replace(synthetic, admit=3).budget(8) == (72, 24)
+    assert dataclasses.replace(synthetic, configs={8: 100}).budget(8) == (100, 3)
     line = final_line(runs, 8)
     assert FINAL.match(line), line
     assert line.endswith("utilization@64 -")
