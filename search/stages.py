@@ -1,14 +1,22 @@
 """The report's method as three Optuna studies per study name, coordinated only by storage.
 
+With ``search.pruner: asha`` (the default), :func:`run_rungs` schedules rungs over the whole
+budget: each Optuna trial is one *leg* of a configuration, trained from ``rung_from`` (absent:
+from scratch) to ``rung_to`` and continued from its checkpoint when it ranks in the top
+``1/eta`` of its rung (decisions: :mod:`search.scheduler`). Legs up to ``stages.screen.epochs``
+live in ``<name>.screen``, the longer ones in ``<name>.promote``; the report's own configuration
+is enqueued first. With the other pruners, the previous pipeline runs:
+
 ``<name>.screen``
     ``stages.screen.trials`` short runs, pruned per epoch; the report's own configuration is
     enqueued first, so every study holds the baseline.
 ``<name>.promote``
     the top-k completed screen trials re-run with identical params and seed for the long
     budget; lineage (``source_study``, ``source_trial``) is stored as user attrs.
-``<name>.final``
-    the best promoted encoder gets its frozen-encoder classifier (where the task has one) and
-    train/val/test numbers; the test split is touched only here.
+
+Either way ``<name>.final`` gives the best encoder at the long budget its frozen-encoder
+classifier (where the task has one) and train/val/test numbers; the test split is touched
+only here.
 
 Any number of processes may run :func:`run_stages` against the same storage at once: trial
 slots, promotions and waiting trials are handed out through :class:`storage.claims.Claims`, so
@@ -345,7 +353,7 @@ def _drain(
     while True:
         _fail_stale(study)
         claimed = _claim_waiting(studies, stage)
-        if claimed is not None or _claim_slot(studies, study, new_slots):
+        if claimed is not None or _claim_slot(studies, study, new_slots) is not None:
             number = _run_one(studies, stage, runner, int(cfg.max_retries), claimed)
             if on_trial and number is not None:
                 on_trial(stage, number)
@@ -356,9 +364,10 @@ def _drain(
         time.sleep(POLL_S)  # others are still training; their trials may yet need a retry
 
 
-def _claim_slot(studies: Studies, study: optuna.Study, slots: int) -> bool:
+def _claim_slot(studies: Studies, study: optuna.Study, slots: int) -> str | None:
+    """One of ``study``'s ``slots`` for a new configuration (its claim key), or None."""
     if slots <= 0:
-        return False
+        return None
     # A sampled configuration the study already had was skipped: sample another in its place
     # (bounded, for spaces too small to hold that many distinct configurations).
     skipped = sum("duplicate_of" in t.user_attrs for t in study.get_trials(deepcopy=False))
@@ -367,8 +376,8 @@ def _claim_slot(studies: Studies, study: optuna.Study, slots: int) -> bool:
     for i in range(slots):
         key = f"{study.study_name}/slot/{i}"
         if key not in taken and studies.claims.take(key):
-            return True
-    return False
+            return key
+    return None
 
 
 def _enqueue_once(
@@ -629,19 +638,6 @@ def _enqueue_continuation(
     )
 
 
-def _claim_new(studies: Studies, slots: int) -> str | None:
-    """A screen slot for a new configuration (the key), or None when all are taken."""
-    screen = studies.screen
-    skipped = sum("duplicate_of" in t.user_attrs for t in screen.get_trials(deepcopy=False))
-    slots += min(skipped, 10 * slots)
-    taken = set(studies.claims.taken(f"{screen.study_name}/slot/"))
-    for i in range(slots):
-        key = f"{screen.study_name}/slot/{i}"
-        if key not in taken and studies.claims.take(key):
-            return key
-    return None
-
-
 def run_rungs(
     studies: Studies,
     runner: TrialRunner,
@@ -684,7 +680,8 @@ def run_rungs(
         if queued is not None:
 
             def new_slot(stage: str = queued) -> bool:
-                return stage == "screen" and _claim_new(studies, new_configs) is not None
+                slot = _claim_slot(studies, screen, new_configs) if stage == "screen" else None
+                return slot is not None
 
             number = _run_one(studies, queued, runner, retries, on_fresh=new_slot)
             if on_trial and number is not None:
@@ -696,7 +693,7 @@ def run_rungs(
             _enqueue_continuation(studies, cfg, decision, records, settings)
             continue  # whoever queued it, the loop's next turn picks the leg up
         if isinstance(decision, StartNew):
-            slot = _claim_new(studies, new_configs)
+            slot = _claim_slot(studies, screen, new_configs)
             if slot is not None:
                 number = _run_one(studies, "screen", runner, retries)
                 ran = studies.find_trial(screen.study_name, number) if number is not None else None
