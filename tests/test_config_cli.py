@@ -239,7 +239,8 @@ def test_report_defaults_in_study_files():
     assert list(a.model.decoder_kernels) == [5, 7, 7, 7] and a.train.probe.epochs == 20
     for name in (s for s in available_studies() if s != "quickstart"):
         cfg = load_config(name)
-        assert cfg.search.pruner.name == "hyperband"
+        assert cfg.search.pruner.name == "asha"  # rungs over the whole budget
+        assert 1 <= cfg.search.pruner.min_resource < cfg.stages.promote.epochs
         space = {s.target for s in cfg.search.space.values()}
         assert {"model.channels", "train.optim.name", "train.optim.lr", "train.batch_size"} <= space
         assert {"model.encoder_kernels.0", "train.optim.weight_decay"} <= space

@@ -133,7 +133,13 @@ def test_screen_never_prunes_after_the_last_epoch(
     tmp_path: Path, prune_at: int, state: optuna.trial.TrialState, epochs_run: int
 ) -> None:
     cfg = load_config(
-        "quickstart", [*TINY, "stages.screen.epochs=2", f"runs_dir={tmp_path / 'runs'}"]
+        "quickstart",
+        [
+            *TINY,
+            "stages.screen.epochs=2",
+            "search.pruner.name=hyperband",  # the previous pipeline's pruned screen
+            f"runs_dir={tmp_path / 'runs'}",
+        ],
     )
     pruner = PruneAtStep(prune_at)
     study = optuna.create_study(

@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 
 from search.config import available_studies, load_config, storage_url
 from search.objective import TrialRunner
-from search.stages import make_pruner, open_studies, run_screen, run_stages, summarize
+from search.stages import make_pruner, open_studies, run_stages, summarize
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -123,12 +123,13 @@ def test_each_study_runs_a_tiny_screen_trial_on_the_real_data(tmp_path, study, r
             "search.space.channels.choices=[8]",
             "stages.screen.trials=1",
             "stages.screen.epochs=1",
+            "search.pruner.min_resource=1",  # a first rung of one epoch
             "stage=screen",
             f"runs_dir={tmp_path}",
         ],
     )
     studies = open_studies(cfg, storage_url(cfg))
-    run_screen(studies, TrialRunner(cfg, device="cpu", progress=False), cfg)
+    run_stages(studies, TrialRunner(cfg, device="cpu", progress=False), cfg)
     (trial,) = studies.screen.get_trials()
     assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
     assert trial.user_attrs["epochs_run"] == 1 and trial.user_attrs["device"] == "cpu"
