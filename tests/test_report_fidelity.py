@@ -26,6 +26,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Two studies of different tasks on the quickstart's digits, as small as a finished study gets.
 TINY = (
     *TINY_STAGES,
+    "stages.promote.epochs=2",  # rungs 1 and 2: the best configuration is continued (promoted)
     "search.space.channels.choices=[8]",
     "data.train_subset=200",
     "data.val_subset=60",
@@ -89,7 +90,7 @@ def test_study_all_writes_one_table_shaped_like_the_reports_with_budgets(reporte
     rows = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if "|" in line}
     contrastive = rows["1.2.3 contrastive / SimCLR (frozen encoder): test accuracy (%)"]
     # Ours: 1 promoted epoch + 1 probe epoch at 2 batches each; the report's 200 + 30 epochs.
-    assert "(1 + 1 epochs of at most 2 batches), `fid-contrastive` final #0" in contrastive
+    assert "(2 + 1 epochs of at most 2 batches), `fid-contrastive` final #0" in contrastive
     assert "69.64 (200 + 30 epochs)" in contrastive and "98.88 (100 + 20 epochs)" in contrastive
     guided = rows["1.2.2 classification-guided encoder: test accuracy (%)"]
     assert "80.42 (50 epochs)" in guided and "99.14 (10 epochs)" in guided
