@@ -415,9 +415,8 @@ def record_baselines(studies: Studies, runner: TrialRunner) -> None:
         screen.set_user_attr(BASELINES_ATTR, runner.baselines())
 
 
-def run_screen(
-    studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial: TrialDone | None = None
-) -> None:
+def _start_screen(studies: Studies, runner: TrialRunner, cfg: DictConfig) -> None:
+    """Queue the report's own configuration first (once), and score the baselines (once)."""
     screen = studies.screen
 
     def enqueue_baseline() -> int:
@@ -428,6 +427,12 @@ def run_screen(
 
     _enqueue_once(studies, f"{screen.study_name}/baseline", enqueue_baseline, screen)
     record_baselines(studies, runner)
+
+
+def run_screen(
+    studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial: TrialDone | None = None
+) -> None:
+    _start_screen(studies, runner, cfg)
     # The waiting baseline is one of the screen's trials: the rest are new samples.
     _drain(
         studies,
@@ -653,15 +658,7 @@ def run_rungs(
     claim), wait for running trials, or stop.
     """
     screen = studies.screen
-
-    def enqueue_baseline() -> int:
-        screen.enqueue_trial(
-            baseline_params(cfg), user_attrs={"baseline": "report"}, skip_if_exists=True
-        )
-        return 1
-
-    _enqueue_once(studies, f"{screen.study_name}/baseline", enqueue_baseline, screen)
-    record_baselines(studies, runner)
+    _start_screen(studies, runner, cfg)
     settings = scheduler_settings(cfg, up_to)
     retries = int(cfg.max_retries)
     new_configs = int(cfg.stages.screen.trials) - 1  # the report's configuration is the first
