@@ -66,6 +66,12 @@ def original_number(trial: optuna.trial.FrozenTrial) -> int:
     return trial.number if retried is None else int(retried)
 
 
+def config_number(trial: optuna.trial.FrozenTrial) -> int:
+    """The configuration a trial trains: the screen trial that first sampled it (user attr
+    ``config`` on rung legs), else the first trial of its retry chain."""
+    return int(trial.user_attrs.get("config", original_number(trial)))
+
+
 class TrialRunner:
     """Runs trials of one study in this process; loads the data once and reuses it."""
 
@@ -275,7 +281,7 @@ class TrialRunner:
             tcfg = apply(self.cfg, params)
             tcfg.train.epochs = epochs
             # A configuration is keyed by the screen trial that first sampled it.
-            number = int(trial.user_attrs.get("config", original_number(this)))
+            number = config_number(this)
             if stop_at is not None and "config" not in trial.user_attrs:
                 trial.set_user_attr("config", number)
             seed = trial.user_attrs.get("seed")

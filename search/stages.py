@@ -51,7 +51,7 @@ from search.naming import (
     stage_study_name,
     uses_rungs,
 )
-from search.objective import TrialRunner, original_number, stored
+from search.objective import TrialRunner, config_number, original_number, stored
 from search.scheduler import (
     Continue,
     Finished,
@@ -536,10 +536,6 @@ def scheduler_settings(cfg: DictConfig, up_to: int | None = None) -> dict[str, A
     }
 
 
-def _config_of(trial: optuna.trial.FrozenTrial) -> int:
-    return int(trial.user_attrs.get("config", original_number(trial)))
-
-
 def scheduler_records(studies: Studies, cfg: DictConfig) -> list[TrialRecord]:
     """One :class:`TrialRecord` per configuration, from the screen and promote studies.
 
@@ -561,7 +557,7 @@ def scheduler_records(studies: Studies, cfg: DictConfig) -> list[TrialRecord]:
                 record = TrialRecord(0, failed=True, promoted_to=promoted)
             else:  # RUNNING or WAITING: on its way to its rung
                 record = TrialRecord(0, running_to=to, promoted_to=promoted)
-            attempts.setdefault(_config_of(t), []).append(record)
+            attempts.setdefault(config_number(t), []).append(record)
     records = [
         merge_retries([dataclasses.replace(a, number=config) for a in legs])
         for config, legs in sorted(attempts.items())
@@ -598,7 +594,7 @@ def records_from_snapshot(snapshot: list[list[Any]]) -> list[TrialRecord]:
 
 def _first_leg(studies: Studies, config: int) -> optuna.trial.FrozenTrial:
     """The screen trial that sampled configuration ``config`` (or its retry that finished)."""
-    legs = [t for t in studies.screen.get_trials(deepcopy=False) if _config_of(t) == config]
+    legs = [t for t in studies.screen.get_trials(deepcopy=False) if config_number(t) == config]
     return next((t for t in legs if t.state == TrialState.COMPLETE), legs[0])
 
 
