@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,69 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def detached_copy(value: Any) -> Any:
+    """``value`` (nested dicts, lists and tuples of tensors and numbers) with every tensor copied
+    to the CPU: a snapshot that training can no longer change under a background write."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: detached_copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(detached_copy(v) for v in value)
+    return value
+
+
+class CheckpointWriter:
+    """Writes checkpoints on one background thread, so training does not wait for the disk.
+
+    :meth:`submit` takes a state already detached from training (:func:`detached_copy`) and
+    returns at once; one write is in flight at a time (a second submit first waits for it, so
+    at most two snapshots are in memory). A failed write is raised by the next :meth:`submit`
+    or by :meth:`flush`, which waits until everything submitted is on disk; call it before
+    reporting a phase finished. ``on_written(path)`` runs on the writer thread after each file
+    is in place (a copy to a shared store, for example).
+
+    Example::
+
+        writer = CheckpointWriter()
+        writer.submit(path, detached_copy(state))
+        writer.flush()
+    """
+
+    def __init__(self, on_written: Callable[[Path], None] | None = None) -> None:
+        self.on_written = on_written
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def _write(self, path: Path, state: dict[str, Any]) -> None:
+        try:
+            save_checkpoint(path, state)
+            if self.on_written is not None:
+                self.on_written(path)
+        except BaseException as error:  # raised in the training thread by the next call
+            self._error = error
+
+    def _wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def submit(self, path: str | os.PathLike[str], state: dict[str, Any]) -> None:
+        """Write ``state`` to ``path`` in the background (after the previous write)."""
+        self._wait()
+        self._thread = threading.Thread(
+            target=self._write, args=(Path(path), state), name="checkpoint-writer", daemon=False
+        )
+        self._thread.start()
+
+    def flush(self) -> None:
+        """Wait until every submitted checkpoint is written; raise a write's error."""
+        self._wait()
 
 
 class CheckpointError(RuntimeError):

@@ -157,6 +157,12 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on CUDA) | off | bf16
     channels_last: str = "auto"  # auto (on CUDA) | off | on
+    # Write the resume checkpoint after every k-th epoch; always after a phase's last epoch
+    # and at a rung (stop_at). Written off the training thread (models.checkpoints).
+    checkpoint_every: int = 1
+    # Deterministic algorithms and cuDNN (bitwise resume on CUDA, slower); off: cuDNN may
+    # pick its fastest kernels (cudnn.benchmark), so CUDA resumes agree to rounding only.
+    deterministic: bool = False
     progress: bool = True
 
 
@@ -568,6 +574,11 @@ def check_train(train: TrainConfig, key: str = "train") -> None:
     check_device(train.device, f"{key}.device")
     check_choice(train.amp, AMP_MODES, f"{key}.amp")
     check_choice(train.channels_last, CHANNELS_LAST_MODES, f"{key}.channels_last")
+    check_int(train.checkpoint_every, f"{key}.checkpoint_every", 1, high=MAX_EPOCHS)
+    if not isinstance(train.deterministic, bool):
+        raise SettingError(
+            f"{key}.deterministic: must be true or false, got {train.deterministic!r}"
+        )
 
 
 def check_run(task: str, data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -41,13 +42,14 @@ from tqdm.auto import tqdm
 
 from models.augment import build_augmentation
 from models.checkpoints import (
+    CheckpointWriter,
     best_checkpoint,
     capture_rng_state,
     check_identity,
+    detached_copy,
     load_checkpoint,
     phase_checkpoint,
     restore_rng_state,
-    save_checkpoint,
 )
 from models.config import (
     ModelConfig,
@@ -80,10 +82,29 @@ class EpochReport:
     seconds: float = 0.0  # training time of the epoch, metrics excluded
     images_per_second: float = 0.0
     eval_seconds: float = 0.0  # validation metrics of the epoch
-    checkpoint_seconds: float = 0.0  # writing this epoch's checkpoint
+    # Training-thread time for this epoch's checkpoint: the snapshot, plus waiting for the
+    # previous write when the disk is slower than an epoch (the write itself is background).
+    checkpoint_seconds: float = 0.0
 
 
 EpochCallback = Callable[[EpochReport], None]
+
+
+def set_determinism(deterministic: bool, device: torch.device) -> None:
+    """Set the process's algorithm choice for a run (set on every Run: it is process-wide).
+
+    ``deterministic``: deterministic algorithms (PyTorch warns for an op that has none, such as
+    CUDA's bilinear-upsampling backward; choose ``model.upsample`` nearest or convtranspose for a
+    bitwise run), cuDNN deterministic, cuBLAS with a fixed workspace. Otherwise on CUDA cuDNN
+    benchmarks and picks its fastest kernels, so a resumed CUDA run agrees with an uninterrupted
+    one to rounding, not bit for bit (on the CPU it is bitwise either way).
+    """
+    if deterministic and device.type == "cuda":
+        # Must be set before cuBLAS makes its first handle; harmless when set again.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
 
 
 def resolve_device(name: str, key: str = "train.device") -> torch.device:
@@ -105,12 +126,14 @@ class Run:
         train: TrainConfig,
         checkpoint_dir: str | Path | None = None,
         identity: str | None = None,
+        on_checkpoint: Callable[[Path], None] | None = None,
     ) -> None:
         check_task(task)
         check_train(train)
         self.task = task
         self.cfg = train
         self.device = resolve_device(train.device)
+        set_determinism(train.deterministic, self.device)
         self.splits = splits.to(self.device)
         self.family = splits.family
         torch.manual_seed(train.seed)  # initial weights and every random draw follow the seed
@@ -133,6 +156,8 @@ class Run:
             self.family, "probe", train.probe.aug_strength, key="train.probe.aug_strength"
         )
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        # Called on the writer thread with each checkpoint file once it is in place.
+        self.on_checkpoint = on_checkpoint
         # Written into every checkpoint; a checkpoint with another identity is never resumed.
         self.identity = identity
         # (metric, maximize): also keep the pretrain epoch that scored best on it, as the
@@ -288,84 +313,113 @@ class Run:
             scheduler.load_state_dict(state["scheduler"])
             restore_rng_state(state["rng"], self.device)
             history = [EpochReport(**h) for h in state["history"]]
-        for epoch in range(len(history), stop):
-            for module in modules.values():
-                module.train()
-            batches = self._batches(n_images, batch_size)
-            started = time.perf_counter()
-            loss_sum = torch.zeros((), device=self.device)
-            bar = tqdm(
-                batches,
-                desc=f"{phase} {epoch + 1}/{epochs}",
-                leave=False,
-                disable=not self.cfg.progress,
-                unit="batch",
-            )
-            for idx in bar:
-                with self._autocast():
-                    loss = step(idx)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach().float()
-            scheduler.step()
-            train_loss = float(loss_sum) / max(len(batches), 1)  # one device sync per epoch
-            seconds = time.perf_counter() - started
-            if not math.isfinite(train_loss):
-                raise NonFiniteLossError(
-                    f"{phase}: training loss became {train_loss} in epoch {epoch + 1}"
+        writer = CheckpointWriter(self.on_checkpoint)
+        try:
+            for epoch in range(len(history), stop):
+                for module in modules.values():
+                    module.train()
+                batches = self._batches(n_images, batch_size)
+                started = time.perf_counter()
+                loss_sum = torch.zeros((), device=self.device)
+                bar = tqdm(
+                    batches,
+                    desc=f"{phase} {epoch + 1}/{epochs}",
+                    leave=False,
+                    disable=not self.cfg.progress,
+                    unit="batch",
                 )
-            images = sum(len(b) for b in batches)
-            eval_started = time.perf_counter()
-            values = metrics()
-            report = EpochReport(
-                phase=phase,
-                epoch=epoch + 1,
-                epochs=epochs,
-                train_loss=train_loss,
-                metrics=values,
-                seconds=seconds,
-                images_per_second=images / seconds if seconds > 0 else 0.0,
-                eval_seconds=time.perf_counter() - eval_started,
-            )
-            history.append(report)
-            if (
-                path
-                and phase == "pretrain"
-                and self.best_by
-                and _improves(report, best, *self.best_by)
-            ):
-                best = {"value": report.metrics[self.best_by[0]], "epoch": report.epoch}
-                save_checkpoint(
-                    best_checkpoint(self.checkpoint_dir),
-                    {
-                        "phase": phase,
-                        "identity": self.identity,
-                        "epoch": report.epoch,
-                        "modules": {n: m.state_dict() for n, m in modules.items()},
-                        "best": best,
-                    },
+                for idx in bar:
+                    with self._autocast():
+                        loss = step(idx)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    loss_sum += loss.detach().float()
+                scheduler.step()
+                train_loss = float(loss_sum) / max(len(batches), 1)  # one device sync per epoch
+                seconds = time.perf_counter() - started
+                if not math.isfinite(train_loss):
+                    raise NonFiniteLossError(
+                        f"{phase}: training loss became {train_loss} in epoch {epoch + 1}"
+                    )
+                images = sum(len(b) for b in batches)
+                eval_started = time.perf_counter()
+                values = metrics()
+                report = EpochReport(
+                    phase=phase,
+                    epoch=epoch + 1,
+                    epochs=epochs,
+                    train_loss=train_loss,
+                    metrics=values,
+                    seconds=seconds,
+                    images_per_second=images / seconds if seconds > 0 else 0.0,
+                    eval_seconds=time.perf_counter() - eval_started,
                 )
-            if path:
-                saving_started = time.perf_counter()
-                save_checkpoint(
-                    path,
-                    {
-                        "phase": phase,
-                        "identity": self.identity,
-                        "epoch": epoch + 1,
-                        "modules": {n: m.state_dict() for n, m in modules.items()},
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng": capture_rng_state(self.device),
-                        "best": best,
-                        "history": [asdict(h) for h in history],
-                    },
-                )
-                report.checkpoint_seconds = time.perf_counter() - saving_started
-            if on_epoch:
-                on_epoch(report)
+                history.append(report)
+                if path:
+                    saving_started = time.perf_counter()
+                    best = self._checkpoint(
+                        writer, path, report, stop, modules, optimizer, scheduler, best, history
+                    )
+                    report.checkpoint_seconds = time.perf_counter() - saving_started
+                if on_epoch:
+                    on_epoch(report)
+        except BaseException:
+            # The training error is the one to report; a write in flight still finishes.
+            with contextlib.suppress(BaseException):
+                writer.flush()
+            raise
+        writer.flush()
         return history
+
+    def _checkpoint(
+        self,
+        writer: CheckpointWriter,
+        path: Path,
+        report: EpochReport,
+        stop: int,
+        modules: dict[str, nn.Module],
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        best: dict[str, float] | None,
+        history: list[EpochReport],
+    ) -> dict[str, float] | None:
+        """Hand this epoch's checkpoints to the writer; return the best epoch so far.
+
+        The resume checkpoint is written every ``train.checkpoint_every`` epochs and always at
+        ``stop`` (a rung or the phase's end), where it is on disk before the epoch is reported.
+        """
+        epoch, phase = report.epoch, report.phase
+        if phase == "pretrain" and self.best_by and _improves(report, best, *self.best_by):
+            best = {"value": report.metrics[self.best_by[0]], "epoch": epoch}
+            writer.submit(
+                best_checkpoint(self.checkpoint_dir),
+                {
+                    "phase": phase,
+                    "identity": self.identity,
+                    "epoch": epoch,
+                    "modules": detached_copy({n: m.state_dict() for n, m in modules.items()}),
+                    "best": best,
+                },
+            )
+        if epoch % self.cfg.checkpoint_every == 0 or epoch == stop:
+            writer.submit(
+                path,
+                {
+                    "phase": phase,
+                    "identity": self.identity,
+                    "epoch": epoch,
+                    "modules": detached_copy({n: m.state_dict() for n, m in modules.items()}),
+                    "optimizer": detached_copy(optimizer.state_dict()),
+                    "scheduler": detached_copy(scheduler.state_dict()),
+                    "rng": capture_rng_state(self.device),
+                    "best": best,
+                    "history": [asdict(h) for h in history],
+                },
+            )
+        if epoch == stop:
+            writer.flush()
+        return best
 
     # ---- phases ---------------------------------------------------------------------------
 

@@ -51,7 +51,13 @@ from search.naming import (
     stage_study_name,
     uses_rungs,
 )
-from search.objective import TrialRunner, config_number, original_number, stored
+from search.objective import (
+    TrialRunner,
+    config_number,
+    original_number,
+    release_trial_memory,
+    stored,
+)
 from search.scheduler import (
     Continue,
     Finished,
@@ -276,6 +282,7 @@ def _run_one(
     study = studies.of(stage)
     objective = runner.objective(stage)
     started: list[int] = []
+    raised: list[bool] = []
 
     def tracked(trial: optuna.Trial) -> float:
         started.append(trial.number)
@@ -286,13 +293,19 @@ def _run_one(
             reason = "nothing queued: another worker took the queued trial first"
             trial.set_user_attr("prune_reason", reason)
             raise optuna.TrialPruned(reason)
-        return objective(trial)
+        try:
+            return objective(trial)
+        except BaseException:
+            raised.append(True)
+            raise
 
     try:
         study.optimize(tracked, n_trials=1, catch=(Exception,))
     except KeyboardInterrupt:
         _requeue(study, started, max_retries)
         raise
+    finally:  # out of every frame that held the trial's exception
+        release_trial_memory(raised=bool(raised))
     if started:
         trial = next(t for t in study.get_trials(deepcopy=False) if t.number == started[0])
         reason = str(trial.user_attrs.get("fail_reason") or "")

@@ -150,3 +150,79 @@ def test_nt_xent_is_float32_under_autocast():
     assert torch.allclose(amp_bf16_inputs, fp32, rtol=0, atol=1e-6)
     # Without the fix the difference is real: the test would catch it.
     assert abs(float(old) - float(fp32)) > 1e-4  # about 0.6% of the loss here
+
+
+# ---- device memory: a failed or pruned trial's Run is gone before the next trial --------
+
+_WATCH_FAILED_TRIALS = """
+import gc, json, sys, weakref
+
+import torch
+
+from search import TrialRunner, load_config, open_studies, run_stages
+
+
+class Exploding(torch.nn.Module):  # fails inside the training step, as running out of memory would
+    def forward(self, x):
+        raise RuntimeError("boom inside the training step")
+
+
+class Watching(TrialRunner):
+    refs = []
+    alive_at_start = []
+
+    def _make_run(self, tcfg, ckpt_dir, fingerprint):
+        self.alive_at_start.append(any(ref() is not None for ref in self.refs))
+        run = super()._make_run(tcfg, ckpt_dir, fingerprint)
+        if ckpt_dir is not None:  # a trial's Run (the baselines' Run trains nothing)
+            run.pretrain_aug = Exploding()
+            self.refs.append(weakref.ref(run))
+        return run
+
+
+runs_dir = sys.argv[1]
+cfg = load_config("quickstart", [
+    f"runs_dir={runs_dir}", "stage=screen", "stages.screen.trials=3", "train.max_batches=1",
+    "search.space.channels.choices=[4]", "train.knn_max_train=100",
+])
+runner = Watching(cfg, device="cpu", progress=False)
+gc.disable()  # only reference counting or an explicit collection may free a Run
+run_stages(open_studies(cfg, f"sqlite:///{runs_dir}/ssl-search.db"), runner, cfg)
+print(json.dumps({"alive_at_start": runner.alive_at_start, "runs": len(runner.refs)}))
+"""
+
+
+def test_a_failed_trials_run_is_collected_before_the_next_trial_starts(tmp_path):
+    """Every trial's Run raises from deep inside Run.pretrain, and Optuna keeps the exception
+    (and through its traceback the training frames) past the trial. In a real worker process
+    with the cycle collector off, the next trial checks with a weak reference that the previous
+    Run is already gone when it builds its own. (A subprocess: pytest's log capture would keep
+    Optuna's failure records, and with them the tracebacks, for its own report.)"""
+    import json
+    import subprocess
+    import sys
+
+    import optuna
+
+    from search import stage_study_name
+    from conftest import REPO_ROOT
+
+    script = tmp_path / "watch.py"
+    script.write_text(_WATCH_FAILED_TRIALS)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    trials = optuna.load_study(
+        study_name=stage_study_name("quickstart", "screen"), storage=url
+    ).get_trials()
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) >= 2 and all("boom" in t.user_attrs["fail_reason"] for t in failed)
+    assert seen["runs"] >= 2
+    assert seen["alive_at_start"] == [False] * len(seen["alive_at_start"])

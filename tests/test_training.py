@@ -124,6 +124,77 @@ def test_stopped_at_rungs_and_continued_equals_one_uninterrupted_run(digits, tmp
     assert [h.metrics for h in history] == [h.metrics for h in straight_history]
 
 
+class _Interrupt(Exception):
+    pass
+
+
+def test_checkpoint_every_k_epochs_and_at_the_rung_then_resume_is_exact(digits, tmp_path):
+    """train.checkpoint_every=4: an interruption after epoch 5 resumes from epoch 4 (the last
+    one written), and the resumed run still ends with the uninterrupted run's weights. A rung
+    stop (stop_at=3) always leaves its checkpoint, whatever the cadence."""
+    from models.checkpoints import load_checkpoint, phase_checkpoint
+
+    model = ModelConfig(channels=4, latent_dim=16)
+    train = small_train(epochs=6, seed=3, checkpoint_every=4)
+    reference = Run("contrastive", digits, model, train)
+    reference.pretrain()
+
+    def stop_after_5(report):
+        if report.epoch == 5:
+            raise _Interrupt
+
+    folder = tmp_path / "k4"
+    with pytest.raises(_Interrupt):
+        Run("contrastive", digits, model, train, checkpoint_dir=folder).pretrain(stop_after_5)
+    assert load_checkpoint(phase_checkpoint(folder, "pretrain"))["epoch"] == 4
+    seen = []
+    resumed = Run("contrastive", digits, model, train, checkpoint_dir=folder)
+    resumed.pretrain(on_epoch=seen.append)
+    assert [r.epoch for r in seen] == [5, 6]
+    a, b = _weights(reference), _weights(resumed)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+    rung = tmp_path / "rung"
+    Run("contrastive", digits, model, train, checkpoint_dir=rung).pretrain(stop_at=3)
+    assert load_checkpoint(phase_checkpoint(rung, "pretrain"))["epoch"] == 3
+
+
+def test_checkpoints_are_written_off_the_training_thread_and_reported(digits, tmp_path):
+    import threading
+
+    written = []
+    run = Run(
+        "guided",
+        digits,
+        ModelConfig(channels=4),
+        small_train(epochs=2),
+        checkpoint_dir=tmp_path,
+        on_checkpoint=lambda path: written.append((path.name, threading.current_thread().name)),
+    )
+    run.keep_best_by("val_accuracy", maximize=True)
+    run.pretrain()
+    assert [name for name, _ in written if name == "pretrain.pt"] == ["pretrain.pt"] * 2
+    assert "pretrain-best.pt" in {name for name, _ in written}
+    assert {thread for _, thread in written} == {"checkpoint-writer"}
+
+
+def test_a_failed_checkpoint_write_fails_the_phase(digits, tmp_path):
+    def broken_store(path):
+        raise OSError(f"cannot copy {path.name}")
+
+    run = Run(
+        "guided",
+        digits,
+        ModelConfig(channels=4),
+        small_train(epochs=2),
+        checkpoint_dir=tmp_path,
+        on_checkpoint=broken_store,
+    )
+    with pytest.raises(OSError, match="cannot copy pretrain.pt"):
+        run.pretrain()
+
+
 def test_finished_phase_is_not_retrained(digits, tmp_path):
     train = small_train(epochs=1)
     Run("guided", digits, ModelConfig(channels=4), train, checkpoint_dir=tmp_path).pretrain()
