@@ -129,12 +129,12 @@ def analyse(result: Result, url: str, name: str, launch: datetime) -> None:
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from search import stage_study_name
+    from search import learning_curve, stage_study_name
 
     study = optuna.load_study(study_name=stage_study_name(name, "screen"), storage=url)
     by_worker: dict[str, list[tuple[datetime, datetime, Trial]]] = {}
     for t in study.get_trials(deepcopy=False):
-        curve = t.user_attrs.get("curve")
+        curve = learning_curve(t.user_attrs)
         if t.state not in (TrialState.COMPLETE, TrialState.PRUNED) or not curve:
             result.failed += 1
             continue

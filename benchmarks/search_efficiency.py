@@ -107,8 +107,10 @@ def epochs_used(trial: Any) -> int:
 
 def record(outcome: Outcome, trial: Any, label: str, metric: str, full_length: int) -> None:
     """Append a finished trial's per-epoch values to the method's timeline."""
+    from search import learning_curve
+
     start = outcome.epochs
-    for c in trial.user_attrs.get("curve", []):
+    for c in learning_curve(trial.user_attrs):
         if c["phase"] == "pretrain" and metric in c["metrics"]:
             outcome.events.append(
                 Event(start + int(c["epoch"]), float(c["metrics"][metric]), label)

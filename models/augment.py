@@ -35,6 +35,16 @@ RandomResizedCrop always uses torchvision's aspect-ratio range (3/4, 4/3) and Ga
 range (0.1, 2.0); ColorJitter is ``kornia.augmentation.ColorJitter``, which uses torchvision's
 formulas (not ``ColorJiggle``).
 
+Every op works on the whole batch at once, so one call issues the same number of ops (GPU
+kernels) at any batch size (``tests/test_augment.py`` checks it with ``torch.profiler``).
+RandomResizedCrop runs in kornia's ``cropping_mode="resample"``: each sample's crop and its resize
+to the output size are one batched bilinear warp (``align_corners=True``: the crop's corner pixel
+centres land on the output's corner pixels); kornia's default "slice" mode would crop and resize
+image by image (two kernels per image). kornia draws each op's parameters for the whole batch in
+a few batched calls on the CPU, with the global torch RNG, and copies them to the batch's device
+without a blocking copy; an op with p < 1 is computed on the whole batch and blended with the
+input per sample (``torch.where``), so no step depends on how many samples were picked.
+
 Strength ``s`` (``train.aug_strength``, within [0, 2]) scales every op of a recipe linearly:
 
 =======================  ==============================  =============================================
@@ -190,8 +200,14 @@ def _build_op(op: _Op) -> nn.Module:
     q = op.params
     if op.kind == "crop":
         # p=1: kornia's RandomResizedCrop gates the whole batch with p; crops are still per sample.
+        # "resample": one batched warp for every crop; the default "slice" loops over the images.
         return K.RandomResizedCrop(
-            size=q["size"], scale=q["scale"], ratio=q["ratio"], same_on_batch=False, p=1.0
+            size=q["size"],
+            scale=q["scale"],
+            ratio=q["ratio"],
+            same_on_batch=False,
+            p=1.0,
+            cropping_mode="resample",
         )
     if op.kind == "hflip":
         return K.RandomHorizontalFlip(p=q["p"], same_on_batch=False)

@@ -107,6 +107,27 @@ def set_determinism(deterministic: bool, device: torch.device) -> None:
     torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
 
 
+def physical_gpu(index: int, mask: str | None = None) -> str:
+    """The GPU that ``cuda:<index>`` of a process is, as ``CUDA_VISIBLE_DEVICES`` names it.
+
+    ``mask`` is that process's ``CUDA_VISIBLE_DEVICES`` (default: this process's); under
+    ``4,5`` index 1 is ``"5"``, with no mask it is ``"1"``. An entry may be a UUID
+    (``GPU-...``, ``MIG-...``), returned as written.
+    """
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES") if mask is None else mask
+    entries = [e.strip() for e in mask.split(",")] if mask else []
+    return entries[index] if index < len(entries) and entries[index] else str(index)
+
+
+def describe_device(device: torch.device) -> str:
+    """What a trial records as its device: ``cpu``, or ``cuda:0 = GPU 5 (NVIDIA H200)``."""
+    if device.type != "cuda":
+        return str(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    name = torch.cuda.get_device_name(index)
+    return f"cuda:{index} = GPU {physical_gpu(index)} ({name})"
+
+
 def resolve_device(name: str, key: str = "train.device") -> torch.device:
     """``auto`` picks CUDA when present, else the CPU; ``cpu``, ``cuda`` and ``cuda:N`` must
     exist here (:func:`models.config.check_device`, which raises a SettingError naming ``key``)."""

@@ -62,6 +62,7 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from reporting import figures
+from search import learning_curve
 
 _LOG = logging.getLogger(__name__)
 ARTIFACT_ATTR_PREFIX = "artifacts:"  # how optuna records an upload in system attrs
@@ -135,7 +136,7 @@ def _pretrain_curve(trial: optuna.trial.FrozenTrial | None) -> list[dict[str, An
     """The pretrain epochs of a trial's curve (none for None)."""
     if trial is None:
         return []
-    return [c for c in trial.user_attrs.get("curve", []) if c["phase"] == "pretrain"]
+    return learning_curve(trial.user_attrs, "pretrain")
 
 
 def trial_drawings(trial: optuna.Trial, run: Any, extra: dict[str, Any]) -> dict[str, Drawing]:
@@ -146,7 +147,7 @@ def trial_drawings(trial: optuna.Trial, run: Any, extra: dict[str, Any]) -> dict
     attrs = trial.user_attrs
     stage = attrs.get("stage", "")
     study = trial.study.study_name
-    curve = list(attrs.get("curve") or [])
+    curve = learning_curve(attrs)
     if not curve and extra.get("history"):
         curve = list(extra["history"])
     curve = [_plain(c) for c in curve]

@@ -54,7 +54,7 @@ from reporting.tables import (
     state_counts,
     trials_frame,
 )
-from search import apply, metric_of, redact, resolved_paths, top_trials
+from search import apply, learning_curve, metric_of, redact, resolved_paths, top_trials
 
 _log = logging.getLogger(__name__)
 # Test images per t-SNE panel of the written report, at most (``--tsne-points``).
@@ -256,11 +256,9 @@ def model_figures(
             doc.add(f"The final trial's networks could not be rebuilt: {error}.", "")
     if run is not None:
         source = source_trial(src.storage, final)
-        curve = [
-            c
-            for c in (source.user_attrs.get("curve", []) if source else [])
-            if c["phase"] == "pretrain"
-        ] + [c for c in final.user_attrs.get("curve", []) if c["phase"] == "probe"]
+        curve = learning_curve(source.user_attrs if source else {}, "pretrain") + learning_curve(
+            final.user_attrs, "probe"
+        )
         if curve:
             doc.add("### Learning curves of the configuration found", "")
             doc.figure(

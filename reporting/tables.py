@@ -32,6 +32,7 @@ from search import (
     STAGES,
     apply,
     failure_reason,
+    learning_curve,
     long_budget,
     metric_of,
     stage_metric,
@@ -288,8 +289,7 @@ def pruning_savings(cfg: DictConfig, screen: optuna.Study) -> PruningSavings | N
     per_epoch = [
         c["seconds"] + c.get("eval_seconds", 0.0)
         for t in trials
-        for c in t.user_attrs.get("curve", [])
-        if c["phase"] == "pretrain"
+        for c in learning_curve(t.user_attrs, "pretrain")
     ]
     return PruningSavings(
         trials=len(trials),

@@ -164,6 +164,9 @@ class StudyConfig:
     heartbeat_interval: int = 10  # seconds between a running trial's heartbeats
     grace_period: int = 60  # seconds without heartbeat before a trial counts as dead
     max_retries: int = 3  # times a dead worker's trial is retried
+    # A trial that runs out of CUDA memory is trained again once at half its batch size (a
+    # different configuration: recorded as oom_batch_size); false: it fails with the reason.
+    oom_half_batch: bool = False
 
 
 def available_studies() -> list[str]:

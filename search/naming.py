@@ -23,7 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -83,6 +85,34 @@ def trial_dir(checkpoints_root: str | Path, study_name: str, study_uid: str, num
 def trial_dir_relative(study_name: str, study_uid: str, number: int) -> Path:
     """:func:`trial_dir` relative to the checkpoints folder (what trials record)."""
     return Path(f"{study_name}-{study_uid}") / f"trial-{int(number):05d}"
+
+
+# A trial's learning curve: one user attr per epoch, appended as the epoch ends (never the
+# whole curve rewritten), named so that they sort pretrain before probe, then by epoch.
+CURVE_ATTR_PREFIX = "curve:"
+_LEGACY_CURVE_ATTR = "curve"  # the whole curve in one attr, as trials stored it before
+
+
+def curve_attr(phase: str, epoch: int) -> str:
+    """The user attr holding epoch ``epoch`` of ``phase``: ``curve:pretrain:0003``."""
+    return f"{CURVE_ATTR_PREFIX}{phase}:{epoch:04d}"
+
+
+def is_curve_attr(key: str) -> bool:
+    return key == _LEGACY_CURVE_ATTR or key.startswith(CURVE_ATTR_PREFIX)
+
+
+def learning_curve(user_attrs: Mapping[str, Any], phase: str | None = None) -> list[dict[str, Any]]:
+    """A trial's per-epoch rows (``EpochReport`` fields), pretrain then probe, by epoch;
+    only ``phase``'s when given.
+
+    >>> learning_curve({curve_attr("probe", 1): {"phase": "probe", "epoch": 1},
+    ...                 curve_attr("pretrain", 2): {"phase": "pretrain", "epoch": 2}})
+    [{'phase': 'pretrain', 'epoch': 2}, {'phase': 'probe', 'epoch': 1}]
+    """
+    rows = list(user_attrs.get(_LEGACY_CURVE_ATTR) or [])
+    rows += [user_attrs[k] for k in sorted(user_attrs) if k.startswith(CURVE_ATTR_PREFIX)]
+    return [r for r in rows if phase is None or r["phase"] == phase]
 
 
 def run_fingerprint(cfg: DictConfig) -> str:

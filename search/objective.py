@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from models.checkpoints import CheckpointError, check_identity, load_checkpoint, set_aside
 from models.data import ImageSplits, load_splits
-from models.training import EpochReport, Run
+from models.training import EpochReport, Run, describe_device, resolve_device
 from search.config import direction_of, metric_of, resolved_paths, to_dataclasses
 from search.naming import (
     BEST_PRETRAIN_FILE,
@@ -38,6 +38,8 @@ from search.naming import (
     PRETRAIN_FILE,
     PROBE_FILE,
     STUDY_UID_ATTR,
+    curve_attr,
+    learning_curve,
     long_budget,
     new_study_uid,
     run_fingerprint,
@@ -52,6 +54,20 @@ from storage.claims import default_owner
 TrialHook = Callable[[optuna.Trial, Run, DictConfig, dict[str, Any]], None]
 # (Optuna study name, trial number) -> that trial, for a final trial's source.
 TrialLookup = Callable[[str, int], "optuna.trial.FrozenTrial | None"]
+
+
+# A configuration that ran out of memory and was retried at half its batch size.
+OOM_BATCH_ATTR = "oom_batch_size"
+
+
+def carried_attrs(source: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """What a configuration's later trials (its continuations, promotion, final) take from the
+    trial that trained it: its seed, and the batch size it fell back to after running out of
+    memory, if it did."""
+    carried: dict[str, Any] = {"seed": source.user_attrs.get("seed")}
+    if OOM_BATCH_ATTR in source.user_attrs:
+        carried[OOM_BATCH_ATTR] = source.user_attrs[OOM_BATCH_ATTR]
+    return carried
 
 
 def release_trial_memory(raised: bool) -> None:
@@ -194,12 +210,7 @@ class TrialRunner:
     def _begin(self, trial: optuna.Trial, stage: str) -> None:
         trial.set_user_attr("stage", stage)
         trial.set_user_attr("worker", default_owner())
-        trial.set_user_attr(
-            "device",
-            str(torch.device(self.device))
-            if self.device != "auto"
-            else ("cuda" if torch.cuda.is_available() else "cpu"),
-        )
+        trial.set_user_attr("device", describe_device(resolve_device(self.device)))
         if "fail_reason" in trial.user_attrs:  # inherited by a retry from its original
             trial.set_user_attr("fail_reason", None)
 
@@ -300,13 +311,14 @@ class TrialRunner:
                 seed = int(self.cfg.train.seed) + number
                 trial.set_user_attr("seed", seed)
             tcfg.train.seed = int(seed)
+            if OOM_BATCH_ATTR in trial.user_attrs:  # this configuration ran out of memory once
+                tcfg.train.batch_size = int(trial.user_attrs[OOM_BATCH_ATTR])
             if continued:  # the configuration's own folder, wherever it was started
                 relative = Path(str(trial.user_attrs["checkpoint_dir"]))
             else:
                 relative = self.checkpoint_dir_relative(trial.study, number)
             ckpt_dir = self.paths["checkpoints"] / relative
             trial.set_user_attr("checkpoint_dir", relative.as_posix())
-            fingerprint = run_fingerprint(tcfg)
             if continued and not (ckpt_dir / PRETRAIN_FILE).exists():
                 raise CheckpointError(
                     ckpt_dir / PRETRAIN_FILE,
@@ -315,12 +327,6 @@ class TrialRunner:
                     "checkpoints_dir must be one location every worker reaches (a shared folder "
                     "or mount, the same path on every machine); nothing was retrained",
                 )
-            previous = self._resumable(trial, ckpt_dir / PRETRAIN_FILE, fingerprint)
-            if previous is not None:
-                trial.set_user_attr("resumed_from_epoch", int(previous["epoch"]))
-            run = self._make_run(tcfg, ckpt_dir, fingerprint)
-            if stage == "promote":  # the final stage may pick its best epoch
-                run.keep_best_by(self.metric, direction_of(self.cfg) == "maximize")
 
             def on_epoch(report: EpochReport) -> None:
                 self._record_epoch(trial, report)
@@ -335,7 +341,23 @@ class TrialRunner:
                     trial.set_user_attr("prune_reason", reason)
                     raise optuna.TrialPruned(reason)
 
-            history = run.pretrain(on_epoch=on_epoch, stop_at=stop_at)
+            for _ in range(2):  # a second time only after running out of memory
+                fingerprint = run_fingerprint(tcfg)
+                previous = self._resumable(trial, ckpt_dir / PRETRAIN_FILE, fingerprint)
+                if previous is not None:
+                    trial.set_user_attr("resumed_from_epoch", int(previous["epoch"]))
+                run = self._make_run(tcfg, ckpt_dir, fingerprint)
+                if stage == "promote":  # the final stage may pick its best epoch
+                    run.keep_best_by(self.metric, direction_of(self.cfg) == "maximize")
+                try:
+                    history = run.pretrain(on_epoch=on_epoch, stop_at=stop_at)
+                    break
+                except torch.cuda.OutOfMemoryError as error:
+                    if not self._halve_batch_after_oom(trial, tcfg, continued, error):
+                        raise
+                # Out of the except clause, nothing holds the failed attempt: free it first.
+                run = None
+                release_trial_memory(raised=True)
             trial.set_user_attr("wall_time_s", time.perf_counter() - started)
             if stop_at is not None:
                 first = int(trial.user_attrs.get("rung_from", 0))
@@ -352,16 +374,39 @@ class TrialRunner:
             self._fail(trial, error)
             raise
 
-    def _record_epoch(self, trial: optuna.Trial, report: EpochReport) -> None:
-        curve = list(trial.user_attrs.get("curve", []))
-        curve = [
-            c for c in curve if not (c["phase"] == report.phase and c["epoch"] >= report.epoch)
-        ]
-        curve.append(asdict(report))
-        trial.set_user_attr("curve", curve)
+    def _halve_batch_after_oom(
+        self, trial: optuna.Trial, tcfg: DictConfig, continued: bool, error: BaseException
+    ) -> bool:
+        """After CUDA ran out of memory: whether to train again at half the batch size.
+
+        Only where the study allows it (``oom_half_batch``), once per configuration, and only
+        on its first leg: a continuation must keep the batch size its checkpoint was trained
+        with. The new batch size is recorded (``oom_batch_size``, with ``oom_reason``) and
+        every later leg of the configuration trains with it.
+        """
+        half = int(tcfg.train.batch_size) // 2
+        if not self.cfg.oom_half_batch or continued or OOM_BATCH_ATTR in trial.user_attrs:
+            return False
+        if half < 2:  # BatchNorm needs two samples a batch
+            return False
+        tcfg.train.batch_size = half
+        trial.set_user_attr(OOM_BATCH_ATTR, half)
+        trial.set_user_attr("oom_reason", f"CUDA out of memory: {str(error).splitlines()[0]}"[:500])
+        tqdm.write(f"trial #{trial.number}: out of memory; training again at batch size {half}")
+        return True
+
+    @staticmethod
+    def _record_epoch(trial: optuna.Trial, report: EpochReport) -> None:
+        """Append the epoch's row to the trial's curve (one attr per epoch: nothing rewritten;
+        a retry that trains an epoch again overwrites that epoch's row)."""
+        trial.set_user_attr(curve_attr(report.phase, report.epoch), asdict(report))
         if report.phase == "pretrain":
             trial.set_user_attr("epochs_run", report.epoch)
-        speeds = [c["images_per_second"] for c in curve if c["images_per_second"] > 0]
+        speeds = [
+            c["images_per_second"]
+            for c in learning_curve(trial.user_attrs)
+            if c["images_per_second"] > 0
+        ]
         if speeds:
             trial.set_user_attr("images_per_second", sum(speeds) / len(speeds))
 

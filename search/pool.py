@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from models.training import physical_gpu
 from search.config import ConfigError, resolved_paths
 from search.database import WORKER_STORAGE_ENV
 from search.naming import STAGES, stage_metric
@@ -72,7 +73,7 @@ def cuda_masks(plan: Sequence[str], parent_mask: str | None) -> list[str]:
         elif entries is None:
             masks.append(dev)
         elif int(dev) < len(entries) and entries[int(dev)]:
-            masks.append(entries[int(dev)])
+            masks.append(physical_gpu(int(dev), parent_mask))
         else:
             raise ConfigError(
                 f"devices: GPU {dev} is not visible here: CUDA_VISIBLE_DEVICES={parent_mask!r} "

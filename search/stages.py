@@ -45,6 +45,7 @@ from search.database import StorageUnavailableError
 from search.naming import (
     STAGES,
     STUDY_UID_ATTR,
+    is_curve_attr,
     new_study_uid,
     rung_ladder,
     stage_metric,
@@ -53,6 +54,7 @@ from search.naming import (
 )
 from search.objective import (
     TrialRunner,
+    carried_attrs,
     config_number,
     original_number,
     release_trial_memory,
@@ -482,7 +484,7 @@ def run_promote(
                     "source_study": screen.study_name,
                     "source_trial": t.number,
                     "source_value": t.value,
-                    "seed": t.user_attrs.get("seed"),
+                    **carried_attrs(t),
                 },
                 skip_if_exists=True,
             )
@@ -511,7 +513,7 @@ def run_final(
                 "source_trial": t.number,
                 "source_checkpoint_dir": t.user_attrs["checkpoint_dir"],
                 "source_value": t.value,
-                "seed": t.user_attrs.get("seed"),
+                **carried_attrs(t),
             },
             skip_if_exists=True,
         )
@@ -638,8 +640,8 @@ def _enqueue_continuation(
             "config": decision.number,
             "rung_from": decision.from_rung,
             "rung_to": decision.to_rung,
-            "seed": source.user_attrs.get("seed"),
             "checkpoint_dir": source.user_attrs.get("checkpoint_dir"),
+            **carried_attrs(source),
             "source_study": screen.study_name,
             "source_trial": decision.number,
             "source_value": value,
@@ -765,7 +767,7 @@ def summarize(studies: Studies, cfg: DictConfig) -> dict[str, Any]:
                 "params": best[0].params,
             }
             entry["best"]["user_attrs"] = {
-                k: v for k, v in best[0].user_attrs.items() if k not in ("curve",)
+                k: v for k, v in best[0].user_attrs.items() if not is_curve_attr(k)
             }
         entry["failures"] = {
             t.number: failure_reason(t, trials) for t in trials if t.state == TrialState.FAIL

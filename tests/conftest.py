@@ -248,6 +248,7 @@ def tiny_trained_trial(
     from models.config import DataConfig, ModelConfig, TrainConfig
     from models.data import load_splits
     from models.training import Run
+    from search import curve_attr
 
     splits = load_splits(
         DataConfig(name="digits", train_subset=train_subset, val_subset=val_subset)
@@ -259,7 +260,8 @@ def tiny_trained_trial(
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}", study_name="t")
     trial = study.ask()
     trial.set_user_attr("stage", "screen")
-    trial.set_user_attr("curve", [asdict(h) for h in history])
+    for h in history:
+        trial.set_user_attr(curve_attr(h.phase, h.epoch), asdict(h))
     return study, trial, run
 
 

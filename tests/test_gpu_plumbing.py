@@ -203,9 +203,9 @@ def test_a_failed_trials_run_is_collected_before_the_next_trial_starts(tmp_path)
     import sys
 
     import optuna
+    from conftest import REPO_ROOT
 
     from search import stage_study_name
-    from conftest import REPO_ROOT
 
     script = tmp_path / "watch.py"
     script.write_text(_WATCH_FAILED_TRIALS)
@@ -226,3 +226,91 @@ def test_a_failed_trials_run_is_collected_before_the_next_trial_starts(tmp_path)
     assert len(failed) >= 2 and all("boom" in t.user_attrs["fail_reason"] for t in failed)
     assert seen["runs"] >= 2
     assert seen["alive_at_start"] == [False] * len(seen["alive_at_start"])
+
+
+# ---- out of memory: retried once at half the batch size, only where the study allows it ----
+
+
+class _OutOfMemoryAbove(torch.nn.Module):
+    """An augmentation that runs out of CUDA memory for batches larger than ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.limit:
+            raise torch.cuda.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate a batch of {x.shape[0]}"
+            )
+        return x
+
+
+def _oom_screen(tmp_path, allow: bool):
+    import optuna
+
+    from search import TrialRunner, load_config, open_studies, run_stages, stage_study_name
+
+    class Tight(TrialRunner):
+        def _make_run(self, tcfg, ckpt_dir, fingerprint):
+            run = super()._make_run(tcfg, ckpt_dir, fingerprint)
+            if ckpt_dir is not None:
+                run.pretrain_aug = _OutOfMemoryAbove(limit=40)
+                self.batch_sizes.append(run.cfg.batch_size)
+            return run
+
+    cfg = load_config(
+        "quickstart",
+        [
+            f"runs_dir={tmp_path}",
+            "stage=screen",
+            "stages.screen.trials=1",
+            "train.max_batches=1",
+            "search.space.channels.choices=[4]",
+            "search.space.batch_size.choices=[64]",
+            "train.knn_max_train=100",
+            f"oom_half_batch={str(allow).lower()}",
+        ],
+    )
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    runner = Tight(cfg, device="cpu", progress=False)
+    runner.batch_sizes = []
+    run_stages(open_studies(cfg, url), runner, cfg)
+    study = optuna.load_study(study_name=stage_study_name(cfg.name, "screen"), storage=url)
+    return study.get_trials(), runner.batch_sizes
+
+
+def test_out_of_memory_trial_is_retried_once_at_half_the_batch_when_allowed(tmp_path):
+    """The first leg trains again at 32 after running out of memory at 64; its continuations
+    to the next rungs inherit 32 (their checkpoints were trained with it)."""
+    legs, batch_sizes = _oom_screen(tmp_path, allow=True)
+    first = legs[0]
+    assert first.state.name == "COMPLETE"
+    assert first.params["batch_size"] == 64  # the configuration sampled, and what it ran with:
+    assert first.user_attrs["oom_batch_size"] == 32
+    assert first.user_attrs["oom_reason"].startswith("CUDA out of memory")
+    assert len(legs) >= 2, "the quickstart's screen continues a configuration past rung 1"
+    assert all(t.state.name == "COMPLETE" for t in legs)
+    assert all(t.user_attrs["oom_batch_size"] == 32 for t in legs)
+    assert batch_sizes == [64] + [32] * len(legs)  # one retry, then every leg at 32
+
+
+def test_out_of_memory_trial_fails_with_the_reason_when_not_allowed(tmp_path):
+    legs, batch_sizes = _oom_screen(tmp_path, allow=False)
+    trial = legs[0]
+    assert trial.state.name == "FAIL"
+    assert batch_sizes == [64]
+    assert trial.user_attrs["fail_reason"].startswith("CUDA out of memory")
+    assert "oom_batch_size" not in trial.user_attrs
+
+
+def test_the_physical_gpu_is_read_through_the_process_mask(monkeypatch):
+    from models.training import describe_device, physical_gpu
+
+    assert physical_gpu(1, "4,5") == "5"
+    assert physical_gpu(0, "GPU-8f2a,GPU-77c1") == "GPU-8f2a"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert physical_gpu(1) == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6")
+    assert physical_gpu(0) == "6"  # a worker launched under the mask 6 trains on GPU 6
+    assert describe_device(torch.device("cpu")) == "cpu"

@@ -72,3 +72,24 @@ def test_the_long_budget_is_promote_epochs_or_else_train_epochs() -> None:
         naming.long_budget(load_config("quickstart", ["stages.promote.epochs=0", "train.epochs=9"]))
         == 9
     )
+
+
+def test_learning_curve_reads_appended_rows_in_order_and_the_legacy_whole_curve():
+    from search import curve_attr, is_curve_attr, learning_curve
+
+    attrs = {
+        curve_attr("probe", 1): {"phase": "probe", "epoch": 1},
+        curve_attr("pretrain", 10): {"phase": "pretrain", "epoch": 10},
+        curve_attr("pretrain", 9): {"phase": "pretrain", "epoch": 9},
+        "epochs_run": 10,
+    }
+    assert [(r["phase"], r["epoch"]) for r in learning_curve(attrs)] == [
+        ("pretrain", 9),
+        ("pretrain", 10),
+        ("probe", 1),
+    ]
+    assert [r["epoch"] for r in learning_curve(attrs, "probe")] == [1]
+    legacy = {"curve": [{"phase": "pretrain", "epoch": 1}, {"phase": "pretrain", "epoch": 2}]}
+    assert [r["epoch"] for r in learning_curve(legacy)] == [1, 2]
+    assert is_curve_attr("curve") and is_curve_attr(curve_attr("probe", 3))
+    assert not is_curve_attr("epochs_run")

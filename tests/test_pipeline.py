@@ -29,11 +29,17 @@ def check_finished_pipeline(url: str, name: str, screen_trials: int, top_k: int)
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in screen)
     assert screen[0].user_attrs.get("baseline") == "report"
     for t in screen:
-        assert {"stage", "seed", "device", "epochs_run", "wall_time_s", "curve"} <= set(
-            t.user_attrs
-        )
+        assert {
+            "stage",
+            "seed",
+            "device",
+            "epochs_run",
+            "wall_time_s",
+            "curve:pretrain:0001",
+        } <= set(t.user_attrs)
         assert t.user_attrs["stage"] == "screen"
         assert len(t.intermediate_values) == t.user_attrs["epochs_run"]
+        assert "curve" not in t.user_attrs  # rows are appended one epoch at a time
     for t in (t for t in screen if t.state == TrialState.PRUNED):
         assert t.user_attrs["prune_reason"].startswith("pruned after epoch")
     # Promotion: the top-k completed screen trials, same params and seed, exactly once each.
