@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from models.augment import FAMILIES, RECIPES, REPORT_STRENGTH, build_augmentation
 from models.errors import SettingError
@@ -181,6 +182,26 @@ def test_change_grows_with_strength(family: str, recipe: str) -> None:
         changes.append(float((aug(x) - x).abs().mean()))
     assert changes[0] == 0.0
     assert all(a < b for a, b in zip(changes, changes[1:], strict=False)), changes
+
+
+def aten_op_count(aug: nn.Module, x: torch.Tensor) -> int:
+    """The aten ops (profiler events, nested ones included) of one forward of ``aug`` on ``x``."""
+    torch.manual_seed(0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        aug(x)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
+@pytest.mark.parametrize(("family", "recipe"), NONTRIVIAL)
+def test_op_count_does_not_grow_with_the_batch(family: str, recipe: str) -> None:
+    """No op loops over the samples (kornia's RandomResizedCrop in its default "slice" mode
+    issues two ops per image): a GPU step then launches the same kernels at any batch size."""
+    aug = build_augmentation(family, recipe, 1.0)
+    aug(smooth_batch(family, 8))  # warm-up: first-call work is not per batch
+    counts = {n: aten_op_count(aug, smooth_batch(family, n)) for n in (64, 512)}
+    assert counts[64] == counts[512], counts
+    crop = ops_of(aug)[K.RandomResizedCrop]
+    assert crop.flags["cropping_mode"] == "resample"
 
 
 @pytest.mark.parametrize("bad", [-0.1, 2.01, float("nan"), float("inf")])
