@@ -51,6 +51,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks._common import Option, fmt, log, machine, parse_options, table
 from benchmarks.throughput import Bench
+from models.checkpoints import load_checkpoint, phase_checkpoint, save_checkpoint
 from models.config import ModelConfig, TrainConfig
 from models.data import FAMILY_SHAPES, ImageSplits
 from models.losses import nt_xent
@@ -379,6 +380,30 @@ def resume_equality(sizes: Sizes, splits: ImageSplits, **changes: Any) -> tuple[
     return worst, same
 
 
+def epoch_costs(sizes: Sizes, splits: ImageSplits) -> str:
+    """What the service adds to a contrastive epoch: the kNN metric over ``sizes.bank`` train
+    embeddings, and the checkpoint, on the training thread with the background writer against
+    the synchronous write (``save_checkpoint``: torch.save + fsync) of the same file."""
+    train = sizes.train("contrastive", epochs=3)
+    with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
+        run = Run("contrastive", splits, sizes.model, train, checkpoint_dir=Path(tmp))
+        reports = run.pretrain()
+        path = phase_checkpoint(tmp, "pretrain")
+        state = load_checkpoint(path)
+        megabytes = path.stat().st_size / 1e6
+        started = time.perf_counter()
+        save_checkpoint(Path(tmp, "again.pt"), state)
+        synchronous = time.perf_counter() - started
+    median = sorted(reports[1:], key=lambda r: r.seconds)[len(reports[1:]) // 2]
+    return (
+        f"per-epoch costs (contrastive, epoch {median.epoch} of {len(reports)}): training "
+        f"{median.seconds:.3f}s; kNN metric over a {sizes.bank:,}-image bank "
+        f"{median.eval_seconds:.3f}s; checkpoint {megabytes:.1f} MB: "
+        f"{median.checkpoint_seconds * 1000:.1f} ms on the training thread (background "
+        f"writer) vs {synchronous * 1000:.1f} ms written synchronously"
+    )
+
+
 def _resume_worker(spec: dict[str, Any], results: Any) -> None:
     """:func:`resume_equality` in a fresh process (spawned): on CUDA, ``train.deterministic``
     must configure cuBLAS before its first use in the process."""
@@ -598,7 +623,10 @@ def main() -> int:
             f"max abs weight difference {worst:.3g}, bitwise equal: {'yes' if same else 'no'}"
         )
 
-    log(f"[{time.perf_counter() - started:5.1f}s] 7 failing trial")
+    log(f"[{time.perf_counter() - started:5.1f}s] 7 per-epoch costs")
+    print(epoch_costs(sizes, splits))
+
+    log(f"[{time.perf_counter() - started:5.1f}s] 8 failing trial")
     print(failing_trial(sizes, splits, device))
     elapsed = time.perf_counter() - started
     print(f"total time {elapsed:.0f}s")

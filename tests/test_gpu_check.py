@@ -65,13 +65,22 @@ def test_cpu_version_prints_every_measurement() -> None:
         ),
         "resume": (
             r"^resume equality, default settings \(2 epochs straight vs 1 \+ resume from "
-            rf"checkpoint \+ 1\): max abs weight difference {SCI}, bitwise equal: (yes|no)$"
+            r"checkpoint \+ 1\): max abs weight difference 0, bitwise equal: yes$"
+        ),
+        "resume deterministic": (
+            r"^resume equality, train\.deterministic=true \(2 epochs straight vs 1 \+ resume "
+            r"from checkpoint \+ 1\): max abs weight difference 0, bitwise equal: yes$"
+        ),
+        "epoch costs": (
+            rf"^per-epoch costs \(contrastive, epoch \d of 3\): training {NUM}s; kNN metric over "
+            rf"a {NUM}-image bank {NUM}s; checkpoint {NUM} MB: {NUM} ms on the training thread "
+            rf"\(background writer\) vs {NUM} ms written synchronously$"
         ),
         "memory": (
             r"^memory after a failing trial \(TrialRunner, Optuna study on SQLite; trial FAIL: "
             r"RuntimeError: gpu_check: simulated failure inside the training step\): "
             r"Run freed when study\.optimize returned: (yes|no) \(\d+ of [1-9]\d* alive\), "
-            r"after the worker's release_trial_memory: (yes|no) \(\d+ alive\) "
+            r"after the worker's release_trial_memory: yes \(0 alive\) "
             r"\(CPU: no device memory\)$"
         ),
         "total": r"^total time \d+s$",
