@@ -82,6 +82,19 @@ def cuda_masks(plan: Sequence[str], parent_mask: str | None) -> list[str]:
     return masks
 
 
+def worker_env(mask: str, workers: int, cpu_count: int | None = None) -> dict[str, str]:
+    """The environment a launched worker adds: its ``CUDA_VISIBLE_DEVICES`` (``mask``, from
+    :func:`cuda_masks`) and its share of the cores, ``OMP_NUM_THREADS``. GPU workers get a
+    share too: their CPU side (Python, the augmentation's parameters) needs few threads, and
+    unlimited, ``workers`` processes oversubscribe the machine.
+
+    >>> worker_env("5", workers=4, cpu_count=16)
+    {'CUDA_VISIBLE_DEVICES': '5', 'OMP_NUM_THREADS': '4'}
+    """
+    cores = (os.cpu_count() or 1) if cpu_count is None else cpu_count
+    return {"CUDA_VISIBLE_DEVICES": mask, "OMP_NUM_THREADS": str(max(1, cores // workers))}
+
+
 def in_process_device(devices: str, train_device: str, first: str) -> str:
     """Device of the one worker run in this process, ``first`` being its :func:`device_plan`.
 
@@ -203,21 +216,14 @@ def run_workers(
     shared["storage"] = ""
     with os.fdopen(fd, "w") as handle:
         handle.write(OmegaConf.to_yaml(shared))
-    cpu_workers = sum(d == "cpu" for d in plan)
-    threads = max(1, (os.cpu_count() or 1) // max(cpu_workers, 1))
     workers: list[_Worker] = []
     stop = threading.Event()
     watcher = _progress_thread(cfg, url, stop) if progress else None
     try:
         for i, (dev, mask) in enumerate(zip(plan, masks, strict=True)):
-            env = dict(os.environ)
+            env = dict(os.environ, **worker_env(mask, len(plan)))
             env[WORKER_STORAGE_ENV] = url
-            env["CUDA_VISIBLE_DEVICES"] = mask
-            if dev == "cpu":
-                env["OMP_NUM_THREADS"] = str(threads)
-                device = "cpu"
-            else:
-                device = "cuda"
+            device = "cpu" if dev == "cpu" else "cuda"
             label = f"w{i}:{'cpu' if dev == 'cpu' else 'gpu' + dev}"
             cmd = [
                 sys.executable,

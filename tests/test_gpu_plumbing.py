@@ -314,3 +314,14 @@ def test_the_physical_gpu_is_read_through_the_process_mask(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6")
     assert physical_gpu(0) == "6"  # a worker launched under the mask 6 trains on GPU 6
     assert describe_device(torch.device("cpu")) == "cpu"
+
+
+def test_every_launched_worker_gets_its_mask_and_its_share_of_the_cores():
+    from search.pool import worker_env
+
+    plan = device_plan("auto", 8, device_count=2)
+    masks = cuda_masks(plan, "4,5")
+    envs = [worker_env(mask, len(plan), cpu_count=16) for mask in masks]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["4", "5"] * 4
+    assert {e["OMP_NUM_THREADS"] for e in envs} == {"2"}  # GPU workers too
+    assert worker_env("", 4, cpu_count=2)["OMP_NUM_THREADS"] == "1"
