@@ -117,12 +117,15 @@ class CheckpointWriter:
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used: unreadable (truncated, garbled) or written for other settings."""
+    """A checkpoint cannot be used: unreadable (truncated, garbled) or written for other settings.
+
+    ``path`` is shown as given: a file, or where a shared store keeps it (a URL).
+    """
 
     def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
         self.path = Path(path)
         self.problem = problem
-        super().__init__(f"checkpoint {self.path}: {problem}")
+        super().__init__(f"checkpoint {os.fspath(path)}: {problem}")
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any] | None:

@@ -37,10 +37,10 @@ from search import (
     ConfigError,
     StudyConfig,
     apply,
+    checkpoint_store,
     load_config,
     open_storage,
     redact,
-    resolved_paths,
     split_study_name,
     stage_study_name,
     study_path,
@@ -261,9 +261,11 @@ def final_checkpoint_paths(cfg: DictConfig, final: FrozenTrial) -> tuple[Path, P
     """(pretrain file of the promoted trial it continues, probe file of the final trial).
 
     Both folders are the ones the trials recorded (``source_checkpoint_dir``, ``checkpoint_dir``,
-    relative to the checkpoints folder). Raises FileNotFoundError when one is not recorded.
+    relative to the checkpoints folder); when ``checkpoints_dir`` is a URL their files are
+    fetched into this machine's cache first. Raises FileNotFoundError when one is not recorded.
     """
-    checkpoints = resolved_paths(cfg)["checkpoints"]
+    store = checkpoint_store(cfg)
+    checkpoints = store.root
     attrs = final.user_attrs
     missing = [k for k in ("source_checkpoint_dir", "checkpoint_dir") if not attrs.get(k)]
     if missing:
@@ -280,8 +282,16 @@ def final_checkpoint_paths(cfg: DictConfig, final: FrozenTrial) -> tuple[Path, P
         if not path.resolve().is_relative_to(checkpoints.resolve()):
             raise FileNotFoundError(
                 f"final trial #{final.number} records a checkpoint folder outside "
-                f"{checkpoints}: {path.parent}"
+                f"{store.where()}: {path.parent}"
             )
+    for path in (source, probe):
+        try:
+            store.pull(path.parent.relative_to(checkpoints))
+        except OSError as error:
+            raise FileNotFoundError(str(error)) from error
+    if store.remote and not source.is_file():
+        relative = source.parent.relative_to(checkpoints)
+        raise FileNotFoundError(f"no checkpoint at {store.where(relative, source.name)}")
     return source, probe
 
 

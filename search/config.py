@@ -40,8 +40,14 @@ from models.config import (
 )
 from models.errors import UsageError
 from search.database import StorageError, check_url
-from search.naming import STAGES
+from search.naming import STAGES, checkpoint_cache_dir
 from search.space import check_dependencies
+from storage.checkpoint_store import (
+    CheckpointLocationError,
+    CheckpointStore,
+    check_location,
+    is_url,
+)
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 SAMPLERS = ("tpe", "random")
@@ -158,7 +164,9 @@ class StudyConfig:
     storage: str = ""  # SQLAlchemy URL; "" = sqlite:///<runs_dir>/ssl-search.db
     runs_dir: str = "runs"
     artifacts_dir: str = ""  # "" = <runs_dir>/artifacts
-    checkpoints_dir: str = ""  # "" = <runs_dir>/checkpoints; shared by all workers
+    # "" = <runs_dir>/checkpoints; shared by all workers: a folder or mount, or an fsspec URL
+    # (s3://bucket/prefix) that each worker mirrors in <runs_dir>/checkpoint-cache/
+    checkpoints_dir: str = ""
     workers: int = 1  # worker processes started by search.run
     devices: str = "auto"  # auto | cpu | comma-separated CUDA indices, e.g. 0,1,3
     heartbeat_interval: int = 10  # seconds between a running trial's heartbeats
@@ -414,13 +422,18 @@ def direction_of(cfg: DictConfig) -> str:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check names, ranges, the search space and the storage URL; raise :class:`ConfigError`."""
+    """Check names, ranges, the search space, the storage URL and ``checkpoints_dir``; raise
+    :class:`ConfigError`."""
     _validate_fields(cfg)
     _validate_space(cfg)
     try:
         check_url(storage_url(cfg))
     except StorageError as error:
         raise ConfigError(str(error)) from error
+    try:
+        check_location(str(cfg.checkpoints_dir))
+    except CheckpointLocationError as error:
+        raise ConfigError(f"checkpoints_dir: {error}") from error
 
 
 def _validate_fields(cfg: DictConfig) -> None:
@@ -606,17 +619,35 @@ def _range_values(spec: DictConfig) -> list[Any]:
 
 
 def resolved_paths(cfg: DictConfig) -> dict[str, Path]:
-    """Folders the study writes to, with defaults filled in from ``runs_dir``."""
+    """Local folders the study writes to, with defaults filled in from ``runs_dir``.
+
+    ``checkpoints`` is where this machine writes checkpoints: ``checkpoints_dir`` itself, or,
+    when that is a URL, the local cache that mirrors it (see :func:`checkpoint_store`).
+    """
     runs = Path(cfg.runs_dir).expanduser()
+    if is_url(str(cfg.checkpoints_dir)):
+        checkpoints = checkpoint_cache_dir(runs, str(cfg.checkpoints_dir))
+    elif cfg.checkpoints_dir:
+        checkpoints = Path(cfg.checkpoints_dir).expanduser()
+    else:
+        checkpoints = runs / "checkpoints"
     return {
         "runs": runs,
         "artifacts": Path(cfg.artifacts_dir).expanduser()
         if cfg.artifacts_dir
         else runs / "artifacts",
-        "checkpoints": Path(cfg.checkpoints_dir).expanduser()
-        if cfg.checkpoints_dir
-        else runs / "checkpoints",
+        "checkpoints": checkpoints,
     }
+
+
+def checkpoint_store(cfg: DictConfig) -> CheckpointStore:
+    """Where the study's checkpoint folders are read and written, shared by every worker: the
+    ``checkpoints_dir`` folder, or its URL through a local cache (``pull`` before reading a
+    folder, ``push`` each file written)."""
+    folder = resolved_paths(cfg)["checkpoints"]
+    if is_url(str(cfg.checkpoints_dir)):
+        return CheckpointStore(str(cfg.checkpoints_dir), cache=folder)
+    return CheckpointStore(str(folder))
 
 
 def storage_url(cfg: DictConfig) -> str:

@@ -6,7 +6,8 @@ checkpoints live in ``<checkpoints_dir>/<optuna study>-<study_uid>/trial-NNNNN/`
 ``pretrain.pt`` (encoder training) and ``probe.pt`` (the frozen-encoder classifier), keyed by the
 number of the trial that started the retry chain, so a retry resumes the original's work, and
 another study of the same name (a new database, another storage) never finds them. A
-checkpoint also records :func:`run_fingerprint` of the settings it was trained with.
+checkpoint also records :func:`run_fingerprint` of the settings it was trained with. When
+``checkpoints_dir`` is a URL, each machine trains in :func:`checkpoint_cache_dir`, which mirrors it.
 
 Example::
 
@@ -127,9 +128,18 @@ def run_fingerprint(cfg: DictConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def standalone_run_dir(checkpoints_root: str | Path, cfg: DictConfig) -> Path:
-    """The checkpoint folder of a ``search.train`` run (outside any stage study)."""
-    return Path(checkpoints_root) / "train" / f"{cfg.name}-{run_fingerprint(cfg)[:12]}"
+def standalone_run_relative(cfg: DictConfig) -> Path:
+    """The checkpoint folder of a ``search.train`` run (outside any stage study), relative to
+    the checkpoints folder."""
+    return Path("train") / f"{cfg.name}-{run_fingerprint(cfg)[:12]}"
+
+
+def checkpoint_cache_dir(runs_dir: str | Path, location: str) -> Path:
+    """The local folder that mirrors a ``checkpoints_dir`` URL on this machine:
+    ``<runs_dir>/checkpoint-cache/<protocol>-<hash of the URL>`` (one per URL)."""
+    protocol = location.split("://", 1)[0].lower()
+    digest = hashlib.sha256(location.encode()).hexdigest()[:12]
+    return Path(runs_dir) / "checkpoint-cache" / f"{protocol}-{digest}"
 
 
 def stage_metric(cfg: DictConfig, stage: str) -> str:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from models.checkpoints import CheckpointError, check_identity, load_checkpoint, set_aside
 from models.data import ImageSplits, load_splits
 from models.training import EpochReport, Run, describe_device, resolve_device
-from search.config import direction_of, metric_of, resolved_paths, to_dataclasses
+from search.config import checkpoint_store, direction_of, metric_of, to_dataclasses
 from search.naming import (
     BEST_PRETRAIN_FILE,
     FINAL_METRIC,
@@ -119,7 +119,8 @@ class TrialRunner:
         self.device = device or cfg.train.device
         self.progress = progress
         self.metric = metric_of(cfg)
-        self.paths = resolved_paths(cfg)
+        # checkpoints_dir, shared by every worker: a folder, or a URL mirrored in a local cache.
+        self.store = checkpoint_store(cfg)
         self.find_trial = find_trial
         self._splits: ImageSplits | None = None
         # Called before a trial returns (artifacts must be uploaded while it is running).
@@ -185,8 +186,9 @@ class TrialRunner:
             own = self.checkpoint_dir_relative(trial.study, original_number(stored(trial)))
             trial.set_user_attr("checkpoint_dir", own.as_posix())
             fingerprint = run_fingerprint(tcfg)
-            self._resumable(trial, self.paths["checkpoints"] / own / PROBE_FILE, fingerprint)
-            run = self._make_run(tcfg, self.paths["checkpoints"] / own, fingerprint)
+            folder = self._fetch(own)
+            self._resumable(trial, folder / PROBE_FILE, fingerprint)
+            run = self._make_run(tcfg, folder, fingerprint)
             run.load_pretrained(source)
             if run.needs_probe:
                 run.train_probe(on_epoch=lambda r: self._record_epoch(trial, r))
@@ -214,11 +216,33 @@ class TrialRunner:
         if "fail_reason" in trial.user_attrs:  # inherited by a retry from its original
             trial.set_user_attr("fail_reason", None)
 
+    def _fetch(self, relative: Path) -> Path:
+        """The local folder of checkpoint folder ``relative``, its files brought up to date
+        from ``checkpoints_dir`` first when that is a URL."""
+        self.store.pull(relative)
+        return self.store.local(relative)
+
+    def _unreachable(self, relative: Path, name: str, what: str) -> CheckpointError:
+        """A checkpoint this worker needs and cannot read: where it should be, how to share it."""
+        return CheckpointError(
+            self.store.where(relative, name),
+            f"{what} but this worker cannot read its checkpoint; checkpoints_dir must be one "
+            "location every worker reaches (a shared folder or mount at the same path on every "
+            "machine, or a URL such as s3://bucket/prefix with its backend installed); "
+            "nothing was retrained",
+        )
+
     def _final_encoder(self, trial: optuna.Trial) -> Path:
         """The promoted encoder the final classifier trains on (``stages.final.checkpoint``):
         its best epoch on validation, or its last; recorded as ``encoder_checkpoint``."""
-        folder = self.paths["checkpoints"] / str(trial.user_attrs["source_checkpoint_dir"])
+        relative = Path(str(trial.user_attrs["source_checkpoint_dir"]))
+        folder = self._fetch(relative)
         last = folder / PRETRAIN_FILE
+        if not last.is_file() and not (folder / BEST_PRETRAIN_FILE).is_file():
+            source = trial.user_attrs.get("source_trial", "?")
+            raise self._unreachable(
+                relative, PRETRAIN_FILE, f"the final stage trains on promoted trial #{source}"
+            )
         if self.cfg.stages.final.checkpoint == "best":
             best = folder / BEST_PRETRAIN_FILE
             state = load_checkpoint(best)
@@ -243,6 +267,9 @@ class TrialRunner:
             train_cfg,
             checkpoint_dir=ckpt_dir,
             identity=fingerprint,
+            # Each file is uploaded on the writer thread once written; a rung's before its
+            # result is reported (the writer is flushed there).
+            on_checkpoint=self.store.push if self.store.remote else None,
         )
 
     @staticmethod
@@ -317,15 +344,14 @@ class TrialRunner:
                 relative = Path(str(trial.user_attrs["checkpoint_dir"]))
             else:
                 relative = self.checkpoint_dir_relative(trial.study, number)
-            ckpt_dir = self.paths["checkpoints"] / relative
             trial.set_user_attr("checkpoint_dir", relative.as_posix())
+            ckpt_dir = self._fetch(relative)  # a retry or continuation resumes from there
             if continued and not (ckpt_dir / PRETRAIN_FILE).exists():
-                raise CheckpointError(
-                    ckpt_dir / PRETRAIN_FILE,
+                raise self._unreachable(
+                    relative,
+                    PRETRAIN_FILE,
                     f"configuration #{number} is to continue from epoch "
-                    f"{trial.user_attrs['rung_from']} but this worker cannot read its checkpoint; "
-                    "checkpoints_dir must be one location every worker reaches (a shared folder "
-                    "or mount, the same path on every machine); nothing was retrained",
+                    f"{trial.user_attrs['rung_from']}",
                 )
 
             def on_epoch(report: EpochReport) -> None:

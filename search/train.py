@@ -2,12 +2,12 @@
 
 By default the study's own settings (the report's configuration) are trained; any field can be
 overridden. Checkpoints go to ``<checkpoints_dir>/train/<name>-<config hash>/`` after every
-epoch, so running the same command again resumes where it stopped (``--fresh`` starts over).
+epoch (a URL: through the local cache), so running the same command again resumes where it
+stopped (``--fresh`` starts over).
 """
 
 from __future__ import annotations
 
-import shutil
 import sys
 
 from tqdm.auto import tqdm
@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 from models.data import load_splits
 from models.training import EpochReport, Run
 from search.cli import config_from_args, guarded, parser
-from search.config import resolved_paths, to_dataclasses
-from search.naming import PRETRAIN_FILE, run_fingerprint, standalone_run_dir
+from search.config import checkpoint_store, to_dataclasses
+from search.naming import PRETRAIN_FILE, run_fingerprint, standalone_run_relative
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -47,9 +47,13 @@ def main() -> int:
     args = p.parse_intermixed_args()
     cfg = config_from_args(args.overrides)
     data_cfg, model_cfg, train_cfg = to_dataclasses(cfg)
-    ckpt_dir = standalone_run_dir(resolved_paths(cfg)["checkpoints"], cfg)
-    if args.fresh and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
+    store = checkpoint_store(cfg)  # a folder, or a URL mirrored in a local cache
+    relative = standalone_run_relative(cfg)
+    if args.fresh:
+        store.clear(relative)
+    else:
+        store.pull(relative)
+    ckpt_dir = store.local(relative)
     splits = load_splits(data_cfg)
     run = Run(
         cfg.task,
@@ -58,11 +62,12 @@ def main() -> int:
         train_cfg,
         checkpoint_dir=ckpt_dir,
         identity=run_fingerprint(cfg),
+        on_checkpoint=store.push if store.remote else None,
     )
     print(
         f"study {cfg.name}: task {cfg.task} on {cfg.data.name} "
         f"({len(splits.train_y)} train / {len(splits.val_y)} val / {len(splits.test_y)} test), "
-        f"device {run.device}, checkpoints {ckpt_dir}",
+        f"device {run.device}, checkpoints {store.where(relative)}",
         flush=True,
     )
     if run.task != "guided" and not (ckpt_dir / PRETRAIN_FILE).exists():

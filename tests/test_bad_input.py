@@ -77,6 +77,10 @@ BAD_OVERRIDES = [
     (["grace_period=1000000000"], "grace_period"),
     (["max_retries=1000000"], "max_retries"),
     (["devices=0,99999"], "devices"),
+    # where checkpoints go: a folder or a writable fsspec URL
+    (["checkpoints_dir=nosuchproto://bucket/ckpt"], "checkpoints_dir"),
+    (["checkpoints_dir=https://example.org/ckpt"], "checkpoints_dir"),
+    (["checkpoints_dir=memory://"], "checkpoints_dir"),
     # the study name
     (["name=" + "a" * 300], "name"),
     (["name=" + "a" * 101], "name"),

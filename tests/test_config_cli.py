@@ -45,6 +45,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         ("storage=mysql://root@127.0.0.1/test", "storage"),  # unsupported database
         ("storage=sqlite://", "storage"),  # in-memory: cannot be shared or resumed
         ("storage=nonsense", "storage"),  # unparsable
+        ("checkpoints_dir=nosuchproto://bucket/ckpt", "checkpoints_dir"),  # no such backend
         ("data.name=imagenet", "data.name"),
         ("train.aug_strength=3", "train.aug_strength"),
         ("devices=gpu0", "devices"),

@@ -1,0 +1,307 @@
+"""Checkpoint folders every worker can reach: a plain folder, or an fsspec URL with a local cache.
+
+``checkpoints_dir`` is either a path (a local folder, or a network mount at the same path on
+every machine), used as it is, or a URL that fsspec opens (``s3://bucket/prefix``,
+``gs://bucket/prefix``, ``file:///shared/ckpt``, ``memory://...`` in tests), its backend an
+optional extra (``pip install 'ssl-search[s3]'``). For a URL each worker trains in a local cache
+folder that mirrors ``<url>/<relative folder>/``: :meth:`CheckpointStore.pull` downloads a
+folder's files that changed remotely since this cache last saw them (before a trial resumes or
+continues), :meth:`CheckpointStore.push` uploads one file once it is written (under a temporary
+name, then moved into place where the store is not an object store whose uploads appear whole,
+so a reader never sees half a file). Which remote version a cached file is, is kept beside it
+(``.<name>.ukey``, fsspec's ``ukey``); a file the remote has not changed since is kept, even when
+this worker wrote a newer one locally.
+
+Example::
+
+    check_location("s3://bucket/ckpt")          # raises CheckpointLocationError, one line
+    store = CheckpointStore("memory://ckpt", cache=Path("runs/checkpoint-cache/memory-1"))
+    store.pull("study.screen-uid/trial-00003")
+    folder = store.local("study.screen-uid/trial-00003")   # train here
+    store.push(folder / "pretrain.pt")                      # after each checkpoint is written
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+# ``protocol://...``; anything else is a path (``C:\\...`` included).
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# The optional extra of pyproject.toml that installs each protocol's backend.
+EXTRAS = {
+    "s3": "s3",
+    "s3a": "s3",
+    "gs": "gcs",
+    "gcs": "gcs",
+    "az": "azure",
+    "abfs": "azure",
+    "abfss": "azure",
+}
+# Stores whose uploads appear whole (objects): no temporary name needed.
+OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+# Protocols fsspec reads but cannot write a checkpoint to.
+READ_ONLY = {"http", "https", "github", "gist", "git", "zip", "tar", "libarchive", "data"}
+# Protocols that wrap another filesystem rather than name a location.
+WRAPPERS = {"simplecache", "filecache", "blockcache", "cached", "reference", "dir", "generic"}
+MASK = "***"
+
+
+class CheckpointLocationError(ValueError):
+    """``checkpoints_dir`` cannot be used; the message is one line and hides a password."""
+
+
+class CheckpointTransferError(OSError):
+    """A checkpoint could not be copied to or from the shared store (its URL in the message)."""
+
+
+def is_url(location: str) -> bool:
+    """Whether ``checkpoints_dir`` is a URL (``protocol://...``) rather than a path."""
+    return _URL.match(str(location)) is not None
+
+
+def protocol_of(location: str) -> str | None:
+    match = _URL.match(str(location))
+    return match.group(1).lower() if match else None
+
+
+def redact_location(location: str) -> str:
+    """The URL with the password of ``user:password@`` replaced by ``***`` (a path as it is)."""
+    if not is_url(location):
+        return str(location)
+    try:
+        parts = urlsplit(str(location))
+        if parts.password is None:
+            return str(location)
+        host = parts.netloc.rpartition("@")[2]
+        netloc = f"{parts.username or ''}:{MASK}@{host}"
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    except ValueError:
+        return "<unparsable checkpoints URL>"
+
+
+def check_location(location: str) -> None:
+    """Raise :class:`CheckpointLocationError` unless ``location`` is a path or a URL whose
+    fsspec backend is installed and can be written to. Nothing is contacted or written."""
+    protocol = protocol_of(location)
+    if protocol is None:
+        if "::" in str(location) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*::", str(location)):
+            raise CheckpointLocationError(
+                f"chained fsspec URLs are not supported, got {redact_location(location)!r}; "
+                "give one URL such as s3://bucket/prefix"
+            )
+        return
+    shown = redact_location(location)
+    rest = str(location).split("://", 1)[1]
+    if "::" in rest or protocol in WRAPPERS:
+        raise CheckpointLocationError(
+            f"chained or caching fsspec URLs are not supported, got {shown!r}; "
+            "give one URL such as s3://bucket/prefix (each worker keeps its own cache)"
+        )
+    if protocol in READ_ONLY:
+        raise CheckpointLocationError(
+            f"{protocol}:// cannot be written to, got {shown!r}; use a shared folder or a "
+            "writable URL such as s3://bucket/prefix"
+        )
+    if not rest.strip("/"):
+        raise CheckpointLocationError(f"{shown!r} names no bucket or folder")
+    import fsspec  # only for URLs: a plain path never imports it
+
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as error:
+        extra = EXTRAS.get(protocol)
+        how = f"pip install 'ssl-search[{extra}]'" if extra else "install its fsspec backend"
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointLocationError(
+            f"{protocol}:// needs a backend that is not installed: {how} ({reason})"
+        ) from None
+    except ValueError:
+        raise CheckpointLocationError(
+            f"unknown URL protocol {protocol!r} in {shown!r}; give a folder or an fsspec URL "
+            "such as s3://bucket/prefix or gs://bucket/prefix"
+        ) from None
+
+
+def _relative(relative: str | os.PathLike[str]) -> PurePosixPath:
+    """``relative`` as a folder inside the store; refuses absolute paths and ``..``."""
+    path = PurePosixPath(Path(relative).as_posix())
+    if path.is_absolute() or ".." in path.parts or str(path) in ("", "."):
+        raise ValueError(f"checkpoint folder {str(relative)!r} is not inside checkpoints_dir")
+    return path
+
+
+class CheckpointStore:
+    """``checkpoints_dir``: where each trial's checkpoint folder is read and written.
+
+    For a path, :meth:`local` is that folder and :meth:`pull` / :meth:`push` do nothing. For a
+    URL, :meth:`local` is a folder under ``cache`` (default: a new temporary folder) mirroring
+    the remote one (see the module docstring). The filesystem is opened on first use, never by
+    the constructor.
+    """
+
+    def __init__(self, location: str, cache: str | os.PathLike[str] | None = None) -> None:
+        self.location = str(location)
+        self.remote = is_url(self.location)
+        if not self.remote:
+            self.root = Path(self.location).expanduser()
+        elif cache is not None:
+            self.root = Path(cache)
+        else:
+            self.root = Path(tempfile.mkdtemp(prefix="ssl-search-checkpoints-"))
+        self._fs: Any = None
+        self._fs_root = ""
+
+    def __repr__(self) -> str:
+        return f"CheckpointStore({self.where()!r})"
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec filesystem of the URL, opened on first use."""
+        return self._open()[0]
+
+    def _open(self) -> tuple[Any, str]:
+        if self._fs is None:
+            from fsspec.core import url_to_fs
+
+            self._fs, root = url_to_fs(self.location)
+            self._fs_root = str(root).rstrip("/")
+        return self._fs, self._fs_root
+
+    def _remote_path(self, relative: PurePosixPath, name: str | None = None) -> str:
+        path = f"{self._open()[1]}/{relative.as_posix()}"
+        return f"{path}/{name}" if name else path
+
+    def where(self, relative: str | os.PathLike[str] | None = None, name: str | None = None) -> str:
+        """The folder (or its file ``name``) as a user would find it: URL (password masked) or path."""
+        if not self.remote:
+            path = self.root if relative is None else self.root / _relative(relative)
+            return str(path / name) if name else str(path)
+        text = redact_location(self.location).rstrip("/")
+        if relative is not None:
+            text += f"/{_relative(relative).as_posix()}"
+        return f"{text}/{name}" if name else text
+
+    def local(self, relative: str | os.PathLike[str]) -> Path:
+        """The local folder a trial trains in: the folder itself, or its cached mirror."""
+        return self.root / _relative(relative)
+
+    # ---- copies (URLs only) ---------------------------------------------------------------
+
+    def pull(self, relative: str | os.PathLike[str]) -> list[Path]:
+        """Download the folder's files that are new or changed remotely; the files fetched.
+
+        A folder the store does not have yet is no error (nothing is fetched, nothing made).
+        """
+        if not self.remote:
+            return []
+        rel = _relative(relative)
+        remote_dir = self._remote_path(rel)
+        try:
+            self.fs.invalidate_cache(remote_dir)
+            try:
+                entries = self.fs.ls(remote_dir, detail=True)
+            except FileNotFoundError:
+                return []
+            fetched = []
+            for entry in entries:
+                name = PurePosixPath(str(entry["name"])).name
+                if entry.get("type") != "file" or name.startswith("."):
+                    continue  # a temporary upload in progress, or a sub-folder
+                remote = f"{remote_dir}/{name}"
+                key = str(self.fs.ukey(remote))
+                target = self.local(rel) / name
+                if target.is_file() and self._known(target) == key:
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.", suffix=".part")
+                os.close(fd)
+                try:
+                    self.fs.get_file(remote, tmp)
+                    os.replace(tmp, target)
+                finally:
+                    Path(tmp).unlink(missing_ok=True)
+                self._remember(target, key)
+                fetched.append(target)
+            return fetched
+        except (OSError, ValueError, RuntimeError) as error:
+            if isinstance(error, CheckpointTransferError):
+                raise
+            raise self._transfer_error("cannot download", rel, None, error) from error
+
+    def push(self, path: str | os.PathLike[str]) -> None:
+        """Upload one file of the cache (after it is written) to its place under the URL."""
+        if not self.remote:
+            return
+        path = Path(path)
+        try:
+            rel = _relative(path.parent.relative_to(self.root))
+        except ValueError as error:
+            raise ValueError(f"{path} is not inside the checkpoint cache {self.root}") from error
+        final = self._remote_path(rel, path.name)
+        try:
+            fs = self.fs
+            if protocol_of(self.location) in OBJECT_STORES:
+                fs.put_file(str(path), final)
+            else:
+                fs.makedirs(self._remote_path(rel), exist_ok=True)
+                tmp = self._remote_path(rel, f".{path.name}.{uuid.uuid4().hex[:12]}.upload")
+                try:
+                    fs.put_file(str(path), tmp)
+                    fs.mv(tmp, final)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        fs.rm(tmp)
+                    raise
+            fs.invalidate_cache(final)
+            self._remember(path, str(fs.ukey(final)))
+        except (OSError, ValueError, RuntimeError) as error:
+            raise self._transfer_error("cannot upload", rel, path.name, error) from error
+
+    def clear(self, relative: str | os.PathLike[str]) -> None:
+        """Delete the folder: the local one, and for a URL the remote one as well."""
+        rel = _relative(relative)
+        if self.local(rel).exists():
+            shutil.rmtree(self.local(rel))
+        if not self.remote:
+            return
+        try:
+            remote_dir = self._remote_path(rel)
+            if self.fs.exists(remote_dir):
+                self.fs.rm(remote_dir, recursive=True)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise self._transfer_error("cannot delete", rel, None, error) from error
+
+    # ---- which remote version a cached file is --------------------------------------------
+
+    @staticmethod
+    def _marker(path: Path) -> Path:
+        return path.with_name(f".{path.name}.ukey")
+
+    def _known(self, path: Path) -> str | None:
+        try:
+            return self._marker(path).read_text(encoding="utf-8")
+        except OSError:
+            return None
+
+    def _remember(self, path: Path, key: str) -> None:
+        marker = self._marker(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{marker.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(key)
+        os.replace(tmp, marker)
+
+    def _transfer_error(
+        self, what: str, rel: PurePosixPath, name: str | None, error: BaseException
+    ) -> CheckpointTransferError:
+        reason = str(error).splitlines()[0] if str(error) else ""
+        return CheckpointTransferError(
+            f"checkpoints_dir: {what} {self.where(rel, name)}: {type(error).__name__}: {reason}"
+        )

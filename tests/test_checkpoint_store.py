@@ -1,0 +1,238 @@
+"""Checkpoints every worker can reach: ``checkpoints_dir`` as a folder or an fsspec URL.
+
+Real fsspec filesystems throughout: ``memory://`` for the store's own rules (one bucket per
+test), ``file://`` for the workers, which run as real processes with caches of their own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from conftest import run_module
+from optuna.trial import TrialState
+from test_rungs import REAL_RUN  # six configurations at rung 1, one continued to rung 3
+
+from search.config import ConfigError, checkpoint_store, load_config, resolved_paths
+from search.stages import long_budget_trials, open_studies
+from storage.checkpoint_store import (
+    CheckpointLocationError,
+    CheckpointStore,
+    check_location,
+    redact_location,
+)
+
+RELATIVE = "quickstart.screen-0123456789ab/trial-00004"
+
+
+@pytest.fixture
+def bucket() -> str:
+    """A ``memory://`` location of its own (the memory filesystem is one per process)."""
+    return f"memory://test-{uuid.uuid4().hex[:12]}/checkpoints"
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_a_folder_is_used_as_it_is(tmp_path: Path) -> None:
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    assert not store.remote
+    assert store.local(RELATIVE) == tmp_path / "ckpt" / RELATIVE
+    assert store.pull(RELATIVE) == []
+    store.push(write(store.local(RELATIVE) / "pretrain.pt", b"x"))  # nothing to copy
+    assert store.where(RELATIVE, "pretrain.pt") == str(tmp_path / "ckpt" / RELATIVE / "pretrain.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no cache, no copies
+
+
+def test_a_pushed_file_is_pulled_into_another_cache(tmp_path: Path, bucket: str) -> None:
+    writer = CheckpointStore(bucket, cache=tmp_path / "a")
+    reader = CheckpointStore(bucket, cache=tmp_path / "b")
+    assert writer.pull(RELATIVE) == [] and not (tmp_path / "a").exists()  # nothing there yet
+    writer.push(write(writer.local(RELATIVE) / "pretrain.pt", b"epoch 1"))
+    # In place under its name, no temporary upload left beside it.
+    remote = f"{bucket}/{RELATIVE}"
+    assert [Path(p).name for p in writer.fs.ls(remote, detail=False)] == ["pretrain.pt"]
+    assert writer.fs.cat_file(f"{remote}/pretrain.pt") == b"epoch 1"
+
+    assert reader.pull(RELATIVE) == [reader.local(RELATIVE) / "pretrain.pt"]
+    assert (reader.local(RELATIVE) / "pretrain.pt").read_bytes() == b"epoch 1"
+    assert reader.pull(RELATIVE) == []  # unchanged: not fetched again
+    # Another worker continues the configuration: the next pull brings its checkpoint.
+    reader.push(write(reader.local(RELATIVE) / "pretrain.pt", b"epoch 3"))
+    reader.push(write(reader.local(RELATIVE) / "pretrain-best.pt", b"best"))
+    fetched = writer.pull(RELATIVE)
+    assert sorted(p.name for p in fetched) == ["pretrain-best.pt", "pretrain.pt"]
+    assert (writer.local(RELATIVE) / "pretrain.pt").read_bytes() == b"epoch 3"
+    assert writer.pull(RELATIVE) == []
+
+
+def test_a_local_file_the_remote_has_not_changed_since_is_kept(tmp_path: Path, bucket: str) -> None:
+    store = CheckpointStore(bucket, cache=tmp_path / "a")
+    path = write(store.local(RELATIVE) / "pretrain.pt", b"epoch 1")
+    store.push(path)
+    path.write_bytes(b"epoch 2, not uploaded yet")
+    assert store.pull(RELATIVE) == []
+    assert path.read_bytes() == b"epoch 2, not uploaded yet"
+    path.unlink()  # set aside, say: the remote copy comes back
+    assert store.pull(RELATIVE) == [path] and path.read_bytes() == b"epoch 1"
+
+
+def test_folders_outside_the_store_are_refused(tmp_path: Path, bucket: str) -> None:
+    store = CheckpointStore(bucket, cache=tmp_path / "cache")
+    for bad in ("../elsewhere", "/etc", ""):
+        with pytest.raises(ValueError, match="not inside checkpoints_dir"):
+            store.local(bad)
+    with pytest.raises(ValueError, match="not inside the checkpoint cache"):
+        store.push(write(tmp_path / "other" / "pretrain.pt", b"x"))
+
+
+def test_clear_deletes_the_folder_here_and_in_the_store(tmp_path: Path, bucket: str) -> None:
+    store = CheckpointStore(bucket, cache=tmp_path / "cache")
+    store.push(write(store.local(RELATIVE) / "pretrain.pt", b"x"))
+    store.clear(RELATIVE)
+    assert not store.local(RELATIVE).exists()
+    assert not store.fs.exists(f"{bucket}/{RELATIVE}")
+    assert CheckpointStore(bucket, cache=tmp_path / "other").pull(RELATIVE) == []
+
+
+@pytest.mark.parametrize(
+    "location,words",
+    [
+        ("nosuchproto://bucket/ckpt", "unknown URL protocol 'nosuchproto'"),
+        ("https://example.org/ckpt", "cannot be written to"),
+        ("memory://", "names no bucket or folder"),
+        ("simplecache::s3://bucket/ckpt", "chained"),
+        ("filecache://bucket/ckpt", "caching"),
+    ],
+)
+def test_unusable_locations_are_refused_in_one_line(location: str, words: str) -> None:
+    with pytest.raises(CheckpointLocationError) as caught:
+        check_location(location)
+    assert words in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_folders_and_usable_urls_pass(tmp_path: Path) -> None:
+    for location in ("", "runs/checkpoints", str(tmp_path), "memory://b/x", tmp_path.as_uri()):
+        check_location(location)
+
+
+def test_a_password_in_the_url_is_masked(tmp_path: Path) -> None:
+    assert redact_location("sftp://me:hunter2@host/ckpt") == "sftp://me:***@host/ckpt"
+    store = CheckpointStore("sftp://me:hunter2@host/ckpt", cache=tmp_path)
+    assert "hunter2" not in store.where(RELATIVE, "pretrain.pt")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("s3fs") is not None, reason="s3fs is installed")
+def test_a_url_whose_backend_is_missing_says_what_to_install() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config("quickstart", ["checkpoints_dir=s3://bucket/ckpt"])
+    message = str(caught.value)
+    assert (
+        message.startswith("checkpoints_dir: s3://") and "pip install 'ssl-search[s3]'" in message
+    )
+
+
+def test_a_url_is_mirrored_in_a_cache_under_runs_dir(tmp_path: Path, bucket: str) -> None:
+    cfg = load_config("quickstart", [f"runs_dir={tmp_path}", f"checkpoints_dir={bucket}"])
+    folder = resolved_paths(cfg)["checkpoints"]
+    assert folder.parent == tmp_path / "checkpoint-cache" and folder.name.startswith("memory-")
+    store = checkpoint_store(cfg)
+    assert store.remote and store.root == folder
+    assert store.where(RELATIVE) == f"{bucket}/{RELATIVE}"
+    plain = checkpoint_store(load_config("quickstart", [f"runs_dir={tmp_path}"]))
+    assert not plain.remote and plain.root == tmp_path / "checkpoints"
+
+
+def test_a_continuation_whose_checkpoint_the_url_lacks_fails_naming_the_url(
+    tmp_path: Path,
+) -> None:
+    """Never a silent retrain: the leg fails, naming where the checkpoint should have been."""
+    from search.objective import TrialRunner
+    from search.stages import _run_one
+
+    remote = (tmp_path / "remote").as_uri()
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    cfg = load_config(
+        "quickstart",
+        [*REAL_RUN, f"storage={url}", f"runs_dir={tmp_path}", f"checkpoints_dir={remote}"],
+    )
+    studies = open_studies(cfg, url)
+    studies.promote.enqueue_trial(
+        {"channels": 8, "batch_size": 32, "optimizer": "adam", "adam_lr": 1e-3,
+         "temperature": 0.5, "aug_strength": 1.0},
+        user_attrs={"config": 4, "rung_from": 1, "rung_to": 3, "seed": 4,
+                    "checkpoint_dir": RELATIVE},
+    )  # fmt: skip
+    number = _run_one(studies, "promote", TrialRunner(cfg, progress=False), 0)
+    trial = studies.promote.get_trials()[number]
+    assert trial.state == TrialState.FAIL
+    reason = trial.user_attrs["fail_reason"]
+    assert f"{remote}/{RELATIVE}/pretrain.pt" in reason, reason
+    assert "checkpoints_dir" in reason and "every worker" in reason and "s3://" in reason
+    assert "epochs_run" not in trial.user_attrs  # nothing was trained
+    assert not (tmp_path / "remote").exists()
+
+
+def _cached_trials(runs: Path) -> dict[str, Path]:
+    """``<study>-<uid>/trial-N`` -> its folder, for every trial folder in the cache of ``runs``."""
+    return {
+        f"{p.parent.parent.name}/{p.parent.name}": p.parent
+        for p in runs.glob("checkpoint-cache/file-*/*/trial-*/*.pt")
+    }
+
+
+@pytest.mark.slow
+def test_two_workers_with_their_own_caches_share_a_url(tmp_path: Path) -> None:
+    """One process screens, another (another cache) continues the best from the URL."""
+    remote = tmp_path / "remote"
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    common = ["study=quickstart", f"storage={url}", f"checkpoints_dir={remote.as_uri()}"]
+    args = [*common, *REAL_RUN, "devices=cpu", "--no-progress"]
+    first = run_module("search.run", *args, f"runs_dir={tmp_path / 'a'}", "stage=screen")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = run_module("search.run", *args, f"runs_dir={tmp_path / 'b'}")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+
+    cfg = load_config("quickstart", [*REAL_RUN, f"storage={url}"])
+    studies = open_studies(cfg, url)
+    screen = studies.screen.get_trials(states=(TrialState.COMPLETE,))
+    continued = studies.promote.get_trials(states=(TrialState.COMPLETE,))
+    assert len(screen) == 6 and continued
+    assert not studies.screen.get_trials(states=(TrialState.FAIL,))
+    for t in continued:  # from the rung checkpoint the other process wrote, not from scratch
+        assert t.user_attrs["resumed_from_epoch"] == t.user_attrs["rung_from"] == 1
+        assert "checkpoint_discarded" not in t.user_attrs
+    # The store holds every configuration's folder, whole files only.
+    for t in screen:
+        assert (remote / t.user_attrs["checkpoint_dir"] / "pretrain.pt").is_file()
+    assert not [p for p in remote.rglob(".*")]
+    # Each cache holds what its process trained or read: the second one, only the continued
+    # configurations (pulled) and the final trial's folder.
+    first_cache, second_cache = _cached_trials(tmp_path / "a"), _cached_trials(tmp_path / "b")
+    assert set(first_cache) == {t.user_attrs["checkpoint_dir"] for t in screen}
+    final = optuna.load_study(study_name="quickstart.final", storage=url).get_trials()
+    assert final[0].state == TrialState.COMPLETE
+    best = long_budget_trials(studies, cfg)[0]
+    assert final[0].user_attrs["source_checkpoint_dir"] == best.user_attrs["checkpoint_dir"]
+    assert set(second_cache) == {t.user_attrs["checkpoint_dir"] for t in continued} | {
+        final[0].user_attrs["checkpoint_dir"]
+    }
+    assert (remote / final[0].user_attrs["checkpoint_dir"] / "probe.pt").is_file()
+    # The continued leg's checkpoint went back to the store; the first cache still has rung 1.
+    leg = best.user_attrs["checkpoint_dir"]
+    assert torch.load(remote / leg / "pretrain.pt", weights_only=True)["epoch"] == 3
+    assert torch.load(first_cache[leg] / "pretrain.pt", weights_only=True)["epoch"] == 1
+    # The report, on a third machine, rebuilds the final networks from the store.
+    from reporting.store import rebuild_final_run
+
+    third = [*REAL_RUN, f"storage={url}", f"runs_dir={tmp_path / 'c'}", common[-1]]
+    run = rebuild_final_run(load_config("quickstart", third), final[0], "cpu")
+    assert run.nets.classifier is not None
+    assert set(_cached_trials(tmp_path / "c")) == {leg, final[0].user_attrs["checkpoint_dir"]}
