@@ -160,17 +160,23 @@ def test_checkpoint_every_k_epochs_and_at_the_rung_then_resume_is_exact(digits, 
     assert load_checkpoint(phase_checkpoint(rung, "pretrain"))["epoch"] == 3
 
 
-def test_checkpoints_are_written_off_the_training_thread_and_reported(digits, tmp_path):
-    import threading
-
-    written = []
-    run = Run(
+def _two_epoch_run(digits, folder, on_checkpoint) -> Run:
+    return Run(
         "guided",
         digits,
         ModelConfig(channels=4),
         small_train(epochs=2),
-        checkpoint_dir=tmp_path,
-        on_checkpoint=lambda path: written.append((path.name, threading.current_thread().name)),
+        checkpoint_dir=folder,
+        on_checkpoint=on_checkpoint,
+    )
+
+
+def test_checkpoints_are_written_off_the_training_thread_and_reported(digits, tmp_path):
+    import threading
+
+    written = []
+    run = _two_epoch_run(
+        digits, tmp_path, lambda path: written.append((path.name, threading.current_thread().name))
     )
     run.keep_best_by("val_accuracy", maximize=True)
     run.pretrain()
@@ -183,16 +189,8 @@ def test_a_failed_checkpoint_write_fails_the_phase(digits, tmp_path):
     def broken_store(path):
         raise OSError(f"cannot copy {path.name}")
 
-    run = Run(
-        "guided",
-        digits,
-        ModelConfig(channels=4),
-        small_train(epochs=2),
-        checkpoint_dir=tmp_path,
-        on_checkpoint=broken_store,
-    )
     with pytest.raises(OSError, match="cannot copy pretrain.pt"):
-        run.pretrain()
+        _two_epoch_run(digits, tmp_path, broken_store).pretrain()
 
 
 def test_finished_phase_is_not_retrained(digits, tmp_path):
