@@ -31,7 +31,9 @@ import tempfile
 import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from storage.urls import is_secret_query_key
 
 # ``protocol://...``; anything else is a path (``C:\\...`` included).
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -73,16 +75,26 @@ def protocol_of(location: str) -> str | None:
 
 
 def redact_location(location: str) -> str:
-    """The URL with the password of ``user:password@`` replaced by ``***`` (a path as it is)."""
+    """The URL with the password of ``user:password@`` and every secret query value (the
+    storage URLs' rule, :func:`storage.urls.is_secret_query_key`) replaced by ``***``; a path as
+    it is."""
     if not is_url(location):
         return str(location)
     try:
         parts = urlsplit(str(location))
-        if parts.password is None:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        secret_keys = [k for k, _ in pairs if is_secret_query_key(k)]
+        if parts.password is None and not secret_keys:
             return str(location)
-        host = parts.netloc.rpartition("@")[2]
-        netloc = f"{parts.username or ''}:{MASK}@{host}"
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        netloc = parts.netloc
+        if parts.password is not None:
+            netloc = f"{parts.username or ''}:{MASK}@{parts.netloc.rpartition('@')[2]}"
+        query = parts.query
+        if secret_keys:  # ?token=..., ?sas_token=...: the storage URLs' rule (storage.urls)
+            query = urlencode(
+                [(k, MASK if is_secret_query_key(k) else v) for k, v in pairs], safe="*"
+            )
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
     except ValueError:
         return "<unparsable checkpoints URL>"
 

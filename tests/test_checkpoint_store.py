@@ -127,6 +127,9 @@ def test_a_password_in_the_url_is_masked(tmp_path: Path) -> None:
     assert redact_location("sftp://me:hunter2@host/ckpt") == "sftp://me:***@host/ckpt"
     store = CheckpointStore("sftp://me:hunter2@host/ckpt", cache=tmp_path)
     assert "hunter2" not in store.where(RELATIVE, "pretrain.pt")
+    # Secret query values too, by the storage URLs' rule; other parameters stay readable.
+    shown = redact_location("az://container/ckpt?sas_token=s3cr3t&account_name=lab")
+    assert shown == "az://container/ckpt?sas_token=***&account_name=lab"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("s3fs") is not None, reason="s3fs is installed")
