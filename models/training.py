@@ -184,6 +184,7 @@ class Run:
         # (metric, maximize): also keep the pretrain epoch that scored best on it, as the
         # report picked encoders by validation (see keep_best_by).
         self.best_by: tuple[str, bool] | None = None
+        self._pending_best: dict[str, Any] | None = None  # written with the next checkpoint
         # A fixed subset of train images serves as the kNN memory bank.
         bank_size = min(train.knn_max_train, len(self.splits.train_y))
         order = torch.randperm(len(self.splits.train_y), generator=torch.Generator().manual_seed(0))
@@ -413,17 +414,19 @@ class Run:
         epoch, phase = report.epoch, report.phase
         if phase == "pretrain" and self.best_by and _improves(report, best, *self.best_by):
             best = {"value": report.metrics[self.best_by[0]], "epoch": epoch}
-            writer.submit(
-                best_checkpoint(self.checkpoint_dir),
-                {
-                    "phase": phase,
-                    "identity": self.identity,
-                    "epoch": epoch,
-                    "modules": detached_copy({n: m.state_dict() for n, m in modules.items()}),
-                    "best": best,
-                },
-            )
+            # Held until the next resume checkpoint: a best file is never newer than the epoch
+            # a resume starts from, so a crash cannot leave a best epoch that no run trained.
+            self._pending_best = {
+                "phase": phase,
+                "identity": self.identity,
+                "epoch": epoch,
+                "modules": detached_copy({n: m.state_dict() for n, m in modules.items()}),
+                "best": best,
+            }
         if epoch % self.cfg.checkpoint_every == 0 or epoch == stop:
+            if self._pending_best is not None:
+                writer.submit(best_checkpoint(self.checkpoint_dir), self._pending_best)
+                self._pending_best = None
             writer.submit(
                 path,
                 {

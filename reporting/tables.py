@@ -139,9 +139,13 @@ KEY_COLUMNS = ("stage", "number", "state", "value")
 # Rung-scheduled studies: the configuration a leg belongs to (its first screen trial), the
 # rung it continued from (empty: started from scratch), the rung it trained to, epochs added.
 RUNG_COLUMNS = ("config", "rung_from", "rung_to", "epochs_added")
-ATTR_COLUMNS = ("epochs_run", "wall_time_s", "images_per_second", "seed", "device")
+# oom_batch_size: the batch size a configuration trained with after running out of memory
+# (its params keep the sampled one).
+ATTR_COLUMNS = (
+    "epochs_run", "wall_time_s", "images_per_second", "seed", "device", "oom_batch_size",
+)  # fmt: skip
 LINK_COLUMNS = ("reason", "source_trial", "baseline", "datetime_start", "datetime_complete")
-INT_COLUMNS = ("epochs_run", "seed", "source_trial", *RUNG_COLUMNS)
+INT_COLUMNS = ("epochs_run", "seed", "source_trial", "oom_batch_size", *RUNG_COLUMNS)
 _DATAFRAME_ATTRS = (
     "number", "value", "datetime_start", "datetime_complete", "params", "user_attrs", "state",
 )  # fmt: skip

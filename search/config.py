@@ -39,7 +39,7 @@ from models.config import (
     check_run,
 )
 from models.errors import UsageError
-from search.database import StorageError, check_url
+from search.database import StorageError, check_url, redact
 from search.naming import STAGES, checkpoint_cache_dir
 from search.space import check_dependencies
 from storage.checkpoint_store import (
@@ -47,6 +47,7 @@ from storage.checkpoint_store import (
     CheckpointStore,
     check_location,
     is_url,
+    redact_location,
 )
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
@@ -648,6 +649,16 @@ def checkpoint_store(cfg: DictConfig) -> CheckpointStore:
     if is_url(str(cfg.checkpoints_dir)):
         return CheckpointStore(str(cfg.checkpoints_dir), cache=folder)
     return CheckpointStore(str(folder))
+
+
+def public_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config with every secret masked (the storage URL's, the checkpoints URL's):
+    what is stored with a study and what ``--dry-run`` prints."""
+    shown = OmegaConf.to_container(cfg, resolve=True)
+    if shown["storage"]:
+        shown["storage"] = redact(str(shown["storage"]))
+    shown["checkpoints_dir"] = redact_location(str(shown["checkpoints_dir"]))
+    return shown
 
 
 def storage_url(cfg: DictConfig) -> str:

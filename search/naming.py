@@ -69,7 +69,9 @@ STUDY_UID_ATTR = "study_uid"  # the study user attr holding its identity
 # Settings that say where or how fast a run goes, not what it computes.
 _NOT_IDENTITY = {
     "data": ("root", "cache_dir", "download"),
-    "train": ("device", "amp", "channels_last", "progress"),
+    # checkpoint_every: when files are written; deterministic: which kernels (on CUDA, results
+    # agree to rounding either way). Neither may make a run's own checkpoint a stranger's.
+    "train": ("device", "amp", "channels_last", "progress", "checkpoint_every", "deterministic"),
 }
 
 
@@ -111,8 +113,14 @@ def learning_curve(user_attrs: Mapping[str, Any], phase: str | None = None) -> l
     ...                 curve_attr("pretrain", 2): {"phase": "pretrain", "epoch": 2}})
     [{'phase': 'pretrain', 'epoch': 2}, {'phase': 'probe', 'epoch': 1}]
     """
-    rows = list(user_attrs.get(_LEGACY_CURVE_ATTR) or [])
-    rows += [user_attrs[k] for k in sorted(user_attrs) if k.startswith(CURVE_ATTR_PREFIX)]
+    # A retry of a trial stored before rows were appended inherits the whole-curve attr and
+    # appends rows for the epochs it trains again: the appended row of an epoch wins.
+    by_epoch = {(r["phase"], r["epoch"]): r for r in user_attrs.get(_LEGACY_CURVE_ATTR) or []}
+    for key in (k for k in user_attrs if k.startswith(CURVE_ATTR_PREFIX)):
+        row = user_attrs[key]
+        by_epoch[(row["phase"], row["epoch"])] = row
+    order = {"pretrain": 0, "probe": 1}
+    rows = sorted(by_epoch.values(), key=lambda r: (order.get(r["phase"], 2), r["epoch"]))
     return [r for r in rows if phase is None or r["phase"] == phase]
 
 

@@ -354,7 +354,10 @@ class TrialRunner:
                     f"{trial.user_attrs['rung_from']}",
                 )
 
+            reported: list[int] = []  # epochs this trial reported to Optuna
+
             def on_epoch(report: EpochReport) -> None:
+                reported.append(report.epoch)
                 self._record_epoch(trial, report)
                 value = report.metrics[self.metric]
                 trial.report(value, report.epoch)
@@ -379,7 +382,8 @@ class TrialRunner:
                     history = run.pretrain(on_epoch=on_epoch, stop_at=stop_at)
                     break
                 except torch.cuda.OutOfMemoryError as error:
-                    if not self._halve_batch_after_oom(trial, tcfg, continued, error):
+                    started_before = continued or previous is not None or bool(reported)
+                    if not self._halve_batch_after_oom(trial, tcfg, started_before, error):
                         raise
                 # Out of the except clause, nothing holds the failed attempt: free it first.
                 run = None
@@ -401,17 +405,20 @@ class TrialRunner:
             raise
 
     def _halve_batch_after_oom(
-        self, trial: optuna.Trial, tcfg: DictConfig, continued: bool, error: BaseException
+        self, trial: optuna.Trial, tcfg: DictConfig, started_before: bool, error: BaseException
     ) -> bool:
         """After CUDA ran out of memory: whether to train again at half the batch size.
 
         Only where the study allows it (``oom_half_batch``), once per configuration, and only
-        on its first leg: a continuation must keep the batch size its checkpoint was trained
-        with. The new batch size is recorded (``oom_batch_size``, with ``oom_reason``) and
-        every later leg of the configuration trains with it.
+        before the configuration recorded anything (``started_before``: a continuation, a
+        resumed checkpoint, an epoch reported): its checkpoints, its curve and the pruner's
+        values must all come from one batch size. Running out of memory happens in the first
+        steps, where the peak is reached, so that is where it applies. The new batch size is
+        recorded (``oom_batch_size``, with ``oom_reason``) and every later leg of the
+        configuration trains with it.
         """
         half = int(tcfg.train.batch_size) // 2
-        if not self.cfg.oom_half_batch or continued or OOM_BATCH_ATTR in trial.user_attrs:
+        if not self.cfg.oom_half_batch or started_before or OOM_BATCH_ATTR in trial.user_attrs:
             return False
         if half < 2:  # BatchNorm needs two samples a batch
             return False

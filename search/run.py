@@ -15,13 +15,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from search.cli import config_from_args, guarded, parser
-from search.config import direction_of, metric_of, storage_url
+from search.config import direction_of, metric_of, public_config, storage_url
 from search.database import redact
 from search.space import apply, baseline_params, distribution, ordered
 
 
 def print_dry_run(cfg: DictConfig) -> None:
-    shown = OmegaConf.to_container(cfg, resolve=True)
+    shown = public_config(cfg)
     shown["storage"] = redact(storage_url(cfg))
     print(OmegaConf.to_yaml(shown), end="")
     print(f"# metric: {metric_of(cfg)} ({direction_of(cfg)})")

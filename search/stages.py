@@ -36,11 +36,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from models.training import NonFiniteLossError
-from search.config import direction_of
+from search.config import direction_of, public_config
 from search.database import StorageUnavailableError
 from search.naming import (
     STAGES,
@@ -71,7 +71,7 @@ from search.scheduler import (
 )
 from search.space import baseline_params
 from storage.claims import Claims
-from storage.urls import open_storage, redact
+from storage.urls import open_storage
 
 POLL_S = 1.0
 DIVERGED = NonFiniteLossError.__name__  # how the fail reason of a diverged trial starts
@@ -182,8 +182,7 @@ def open_studies(cfg: DictConfig, url: str, seed_offset: int | None = None) -> S
     for stage, study in studies.items():
         study.sampler = make_sampler(cfg, seed_offset)
         study.pruner = make_pruner(cfg) if stage == "screen" else optuna.pruners.NopPruner()
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved["storage"] = redact(str(resolved["storage"])) if resolved["storage"] else ""
+    resolved = public_config(cfg)
     for stage, study in studies.items():
         if "config" not in study.user_attrs:
             study.set_user_attr("config", json.loads(json.dumps(resolved)))

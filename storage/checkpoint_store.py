@@ -124,6 +124,12 @@ def check_location(location: str) -> None:
         )
     if not rest.strip("/"):
         raise CheckpointLocationError(f"{shown!r} names no bucket or folder")
+    if urlsplit(str(location)).query:
+        # Backends would take it for part of the path (folders named ``ck?token=...``).
+        raise CheckpointLocationError(
+            f"a query (?...) is not supported, got {shown!r}; give credentials through the "
+            "backend's usual environment variables or config files"
+        )
     import fsspec  # only for URLs: a plain path never imports it
 
     try:
@@ -314,6 +320,9 @@ class CheckpointStore:
         self, what: str, rel: PurePosixPath, name: str | None, error: BaseException
     ) -> CheckpointTransferError:
         reason = str(error).splitlines()[0] if str(error) else ""
+        if redact_location(self.location) != self.location:
+            # The backend's message may quote the raw URL or its root, password included.
+            reason = "(details withheld: the URL holds a password)"
         return CheckpointTransferError(
             f"checkpoints_dir: {what} {self.where(rel, name)}: {type(error).__name__}: {reason}"
         )

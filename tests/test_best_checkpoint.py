@@ -98,3 +98,29 @@ def test_final_checkpoint_setting_is_validated() -> None:
     )
     with pytest.raises(ConfigError, match=r"^stages\.final\.checkpoint: .*allowed: best, last"):
         load_config("quickstart", ["stages.final.checkpoint=middle"])
+
+
+def test_a_crash_never_leaves_a_best_epoch_newer_than_the_resume_point(digits, tmp_path):
+    """checkpoint_every=2: epoch 3 scores best, then the run dies before its next checkpoint.
+    The resumed run starts again from epoch 2 and scores lower at 3 and 4: the best file must
+    be epoch 2's (what this run trained), not the dead run's epoch 3."""
+    model = ModelConfig(channels=4, latent_dim=8)
+    every_2 = TrainConfig(
+        epochs=4, batch_size=32, max_batches=2, device="cpu", progress=False, knn_k=5,
+        checkpoint_every=2,
+    )  # fmt: skip
+
+    def die_after_3(report):
+        if report.epoch == 3:
+            raise KeyboardInterrupt
+
+    dying = ScriptedRun([0.5, 0.6, 0.9], "contrastive", digits, model, every_2, tmp_path)
+    dying.keep_best_by("knn_accuracy", True)
+    with pytest.raises(KeyboardInterrupt):
+        dying.pretrain(on_epoch=die_after_3)
+    assert load_checkpoint(phase_checkpoint(tmp_path, "pretrain"))["epoch"] == 2
+    resumed = ScriptedRun([0.5, 0.55], "contrastive", digits, model, every_2, tmp_path)
+    resumed.keep_best_by("knn_accuracy", True)
+    resumed.pretrain()
+    best = load_checkpoint(best_checkpoint(tmp_path))
+    assert best["epoch"] == 2 and best["best"]["value"] == 0.6

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import optuna
 import pytest
@@ -22,6 +22,7 @@ from search.stages import long_budget_trials, open_studies
 from storage.checkpoint_store import (
     CheckpointLocationError,
     CheckpointStore,
+    CheckpointTransferError,
     check_location,
     redact_location,
 )
@@ -127,9 +128,21 @@ def test_a_password_in_the_url_is_masked(tmp_path: Path) -> None:
     assert redact_location("sftp://me:hunter2@host/ckpt") == "sftp://me:***@host/ckpt"
     store = CheckpointStore("sftp://me:hunter2@host/ckpt", cache=tmp_path)
     assert "hunter2" not in store.where(RELATIVE, "pretrain.pt")
+    # A failed transfer's message (it becomes a trial's fail_reason) keeps the password out
+    # too, when the backend's own text quotes its raw root (memory:// and file:// do).
+    raw = FileNotFoundError(f"/me:hunter2@host/ckpt/{RELATIVE}/pretrain.pt")
+    failed = store._transfer_error("cannot upload", PurePosixPath(RELATIVE), "pretrain.pt", raw)
+    assert isinstance(failed, CheckpointTransferError)
+    assert "hunter2" not in str(failed) and "sftp://me:***@host/ckpt/" in str(failed)
     # Secret query values too, by the storage URLs' rule; other parameters stay readable.
     shown = redact_location("az://container/ckpt?sas_token=s3cr3t&account_name=lab")
     assert shown == "az://container/ckpt?sas_token=***&account_name=lab"
+    # A query is refused (a backend would take it for part of the path), secret-free message.
+    with pytest.raises(
+        CheckpointLocationError, match=r"a query \(\?\.\.\.\) is not supported"
+    ) as e:
+        check_location("memory://b/ckpt?token=s3cr3t")
+    assert "s3cr3t" not in str(e.value)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("s3fs") is not None, reason="s3fs is installed")

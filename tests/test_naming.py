@@ -49,7 +49,16 @@ def test_trial_dirs_are_per_study_identity_and_zero_padded(tmp_path: Path) -> No
 
 def test_the_fingerprint_follows_what_changes_the_weights_not_where_it_runs() -> None:
     base = load_config("quickstart")
-    same = load_config("quickstart", ["train.device=cpu", "data.root=/elsewhere", "runs_dir=/x"])
+    same = load_config(
+        "quickstart",
+        [
+            "train.device=cpu",
+            "data.root=/elsewhere",
+            "runs_dir=/x",
+            "train.checkpoint_every=5",  # when files are written, not what they hold
+            "train.deterministic=true",
+        ],
+    )
     other = load_config("quickstart", ["train.temperature=0.9"])
     assert naming.run_fingerprint(base) == naming.run_fingerprint(same)
     assert naming.run_fingerprint(base) != naming.run_fingerprint(other)
@@ -91,5 +100,9 @@ def test_learning_curve_reads_appended_rows_in_order_and_the_legacy_whole_curve(
     assert [r["epoch"] for r in learning_curve(attrs, "probe")] == [1]
     legacy = {"curve": [{"phase": "pretrain", "epoch": 1}, {"phase": "pretrain", "epoch": 2}]}
     assert [r["epoch"] for r in learning_curve(legacy)] == [1, 2]
+    # A retry of an old trial trains epoch 2 again: one row per epoch, the appended one.
+    legacy[curve_attr("pretrain", 2)] = {"phase": "pretrain", "epoch": 2, "again": True}
+    rows = learning_curve(legacy)
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[1].get("again")
     assert is_curve_attr("curve") and is_curve_attr(curve_attr("probe", 3))
     assert not is_curve_attr("epochs_run")

@@ -156,6 +156,33 @@ def test_run_header_masks_the_password(tmp_path):
     assert "alice:***@db.example" in done.stdout and "password=***" in done.stdout
 
 
+def test_a_checkpoints_url_password_is_masked_where_the_config_is_stored_and_printed(tmp_path):
+    """The study keeps its resolved config (a user attr the dashboard shows) and --dry-run
+    prints it: the checkpoints_dir URL's password appears in neither."""
+    import optuna
+
+    from search import load_config, open_studies, stage_study_name
+
+    location = f"memory://alice:{SECRET}@host/ckpt"
+    cfg = load_config("quickstart", [f"runs_dir={tmp_path}", f"checkpoints_dir={location}"])
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    open_studies(cfg, url)
+    stored = optuna.load_study(study_name=stage_study_name(cfg.name, "screen"), storage=url)
+    assert stored.user_attrs["config"]["checkpoints_dir"] == "memory://alice:***@host/ckpt"
+    assert SECRET not in json.dumps(stored.user_attrs)
+    done = run_env(
+        "search.run",
+        "study=quickstart",
+        f"runs_dir={tmp_path}",
+        f"checkpoints_dir={location}",
+        "--dry-run",
+        print_command=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert SECRET not in done.stdout + done.stderr
+    assert "memory://alice:***@host/ckpt" in done.stdout
+
+
 def run_env(
     module: str, *args: str, env: dict[str, str] | None = None, print_command: bool = True
 ) -> subprocess.CompletedProcess:
