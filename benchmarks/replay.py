@@ -20,6 +20,9 @@ pipeline
 asha
     the new scheduler, :func:`search.scheduler.decide`, continuing trials from rung checkpoints
     (a continuation costs only the epochs it adds).
+syne-asha (on request: ``methods=...,syne-asha``, needs ``syne-tune``)
+    an outside reference, Syne Tune's ``AsynchronousSuccessiveHalving`` (stopping type, the
+    only one its version 0.16 ships; :class:`benchmarks.simulate.SyneTuneAsha`).
 
 Configurations for random, pipeline and asha are draws with replacement from the table (each a
 configuration, uniformly, and one of its seeds); Optuna picks its own. **Budgets**: every
@@ -47,8 +50,10 @@ u8, u64 asha's median utilization at 8 and 64 workers ("-" for a worker count no
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -68,6 +73,7 @@ from benchmarks.simulate import (
     ParamSpace,
     Pipeline,
     RandomSearch,
+    SyneTuneAsha,
     Table,
     default_target,
     load_table,
@@ -78,6 +84,8 @@ from search.scheduler import rungs as make_rungs
 DEFAULT_TABLE = "benchmarks/tables/quickstart-curves.csv"
 DEFAULT_FIGURE = "docs/tabulated-best-so-far.png"
 METHODS = ("random", "optuna-hyperband", "pipeline", "asha")
+# Outside references, replayed when asked for (``methods=...,syne-asha``; needs syne-tune).
+OPTIONAL_METHODS = ("syne-asha",)
 
 
 def budgets(text: str) -> dict[int, int]:
@@ -154,7 +162,16 @@ class Setup:
                 seed=seed,
                 n_startup_trials=self.n_startup_trials,
             )
-        raise ValueError(f"methods: unknown {name!r}; allowed: {', '.join(METHODS)}")
+        if name == "syne-asha":
+            return SyneTuneAsha(
+                first=self.first,
+                eta=self.eta,
+                long_budget=self.long_budget,
+                max_trials=configs,
+                direction=self.direction,  # type: ignore[arg-type]
+            )
+        allowed = ", ".join((*METHODS, *OPTIONAL_METHODS))
+        raise ValueError(f"methods: unknown {name!r}; allowed: {allowed}")
 
 
 def diagnostics(table: Table, rungs: Sequence[int], long_budget: int) -> dict[str, float]:
@@ -378,7 +395,7 @@ def ratios_line(runs: dict[tuple[str, int], list[Summary]], workers: int) -> str
     ours = hits_median(runs, "asha", workers)
     parts = [
         f"{name} {number(ratio(ours, hits_median(runs, name, workers)))}"
-        for name in METHODS
+        for name in (*METHODS, *OPTIONAL_METHODS)
         if name != "asha" and (name, workers) in runs
     ]
     return f"{workers} worker(s): asha epochs to target / " + ", ".join(parts)
@@ -461,7 +478,12 @@ def main() -> int:
             "study": Option("quickstart", str, "the study whose space the table was drawn from"),
             "workers": Option("1,8,64", csv_int, "simulated worker counts"),
             "reps": Option(20, int, "repetitions per method and worker count (seeds 0..reps-1)"),
-            "methods": Option(",".join(METHODS), csv, "methods to replay"),
+            "methods": Option(
+                ",".join(METHODS),
+                csv,
+                f"methods to replay; also {', '.join(OPTIONAL_METHODS)} (Syne Tune's stopping "
+                "ASHA, an outside reference: pip install syne-tune)",
+            ),
             "configs": Option(
                 "1:81,8:216,64:576", budgets, "configurations per worker count W:N, every method"
             ),
@@ -482,6 +504,16 @@ def main() -> int:
         epilog="examples:\n  python -m benchmarks.search_efficiency mode=simulate\n"
         "  python -m benchmarks.search_efficiency mode=simulate reps=3 workers=1,8 figure=",
     )
+    allowed = (*METHODS, *OPTIONAL_METHODS)
+    for name in options["methods"]:
+        if name not in allowed:
+            print(
+                f"error: methods: unknown {name!r}; allowed: {', '.join(allowed)}", file=sys.stderr
+            )
+            return 2
+    if "syne-asha" in options["methods"] and importlib.util.find_spec("syne_tune") is None:
+        print("error: methods: syne-asha needs Syne Tune: pip install syne-tune", file=sys.stderr)
+        return 2
     import optuna
 
     from search.config import direction_of, load_config

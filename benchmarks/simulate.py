@@ -57,6 +57,7 @@ import random
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -327,6 +328,70 @@ class RandomSearch:
 
     def tell(self, job: Job, epoch: int, value: float) -> bool:
         return True
+
+    def done(self, job: Job, epoch: int) -> None:
+        self.running -= 1
+
+
+class SyneTuneAsha:
+    """Syne Tune's ``AsynchronousSuccessiveHalving`` as an outside reference (optional: ``pip
+    install syne-tune``). Version 0.16 ships only its *stopping* type (adapted from Ray Tune):
+    a trial runs on unless, at a rung, it is below the top ``1/eta`` of the results recorded
+    there so far; the promotion type (pause and resume) is gone. Its rung rule decides every
+    stop; new configurations come in the same order as random search's (its default searcher
+    draws at random too), ``max_trials`` of them, each trained from scratch.
+    """
+
+    name = "syne-asha"
+
+    def __init__(
+        self, *, first: int, eta: int, long_budget: int, max_trials: int, direction: Direction
+    ) -> None:
+        self.settings = dict(
+            time_attr="epoch",
+            max_t=long_budget,
+            grace_period=first,
+            reduction_factor=eta,
+            do_minimize=direction == "minimize",
+        )
+        self.max_trials = max_trials
+        self.configs: list[str] = []
+        self.started = self.running = 0
+
+    def start(self, configs: Sequence[str]) -> None:
+        from syne_tune.config_space import uniform
+        from syne_tune.optimizer.schedulers.asha import AsynchronousSuccessiveHalving
+
+        self.configs = list(configs)
+        self.started = self.running = 0
+        self.scheduler = AsynchronousSuccessiveHalving(
+            {"draw": uniform(0.0, 1.0)}, metric="value", random_seed=0, **self.settings
+        )
+        self.trials: dict[int, Any] = {}
+
+    def ask(self) -> Job | Wait | Finished:
+        from syne_tune.backend.trial_status import Trial
+
+        if self.started < self.max_trials:
+            number = self.started
+            self.started += 1
+            self.running += 1
+            trial = Trial(trial_id=number, config={"draw": 0.5}, creation_time=datetime.now())
+            self.trials[number] = trial
+            self.scheduler.on_trial_add(trial)
+            stop = int(self.settings["max_t"])
+            return Job(number, _draw(self.configs, number, self.name), 0, stop)
+        return Wait() if self.running else Finished()
+
+    def tell(self, job: Job, epoch: int, value: float) -> bool:
+        from syne_tune.optimizer.scheduler import SchedulerDecision
+
+        if math.isnan(value):
+            return False
+        decision = self.scheduler.on_trial_result(
+            self.trials[job.trial], {"epoch": epoch, "value": value}
+        )
+        return decision == SchedulerDecision.CONTINUE
 
     def done(self, job: Job, epoch: int) -> None:
         self.running -= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -183,6 +184,33 @@ def test_random_search_and_pipeline_jobs(table: dict) -> None:
     full = simulate(table, unpruned, workers=4, seed=0, long_budget=LONG)
     assert full.epochs == 20 * 5 + 3 * LONG > run.epochs
     assert run.utilization < 1.0 and run.first_idle is not None  # the barrier idles workers
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("syne_tune") is None, reason="syne-tune is not installed"
+)
+def test_syne_tunes_stopping_asha_stops_trials_below_the_rung_cut(table: dict) -> None:
+    """The outside reference: Syne Tune's rung rule stops a trial at rung r unless it is in
+    the top 1/eta of the results recorded at r so far; on rank-consistent curves it keeps the
+    best configurations going to the full budget, and a seed repeats exactly."""
+    from benchmarks.simulate import SyneTuneAsha
+
+    def run():
+        method = SyneTuneAsha(first=1, eta=3, long_budget=LONG, max_trials=60, direction="maximize")
+        return simulate(table, method, workers=4, seed=0, long_budget=LONG)
+
+    first, again = run(), run()
+    assert [(j.trial, j.config) for _, _, j in first.jobs] == [
+        (j.trial, j.config) for _, _, j in again.jobs
+    ]
+    assert len(first.jobs) == 60 and all((j.start, j.stop) == (0, LONG) for _, _, j in first.jobs)
+    assert 0 < len(first.full) < 60  # some stopped early, some reached the full budget
+    assert first.epochs < 60 * LONG / 3
+    everyone = simulate(
+        table, RandomSearch(long_budget=LONG, n_trials=60), workers=4, seed=0, long_budget=LONG
+    )
+    best = max(p.value for p in everyone.full)
+    assert max(p.value for p in first.full) == best  # rank-consistent: the best is never stopped
 
 
 class _Stuck:
