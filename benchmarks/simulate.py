@@ -333,13 +333,13 @@ class RandomSearch:
         self.running -= 1
 
 
-class SyneTuneAsha:
+class SyneTuneAsha(RandomSearch):
     """Syne Tune's ``AsynchronousSuccessiveHalving`` as an outside reference (optional: ``pip
     install syne-tune``). Version 0.16 ships only its *stopping* type (adapted from Ray Tune):
     a trial runs on unless, at a rung, it is below the top ``1/eta`` of the results recorded
     there so far; the promotion type (pause and resume) is gone. Its rung rule decides every
-    stop; new configurations come in the same order as random search's (its default searcher
-    draws at random too), ``max_trials`` of them, each trained from scratch.
+    stop; new configurations are random search's (its default searcher draws at random too),
+    ``max_trials`` of them, each trained from scratch towards the long budget.
     """
 
     name = "syne-asha"
@@ -347,6 +347,7 @@ class SyneTuneAsha:
     def __init__(
         self, *, first: int, eta: int, long_budget: int, max_trials: int, direction: Direction
     ) -> None:
+        super().__init__(long_budget=long_budget, n_trials=max_trials)
         self.settings = dict(
             time_attr="epoch",
             max_t=long_budget,
@@ -354,16 +355,12 @@ class SyneTuneAsha:
             reduction_factor=eta,
             do_minimize=direction == "minimize",
         )
-        self.max_trials = max_trials
-        self.configs: list[str] = []
-        self.started = self.running = 0
 
     def start(self, configs: Sequence[str]) -> None:
         from syne_tune.config_space import uniform
         from syne_tune.optimizer.schedulers.asha import AsynchronousSuccessiveHalving
 
-        self.configs = list(configs)
-        self.started = self.running = 0
+        super().start(configs)
         self.scheduler = AsynchronousSuccessiveHalving(
             {"draw": uniform(0.0, 1.0)}, metric="value", random_seed=0, **self.settings
         )
@@ -372,16 +369,12 @@ class SyneTuneAsha:
     def ask(self) -> Job | Wait | Finished:
         from syne_tune.backend.trial_status import Trial
 
-        if self.started < self.max_trials:
-            number = self.started
-            self.started += 1
-            self.running += 1
-            trial = Trial(trial_id=number, config={"draw": 0.5}, creation_time=datetime.now())
-            self.trials[number] = trial
+        answer = super().ask()
+        if isinstance(answer, Job):
+            trial = Trial(trial_id=answer.trial, config={"draw": 0.5}, creation_time=datetime.now())
+            self.trials[answer.trial] = trial
             self.scheduler.on_trial_add(trial)
-            stop = int(self.settings["max_t"])
-            return Job(number, _draw(self.configs, number, self.name), 0, stop)
-        return Wait() if self.running else Finished()
+        return answer
 
     def tell(self, job: Job, epoch: int, value: float) -> bool:
         from syne_tune.optimizer.scheduler import SchedulerDecision
@@ -392,9 +385,6 @@ class SyneTuneAsha:
             self.trials[job.trial], {"epoch": epoch, "value": value}
         )
         return decision == SchedulerDecision.CONTINUE
-
-    def done(self, job: Job, epoch: int) -> None:
-        self.running -= 1
 
 
 class Pipeline:
