@@ -68,6 +68,7 @@ import pandas as pd
 from benchmarks._common import REPO_ROOT, Option, csv, csv_int, fmt, log, parse_options, table
 from benchmarks.simulate import (
     Asha,
+    AshaTpe,
     Method,
     OptunaHyperband,
     ParamSpace,
@@ -79,11 +80,12 @@ from benchmarks.simulate import (
     load_table,
     simulate,
 )
+from benchmarks.tabulate import table_study
 from search.scheduler import rungs as make_rungs
 
-DEFAULT_TABLE = "benchmarks/tables/quickstart-curves.csv"
+DEFAULT_TABLE = "benchmarks/tables/mnist-guided-curves.csv"
 DEFAULT_FIGURE = "docs/tabulated-best-so-far.png"
-METHODS = ("random", "optuna-hyperband", "pipeline", "asha")
+METHODS = ("random", "optuna-hyperband", "pipeline", "asha-random", "asha")
 # Outside references, replayed when asked for (``methods=...,syne-asha``; needs syne-tune).
 OPTIONAL_METHODS = ("syne-asha",)
 
@@ -133,13 +135,24 @@ class Setup:
         configs, top_k = self.budget(workers)
         if name == "random":
             return RandomSearch(long_budget=self.long_budget, n_trials=configs)
-        if name == "asha":
-            return Asha(
+        if name in ("asha", "asha-random"):
+            settings: dict[str, Any] = dict(
                 rungs=self.rungs,
                 eta=self.eta,
                 top_k=top_k,
                 max_trials=configs,
-                direction=self.direction,  # type: ignore[arg-type]
+                direction=self.direction,
+            )
+            if name == "asha-random":
+                return Asha(**settings)
+            return AshaTpe(
+                space=self.space,
+                params=self.params,
+                seeds={c: len(curves) for c, curves in self.table.items()},
+                screen_epochs=self.screen_epochs,
+                seed=seed,
+                n_startup_trials=self.n_startup_trials,
+                **settings,
             )
         if name == "pipeline":
             return Pipeline(
@@ -239,6 +252,12 @@ class Summary:
         values = [v for e, v in self.best_curve if e <= epochs]
         return values[-1] if values else None
 
+    @property
+    def first_full_epochs(self) -> float:
+        """Epochs (all workers) when the first full-budget result came: no method can reach
+        the target sooner, and with W busy workers it is about W x the full budget."""
+        return float(self.best_curve[0][0]) if self.best_curve else math.inf
+
 
 _SETUP: Setup | None = None  # per process (set before the pool forks, or by run_one's caller)
 
@@ -291,7 +310,7 @@ def replay(
     _SETUP = setup
     tasks = [(m, w, s, target) for w in workers for m in methods for s in range(reps)]
     # the longest first, so the pool's last tasks are short
-    tasks.sort(key=lambda t: -t[1] * (4 if t[0] == "optuna-hyperband" else 1))
+    tasks.sort(key=lambda t: -t[1] * (4 if t[0] in ("optuna-hyperband", "asha") else 1))
     out: dict[tuple[str, int], list[Summary]] = {}
     if jobs > 1:
         import multiprocessing
@@ -354,6 +373,7 @@ def rows_for(
                 name,
                 f"{sum(not math.isinf(s.hit_epochs) for s in summaries)}/{len(summaries)}",
                 shown(median([s.hit_epochs for s in summaries])),
+                shown(median([s.first_full_epochs for s in summaries])),
                 shown(median([s.hit_time for s in summaries])),
                 f"{shown(median(values), 4)} ({len(values)}/{len(at_budget)})" if asha else "-",
                 shown(median([float(s.epochs) for s in summaries])),
@@ -370,6 +390,7 @@ HEADERS = [
     "method",
     "reached",
     "epochs to target",
+    "epochs to the first full-budget result",
     "simulated s to target",
     "best full-budget value at asha's epochs (reps with one)",
     "epochs spent",
@@ -475,7 +496,9 @@ def main() -> int:
         __doc__.split("\n\n")[0],
         {
             "table": Option(DEFAULT_TABLE, str, "learning-curve CSV made by benchmarks.tabulate"),
-            "study": Option("quickstart", str, "the study whose space the table was drawn from"),
+            "study": Option(
+                "", str, "the study whose space the table was drawn from ('' = the table's header)"
+            ),
             "workers": Option("1,8,64", csv_int, "simulated worker counts"),
             "reps": Option(20, int, "repetitions per method and worker count (seeds 0..reps-1)"),
             "methods": Option(
@@ -525,7 +548,8 @@ def main() -> int:
     path = path if path.is_absolute() else REPO_ROOT / path
     curves = load_table(path)
     epochs = min(len(c.metric) for cs in curves.values() for c in cs)
-    cfg = load_config(options["study"])
+    study, overrides = table_study(path)
+    cfg = load_config(options["study"] or study, overrides if not options["study"] else [])
     setup = Setup(
         table=curves,
         params=load_params(path.with_name(path.stem + "-configs.csv"), curves),

@@ -254,7 +254,7 @@ class Asha:
     """:func:`search.scheduler.decide` as a method: trial ``n`` is configuration ``n`` of the
     order; its records are what storage would hold."""
 
-    name = "asha"
+    name = "asha-random"
 
     def __init__(
         self, *, rungs: Sequence[int], eta: int, top_k: int, max_trials: int, direction: Direction
@@ -268,6 +268,7 @@ class Asha:
 
     def start(self, configs: Sequence[str]) -> None:
         self.configs = list(configs)
+        self.keys: dict[int, str] = {}  # trial number -> the table key it trains
         self.trials = {}
         self.decisions = []
 
@@ -280,14 +281,18 @@ class Asha:
         self.decisions.append((records, decision))
         if isinstance(decision, StartNew):
             number = len(self.trials)
-            config = _draw(self.configs, number, self.name)
+            self.keys[number] = self.new_config(number)
             self.trials[number] = TrialRecord(number, {}, running_to=decision.to_rung)
-            return Job(number, config, 0, decision.to_rung)
+            return Job(number, self.keys[number], 0, decision.to_rung)
         if isinstance(decision, Continue):
             number, to = decision.number, decision.to_rung
             self.trials[number] = replace(self.trials[number], running_to=to, promoted_to=to)
-            return Job(number, self.configs[number], decision.from_rung, to)
+            return Job(number, self.keys[number], decision.from_rung, to)
         return decision
+
+    def new_config(self, number: int) -> str:
+        """The configuration (table key) of new trial ``number``: the next in the draw order."""
+        return _draw(self.configs, number, self.name)
 
     def tell(self, job: Job, epoch: int, value: float) -> bool:
         if math.isnan(value):  # diverged: the trial fails, without a result at this rung
@@ -301,6 +306,84 @@ class Asha:
 
     def done(self, job: Job, epoch: int) -> None:
         pass
+
+
+class AshaTpe(Asha):
+    """The service's method: :func:`search.scheduler.decide` decides, and a new configuration's
+    parameters come from the study's sampler, as in ``search.stages.run_rungs``.
+
+    There a new configuration is a trial of the *screen* study, whose sampler (TPE, multivariate,
+    grouped for a conditional space: ``search.stages.make_sampler``) has seen every screen leg:
+    each configuration's first leg with its value at the first rung, and each continuation that
+    stays within the screen (``to_rung <= screen_epochs``) as another trial with the same
+    parameters and its value at that rung. Legs above the screen are in the promote study, which
+    the sampler does not see. So here: TPE suggests parameters in the study's space
+    (:class:`ParamSpace`), the trial trains the nearest tabulated configuration
+    (:class:`Nearest`) with one of its seeds drawn at random, and the screen legs' results are
+    told to TPE as the screen study would hold them. Needs ``simulate(draws=...)`` keys.
+    """
+
+    name = "asha"
+
+    def __init__(
+        self,
+        *,
+        space: ParamSpace,
+        params: Mapping[str, Mapping[str, Any]],
+        seeds: Mapping[str, int],
+        screen_epochs: int,
+        seed: int,
+        n_startup_trials: int = 10,
+        **settings: Any,
+    ) -> None:
+        super().__init__(**settings)
+        self.space = space
+        self.nearest = Nearest(params, space)
+        self.seeds = dict(seeds)
+        self.screen_epochs = screen_epochs
+        self.seed = seed
+        self.n_startup_trials = n_startup_trials
+
+    def start(self, configs: Sequence[str]) -> None:
+        import optuna
+
+        super().start(configs)
+        self.rng = random.Random(self.seed)
+        self.study = optuna.create_study(
+            direction=self.settings["direction"],
+            sampler=optuna.samplers.TPESampler(
+                seed=self.seed,
+                n_startup_trials=self.n_startup_trials,
+                multivariate=True,
+                group=self.space.conditional,
+            ),
+        )
+        self.first_legs: dict[int, Any] = {}  # trial number -> its open optuna.Trial
+        self.suggested: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}  # params, dists
+
+    def new_config(self, number: int) -> str:
+        trial = self.study.ask()
+        config = self.nearest(self.space.suggest(trial))
+        self.first_legs[number] = trial
+        return arm(config, self.rng.randrange(self.seeds[config]))
+
+    def tell(self, job: Job, epoch: int, value: float) -> bool:
+        import optuna
+
+        going_on = super().tell(job, epoch, value)
+        if job.start == 0 and (math.isnan(value) or epoch == job.stop):
+            trial = self.first_legs.pop(job.trial)
+            self.suggested[job.trial] = (dict(trial.params), dict(trial.distributions))
+            if math.isnan(value):
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            else:
+                self.study.tell(trial, value)
+        elif job.start > 0 and epoch == job.stop <= self.screen_epochs and not math.isnan(value):
+            params, distributions = self.suggested[job.trial]  # a continuation in the screen
+            self.study.add_trial(
+                optuna.trial.create_trial(params=params, distributions=distributions, value=value)
+            )
+        return going_on
 
 
 class RandomSearch:

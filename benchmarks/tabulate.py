@@ -20,20 +20,22 @@ Two CSV files (the first is what :func:`benchmarks.simulate.load_table` reads):
     (empty where a conditional parameter is inactive).
 
 Both start with ``#`` lines naming the command that made them. Rows are appended per finished
-curve, so an interrupted run continues where it stopped when run again with the same options.
+curve, so an interrupted run continues where it stopped when run again with the same options;
+``part=i/n`` lets ``n`` processes share the work (each trains every ``n``-th remaining curve).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import REPO_ROOT, Option, log, machine, parse_options
+from benchmarks._common import REPO_ROOT, Option, default_data_root, log, machine, parse_options
 
 CURVE_COLUMNS = ("config_id", "seed", "epoch", "metric", "seconds", "train_loss")
 DEFAULT_OUT = "benchmarks/tables/quickstart-curves.csv"
@@ -58,6 +60,18 @@ def study_overrides(opts: dict[str, Any]) -> list[str]:
     if opts["max_batches"]:
         out.append(f"train.max_batches={opts['max_batches']}")
     return out + opts["extra"].split()
+
+
+def table_study(path: Path) -> tuple[str, list[str]]:
+    """The study and the overrides a table was made with, from its header (``# study NAME,
+    metric M, overrides: k=v ...``), so that a replay loads the same search space."""
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        match = re.match(r"# study (\S+), metric \S+, overrides: (.*)$", line)
+        if match:
+            return match.group(1), shlex.split(match.group(2))
+    raise ValueError(f"{path}: no '# study ..., overrides: ...' line; not made by tabulate")
 
 
 def draw_configs(cfg: Any, n: int, seed: int) -> list[dict[str, Any]]:
@@ -144,7 +158,13 @@ def main() -> int:
             "max_batches": Option(0, int, "batches per epoch cap (0 = none)"),
             "extra": Option("", str, "more study overrides, space-separated key=value"),
             "limit": Option(0, int, "stop after this many new curves (0 = all); for sizing"),
+            "part": Option(
+                "0/1", str, "i/n: train every n-th curve from the i-th (n processes share a table)"
+            ),
             "threads": Option(1, int, "torch CPU threads"),
+            "data_root": Option(
+                default_data_root(), str, "folder holding MNIST/raw (not recorded)"
+            ),
         },
         epilog="example:\n  python -m benchmarks.tabulate\n"
         "  python -m benchmarks.tabulate configs=3 repeats=0 limit=3 out=/tmp/probe.csv",
@@ -152,6 +172,7 @@ def main() -> int:
     import optuna
     import pandas as pd
     import torch
+    from filelock import FileLock
 
     from models.data import load_splits
     from search.config import load_config, to_dataclasses
@@ -162,18 +183,21 @@ def main() -> int:
     if not out.is_absolute():
         out = REPO_ROOT / out
     out.parent.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(opts["study"], study_overrides(opts))
+    # the data folder is this machine's, so it stays out of the recorded overrides
+    cfg = load_config(opts["study"], [f"data.root={opts['data_root']}", *study_overrides(opts)])
     params = draw_configs(cfg, opts["configs"], opts["seed"])
     ids = [f"c{i:03d}" for i in range(len(params))]
     seeds = {i: [opts["train_seed"] + n] for n, i in enumerate(ids)}
     for i in ids[: opts["repeats"]]:
         seeds[i].append(seeds[i][0] + 1_000_000)
     # limit= only splits the work into several calls; the table does not depend on it
-    given = [a for a in sys.argv[1:] if not a.lstrip("-").startswith("limit=")]
+    given = [
+        a for a in sys.argv[1:] if not a.lstrip("-").startswith(("limit=", "part=", "data_root="))
+    ]
     command = " ".join(["python -m benchmarks.tabulate", shlex.join(given)])
     header = (
         f"# made by: {command.strip()}\n# study {opts['study']}, metric {cfg.search.metric}, "
-        f"overrides: {' '.join(study_overrides(opts))}\n"
+        f"overrides: {shlex.join(study_overrides(opts))}\n"
     )
     configs = pd.DataFrame(
         [
@@ -192,6 +216,10 @@ def main() -> int:
         out.write_text(header + ",".join(CURVE_COLUMNS) + "\n")
     done = read_done(out)
     todo = [(i, k) for k in (0, 1) for i in ids if k < len(seeds[i]) and (i, k) not in done]
+    index, _, count = opts["part"].partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise SystemExit(f"error: part: expected i/n with 0 <= i < n, got {opts['part']!r}")
+    todo = todo[int(index) :: int(count)]
     if opts["limit"]:
         todo = todo[: opts["limit"]]
     log(f"{len(done)} curves done, {len(todo)} to train; {machine()}")
@@ -204,7 +232,7 @@ def main() -> int:
         p = params[ids.index(config_id)]
         rows = train_curve(cfg, splits, p, seeds[config_id][k])
         frame = pd.DataFrame([{"config_id": config_id, "seed": k, **r} for r in rows])
-        with out.open("a") as f:
+        with FileLock(str(out) + ".lock"), out.open("a") as f:  # parts append to one file
             f.write(frame.reindex(columns=CURVE_COLUMNS).to_csv(index=False, header=False))
         last = rows[-1]["metric"]
         log(

@@ -37,7 +37,7 @@ from benchmarks.simulate import (
     synthetic_table,
     table_from_frame,
 )
-from benchmarks.tabulate import configs_path, draw_configs, read_done
+from benchmarks.tabulate import configs_path, draw_configs, read_done, table_study
 from search.scheduler import rungs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,12 +81,25 @@ def optuna_method(setup: Setup, n_trials: int, seed: int = 0) -> OptunaHyperband
 # ---- the stored table ------------------------------------------------------------------------
 
 
-def test_stored_table_is_what_the_benchmark_needs() -> None:
+TABLES = sorted((REPO / "benchmarks" / "tables").glob("*-curves.csv"))
+
+
+def test_the_default_table_is_stored() -> None:
+    assert TABLE in TABLES
+
+
+@pytest.mark.parametrize("path", TABLES, ids=lambda p: p.stem)
+def test_stored_table_is_what_the_benchmark_needs(path: Path) -> None:
     """>= 100 configurations to 30 epochs (10x the first rung), >= 20 with a second seed,
-    seconds per epoch, the command that made it, and the parameters of every configuration."""
-    header = TABLE.read_text().splitlines()[0]
+    seconds per epoch, the command that made it, the study and overrides it was drawn from, and
+    the parameters of every configuration, all of them in that study's space."""
+    from search.config import load_config
+
+    header = path.read_text().splitlines()[0]
     assert header.startswith("# made by: python -m benchmarks.tabulate")
-    table = load_table(TABLE)
+    study, overrides = table_study(path)
+    space = load_config(study, overrides).search.space
+    table = load_table(path)
     assert len(table) >= 100
     assert sum(len(curves) >= 2 for curves in table.values()) >= 20
     epochs = {len(c.metric) for curves in table.values() for c in curves}
@@ -94,14 +107,33 @@ def test_stored_table_is_what_the_benchmark_needs() -> None:
     for curves in table.values():
         for curve in curves:
             finite = [m for m in curve.metric if not math.isnan(m)]
-            assert all(0.0 <= m <= 1.0 for m in finite)  # knn_accuracy
+            assert all(0.0 <= m <= 1.0 for m in finite)  # accuracies
             assert all(s >= 0 for s in curve.seconds) and curve.seconds[0] > 0
-    params = load_params(configs_path(TABLE), table)
+    params = load_params(configs_path(path), table)
     assert set(params) == set(table)
-    assert {"channels", "batch_size", "optimizer", "temperature"} <= set(params["c000"])
-    assert read_done(TABLE) == {
+    for values in params.values():
+        assert set(values) <= set(space)
+        if "channels" in values:  # the table's reduced widths, as its overrides say
+            assert values["channels"] in list(space.channels.choices)
+    assert read_done(path) == {
         (c, k) for c, curves in table.items() for k in range(len(curves))
     }  # every curve is complete: a rerun of the command trains nothing
+
+
+def test_table_study_reads_the_header_tabulate_writes(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text(
+        "# made by: python -m benchmarks.tabulate study=x\n"
+        "# study mnist_guided, metric val_accuracy, overrides: train.epochs=30 "
+        "'search.space.channels.choices=[8,16]'\nconfig_id,seed,epoch,metric,seconds\n"
+    )
+    assert table_study(path) == (
+        "mnist_guided",
+        ["train.epochs=30", "search.space.channels.choices=[8,16]"],
+    )
+    path.write_text("config_id,seed,epoch,metric,seconds\n")
+    with pytest.raises(ValueError, match="not made by tabulate"):
+        table_study(path)
 
 
 def test_configurations_are_drawn_from_the_study_space_reproducibly() -> None:
