@@ -1,10 +1,12 @@
-"""Search methods replayed on the stored table of real learning curves, in simulated time.
+"""Search methods replayed on a stored table of real learning curves, in simulated time.
 
-The table (``benchmarks/tables/quickstart-curves.csv``, made by ``benchmarks/tabulate.py`` with
-the project's trainer) holds every epoch's metric and seconds of 100 configurations of the
-quickstart study's space (20 of them with a second seed). Four methods are replayed on it by
-:func:`benchmarks.simulate.simulate` with 1, 8 and 64 simulated workers, ``reps`` times each
-(repetition ``r`` uses seed ``r`` for everything it draws):
+The default table (``benchmarks/tables/mnist-guided-curves.csv``, made by ``benchmarks/tabulate.py``
+with the project's trainer; the command is its first line) holds every epoch's metric and
+seconds of 100 configurations of the MNIST guided study's space at reduced width on a subset
+(20 of them with a second seed); ``tables/quickstart-curves.csv`` is a smaller, noisier one
+(``table=``). The study and overrides a table was drawn from are read from its header. Five
+methods are replayed on it by :func:`benchmarks.simulate.simulate` with 1, 8 and 64 simulated
+workers, ``reps`` times each (repetition ``r`` uses seed ``r`` for everything it draws):
 
 random
     random search: every configuration trained from scratch to the full budget.
@@ -17,14 +19,20 @@ optuna-hyperband
     configuration nearest to them (``benchmarks.simulate.Nearest``).
 pipeline
     the previous screen -> barrier -> retrain top-k pipeline (median pruning in the screen).
+asha-random
+    the new scheduler alone, :func:`search.scheduler.decide`, continuing trials from rung
+    checkpoints (a continuation costs only the epochs it adds), new configurations drawn at
+    random (as in Li et al.).
 asha
-    the new scheduler, :func:`search.scheduler.decide`, continuing trials from rung checkpoints
-    (a continuation costs only the epochs it adds).
+    the service as ``search.run`` runs it (:class:`benchmarks.simulate.AshaTpe`): the same
+    decisions, new configurations suggested by the study's TPE, which sees every screen leg
+    (first legs at the first rung, continuations up to ``screen_epochs``) as the screen study
+    holds it; nearest tabulated configuration as for optuna-hyperband.
 syne-asha (on request: ``methods=...,syne-asha``, needs ``syne-tune``)
     an outside reference, Syne Tune's ``AsynchronousSuccessiveHalving`` (stopping type, the
     only one its version 0.16 ships; :class:`benchmarks.simulate.SyneTuneAsha`).
 
-Configurations for random, pipeline and asha are draws with replacement from the table (each a
+Configurations for random, pipeline and asha-random are draws with replacement from the table (each a
 configuration, uniformly, and one of its seeds); Optuna picks its own. **Budgets**: every
 method sees the same number of configurations, chosen per worker count as a user who grows the
 search with the workers would, less than in proportion (``configs``, default 81 at 1 worker,
@@ -37,9 +45,10 @@ worker at 64) took 313 s of CPU for one repetition here (profiled), 576 took 18 
 Reported per method and worker count, medians over repetitions: epochs (all workers) and
 simulated seconds until a full-budget result reaches the target (the 90th percentile of the
 table's full-budget values, every seed pooled, a diverged run counting as the worst; a
-repetition that never reaches it counts as infinite), how many repetitions reached it, the best
-full-budget value within the epochs asha used in the same repetition (equal budget), the
-epochs spent, and worker utilization (busy worker-seconds / (workers x seconds until the last
+repetition that never reaches it counts as infinite), how many repetitions reached it, the
+epochs when the first full-budget result came (no method reaches the target sooner; with W busy
+workers it is about W x the full budget), the best full-budget value within the epochs asha
+used in the same repetition (equal budget), the epochs spent, and worker utilization (busy worker-seconds / (workers x seconds until the last
 job ended)). The last line of the output is::
 
     ratio to random <x>, to optuna-hyperband <y>, utilization@8 <u8>, utilization@64 <u64>
@@ -472,6 +481,12 @@ def best_so_far_figure(
         line = np.where(np.isfinite(line) & (grid <= end), line, np.nan)
         ax.step(grid, line, where="post", label=name)
     ax.axhline(target, color="grey", linestyle=":", linewidth=1, label="target (p90)")
+    drawn = [v for line in ax.get_lines() for v in line.get_ydata() if np.isfinite(v)]
+    if drawn:  # the region around the target, where the methods differ
+        best, worst = max(drawn), min(drawn)
+        spread = abs(best - target) or abs(target) * 0.01 or 0.01
+        low, high = (target - 3 * spread, best) if maximize else (worst, target + 3 * spread)
+        ax.set_ylim(max(low, worst) - spread / 4, high + spread / 4)
     ax.set_xscale("log")
     first = min(
         (s.best_curve[0][0] for ss in summaries.values() for s in ss if s.best_curve), default=1

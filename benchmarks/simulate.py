@@ -8,9 +8,13 @@ Nothing reads the clock: a run is a function of the table, the method and the se
 
 Methods (behind :class:`Method`: ``start``/``ask``/``tell``/``done``; more can be added):
 
-asha
+asha-random
     :mod:`search.scheduler` itself: each free worker asks :func:`search.scheduler.decide` for
-    work, with the records the method keeps as storage would.
+    work, with the records the method keeps as storage would; new configurations in the draw
+    order (random).
+asha
+    the service's method (:class:`AshaTpe`): the same decisions, new configurations from the
+    study's TPE sampler, which sees the screen legs as the service's screen study holds them.
 random
     random search: each configuration trained from scratch to the long budget.
 pipeline
@@ -980,7 +984,7 @@ def main() -> None:
                         direction=options["direction"],
                     )
                 )
-        budgets = [r.epochs for r in runs["asha"]]  # equal budget: what ASHA used, per seed
+        budgets = [r.epochs for r in runs[Asha.name]]  # equal budget: what ASHA used, per seed
         for name, results in runs.items():
             hits = [r.reached(target) for r in results]
             at_budget = [r.best_within(b) for r, b in zip(results, budgets, strict=True)]

@@ -23,6 +23,7 @@ from benchmarks.replay import (
 )
 from benchmarks.simulate import (
     Asha,
+    AshaTpe,
     Job,
     Nearest,
     OptunaHyperband,
@@ -264,6 +265,35 @@ def test_optuna_replay_is_deterministic_per_seed(synthetic: Setup) -> None:
     assert runs[0].jobs == runs[1].jobs != runs[2].jobs
 
 
+def test_the_services_asha_tells_its_sampler_the_screen_legs(synthetic: Setup) -> None:
+    """asha draws new configurations from TPE, which sees what the service's screen study holds:
+    every first leg with its first-rung value and every continuation up to the screen's epochs
+    (here rung 3 of 1, 3, 9, 27) with its value there; nothing above the screen."""
+    setup = dataclasses.replace(synthetic, screen_epochs=3)
+    configs = setup.budget(4)[0]
+
+    def run() -> AshaTpe:
+        method = setup.method("asha", 4, seed=0)
+        assert isinstance(method, AshaTpe)
+        simulate(setup.table, method, workers=4, seed=0, long_budget=LONG, draws=configs)
+        return method
+
+    method = run()
+    told = method.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    screen_results = [v for r in method.trials.values() for k, v in r.results.items() if k <= 3]
+    assert any(k > 3 for r in method.trials.values() for k in r.results)  # legs above the screen
+    assert sorted(t.value for t in told) == pytest.approx(sorted(screen_results))
+    assert len(told) > len(method.trials)  # continuations to rung 3 are trials of their own
+    keys = {r.number: method.keys[r.number] for r in method.trials.values()}
+    for trial in told:  # a continuation repeats its configuration's parameters
+        assert Nearest(setup.params, setup.space)(trial.params) in {
+            config_of(k) for k in keys.values()
+        }
+    again = run()
+    assert [t.params for t in again.study.trials] == [t.params for t in method.study.trials]
+    assert again.keys == method.keys
+
+
 # ---- the whole replay ------------------------------------------------------------------------
 
 
@@ -271,7 +301,7 @@ def test_replay_on_a_synthetic_table(synthetic: Setup) -> None:
     target = default_target(synthetic.table, LONG, "maximize")
     runs = replay(
         synthetic,
-        methods=["random", "optuna-hyperband", "pipeline", "asha"],
+        methods=list(replay_module.METHODS),
         workers=[1, 8],
         reps=2,
         target=target,
@@ -285,9 +315,9 @@ def test_replay_on_a_synthetic_table(synthetic: Setup) -> None:
             assert s.epochs > 0 and s.end_time > 0
             if name == "random":
                 assert s.epochs == configs * LONG and s.full_runs == s.trials == configs
-            if name == "asha":
+            if name in ("asha", "asha-random"):
                 assert s.trials <= configs
-            if name in ("asha", "pipeline"):
+            if name in ("asha", "asha-random", "pipeline"):
                 assert s.full_runs <= top_k
         if workers == 1:
             assert all(s.utilization == pytest.approx(1.0) for s in summaries)
