@@ -25,9 +25,9 @@ asha-random
     random (as in Li et al.).
 asha
     the service as ``search.run`` runs it (:class:`benchmarks.simulate.AshaTpe`): the same
-    decisions, new configurations suggested by the study's TPE, which sees every screen leg
-    (first legs at the first rung, continuations up to ``screen_epochs``) as the screen study
-    holds it; nearest tabulated configuration as for optuna-hyperband.
+    decisions, new configurations suggested by the study's TPE fitted on each configuration's
+    first-rung result (``search.sampling.FirstLegSampler``); nearest tabulated configuration
+    as for optuna-hyperband.
 syne-asha (on request: ``methods=...,syne-asha``, needs ``syne-tune``)
     an outside reference, Syne Tune's ``AsynchronousSuccessiveHalving`` (stopping type, the
     only one its version 0.16 ships; :class:`benchmarks.simulate.SyneTuneAsha`).
@@ -158,7 +158,6 @@ class Setup:
                 space=self.space,
                 params=self.params,
                 seeds={c: len(curves) for c, curves in self.table.items()},
-                screen_epochs=self.screen_epochs,
                 seed=seed,
                 n_startup_trials=self.n_startup_trials,
                 **settings,

@@ -14,7 +14,7 @@ asha-random
     order (random).
 asha
     the service's method (:class:`AshaTpe`): the same decisions, new configurations from the
-    study's TPE sampler, which sees the screen legs as the service's screen study holds them.
+    study's TPE sampler, fitted on each configuration's first-rung result.
 random
     random search: each configuration trained from scratch to the long budget.
 pipeline
@@ -317,14 +317,12 @@ class AshaTpe(Asha):
     parameters come from the study's sampler, as in ``search.stages.run_rungs``.
 
     There a new configuration is a trial of the *screen* study, whose sampler (TPE, multivariate,
-    grouped for a conditional space: ``search.stages.make_sampler``) has seen every screen leg:
-    each configuration's first leg with its value at the first rung, and each continuation that
-    stays within the screen (``to_rung <= screen_epochs``) as another trial with the same
-    parameters and its value at that rung. Legs above the screen are in the promote study, which
-    the sampler does not see. So here: TPE suggests parameters in the study's space
-    (:class:`ParamSpace`), the trial trains the nearest tabulated configuration
-    (:class:`Nearest`) with one of its seeds drawn at random, and the screen legs' results are
-    told to TPE as the screen study would hold them. Needs ``simulate(draws=...)`` keys.
+    grouped for a conditional space, behind :class:`search.sampling.FirstLegSampler`: see
+    ``search.stages.make_sampler``) learns from each configuration's first leg, its value at the
+    first rung; continuations are hidden from it. So here: TPE suggests parameters in the
+    study's space (:class:`ParamSpace`), the trial trains the nearest tabulated configuration
+    (:class:`Nearest`) with one of its seeds drawn at random, and each first leg's result (or
+    failure) is told to TPE. Needs ``simulate(draws=...)`` keys.
     """
 
     name = "asha"
@@ -335,7 +333,6 @@ class AshaTpe(Asha):
         space: ParamSpace,
         params: Mapping[str, Mapping[str, Any]],
         seeds: Mapping[str, int],
-        screen_epochs: int,
         seed: int,
         n_startup_trials: int = 10,
         **settings: Any,
@@ -344,7 +341,6 @@ class AshaTpe(Asha):
         self.space = space
         self.nearest = Nearest(params, space)
         self.seeds = dict(seeds)
-        self.screen_epochs = screen_epochs
         self.seed = seed
         self.n_startup_trials = n_startup_trials
 
@@ -363,7 +359,6 @@ class AshaTpe(Asha):
             ),
         )
         self.first_legs: dict[int, Any] = {}  # trial number -> its open optuna.Trial
-        self.suggested: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}  # params, dists
 
     def new_config(self, number: int) -> str:
         trial = self.study.ask()
@@ -377,16 +372,10 @@ class AshaTpe(Asha):
         going_on = super().tell(job, epoch, value)
         if job.start == 0 and (math.isnan(value) or epoch == job.stop):
             trial = self.first_legs.pop(job.trial)
-            self.suggested[job.trial] = (dict(trial.params), dict(trial.distributions))
             if math.isnan(value):
                 self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             else:
                 self.study.tell(trial, value)
-        elif job.start > 0 and epoch == job.stop <= self.screen_epochs and not math.isnan(value):
-            params, distributions = self.suggested[job.trial]  # a continuation in the screen
-            self.study.add_trial(
-                optuna.trial.create_trial(params=params, distributions=distributions, value=value)
-            )
         return going_on
 
 

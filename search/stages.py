@@ -60,6 +60,7 @@ from search.objective import (
     release_trial_memory,
     stored,
 )
+from search.sampling import FirstLegSampler
 from search.scheduler import (
     Continue,
     Finished,
@@ -109,12 +110,14 @@ def make_sampler(cfg: DictConfig, seed_offset: int = 0) -> optuna.samplers.BaseS
     if cfg.search.sampler.name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     conditional = any(spec.when for spec in cfg.search.space.values())
-    return optuna.samplers.TPESampler(
+    tpe = optuna.samplers.TPESampler(
         seed=seed,
         n_startup_trials=int(cfg.search.sampler.n_startup_trials),
         multivariate=True,
         group=conditional,  # model each branch of a conditional space on its own
     )
+    # Under rungs, one result per configuration: continuations are other budgets' values.
+    return FirstLegSampler(tpe) if uses_rungs(cfg) else tpe
 
 
 def make_pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:

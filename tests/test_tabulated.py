@@ -265,30 +265,26 @@ def test_optuna_replay_is_deterministic_per_seed(synthetic: Setup) -> None:
     assert runs[0].jobs == runs[1].jobs != runs[2].jobs
 
 
-def test_the_services_asha_tells_its_sampler_the_screen_legs(synthetic: Setup) -> None:
-    """asha draws new configurations from TPE, which sees what the service's screen study holds:
-    every first leg with its first-rung value and every continuation up to the screen's epochs
-    (here rung 3 of 1, 3, 9, 27) with its value there; nothing above the screen."""
-    setup = dataclasses.replace(synthetic, screen_epochs=3)
-    configs = setup.budget(4)[0]
+def test_the_services_asha_fits_its_sampler_on_first_legs(synthetic: Setup) -> None:
+    """asha draws new configurations from TPE, which learns what the service's sampler learns:
+    each configuration's result at the first rung, once (continuations are hidden from it)."""
+    configs = synthetic.budget(4)[0]
 
     def run() -> AshaTpe:
-        method = setup.method("asha", 4, seed=0)
+        method = synthetic.method("asha", 4, seed=0)
         assert isinstance(method, AshaTpe)
-        simulate(setup.table, method, workers=4, seed=0, long_budget=LONG, draws=configs)
+        simulate(synthetic.table, method, workers=4, seed=0, long_budget=LONG, draws=configs)
         return method
 
     method = run()
     told = method.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    screen_results = [v for r in method.trials.values() for k, v in r.results.items() if k <= 3]
-    assert any(k > 3 for r in method.trials.values() for k in r.results)  # legs above the screen
-    assert sorted(t.value for t in told) == pytest.approx(sorted(screen_results))
-    assert len(told) > len(method.trials)  # continuations to rung 3 are trials of their own
-    keys = {r.number: method.keys[r.number] for r in method.trials.values()}
-    for trial in told:  # a continuation repeats its configuration's parameters
-        assert Nearest(setup.params, setup.space)(trial.params) in {
-            config_of(k) for k in keys.values()
-        }
+    assert any(len(r.results) > 1 for r in method.trials.values())  # some were continued
+    first = sorted(r.results[1] for r in method.trials.values() if 1 in r.results)
+    assert sorted(t.value for t in told) == pytest.approx(first)
+    assert len(method.study.trials) == len(method.trials)  # one sampler trial per configuration
+    for number, trial in zip(sorted(method.trials), method.study.trials, strict=True):
+        nearest = Nearest(synthetic.params, synthetic.space)(trial.params)
+        assert config_of(method.keys[number]) == nearest  # the configuration TPE asked for
     again = run()
     assert [t.params for t in again.study.trials] == [t.params for t in method.study.trials]
     assert again.keys == method.keys

@@ -1,0 +1,94 @@
+"""The sampler of a rung-scheduled study learns from first legs only (real SQLite studies)."""
+
+from __future__ import annotations
+
+import doctest
+import statistics
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+
+import search.sampling as sampling
+from search.config import load_config
+from search.sampling import FirstLegSampler
+from search.stages import make_sampler
+
+X = FloatDistribution(0.0, 1.0)
+
+
+def first_rung_value(x: float) -> float:
+    return -((x - 0.2) ** 2)  # best first-rung results near x = 0.2
+
+
+def suggestions(sampler: optuna.samplers.BaseSampler, path: Path) -> list[float]:
+    """Ten first legs spread over [0, 1], fifteen continuations of x = 0.9 with a later rung's
+    (higher) value, then twenty new configurations: where does the sampler put them?"""
+    study = optuna.create_study(storage=f"sqlite:///{path}", sampler=sampler, direction="maximize")
+    for i in range(10):
+        x = i / 9
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"x": x}, distributions={"x": X}, value=first_rung_value(x)
+            )
+        )
+    for _ in range(15):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"x": 0.9}, distributions={"x": X}, value=1.0, user_attrs={"rung_from": 1}
+            )
+        )
+    out = []
+    for _ in range(20):
+        trial = study.ask()
+        x = trial.suggest_float("x", 0.0, 1.0)
+        study.tell(trial, first_rung_value(x))
+        out.append(x)
+    return out
+
+
+def tpe() -> optuna.samplers.TPESampler:
+    return optuna.samplers.TPESampler(seed=0, n_startup_trials=5, multivariate=True)
+
+
+def test_continuations_do_not_steer_the_sampler(tmp_path: Path) -> None:
+    ours = suggestions(FirstLegSampler(tpe()), tmp_path / "first-legs.db")
+    plain = suggestions(tpe(), tmp_path / "all-legs.db")
+    assert statistics.median(ours) < 0.45  # where the first-rung results are good
+    assert statistics.median(plain) > 0.7  # what seeing every leg does: the continued config
+
+
+def test_the_view_hides_continuations_only(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'v.db'}")
+    study.add_trial(optuna.trial.create_trial(params={"x": 0.1}, distributions={"x": X}, value=1))
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"x": 0.1}, distributions={"x": X}, value=2, user_attrs={"rung_from": 1}
+        )
+    )
+    view = sampling._FirstLegView(study)
+    assert [t.value for t in view.get_trials()] == [1]
+    assert [t.value for t in view._get_trials(deepcopy=False, use_cache=True)] == [1]
+    assert [t.value for t in view.trials] == [1]
+    assert view.study_name == study.study_name and len(study.trials) == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "kind"),
+    [
+        ([], FirstLegSampler),  # the quickstart runs on rungs
+        (["search.pruner.name=hyperband"], optuna.samplers.TPESampler),
+        (["search.sampler.name=random"], optuna.samplers.RandomSampler),
+    ],
+)
+def test_make_sampler_wraps_tpe_under_rungs(overrides: list[str], kind: type) -> None:
+    sampler = make_sampler(load_config("quickstart", overrides))
+    assert type(sampler) is kind
+    if kind is FirstLegSampler:
+        assert isinstance(sampler.base, optuna.samplers.TPESampler)
+
+
+def test_examples_in_the_docstring_hold() -> None:
+    failures, tried = doctest.testmod(sampling)
+    assert tried >= 3 and failures == 0
