@@ -58,8 +58,10 @@ class _FirstLegView:
         states: Container[TrialState] | None = None,
         use_cache: bool = False,
     ) -> list[FrozenTrial]:
-        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
-        return first_legs(trials)
+        # What Optuna's samplers call; answered with the public API (``use_cache`` only spares
+        # re-reading finished trials). If a new Optuna stopped calling it, the view would pass
+        # continuations through: tests/test_sampling.py checks that they do not steer TPE.
+        return self.get_trials(deepcopy=deepcopy, states=states)
 
     def get_trials(
         self, deepcopy: bool = True, states: Container[TrialState] | None = None
