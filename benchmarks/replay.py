@@ -85,6 +85,7 @@ from benchmarks.simulate import (
     RandomSearch,
     SyneTuneAsha,
     Table,
+    TabulatedTpe,
     default_target,
     load_table,
     simulate,
@@ -154,14 +155,9 @@ class Setup:
             )
             if name == "asha-random":
                 return Asha(**settings)
-            return AshaTpe(
-                space=self.space,
-                params=self.params,
-                seeds={c: len(curves) for c, curves in self.table.items()},
-                seed=seed,
-                n_startup_trials=self.n_startup_trials,
-                **settings,
-            )
+            seeds = {c: len(curves) for c, curves in self.table.items()}
+            tpe = TabulatedTpe(self.space, self.params, seeds, seed, self.n_startup_trials)
+            return AshaTpe(tpe=tpe, **settings)
         if name == "pipeline":
             return Pipeline(
                 screen_trials=configs,

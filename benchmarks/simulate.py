@@ -312,6 +312,42 @@ class Asha:
         pass
 
 
+class TabulatedTpe:
+    """TPE as the project builds it (``search.stages.make_sampler``: multivariate, grouped for a
+    conditional space) suggesting in the study's space (:class:`ParamSpace`); a suggestion trains
+    the nearest tabulated configuration (:class:`Nearest`), one of its seeds drawn at random."""
+
+    def __init__(
+        self,
+        space: ParamSpace,
+        params: Mapping[str, Mapping[str, Any]],
+        seeds: Mapping[str, int],
+        seed: int,
+        n_startup_trials: int = 10,
+    ) -> None:
+        self.space = space
+        self.nearest = Nearest(params, space)
+        self.seeds = dict(seeds)
+        self.seed = seed
+        self.n_startup_trials = n_startup_trials
+
+    def sampler(self) -> Any:
+        import optuna
+
+        return optuna.samplers.TPESampler(
+            seed=self.seed,
+            n_startup_trials=self.n_startup_trials,
+            multivariate=True,
+            group=self.space.conditional,
+        )
+
+    def draw(self, trial: Any, rng: random.Random) -> str:
+        """The table key ``trial`` trains; sets its user attr ``config``."""
+        config = self.nearest(self.space.suggest(trial))
+        trial.set_user_attr("config", config)
+        return arm(config, rng.randrange(self.seeds[config]))
+
+
 class AshaTpe(Asha):
     """The service's method: :func:`search.scheduler.decide` decides, and a new configuration's
     parameters come from the study's sampler, as in ``search.stages.run_rungs``.
@@ -327,44 +363,24 @@ class AshaTpe(Asha):
 
     name = "asha"
 
-    def __init__(
-        self,
-        *,
-        space: ParamSpace,
-        params: Mapping[str, Mapping[str, Any]],
-        seeds: Mapping[str, int],
-        seed: int,
-        n_startup_trials: int = 10,
-        **settings: Any,
-    ) -> None:
+    def __init__(self, *, tpe: TabulatedTpe, **settings: Any) -> None:
         super().__init__(**settings)
-        self.space = space
-        self.nearest = Nearest(params, space)
-        self.seeds = dict(seeds)
-        self.seed = seed
-        self.n_startup_trials = n_startup_trials
+        self.tpe = tpe
 
     def start(self, configs: Sequence[str]) -> None:
         import optuna
 
         super().start(configs)
-        self.rng = random.Random(self.seed)
+        self.rng = random.Random(self.tpe.seed)
         self.study = optuna.create_study(
-            direction=self.settings["direction"],
-            sampler=optuna.samplers.TPESampler(
-                seed=self.seed,
-                n_startup_trials=self.n_startup_trials,
-                multivariate=True,
-                group=self.space.conditional,
-            ),
+            direction=self.settings["direction"], sampler=self.tpe.sampler()
         )
         self.first_legs: dict[int, Any] = {}  # trial number -> its open optuna.Trial
 
     def new_config(self, number: int) -> str:
         trial = self.study.ask()
-        config = self.nearest(self.space.suggest(trial))
         self.first_legs[number] = trial
-        return arm(config, self.rng.randrange(self.seeds[config]))
+        return self.tpe.draw(trial, self.rng)
 
     def tell(self, job: Job, epoch: int, value: float) -> bool:
         import optuna
@@ -669,14 +685,11 @@ class OptunaHyperband:
         seed: int,
         n_startup_trials: int = 10,
     ) -> None:
-        self.space = space
-        self.nearest = Nearest(params, space)
-        self.seeds = dict(seeds)
+        self.tpe = TabulatedTpe(space, params, seeds, seed, n_startup_trials)
         self.n_trials = n_trials
         self.first, self.long_budget, self.eta = first, long_budget, eta
         self.direction: Direction = direction
         self.seed = seed
-        self.n_startup_trials = n_startup_trials
         self.start([])
 
     def start(self, configs: Sequence[str]) -> None:
@@ -686,12 +699,7 @@ class OptunaHyperband:
         self.study = optuna.create_study(
             study_name=f"{self.name}-{self.seed}",
             direction=self.direction,
-            sampler=optuna.samplers.TPESampler(
-                seed=self.seed,
-                n_startup_trials=self.n_startup_trials,
-                multivariate=True,
-                group=self.space.conditional,
-            ),
+            sampler=self.tpe.sampler(),
             pruner=optuna.pruners.HyperbandPruner(
                 min_resource=self.first,
                 max_resource=self.long_budget,
@@ -706,11 +714,8 @@ class OptunaHyperband:
             return Wait() if self.open else Finished()
         self.asked += 1
         trial = self.study.ask()
-        config = self.nearest(self.space.suggest(trial))
-        trial.set_user_attr("config", config)
         self.open[trial.number] = trial
-        key = arm(config, self.rng.randrange(self.seeds[config]))
-        return Job(trial.number, key, 0, self.long_budget)
+        return Job(trial.number, self.tpe.draw(trial, self.rng), 0, self.long_budget)
 
     def tell(self, job: Job, epoch: int, value: float) -> bool:
         import optuna
