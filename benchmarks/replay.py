@@ -32,15 +32,15 @@ syne-asha (on request: ``methods=...,syne-asha``, needs ``syne-tune``)
     an outside reference, Syne Tune's ``AsynchronousSuccessiveHalving`` (stopping type, the
     only one its version 0.16 ships; :class:`benchmarks.simulate.SyneTuneAsha`).
 
-Configurations for random, pipeline and asha-random are draws with replacement from the table (each a
-configuration, uniformly, and one of its seeds); Optuna picks its own. **Budgets**: every
-method sees the same number of configurations, chosen per worker count as a user who grows the
-search with the workers would, less than in proportion (``configs``, default 81 at 1 worker,
-216 = 27 per worker at 8, 576 = 9 per worker at 64; other worker counts ``per_worker`` x
-workers); asha and the pipeline send ``configurations / eta^(rungs - 1)`` of them (3, 8, 21)
-to the full budget; the pipeline screens for ``screen_epochs`` epochs. The replay's cost limits
-the largest: plain Optuna's TPE re-reads every trial at each ask, so 1,728 trials (27 per
-worker at 64) took 313 s of CPU for one repetition here (profiled), 576 took 18 s.
+Configurations for random, pipeline and asha-random are draws with replacement from the table
+(each a configuration, uniformly, and one of its seeds); TPE (optuna-hyperband, asha) picks its
+own. **Budgets**: every method sees the same number of configurations, chosen per worker count
+as a user who grows the search with the workers would, less than in proportion (``configs``,
+default 81 at 1 worker, 216 = 27 per worker at 8, 576 = 9 per worker at 64; other worker counts
+``per_worker`` x workers); asha and the pipeline send ``configurations / eta^(rungs - 1)`` of them
+(3, 8, 21) to the full budget; the pipeline screens for ``screen_epochs`` epochs. The replay's
+cost limits the largest: plain Optuna's TPE re-reads every trial at each ask, so 1,728 trials (27
+per worker at 64) took 313 s of CPU for one repetition here (profiled), 576 took 18 s.
 
 Reported per method and worker count, medians over repetitions: epochs (all workers) and
 simulated seconds until a full-budget result reaches the target (the 90th percentile of the
@@ -48,8 +48,8 @@ table's full-budget values, every seed pooled, a diverged run counting as the wo
 repetition that never reaches it counts as infinite), how many repetitions reached it, the
 epochs when the first full-budget result came (no method reaches the target sooner; with W busy
 workers it is about W x the full budget), the best full-budget value within the epochs asha
-used in the same repetition (equal budget), the epochs spent, and worker utilization (busy worker-seconds / (workers x seconds until the last
-job ended)). The last line of the output is::
+used in the same repetition (equal budget), the epochs spent, and worker utilization (busy
+worker-seconds / (workers x seconds until the last job ended)). The last line of the output is::
 
     ratio to random <x>, to optuna-hyperband <y>, utilization@8 <u8>, utilization@64 <u64>
 

@@ -179,6 +179,10 @@ def main() -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(opts["threads"])
+    part, _, parts = opts["part"].partition("/")
+    if not (part.isdigit() and parts.isdigit() and int(part) < int(parts)):
+        print(f"error: part: expected i/n with 0 <= i < n, got {opts['part']!r}", file=sys.stderr)
+        return 2
     out = Path(opts["out"])
     if not out.is_absolute():
         out = REPO_ROOT / out
@@ -216,10 +220,7 @@ def main() -> int:
         out.write_text(header + ",".join(CURVE_COLUMNS) + "\n")
     done = read_done(out)
     todo = [(i, k) for k in (0, 1) for i in ids if k < len(seeds[i]) and (i, k) not in done]
-    index, _, count = opts["part"].partition("/")
-    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
-        raise SystemExit(f"error: part: expected i/n with 0 <= i < n, got {opts['part']!r}")
-    todo = todo[int(index) :: int(count)]
+    todo = todo[int(part) :: int(parts)]
     if opts["limit"]:
         todo = todo[: opts["limit"]]
     log(f"{len(done)} curves done, {len(todo)} to train; {machine()}")

@@ -66,6 +66,16 @@ def stage_of(study_name: str) -> str:
 
 
 STUDY_UID_ATTR = "study_uid"  # the study user attr holding its identity
+# The trial user attr of a leg that continues a configuration from a rung's checkpoint (the
+# rung it starts from); absent on a configuration's first leg.
+RUNG_FROM_ATTR = "rung_from"
+
+
+def is_continuation(user_attrs: Mapping[str, Any]) -> bool:
+    """Whether a trial with these user attrs continues a configuration (not its first leg)."""
+    return RUNG_FROM_ATTR in user_attrs
+
+
 # Settings that say where or how fast a run goes, not what it computes.
 _NOT_IDENTITY = {
     "data": ("root", "cache_dir", "download"),

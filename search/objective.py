@@ -37,8 +37,10 @@ from search.naming import (
     FINAL_METRIC,
     PRETRAIN_FILE,
     PROBE_FILE,
+    RUNG_FROM_ATTR,
     STUDY_UID_ATTR,
     curve_attr,
+    is_continuation,
     learning_curve,
     long_budget,
     new_study_uid,
@@ -297,7 +299,7 @@ class TrialRunner:
         trial: optuna.Trial, this: optuna.trial.FrozenTrial, params: dict[str, Any]
     ) -> int | None:
         """A sampled trial whose configuration another trial of the study already has."""
-        if trial.user_attrs.get("baseline") or "rung_from" in trial.user_attrs or not params:
+        if trial.user_attrs.get("baseline") or is_continuation(trial.user_attrs) or not params:
             return None  # enqueued on purpose (the report's configuration, a continuation)
         if original_number(this) != trial.number:
             return None  # a retry continues its original
@@ -316,7 +318,7 @@ class TrialRunner:
     ) -> float:
         run = None
         started = time.perf_counter()
-        continued = "rung_from" in trial.user_attrs
+        continued = is_continuation(trial.user_attrs)
         try:
             self._begin(trial, stage)
             params = suggest(trial, self.cfg.search.space)
@@ -351,7 +353,7 @@ class TrialRunner:
                     relative,
                     PRETRAIN_FILE,
                     f"configuration #{number} is to continue from epoch "
-                    f"{trial.user_attrs['rung_from']}",
+                    f"{trial.user_attrs[RUNG_FROM_ATTR]}",
                 )
 
             reported: list[int] = []  # epochs this trial reported to Optuna
@@ -390,7 +392,7 @@ class TrialRunner:
                 release_trial_memory(raised=True)
             trial.set_user_attr("wall_time_s", time.perf_counter() - started)
             if stop_at is not None:
-                first = int(trial.user_attrs.get("rung_from", 0))
+                first = int(trial.user_attrs.get(RUNG_FROM_ATTR, 0))
                 trial.set_user_attr("epochs_added", max(0, min(stop_at, epochs) - first))
                 history = [h for h in history if h.epoch <= stop_at]
             self._run_hooks(trial, run, tcfg, {"history": history})

@@ -30,16 +30,12 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-CONTINUATION_ATTR = "rung_from"  # set on every leg that continues a configuration
-
-
-def is_first_leg(trial: FrozenTrial) -> bool:
-    """Whether ``trial`` sampled its configuration (a new configuration, or its retry)."""
-    return CONTINUATION_ATTR not in trial.user_attrs
+from search.naming import is_continuation
 
 
 def first_legs(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    return [t for t in trials if is_first_leg(t)]
+    """The trials that sampled their configuration (new configurations and their retries)."""
+    return [t for t in trials if not is_continuation(t.user_attrs)]
 
 
 class _FirstLegView:
@@ -82,7 +78,8 @@ class FirstLegSampler(optuna.samplers.BaseSampler):
     def infer_relative_search_space(
         self, study: optuna.Study, trial: FrozenTrial
     ) -> dict[str, BaseDistribution]:
-        return self.base.infer_relative_search_space(_FirstLegView(study), trial)  # type: ignore[arg-type]
+        view: Any = _FirstLegView(study)  # duck-typed: a Study for what samplers read
+        return self.base.infer_relative_search_space(view, trial)
 
     def sample_relative(
         self,
@@ -90,7 +87,8 @@ class FirstLegSampler(optuna.samplers.BaseSampler):
         trial: FrozenTrial,
         search_space: dict[str, BaseDistribution],
     ) -> dict[str, Any]:
-        return self.base.sample_relative(_FirstLegView(study), trial, search_space)  # type: ignore[arg-type]
+        view: Any = _FirstLegView(study)
+        return self.base.sample_relative(view, trial, search_space)
 
     def sample_independent(
         self,
@@ -99,8 +97,8 @@ class FirstLegSampler(optuna.samplers.BaseSampler):
         param_name: str,
         param_distribution: BaseDistribution,
     ) -> Any:
-        view = _FirstLegView(study)
-        return self.base.sample_independent(view, trial, param_name, param_distribution)  # type: ignore[arg-type]
+        view: Any = _FirstLegView(study)
+        return self.base.sample_independent(view, trial, param_name, param_distribution)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.base.before_trial(study, trial)

@@ -43,8 +43,10 @@ from models.training import NonFiniteLossError
 from search.config import direction_of, public_config
 from search.database import StorageUnavailableError
 from search.naming import (
+    RUNG_FROM_ATTR,
     STAGES,
     STUDY_UID_ATTR,
+    is_continuation,
     is_curve_attr,
     new_study_uid,
     rung_ladder,
@@ -567,7 +569,7 @@ def scheduler_records(studies: Studies, cfg: DictConfig) -> list[TrialRecord]:
             if "duplicate_of" in t.user_attrs or t.state == TrialState.PRUNED:
                 continue
             to = int(t.user_attrs.get("rung_to", first))
-            promoted = to if "rung_from" in t.user_attrs else None
+            promoted = to if is_continuation(t.user_attrs) else None
             if t.state == TrialState.COMPLETE:
                 record = TrialRecord(0, {to: float(t.value)}, promoted_to=promoted)
             elif t.state == TrialState.FAIL:
@@ -640,7 +642,7 @@ def _enqueue_continuation(
         source.params,
         user_attrs={
             "config": decision.number,
-            "rung_from": decision.from_rung,
+            RUNG_FROM_ATTR: decision.from_rung,
             "rung_to": decision.to_rung,
             "checkpoint_dir": source.user_attrs.get("checkpoint_dir"),
             **carried_attrs(source),

@@ -189,9 +189,12 @@ def postgres_db_url(postgres_admin) -> Iterator[str]:
         drop_database(postgres_admin, name)
 
 
-def run_module(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python -m module args`` from the repository root; output captured as text."""
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
+def run_module(
+    module: str, *args: str, timeout: float = 600, **env_vars: str
+) -> subprocess.CompletedProcess:
+    """``python -m module args`` from the repository root, with ``env_vars`` set in its
+    environment; output captured as text."""
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1", **env_vars)
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=REPO_ROOT,

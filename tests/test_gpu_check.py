@@ -6,29 +6,19 @@ processes of its own); nothing about timings is asserted, only that each measure
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import run_module
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 NUM = r"[\d,]+(?:\.\d+)?"
 SCI = r"\d+(?:\.\d+)?(?:e[+-]\d+)?"
 
 
 def run_check(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU version, GPU or not
-    return subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_check", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    # the CPU version, GPU or not
+    return run_module("benchmarks.gpu_check", *args, timeout=timeout, CUDA_VISIBLE_DEVICES="")
 
 
 def test_help_lists_the_options() -> None:
