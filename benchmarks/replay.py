@@ -91,6 +91,7 @@ from benchmarks.simulate import (
     simulate,
 )
 from benchmarks.tabulate import table_study
+from search.sampling import startup_trials
 from search.scheduler import rungs as make_rungs
 
 DEFAULT_TABLE = "benchmarks/tables/mnist-guided-curves.csv"
@@ -128,12 +129,22 @@ class Setup:
     configs: dict[int, int] = field(default_factory=dict)  # workers -> configurations
     admit: int = 0  # configurations / admit go to the full budget (0: eta^(len(rungs) - 1))
     screen_epochs: int = 3
-    n_startup_trials: int = 10
+    n_startup_trials: int | None = None  # the study's search.sampler.n_startup_trials
     direction: str = "maximize"
 
     @property
     def rungs(self) -> list[int]:
         return make_rungs(self.first, self.long_budget, self.eta)
+
+    @property
+    def asha_startup_trials(self) -> int:
+        """The service's TPE start-up under this ladder (``search.sampling.startup_trials``)."""
+        return startup_trials(self.n_startup_trials, self.rungs, self.eta)
+
+    @property
+    def optuna_startup_trials(self) -> int:
+        """Plain Optuna's: the study's setting, else TPE's default."""
+        return startup_trials(self.n_startup_trials, None, self.eta)
 
     def budget(self, workers: int) -> tuple[int, int]:
         """(configurations, configurations sent to the full budget) for ``workers``."""
@@ -156,7 +167,7 @@ class Setup:
             if name == "asha-random":
                 return Asha(**settings)
             seeds = {c: len(curves) for c, curves in self.table.items()}
-            tpe = TabulatedTpe(self.space, self.params, seeds, seed, self.n_startup_trials)
+            tpe = TabulatedTpe(self.space, self.params, seeds, seed, self.asha_startup_trials)
             return AshaTpe(tpe=tpe, **settings)
         if name == "pipeline":
             return Pipeline(
@@ -177,7 +188,7 @@ class Setup:
                 eta=self.eta,
                 direction=self.direction,  # type: ignore[arg-type]
                 seed=seed,
-                n_startup_trials=self.n_startup_trials,
+                n_startup_trials=self.optuna_startup_trials,
             )
         if name == "syne-asha":
             return SyneTuneAsha(
@@ -571,7 +582,7 @@ def main() -> int:
         configs=options["configs"],
         admit=options["admit"],
         screen_epochs=options["screen_epochs"],
-        n_startup_trials=int(cfg.search.sampler.n_startup_trials),
+        n_startup_trials=cfg.search.sampler.n_startup_trials,
         direction=direction_of(cfg),
     )
     target = default_target(curves, setup.long_budget, setup.direction)  # type: ignore[arg-type]
@@ -598,7 +609,8 @@ def main() -> int:
         f"pipeline send configurations / {setup.admit or setup.eta ** (len(setup.rungs) - 1)} "
         "to the full budget; "
         f"pipeline screen {setup.screen_epochs} epochs, median pruning; "
-        f"optuna: TPE (n_startup_trials {setup.n_startup_trials}, multivariate, group) + "
+        f"asha: TPE start-up {setup.asha_startup_trials} configurations; "
+        f"optuna: TPE (n_startup_trials {setup.optuna_startup_trials}, multivariate, group) + "
         f"HyperbandPruner({setup.first}, {setup.long_budget}, {setup.eta}); "
         f"medians over {options['reps']} repetitions\n"
     )

@@ -449,6 +449,7 @@ def train() -> int:
     from search.cli import config_from_args
     from search.config import direction_of, metric_of
     from search.naming import rung_ladder
+    from search.sampling import startup_trials
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -551,10 +552,13 @@ def train() -> int:
         f"long budget {full} epochs"
     )
     if "asha" in methods:
+        tpe_startup = startup_trials(
+            cfg.search.sampler.n_startup_trials, ladder, int(cfg.search.pruner.reduction_factor)
+        )
         print(
             f"asha: rungs {', '.join(map(str, ladder))} (eta {cfg.search.pruner.reduction_factor}), "
             f"{cfg.stages.screen.trials} configurations (TPE, "
-            f"{cfg.search.sampler.n_startup_trials} start-up trials, report's config first), "
+            f"{tpe_startup} start-up trials, report's config first), "
             f"top {cfg.stages.promote.top_k} to the long budget, continued from rung checkpoints"
         )
     if "pipeline" in methods:

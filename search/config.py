@@ -103,7 +103,9 @@ class ParamSpec:
 @dataclass
 class SamplerConfig:
     name: str = "tpe"  # tpe | random
-    n_startup_trials: int = 10  # tpe: random trials before the model takes over
+    # tpe: random configurations before the model takes over; None: TPE's 10, raised under
+    # rungs to eta^(rungs - 1) (search.sampling.startup_trials says why)
+    n_startup_trials: int | None = None
 
 
 @dataclass
@@ -456,6 +458,7 @@ def _validate_fields(cfg: DictConfig) -> None:
     _allowed(cfg, "search.pruner.name", PRUNERS)
     if cfg.search.metric:
         _allowed(cfg, "search.metric", TASK_METRICS[cfg.task])
+    optional = {"search.sampler.n_startup_trials"}  # None: a default chosen from the study
     for key, low, high in (
         ("stages.screen.trials", 1, MAX_TRIALS),
         ("stages.screen.epochs", 1, MAX_EPOCHS),
@@ -470,7 +473,8 @@ def _validate_fields(cfg: DictConfig) -> None:
         ("grace_period", 1, MAX_SECONDS),
         ("max_retries", 0, MAX_RETRIES),
     ):
-        _within(cfg, key, low, high)
+        if key not in optional or OmegaConf.select(cfg, key) is not None:
+            _within(cfg, key, low, high)
     if cfg.grace_period <= cfg.heartbeat_interval:
         raise ConfigError(
             f"grace_period: must exceed heartbeat_interval ({cfg.heartbeat_interval}), "

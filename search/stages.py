@@ -62,7 +62,7 @@ from search.objective import (
     release_trial_memory,
     stored,
 )
-from search.sampling import FirstLegSampler
+from search.sampling import FirstLegSampler, startup_trials
 from search.scheduler import (
     Continue,
     Finished,
@@ -112,9 +112,12 @@ def make_sampler(cfg: DictConfig, seed_offset: int = 0) -> optuna.samplers.BaseS
     if cfg.search.sampler.name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     conditional = any(spec.when for spec in cfg.search.space.values())
+    ladder = rung_ladder(cfg) if uses_rungs(cfg) else None
     tpe = optuna.samplers.TPESampler(
         seed=seed,
-        n_startup_trials=int(cfg.search.sampler.n_startup_trials),
+        n_startup_trials=startup_trials(
+            cfg.search.sampler.n_startup_trials, ladder, int(cfg.search.pruner.reduction_factor)
+        ),
         multivariate=True,
         group=conditional,  # model each branch of a conditional space on its own
     )

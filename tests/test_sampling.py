@@ -11,7 +11,7 @@ import pytest
 from optuna.distributions import FloatDistribution
 
 import search.sampling as sampling
-from search.config import load_config
+from search.config import ConfigError, load_config
 from search.sampling import FirstLegSampler
 from search.stages import make_sampler
 
@@ -92,3 +92,36 @@ def test_make_sampler_wraps_tpe_under_rungs(overrides: list[str], kind: type) ->
 def test_examples_in_the_docstring_hold() -> None:
     failures, tried = doctest.testmod(sampling)
     assert tried >= 3 and failures == 0
+
+
+@pytest.mark.parametrize(
+    ("study", "overrides", "expected"),
+    [
+        ("quickstart", [], 6),  # the study file sets it
+        ("mnist_guided", [], 10),  # rungs 1, 3, 10: TPE's default covers the 9 first legs
+        # rungs 1, 3, 10, 30: 27 first-rung results before the first full-budget decision
+        ("mnist_guided", ["stages.promote.epochs=30", "train.epochs=30"], 27),
+        (
+            "mnist_guided",
+            ["stages.promote.epochs=30", "train.epochs=30", "search.pruner.name=hyperband"],
+            10,
+        ),
+        (
+            "mnist_guided",
+            ["stages.promote.epochs=30", "train.epochs=30", "search.sampler.n_startup_trials=5"],
+            5,
+        ),
+    ],
+)
+def test_tpe_starts_at_random_for_as_many_configurations_as_the_ladder_needs(
+    study: str, overrides: list[str], expected: int
+) -> None:
+    sampler = make_sampler(load_config(study, overrides))
+    tpe = sampler.base if isinstance(sampler, FirstLegSampler) else sampler
+    assert tpe._n_startup_trials == expected
+
+
+def test_a_negative_start_up_count_is_refused_and_none_is_the_default() -> None:
+    assert load_config("mnist_guided").search.sampler.n_startup_trials is None
+    with pytest.raises(ConfigError, match=r"search.sampler.n_startup_trials: must be an integer"):
+        load_config("mnist_guided", ["search.sampler.n_startup_trials=-1"])
