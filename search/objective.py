@@ -275,12 +275,16 @@ class TrialRunner:
         )
 
     @staticmethod
-    def _resumable(trial: optuna.Trial, path: Path, fingerprint: str) -> dict[str, Any] | None:
+    def _resumable(
+        trial: optuna.Trial, path: Path, fingerprint: str, shown: str | None = None
+    ) -> dict[str, Any] | None:
         """The checkpoint at ``path`` if this trial may resume from it, else None.
 
         An unreadable file is kept as ``<name>.corrupt``, one written for other settings (another
         study's, or changed settings under the same name) as ``<name>.mismatch``; either way
-        the trial trains from epoch 0 and records why in ``checkpoint_discarded``.
+        the trial trains from epoch 0 and records why in ``checkpoint_discarded``. A leg that
+        continues a configuration (``shown``: where its checkpoint lives, for the message)
+        must resume: there the error is raised, the file left in place, nothing retrained.
         """
         try:
             state = load_checkpoint(path)
@@ -288,6 +292,13 @@ class TrialRunner:
                 check_identity(path, state, fingerprint)
             return state
         except CheckpointError as error:
+            if shown is not None:
+                raise CheckpointError(
+                    shown,
+                    f"{error.problem}; this leg continues configuration "
+                    f"#{trial.user_attrs.get('config', '?')} from it, so it fails instead of "
+                    "training from epoch 0 (the file is left in place)",
+                ) from error
             kept = set_aside(path, "mismatch" if "other settings" in error.problem else "corrupt")
             note = f"{error}; kept as {kept.name}, trained from epoch 0"
             trial.set_user_attr("checkpoint_discarded", note[:1000])
@@ -374,7 +385,8 @@ class TrialRunner:
 
             for _ in range(2):  # a second time only after running out of memory
                 fingerprint = run_fingerprint(tcfg)
-                previous = self._resumable(trial, ckpt_dir / PRETRAIN_FILE, fingerprint)
+                shown = self.store.where(relative, PRETRAIN_FILE) if continued else None
+                previous = self._resumable(trial, ckpt_dir / PRETRAIN_FILE, fingerprint, shown)
                 if previous is not None:
                     trial.set_user_attr("resumed_from_epoch", int(previous["epoch"]))
                 run = self._make_run(tcfg, ckpt_dir, fingerprint)

@@ -294,3 +294,43 @@ def test_a_leg_whose_checkpoint_this_worker_cannot_read_fails_and_says_how_to_sh
     assert "checkpoints_dir" in reason and "every worker" in reason
     assert "epochs_run" not in trial.user_attrs  # nothing was trained
     assert not (tmp_path / "checkpoints" / "quickstart.screen-0123456789ab").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other settings"])
+def test_a_leg_whose_rung_checkpoint_is_damaged_or_foreign_fails_without_retraining(
+    tmp_path: Path, damage: str
+) -> None:
+    """A continuation resumes from its rung checkpoint or fails: a truncated upload or a
+    checkpoint written for other settings is not a reason to train from epoch 0."""
+    import torch
+
+    from search.objective import TrialRunner
+    from search.stages import _run_one
+
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    cfg = load_config("quickstart", [*REAL_RUN, f"storage={url}", f"runs_dir={tmp_path}"])
+    studies = open_studies(cfg, url)
+    relative = "quickstart.screen-0123456789ab/trial-00004"
+    runner = TrialRunner(cfg, progress=False)
+    folder = runner.store.local(Path(relative))
+    folder.mkdir(parents=True)
+    if damage == "truncated":
+        (folder / "pretrain.pt").write_bytes(b"half an upload")
+    else:  # a readable checkpoint with another run's identity
+        torch.save({"epoch": 1, "fingerprint": "0" * 16}, folder / "pretrain.pt")
+    before = (folder / "pretrain.pt").read_bytes()
+    studies.promote.enqueue_trial(
+        {"channels": 8, "batch_size": 32, "optimizer": "adam", "adam_lr": 1e-3,
+         "temperature": 0.5, "aug_strength": 1.0},
+        user_attrs={"config": 4, "rung_from": 1, "rung_to": 3, "seed": 4,
+                    "checkpoint_dir": relative},
+    )  # fmt: skip
+    number = _run_one(studies, "promote", runner, 0)
+    trial = studies.promote.get_trials()[number]
+    assert trial.state == TrialState.FAIL
+    reason = trial.user_attrs["fail_reason"]
+    assert f"{relative}/pretrain.pt" in reason and "configuration #4" in reason, reason
+    assert "instead of training from epoch 0" in reason
+    assert "epochs_run" not in trial.user_attrs and "checkpoint_discarded" not in trial.user_attrs
+    assert (folder / "pretrain.pt").read_bytes() == before  # left in place, not set aside
+    assert sorted(p.name for p in folder.iterdir()) == ["pretrain.pt"]
