@@ -632,9 +632,11 @@ def _enqueue_continuation(
     key = f"{screen.study_name}/continue/{decision.number}/{decision.to_rung}"
     if not studies.claims.take(key):
         return  # another process promoted it first
-    if decision.to_rung == settings["rungs"][-1]:
-        # At most top_k configurations ever reach the long budget, whoever decides.
-        seats = [f"{screen.study_name}/long-budget/{i}" for i in range(int(settings["top_k"]))]
+    if decision.to_rung == rung_ladder(cfg)[-1]:
+        # At most top_k configurations ever reach the long budget, whoever decides (not the
+        # top of a screen-only run's ladder: stage=promote still has its seats to give).
+        top_k = int(cfg.stages.promote.top_k)
+        seats = [f"{screen.study_name}/long-budget/{i}" for i in range(top_k)]
         if not any(studies.claims.take(seat) for seat in seats):
             return  # the long budget filled meanwhile; the key stays: it was not promoted
     source = _first_leg(studies, decision.number)

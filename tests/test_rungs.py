@@ -334,3 +334,22 @@ def test_a_leg_whose_rung_checkpoint_is_damaged_or_foreign_fails_without_retrain
     assert "epochs_run" not in trial.user_attrs and "checkpoint_discarded" not in trial.user_attrs
     assert (folder / "pretrain.pt").read_bytes() == before  # left in place, not set aside
     assert sorted(p.name for p in folder.iterdir()) == ["pretrain.pt"]
+
+
+def test_stage_screen_then_stage_promote_ends_with_a_long_budget_result(tmp_path: Path) -> None:
+    """``stage=screen`` stops at the screen's top rung without taking the long budget's seats,
+    so a later ``stage=promote`` can still send configurations there."""
+    url = f"sqlite:///{tmp_path / 'split.db'}"
+    base = [*RUNG_STUDY, "name=split", f"storage={url}", "stages.screen.epochs=9"]
+    screen_cfg = load_config("quickstart", [*base, "stage=screen"])
+    studies = open_studies(screen_cfg, url)
+    run_rungs(studies, CurveRunner(screen_cfg), screen_cfg, up_to=9)
+    assert not studies.claims.taken("split.screen/long-budget/")
+    assert not long_budget_trials(studies, screen_cfg)
+
+    cfg = load_config("quickstart", [*base, "stage=promote"])
+    studies = open_studies(cfg, url)
+    run_rungs(studies, CurveRunner(cfg), cfg)
+    at_long_budget = long_budget_trials(studies, cfg)
+    assert 1 <= len(at_long_budget) <= int(cfg.stages.promote.top_k)
+    check_rung_study(url, cfg)
