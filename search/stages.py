@@ -68,6 +68,7 @@ from search.scheduler import (
     Finished,
     StartNew,
     TrialRecord,
+    Wait,
     decide,
     merge_retries,
     ranking,
@@ -682,6 +683,7 @@ def run_rungs(
     settings = scheduler_settings(cfg, up_to)
     retries = int(cfg.max_retries)
     new_configs = int(cfg.stages.screen.trials) - 1  # the report's configuration is the first
+    finished_on: list[TrialRecord] | None = None  # records on which, slots gone, nothing was left
     while True:
         for stage in ("screen", "promote"):
             _fail_stale(studies.of(stage))
@@ -719,6 +721,17 @@ def run_rungs(
                 if on_trial and number is not None:
                     on_trial("screen", number)
                 continue
+            # Every slot is held: by configurations about to start, or spent on duplicates in a
+            # space too small for stages.screen.trials. Decide as if the trial budget were spent,
+            # so the study still promotes and ends; a configuration another worker is creating
+            # shows in the records within a poll, so end only if they stayed the same.
+            decision = decide(records, **{**settings, "max_trials": len(records)})
+            if isinstance(decision, Continue):
+                _enqueue_continuation(studies, cfg, decision, records, settings)
+                continue
+            if isinstance(decision, Finished) and records != finished_on:
+                finished_on = records
+                decision = Wait()
         if isinstance(decision, Finished):
             return
         time.sleep(POLL_S)  # others are training; their results decide what comes next

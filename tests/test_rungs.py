@@ -353,3 +353,57 @@ def test_stage_screen_then_stage_promote_ends_with_a_long_budget_result(tmp_path
     at_long_budget = long_budget_trials(studies, cfg)
     assert 1 <= len(at_long_budget) <= int(cfg.stages.promote.top_k)
     check_rung_study(url, cfg)
+
+
+class DuplicatePruningRunner(CurveRunner):
+    """:class:`CurveRunner` that skips a configuration the study already has, as the real
+    :class:`search.objective.TrialRunner` does."""
+
+    def objective(self, stage: str):  # noqa: ANN201
+        from search.objective import TrialRunner, stored
+
+        inner = super().objective(stage)
+
+        def run(trial: optuna.Trial) -> float:
+            params = suggest(trial, self.cfg.search.space)
+            if (same := TrialRunner._duplicate_of(trial, stored(trial), params)) is not None:
+                trial.set_user_attr("duplicate_of", same)
+                raise optuna.TrialPruned(f"skipped: same configuration as trial #{same}")
+            return inner(trial)
+
+        return run
+
+
+def test_a_space_smaller_than_the_trial_budget_still_ends_with_a_long_budget_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three distinct configurations (one per optimizer), a budget of five: once the slots are
+    spent on duplicates
+    the loop decides as if the budget were spent, promotes, and ends (it used to wait forever).
+    """
+    import threading
+
+    import search.stages as stages
+
+    monkeypatch.setattr(stages, "POLL_S", 0.05)
+    fixed = {
+        "batch_size": 64, "adam_lr": 0.003, "sgd_lr": 0.01, "lars_lr": 0.1,
+        "lars_warmup_epochs": 0, "temperature": 0.5, "aug_strength": 1.0, "channels": 8,
+    }  # fmt: skip
+    space = [f"search.space.{name}.choices=[{value}]" for name, value in fixed.items()]
+    url = f"sqlite:///{tmp_path / 'small.db'}"
+    cfg = load_config(
+        "quickstart",
+        [*RUNG_STUDY, "name=small", f"storage={url}", "stages.screen.trials=5",
+         "stages.promote.top_k=1", *space],
+    )  # fmt: skip
+    studies = open_studies(cfg, url)
+    loop = threading.Thread(
+        target=run_rungs, args=(studies, DuplicatePruningRunner(cfg), cfg), daemon=True
+    )
+    loop.start()
+    loop.join(timeout=120)
+    assert not loop.is_alive(), "run_rungs did not end"
+    records = scheduler_records(studies, cfg)
+    assert len(records) <= 4  # the baseline and three sampled: the space holds no more
+    assert len(long_budget_trials(studies, cfg)) == 1
