@@ -68,7 +68,6 @@ from search.scheduler import (
     Finished,
     StartNew,
     TrialRecord,
-    Wait,
     decide,
     merge_retries,
     ranking,
@@ -585,18 +584,25 @@ def scheduler_records(studies: Studies, cfg: DictConfig) -> list[TrialRecord]:
         merge_retries([dataclasses.replace(a, number=config) for a in legs])
         for config, legs in sorted(attempts.items())
     ]
-    # A continuation claimed but not (yet) queued counts as sent: nobody decides it again, and
-    # one whose claimer died is given up rather than waited for.
-    claimed: dict[int, int] = {}
-    for key in studies.claims.taken(f"{studies.screen.study_name}/continue/"):
+    # A continuation claimed but not (yet) queued counts as sent, so nobody decides it again,
+    # and as running while its claimer may still be queueing it (for grace_period, as for
+    # heartbeats), so nobody takes the study for finished meanwhile; after that it is given up.
+    claimed: dict[int, tuple[int, float]] = {}  # config -> (highest claimed rung, when)
+    for key, at in studies.claims.taken_at(f"{studies.screen.study_name}/continue/").items():
         config, rung = (int(part) for part in key.rsplit("/", 2)[1:])
-        claimed[config] = max(rung, claimed.get(config, rung))
-    return [
-        dataclasses.replace(r, promoted_to=max(r.promoted_to or 0, claimed[r.number]))
-        if r.number in claimed
-        else r
-        for r in records
-    ]
+        if rung >= claimed.get(config, (0, 0.0))[0]:
+            claimed[config] = (rung, at)
+    now = time.time()
+    out = []
+    for r in records:
+        if r.number in claimed:
+            rung, at = claimed[r.number]
+            queued = (r.promoted_to or 0) >= rung  # its leg is a trial by now
+            if not queued and not r.running and now - at < float(cfg.grace_period):
+                r = dataclasses.replace(r, running_to=rung)
+            r = dataclasses.replace(r, promoted_to=max(r.promoted_to or 0, rung))
+        out.append(r)
+    return out
 
 
 def _snapshot(records: list[TrialRecord]) -> list[list[Any]]:
@@ -633,13 +639,36 @@ def _enqueue_continuation(
     key = f"{screen.study_name}/continue/{decision.number}/{decision.to_rung}"
     if not studies.claims.take(key):
         return  # another process promoted it first
-    if decision.to_rung == rung_ladder(cfg)[-1]:
-        # At most top_k configurations ever reach the long budget, whoever decides (not the
-        # top of a screen-only run's ladder: stage=promote still has its seats to give).
-        top_k = int(cfg.stages.promote.top_k)
-        seats = [f"{screen.study_name}/long-budget/{i}" for i in range(top_k)]
-        if not any(studies.claims.take(seat) for seat in seats):
-            return  # the long budget filled meanwhile; the key stays: it was not promoted
+    seat = None
+    try:
+        if decision.to_rung == rung_ladder(cfg)[-1]:
+            # At most top_k configurations ever reach the long budget, whoever decides (not
+            # the top of a screen-only run's ladder: stage=promote still has its seats to give).
+            top_k = int(cfg.stages.promote.top_k)
+            seats = (f"{screen.study_name}/long-budget/{i}" for i in range(top_k))
+            seat = next((s for s in seats if studies.claims.take(s)), None)
+            if seat is None:  # the long budget filled meanwhile: not promoted
+                studies.claims.release(key)
+                return
+        _queue_leg(studies, cfg, decision, records, settings)
+    except BaseException:
+        # Not queued (the storage failed, or this process is stopping): give the claims back,
+        # so the promotion is decided again rather than lost.
+        for claim in (seat, key):
+            if claim is not None:
+                studies.claims.release(claim)
+        raise
+
+
+def _queue_leg(
+    studies: Studies,
+    cfg: DictConfig,
+    decision: Continue,
+    records: list[TrialRecord],
+    settings: dict[str, Any],
+) -> None:
+    """Enqueue the leg ``decision`` calls for, with the ranking it was decided on."""
+    screen = studies.screen
     source = _first_leg(studies, decision.number)
     ranked = ranking(records, decision.from_rung, settings["direction"])
     stage = "screen" if decision.to_rung <= int(cfg.stages.screen.epochs) else "promote"
@@ -683,7 +712,7 @@ def run_rungs(
     settings = scheduler_settings(cfg, up_to)
     retries = int(cfg.max_retries)
     new_configs = int(cfg.stages.screen.trials) - 1  # the report's configuration is the first
-    finished_on: list[TrialRecord] | None = None  # records on which, slots gone, nothing was left
+    finished_on: list[TrialRecord] | None = None  # the records of the last Finished decision
     while True:
         for stage in ("screen", "promote"):
             _fail_stale(studies.of(stage))
@@ -723,17 +752,19 @@ def run_rungs(
                 continue
             # Every slot is held: by configurations about to start, or spent on duplicates in a
             # space too small for stages.screen.trials. Decide as if the trial budget were spent,
-            # so the study still promotes and ends; a configuration another worker is creating
-            # shows in the records within a poll, so end only if they stayed the same.
+            # so the study still promotes and ends.
             decision = decide(records, **{**settings, "max_trials": len(records)})
             if isinstance(decision, Continue):
                 _enqueue_continuation(studies, cfg, decision, records, settings)
                 continue
-            if isinstance(decision, Finished) and records != finished_on:
-                finished_on = records
-                decision = Wait()
         if isinstance(decision, Finished):
-            return
+            # Some work is invisible for a moment: a continuation claimed but not yet queued,
+            # a killed leg failed but its retry not yet queued, a configuration whose slot is
+            # taken but whose trial is not yet created. End only when the same records said
+            # so a poll apart.
+            if records == finished_on:
+                return
+            finished_on = records
         time.sleep(POLL_S)  # others are training; their results decide what comes next
 
 

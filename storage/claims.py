@@ -116,12 +116,19 @@ class Claims:
 
     def taken(self, prefix: str) -> list[str]:
         """Keys already taken that start with ``prefix``."""
+        return list(self.taken_at(prefix))
 
-        def attempt() -> list[str]:
+    def taken_at(self, prefix: str) -> dict[str, float]:
+        """Keys already taken that start with ``prefix``, with when (``time.time()`` of the
+        taker's machine) each was taken."""
+
+        def attempt() -> dict[str, float]:
             with self.engine.connect() as conn:
                 rows = conn.execute(
-                    sa.select(CLAIMS.c.key).where(CLAIMS.c.key.startswith(prefix, autoescape=True))
+                    sa.select(CLAIMS.c.key, CLAIMS.c.created_at).where(
+                        CLAIMS.c.key.startswith(prefix, autoescape=True)
+                    )
                 )
-                return [r[0] for r in rows]
+                return {r[0]: float(r[1]) for r in rows}
 
         return self._retry("list claims", attempt)

@@ -407,3 +407,33 @@ def test_a_space_smaller_than_the_trial_budget_still_ends_with_a_long_budget_res
     records = scheduler_records(studies, cfg)
     assert len(records) <= 4  # the baseline and three sampled: the space holds no more
     assert len(long_budget_trials(studies, cfg)) == 1
+
+
+def test_a_claimed_continuation_not_yet_queued_counts_as_running_until_the_grace_period(
+    tmp_path: Path,
+) -> None:
+    """Between a worker's claim of a promotion and its enqueue, the others must not take the
+    study for finished (a worker that did would start the final stage without the long-budget
+    result); a claim whose taker went silent for grace_period is given up."""
+    from search.scheduler import Finished, Wait, decide
+
+    url = f"sqlite:///{tmp_path / 'pending.db'}"
+    cfg = load_config(
+        "quickstart",
+        [*RUNG_STUDY, "name=pending", f"storage={url}", "heartbeat_interval=1", "grace_period=2"],
+    )
+    studies = open_studies(cfg, url)
+    run_rungs(studies, CurveRunner(cfg), cfg)
+    settings = scheduler_settings(cfg)
+    records = scheduler_records(studies, cfg)
+    assert decide(records, **settings) == Finished()
+    waiting = next(r for r in records if r.sent_to == settings["rungs"][0])
+    key = f"pending.screen/continue/{waiting.number}/{settings['rungs'][1]}"
+    assert studies.claims.take(key)  # a worker claims it and has not queued it yet
+    pending = {r.number: r for r in scheduler_records(studies, cfg)}[waiting.number]
+    assert pending.running_to == settings["rungs"][1] and pending.running
+    assert decide(scheduler_records(studies, cfg), **settings) == Wait()
+    time.sleep(2.2)  # the claimer is silent past grace_period: given up, not waited for
+    given_up = {r.number: r for r in scheduler_records(studies, cfg)}[waiting.number]
+    assert not given_up.running and given_up.promoted_to == settings["rungs"][1]
+    assert decide(scheduler_records(studies, cfg), **settings) == Finished()

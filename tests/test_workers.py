@@ -335,3 +335,94 @@ def test_ctrl_c_requeues_the_trial_and_the_next_run_resumes_it(tmp_path):
     assert screen[1].state == TrialState.COMPLETE
     assert screen[1].user_attrs["resumed_from_epoch"] >= 1
     assert screen[1].user_attrs.get("fail_reason") is None
+
+
+# Rungs 1, 3, 9; legs above the first rung are promote trials. Six-epoch 3 -> 9 legs on 500
+# images give time to kill a worker in the middle of a continuation.
+RUNG_KILL_STUDY = [
+    "search.space.channels.choices=[8]",
+    "data.train_subset=500",
+    "stages.screen.trials=6",
+    "stages.screen.epochs=1",
+    "stages.promote.epochs=9",
+    "train.epochs=9",
+    "stages.promote.top_k=1",
+    "search.pruner.name=asha",
+    "search.pruner.min_resource=1",
+    "search.pruner.reduction_factor=3",
+    "train.probe.epochs=1",
+    "heartbeat_interval=2",
+    "grace_period=20",
+]
+
+
+def wait_for_continuation_past_its_rung(
+    url: str, name: str, timeout: float
+) -> optuna.trial.FrozenTrial:
+    """A RUNNING continuation leg that has trained (and checkpointed) past the rung it
+    started from, so its retry must resume mid-leg."""
+    deadline = time.monotonic() + timeout
+    study = None
+    while time.monotonic() < deadline:
+        try:
+            study = study or optuna.load_study(study_name=f"{name}.promote", storage=url)
+        except KeyError:  # not created yet
+            time.sleep(0.5)
+            continue
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            started, done = t.user_attrs.get("rung_from"), t.user_attrs.get("epochs_run", 0)
+            # past its rung, and at least two epochs left to kill it in
+            if started is not None and started < done <= t.user_attrs.get("rung_to", 0) - 2:
+                return t
+        time.sleep(0.2)
+    raise AssertionError(f"no continuation leg past its rung within {timeout}s")
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_mid_continuation_is_resumed_as_the_same_leg(tmp_path: Path) -> None:
+    """Under rungs, a worker killed in the middle of a continuation leg: the leg is failed
+    after the grace period, retried by the other worker from the leg's own last checkpoint
+    (not from the rung, not from scratch), with the same configuration, seed, folder and rungs;
+    nothing is promoted twice and the study ends with its long-budget and final results."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    name = f"rungkill-{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "run.log"
+    proc = start_run(
+        [*RUNG_KILL_STUDY, f"name={name}", f"storage={url}", "workers=2", "devices=cpu",
+         f"runs_dir={tmp_path}"],
+        tmp_path,
+        log,
+    )  # fmt: skip
+    try:
+        victim = wait_for_continuation_past_its_rung(url, name, timeout=300)
+        os.kill(worker_pid(victim), signal.SIGKILL)
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = log.read_text()
+    assert "Traceback" not in output, output[-3000:]
+    trials = all_trials(url, name)
+    promote = trials["promote"]
+    killed = next(t for t in promote if t.number == victim.number)
+    assert killed.state == TrialState.FAIL, "the leg finished before its worker was killed"
+    assert "heartbeat" in failure_reason(killed, promote)
+    retry = next(t for t in promote if t.system_attrs.get("failed_trial") == victim.number)
+    assert retry.state == TrialState.COMPLETE
+    for attr in ("config", "rung_from", "rung_to", "seed", "checkpoint_dir"):
+        assert retry.user_attrs[attr] == killed.user_attrs[attr], attr
+    assert retry.params == killed.params
+    # Resumed from the leg's own checkpoint, past the rung it started from.
+    assert retry.user_attrs["resumed_from_epoch"] > killed.user_attrs["rung_from"]
+    assert retry.user_attrs["resumed_from_epoch"] <= killed.user_attrs["epochs_run"]
+    assert retry.user_attrs["epochs_run"] == retry.user_attrs["rung_to"]
+    # Every (configuration, rung) completed once; one configuration at the long budget.
+    legs = [
+        t
+        for t in trials["screen"] + promote
+        if t.state == TrialState.COMPLETE and "rung_to" in t.user_attrs
+    ]
+    keys = [(t.user_attrs.get("config", t.number), t.user_attrs["rung_to"]) for t in legs]
+    assert len(keys) == len(set(keys)), keys
+    assert sum(t.user_attrs["rung_to"] == 9 for t in legs) == 1
+    assert [t.state for t in trials["final"]] == [TrialState.COMPLETE]
