@@ -95,6 +95,10 @@ def stored(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
     return next(t for t in running if t.number == trial.number)
 
 
+# A trial stopped by Ctrl-C or SIGTERM fails with this reason and is queued again at once.
+INTERRUPTED_REASON = "interrupted (Ctrl-C or SIGTERM); retried and resumed from its checkpoint"
+
+
 def original_number(trial: optuna.trial.FrozenTrial) -> int:
     """The number of the first trial in a retry chain (itself when it is no retry)."""
     retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
@@ -464,7 +468,7 @@ class TrialRunner:
     @staticmethod
     def _fail(trial: optuna.Trial, error: BaseException) -> None:
         if isinstance(error, KeyboardInterrupt):
-            reason = "interrupted (Ctrl-C or SIGTERM); retried and resumed from its checkpoint"
+            reason = INTERRUPTED_REASON
         elif isinstance(error, torch.cuda.OutOfMemoryError):
             reason = f"CUDA out of memory: {str(error).splitlines()[0]}"
         else:

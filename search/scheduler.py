@@ -13,8 +13,9 @@ Rules (each is tested in ``tests/test_scheduler.py``):
 
 rungs
     :func:`rungs`: geometric from the first rung to the long budget in ``floor(log_eta(long /
-    first))`` steps (at least one), each rounded half up to whole epochs; the ratio of
-    consecutive rungs is therefore at least ``eta``. ``rungs(1, 100, 3) == [1, 3, 10, 32, 100]``.
+    first))`` steps (at least one), each rounded half up to whole epochs, so consecutive rungs
+    are about ``eta`` apart: ``rungs(1, 100, 3) == [1, 3, 10, 32, 100]``, ``rungs(1, 91, 3) ==
+    [1, 3, 10, 29, 91]``.
 ranking
     the results recorded at a rung, best first; ties go to the lower trial number; a NaN result
     ranks last. Every recorded result counts, also those of trials that went on, are running
@@ -25,10 +26,12 @@ promotion
     ``k`` (``k`` is its highest result, it is neither running nor failed, nor was it continued)
     and whose rank is below ``floor(n_k / eta)`` is continued to the next rung.
 long budget
-    at most ``top_k`` configurations are ever continued to the last rung. Once ``top_k`` were,
-    nothing new starts and nothing else is continued: no other configuration could reach the
-    long budget any more, so further work could not change the result. A configuration that
-    failed on its way there keeps its place. ASHA promotes early (on few results), so size
+    at most ``top_k`` configurations hold a place at the last rung
+    (:func:`holds_long_budget_seat`). Once ``top_k`` do, nothing new starts and nothing else is
+    continued: no other configuration could reach the long budget any more, so further work
+    could not change the result. A configuration that failed on its way there (diverged, or
+    its retries spent) gives its place back, so the next in rank can take it and the study
+    still ends with a long-budget result. ASHA promotes early (on few results), so size
     ``top_k`` with the budget (about ``max_trials / eta ** (len(rungs) - 1)``): a smaller cap
     fills with early promotions and ends the search before ``max_trials`` configurations ran.
 endgame
@@ -190,6 +193,15 @@ def merge_retries(attempts: Sequence[TrialRecord]) -> TrialRecord:
     )
 
 
+def holds_long_budget_seat(record: TrialRecord, long_budget: int) -> bool:
+    """Whether ``record`` takes one of the ``top_k`` places at the long budget: it has a result
+    there, is on its way, or was sent there; one that failed on its way (no retry pending)
+    gives its place back."""
+    if long_budget in record.results or record.running_to == long_budget:
+        return True
+    return record.promoted_to == long_budget and not record.failed
+
+
 def ranking(records: Sequence[TrialRecord], rung: int, direction: Direction) -> list[int]:
     """Numbers of the trials with a result at ``rung``, best first (ties: lower number first;
     NaN last)."""
@@ -291,10 +303,8 @@ class _Plan:
         self.any_running = any(r.running for r in self.records)
         last = ladder[-1]
         self.admitted = (
-            sum(last in r.results or last in (r.running_to, r.promoted_to) for r in self.records)
-            if len(ladder) > 1
-            else 0
-        )  # configurations sent to the long budget (one rung: nothing is ever continued)
+            sum(holds_long_budget_seat(r, last) for r in self.records) if len(ladder) > 1 else 0
+        )  # configurations holding a place at the long budget (one rung: none is ever sent)
 
     def next_rung(self, rung: int) -> int:
         return self.rungs[self.rungs.index(rung) + 1]

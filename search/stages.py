@@ -55,6 +55,7 @@ from search.naming import (
     uses_rungs,
 )
 from search.objective import (
+    INTERRUPTED_REASON,
     TrialRunner,
     carried_attrs,
     config_number,
@@ -69,6 +70,7 @@ from search.scheduler import (
     StartNew,
     TrialRecord,
     decide,
+    holds_long_budget_seat,
     merge_retries,
     ranking,
 )
@@ -566,18 +568,21 @@ def scheduler_records(studies: Studies, cfg: DictConfig) -> list[TrialRecord]:
     Retries and continuations carry the configuration's number (``config``).
     """
     first = rung_ladder(cfg)[0]
+    now = time.time()
     attempts: dict[int, list[TrialRecord]] = {}
     for stage in ("screen", "promote"):
-        for t in studies.of(stage).get_trials(deepcopy=False):
+        trials = studies.of(stage).get_trials(deepcopy=False)
+        retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
+        for t in trials:
             if "duplicate_of" in t.user_attrs or t.state == TrialState.PRUNED:
                 continue
             to = int(t.user_attrs.get("rung_to", first))
             promoted = to if is_continuation(t.user_attrs) else None
             if t.state == TrialState.COMPLETE:
                 record = TrialRecord(0, {to: float(t.value)}, promoted_to=promoted)
-            elif t.state == TrialState.FAIL:
+            elif t.state == TrialState.FAIL and not _retry_on_its_way(t, retried, cfg, now):
                 record = TrialRecord(0, failed=True, promoted_to=promoted)
-            else:  # RUNNING or WAITING: on its way to its rung
+            else:  # RUNNING or WAITING (or about to be retried): on its way to its rung
                 record = TrialRecord(0, running_to=to, promoted_to=promoted)
             attempts.setdefault(config_number(t), []).append(record)
     records = [
@@ -592,7 +597,6 @@ def scheduler_records(studies: Studies, cfg: DictConfig) -> list[TrialRecord]:
         config, rung = (int(part) for part in key.rsplit("/", 2)[1:])
         if rung >= claimed.get(config, (0, 0.0))[0]:
             claimed[config] = (rung, at)
-    now = time.time()
     out = []
     for r in records:
         if r.number in claimed:
@@ -603,6 +607,24 @@ def scheduler_records(studies: Studies, cfg: DictConfig) -> list[TrialRecord]:
             r = dataclasses.replace(r, promoted_to=max(r.promoted_to or 0, rung))
         out.append(r)
     return out
+
+
+def _retry_on_its_way(
+    trial: optuna.trial.FrozenTrial, retried: set[Any], cfg: DictConfig, now: float
+) -> bool:
+    """Whether failed ``trial`` is about to be queued again: a killed worker's trial (Optuna
+    fails a stale trial and queues its retry in two steps), or one its own process stopped
+    (Ctrl-C, the storage gone: see :func:`_requeue`). Between the two steps the
+    configuration must not look given up (its place at the long budget freed, the study taken
+    for finished). One whose retry never came within grace_period is given up."""
+    reason = str(trial.user_attrs.get("fail_reason") or "")
+    requeued = reason.startswith((INTERRUPTED_REASON, StorageUnavailableError.__name__))
+    if (reason and not requeued) or trial.number in retried:
+        return False  # failed on its own merits (never retried), or retried already
+    if len(trial.system_attrs.get("retry_history", [])) >= int(cfg.max_retries):
+        return False  # its retries are spent
+    ended = trial.datetime_complete  # naive local time of the machine that failed it: abs()
+    return ended is not None and abs(now - ended.timestamp()) < float(cfg.grace_period)
 
 
 def _snapshot(records: list[TrialRecord]) -> list[list[Any]]:
@@ -644,7 +666,12 @@ def _enqueue_continuation(
         if decision.to_rung == rung_ladder(cfg)[-1]:
             # At most top_k configurations ever reach the long budget, whoever decides (not
             # the top of a screen-only run's ladder: stage=promote still has its seats to give).
-            top_k = int(cfg.stages.promote.top_k)
+            # A configuration that failed there gave its place back (see
+            # search.scheduler.holds_long_budget_seat): one more seat per such failure.
+            last = decision.to_rung
+            given_back = sum(r.promoted_to == last and not holds_long_budget_seat(r, last)
+                             for r in records)  # fmt: skip
+            top_k = int(cfg.stages.promote.top_k) + given_back
             seats = (f"{screen.study_name}/long-budget/{i}" for i in range(top_k))
             seat = next((s for s in seats if studies.claims.take(s)), None)
             if seat is None:  # the long budget filled meanwhile: not promoted

@@ -437,3 +437,81 @@ def test_a_claimed_continuation_not_yet_queued_counts_as_running_until_the_grace
     given_up = {r.number: r for r in scheduler_records(studies, cfg)}[waiting.number]
     assert not given_up.running and given_up.promoted_to == settings["rungs"][1]
     assert decide(scheduler_records(studies, cfg), **settings) == Finished()
+
+
+class DivergingRunner(CurveRunner):
+    """:class:`CurveRunner` whose first leg to the long budget diverges (fails on its own
+    merits, with its reason, as the real runner records it)."""
+
+    def __init__(self, cfg) -> None:  # noqa: ANN001
+        super().__init__(cfg)
+        self.last = rung_ladder(cfg)[-1]
+        self.diverged: list[int] = []
+
+    def objective(self, stage: str):  # noqa: ANN201
+        inner = super().objective(stage)
+
+        def run(trial: optuna.Trial) -> float:
+            if int(trial.user_attrs.get("rung_to", 0)) == self.last and not self.diverged:
+                self.diverged.append(int(trial.user_attrs["config"]))
+                trial.set_user_attr("fail_reason", "NonFiniteLossError: loss is nan at epoch 12")
+                raise RuntimeError("diverged")
+            return inner(trial)
+
+        return run
+
+
+def test_a_long_run_that_diverges_gives_its_place_to_the_next_in_rank(tmp_path: Path) -> None:
+    """top_k 1: the first configuration sent to the long budget diverges there; its place goes
+    back, the next in rank takes it, and the study ends with a long-budget result (it used to
+    end without one, and the final stage had nothing to evaluate)."""
+    url = f"sqlite:///{tmp_path / 'diverge.db'}"
+    cfg = load_config(
+        "quickstart", [*RUNG_STUDY, "name=diverge", f"storage={url}", "stages.promote.top_k=1"]
+    )
+    studies = open_studies(cfg, url)
+    runner = DivergingRunner(cfg)
+    run_rungs(studies, runner, cfg)
+    assert len(runner.diverged) == 1
+    best = long_budget_trials(studies, cfg)
+    assert len(best) == 1 and best[0].user_attrs["config"] != runner.diverged[0]
+    assert len(studies.claims.taken("diverge.screen/long-budget/")) == 2
+    records = {r.number: r for r in scheduler_records(studies, cfg)}
+    assert records[runner.diverged[0]].failed
+    settings = scheduler_settings(cfg)
+    snapshot = records_from_snapshot(best[0].user_attrs["promotion"]["records"])
+    assert promotion_justified(snapshot, best[0].user_attrs["config"], 9, **settings)
+
+
+def test_a_killed_leg_awaiting_its_retry_still_counts_as_running(tmp_path: Path) -> None:
+    """Optuna fails a dead worker's trial and queues its retry in two steps: in between the
+    configuration is on its way (its place kept, the study not finished); if no retry came
+    within grace_period it is given up."""
+    from search.scheduler import Finished, Wait, decide
+
+    url = f"sqlite:///{tmp_path / 'window.db'}"
+    cfg = load_config(
+        "quickstart",
+        [*RUNG_STUDY, "name=window", f"storage={url}", "heartbeat_interval=1", "grace_period=2"],
+    )
+    studies = open_studies(cfg, url)
+    run_rungs(studies, CurveRunner(cfg), cfg)
+    settings = scheduler_settings(cfg)
+    waiting = next(r for r in scheduler_records(studies, cfg) if r.sent_to == settings["rungs"][0])
+    source = next(t for t in studies.screen.get_trials() if t.number == waiting.number)
+    # the leg 1 -> 3 of that configuration, failed by heartbeat, its retry not yet queued
+    studies.screen.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.FAIL,
+            params=source.params,
+            distributions=source.distributions,
+            user_attrs={"config": waiting.number, "rung_from": 1, "rung_to": 3},
+        )
+    )
+    record = {r.number: r for r in scheduler_records(studies, cfg)}[waiting.number]
+    assert record.running and not record.failed
+    assert decide(scheduler_records(studies, cfg), **settings) == Wait()
+    time.sleep(2.2)
+    record = {r.number: r for r in scheduler_records(studies, cfg)}[waiting.number]
+    assert record.failed and not record.running
+    assert decide(scheduler_records(studies, cfg), **settings) == Finished()
