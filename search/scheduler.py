@@ -231,7 +231,7 @@ def decide(
     for rung in reversed(plan.rungs[:-1]):
         for number in plan.promotable(rung):
             return Continue(number, rung, plan.next_rung(rung))
-    if len(plan.records) < max_trials:
+    if plan.may_start_new():
         return StartNew(plan.rungs[0])
     if plan.any_running:
         return Wait()
@@ -240,6 +240,21 @@ def decide(
         number, rung = endgame
         return Continue(number, rung, plan.next_rung(rung))
     return Finished()
+
+
+def may_start_new(
+    records: Sequence[TrialRecord],
+    *,
+    rungs: Sequence[int],
+    eta: int,
+    top_k: int,
+    max_trials: int,
+    direction: Direction,
+) -> bool:
+    """Whether these records leave room for a new configuration: fewer than ``max_trials``
+    configurations and the long budget not full (what :func:`decide` checks before
+    :class:`StartNew`)."""
+    return _Plan(records, direction, rungs, eta, top_k, max_trials).may_start_new()
 
 
 def promotion_justified(
@@ -320,6 +335,10 @@ class _Plan:
 
     def long_budget_full(self) -> bool:
         return self.admitted >= self.top_k
+
+    def may_start_new(self) -> bool:
+        """Whether a new configuration could still matter: the budget and the cap allow it."""
+        return len(self.records) < self.max_trials and not self.long_budget_full()
 
     def promotable(self, rung: int) -> list[int]:
         """Trials waiting at ``rung`` that rank in its top ``floor(n / eta)``, best first."""

@@ -71,6 +71,7 @@ from search.scheduler import (
     TrialRecord,
     decide,
     holds_long_budget_seat,
+    may_start_new,
     merge_retries,
     ranking,
 )
@@ -280,14 +281,14 @@ def _run_one(
     runner: TrialRunner,
     max_retries: int,
     claimed: int | None = None,
-    on_fresh: Callable[[], bool] | None = None,
+    on_fresh: Callable[[int], bool] | None = None,
 ) -> int | None:
     """Run one trial of ``stage``; its number. Ctrl-C re-enqueues it so it resumes later.
 
     Optuna pops the first waiting trial, or samples a new one when none is waiting.
     ``claimed``: the waiting trial this process claimed; if Optuna popped another one that no
-    one had claimed yet, the claim moves to it. ``on_fresh``: called when Optuna sampled a new
-    trial (the queue emptied meanwhile); unless it answers True (a slot was taken for it), the
+    one had claimed yet, the claim moves to it. ``on_fresh``: called with its number when Optuna
+    sampled a new trial (the queue emptied meanwhile); unless it answers True (a slot was taken for it), the
     trial is pruned at once as "nothing queued" and trains nothing.
     """
     study = studies.of(stage)
@@ -300,7 +301,7 @@ def _run_one(
         moved = claimed is not None and trial.number != claimed
         if moved and studies.claims.take(_waiting_key(study, trial.number)):
             studies.claims.release(_waiting_key(study, claimed))
-        if on_fresh is not None and not _was_queued(stored(trial)) and not on_fresh():
+        if on_fresh is not None and not _was_queued(stored(trial)) and not on_fresh(trial.number):
             reason = "nothing queued: another worker took the queued trial first"
             trial.set_user_attr("prune_reason", reason)
             raise optuna.TrialPruned(reason)
@@ -754,9 +755,15 @@ def run_rungs(
         )
         if queued is not None:
 
-            def new_slot(stage: str = queued) -> bool:
-                slot = _claim_slot(studies, screen, new_configs) if stage == "screen" else None
-                return slot is not None
+            def new_slot(number: int, stage: str = queued) -> bool:
+                # Optuna sampled a configuration because the queue emptied under this worker:
+                # it may train only if a new one could still matter, and takes a slot.
+                if stage != "screen":
+                    return False
+                others = [r for r in scheduler_records(studies, cfg) if r.number != number]
+                if not may_start_new(others, **settings):
+                    return False
+                return _claim_slot(studies, screen, new_configs) is not None
 
             number = _run_one(studies, queued, runner, retries, on_fresh=new_slot)
             if on_trial and number is not None:

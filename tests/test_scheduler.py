@@ -19,6 +19,7 @@ from search.scheduler import (
     Wait,
     decide,
     holds_long_budget_seat,
+    may_start_new,
     merge_retries,
     promotion_justified,
     ranking,
@@ -371,3 +372,16 @@ def test_every_promotion_in_a_random_simulation_is_justified(seed: int) -> None:
 def test_a_seeded_run_repeats_decision_for_decision() -> None:
     assert drive(7) == drive(7)
     assert [d for _, d in drive(7)] != [d for _, d in drive(8)]
+
+
+def test_may_start_new_is_what_decide_checks_before_starting_one() -> None:
+    settings = {**SETTINGS, "top_k": 1, "max_trials": 3}
+    one = [at(0, r1=0.9)]
+    assert may_start_new(one, **settings) and decide(one, **settings) == StartNew(1)
+    budget_spent = [at(n, r1=0.1 * n) for n in range(3)]
+    assert not may_start_new(budget_spent, **settings)
+    full = [TrialRecord(0, {1: 0.9}, running_to=100, promoted_to=100)]
+    assert not may_start_new(full, **settings) and decide(full, **settings) == Wait()
+    # a long run that failed gave its place back: room again
+    failed = [TrialRecord(0, {1: 0.9}, failed=True, promoted_to=100)]
+    assert may_start_new(failed, **settings)
