@@ -46,7 +46,9 @@ TPE_STARTUP_TRIALS = 10
 def startup_trials(configured: int | None, rungs: Sequence[int] | None, eta: int) -> int:
     """Random configurations before TPE models: ``configured`` when the study sets it, else
     TPE's default (10), raised under rungs to the ``eta^(len(rungs) - 1)`` first-rung results
-    the scheduler needs before its first full-budget decision.
+    the scheduler needs before its first full-budget decision. When that is as many as the
+    study's configurations (``stages.screen.trials``), every one is drawn at random: ASHA as Li
+    et al. ran it; set ``search.sampler.n_startup_trials`` to let TPE model sooner.
 
     >>> startup_trials(None, [1, 3, 10, 30], 3), startup_trials(None, [1, 3, 9], 3)
     (27, 10)
