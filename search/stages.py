@@ -77,6 +77,7 @@ from search.scheduler import (
 )
 from search.space import baseline_params
 from storage.claims import Claims
+from storage.retry import FAILED_AT_ATTR
 from storage.urls import open_storage
 
 POLL_S = 1.0
@@ -592,7 +593,8 @@ def scheduler_records(studies: Studies, cfg: DictConfig) -> list[TrialRecord]:
     ]
     # A continuation claimed but not (yet) queued counts as sent, so nobody decides it again,
     # and as running while its claimer may still be queueing it (for grace_period, as for
-    # heartbeats), so nobody takes the study for finished meanwhile; after that it is given up.
+    # heartbeats), so nobody takes the study for finished meanwhile; after that it is given up
+    # (failed: a place at the long budget it held goes back).
     claimed: dict[int, tuple[int, float]] = {}  # config -> (highest claimed rung, when)
     for key, at in studies.claims.taken_at(f"{studies.screen.study_name}/continue/").items():
         config, rung = (int(part) for part in key.rsplit("/", 2)[1:])
@@ -603,8 +605,11 @@ def scheduler_records(studies: Studies, cfg: DictConfig) -> list[TrialRecord]:
         if r.number in claimed:
             rung, at = claimed[r.number]
             queued = (r.promoted_to or 0) >= rung  # its leg is a trial by now
-            if not queued and not r.running and now - at < float(cfg.grace_period):
-                r = dataclasses.replace(r, running_to=rung)
+            if not queued and not r.running:
+                if abs(now - at) < float(cfg.grace_period):
+                    r = dataclasses.replace(r, running_to=rung)
+                else:  # its claimer died before queueing it: given up, a place given back
+                    r = dataclasses.replace(r, failed=True)
             r = dataclasses.replace(r, promoted_to=max(r.promoted_to or 0, rung))
         out.append(r)
     return out
@@ -624,8 +629,11 @@ def _retry_on_its_way(
         return False  # failed on its own merits (never retried), or retried already
     if len(trial.system_attrs.get("retry_history", [])) >= int(cfg.max_retries):
         return False  # its retries are spent
-    ended = trial.datetime_complete  # naive local time of the machine that failed it: abs()
-    return ended is not None and abs(now - ended.timestamp()) < float(cfg.grace_period)
+    failed_at = trial.system_attrs.get(FAILED_AT_ATTR)
+    if failed_at is None:  # failed before the stamp existed: Optuna's naive local time
+        ended = trial.datetime_complete
+        failed_at = None if ended is None else ended.timestamp()
+    return failed_at is not None and abs(now - float(failed_at)) < float(cfg.grace_period)
 
 
 def _snapshot(records: list[TrialRecord]) -> list[list[Any]]:
@@ -656,36 +664,57 @@ def _enqueue_continuation(
     decision: Continue,
     records: list[TrialRecord],
     settings: dict[str, Any],
-) -> None:
-    """Queue configuration ``decision.number``'s next leg, in exactly one process."""
+    seats_taken: int,
+) -> bool:
+    """Queue configuration ``decision.number``'s next leg, in exactly one process; whether
+    this process queued it.
+
+    ``seats_taken``: the long budget's seat claims, counted *before* ``records`` were read.
+    """
     screen = studies.screen
     key = f"{screen.study_name}/continue/{decision.number}/{decision.to_rung}"
     if not studies.claims.take(key):
-        return  # another process promoted it first
+        return False  # another process promoted it first
     seat = None
     try:
         if decision.to_rung == rung_ladder(cfg)[-1]:
-            # At most top_k configurations ever reach the long budget, whoever decides (not
-            # the top of a screen-only run's ladder: stage=promote still has its seats to give).
-            # A configuration that failed there gave its place back (see
-            # search.scheduler.holds_long_budget_seat): one more seat per such failure.
+            # At most top_k configurations hold a place at the long budget, whoever decides
+            # (not the top of a screen-only run's ladder: stage=promote has its own seats).
+            # Seats whose configuration gave its place back (it failed there), or that no
+            # configuration holds (a take interrupted mid-way), are free again: seats_taken
+            # minus the holders, counted before them, never overstates what is free.
             last = decision.to_rung
-            given_back = sum(r.promoted_to == last and not holds_long_budget_seat(r, last)
-                             for r in records)  # fmt: skip
-            top_k = int(cfg.stages.promote.top_k) + given_back
-            seats = (f"{screen.study_name}/long-budget/{i}" for i in range(top_k))
-            seat = next((s for s in seats if studies.claims.take(s)), None)
+            holders = sum(holds_long_budget_seat(r, last) for r in records)
+            pool = int(cfg.stages.promote.top_k) + max(0, seats_taken - holders)
+            for i in range(pool):
+                seat = f"{screen.study_name}/long-budget/{i}"
+                if studies.claims.take(seat):
+                    break
+                seat = None
             if seat is None:  # the long budget filled meanwhile: not promoted
                 studies.claims.release(key)
-                return
+                return False
         _queue_leg(studies, cfg, decision, records, settings)
+        return True
     except BaseException:
         # Not queued (the storage failed, or this process is stopping): give the claims back,
-        # so the promotion is decided again rather than lost.
-        for claim in (seat, key):
-            if claim is not None:
-                studies.claims.release(claim)
+        # so the promotion is decided again rather than lost; not if the leg is stored anyway.
+        with contextlib.suppress(Exception):
+            if not _leg_exists(studies, cfg, decision):
+                if seat is not None:
+                    studies.claims.release(seat, own_only=True)
+                studies.claims.release(key)
         raise
+
+
+def _leg_exists(studies: Studies, cfg: DictConfig, decision: Continue) -> bool:
+    """Whether configuration ``decision.number``'s leg to ``decision.to_rung`` is a trial."""
+    stage = "screen" if decision.to_rung <= int(cfg.stages.screen.epochs) else "promote"
+    return any(
+        t.user_attrs.get("config") == decision.number
+        and t.user_attrs.get("rung_to") == decision.to_rung
+        for t in studies.of(stage).get_trials(deepcopy=False)
+    )
 
 
 def _queue_leg(
@@ -769,10 +798,12 @@ def run_rungs(
             if on_trial and number is not None:
                 on_trial(queued, number)
             continue
+        seats_taken = len(studies.claims.taken(f"{screen.study_name}/long-budget/"))
         records = scheduler_records(studies, cfg)
         decision = decide(records, **settings)
         if isinstance(decision, Continue):
-            _enqueue_continuation(studies, cfg, decision, records, settings)
+            if not _enqueue_continuation(studies, cfg, decision, records, settings, seats_taken):
+                time.sleep(POLL_S)  # another process promoted it, or no seat was free yet
             continue  # whoever queued it, the loop's next turn picks the leg up
         if isinstance(decision, StartNew):
             slot = _claim_slot(studies, screen, new_configs)
@@ -789,7 +820,10 @@ def run_rungs(
             # so the study still promotes and ends.
             decision = decide(records, **{**settings, "max_trials": len(records)})
             if isinstance(decision, Continue):
-                _enqueue_continuation(studies, cfg, decision, records, settings)
+                if not _enqueue_continuation(
+                    studies, cfg, decision, records, settings, seats_taken
+                ):
+                    time.sleep(POLL_S)
                 continue
         if isinstance(decision, Finished):
             # Some work is invisible for a moment: a continuation claimed but not yet queued,

@@ -94,12 +94,16 @@ class Claims:
 
         return self._retry("take claim", attempt)
 
-    def release(self, key: str) -> None:
-        """Give ``key`` back, e.g. when the work it guarded could not be done."""
+    def release(self, key: str, own_only: bool = False) -> None:
+        """Give ``key`` back, e.g. when the work it guarded could not be done; ``own_only``: only
+        if this owner holds it (a take interrupted mid-way may or may not have)."""
 
         def attempt() -> None:
+            where = CLAIMS.c.key == key
+            if own_only:
+                where = where & (CLAIMS.c.owner == self.owner)
             with self.engine.begin() as conn:
-                conn.execute(CLAIMS.delete().where(CLAIMS.c.key == key))
+                conn.execute(CLAIMS.delete().where(where))
 
         self._retry("release claim", attempt)
 

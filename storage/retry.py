@@ -17,6 +17,7 @@ recognised on the retry (see :meth:`RetryingRDBStorage.set_trial_state_values`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -38,6 +39,7 @@ from sqlalchemy import exc as sa_exc
 from storage.urls import StorageUnavailableError, redact
 
 __all__ = [
+    "FAILED_AT_ATTR",
     "RETRY_SECONDS",
     "RetryingRDBStorage",
     "StorageUnavailableError",
@@ -48,6 +50,9 @@ __all__ = [
 
 RETRY_SECONDS = 60.0
 """How long a failing storage call is retried, counted from its first transient failure."""
+FAILED_AT_ATTR = "failed_at"
+"""Trial system attr: when (``time.time()``, comparable across time zones, unlike Optuna's naive
+local ``datetime_complete``) the trial was failed; set just before its state becomes FAIL."""
 FIRST_DELAY_S = 0.1
 MAX_DELAY_S = 5.0
 
@@ -335,7 +340,8 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
     ) -> bool:
-        """As Optuna's, retried; a retry finds out whether a lost attempt had committed.
+        """As Optuna's, retried; a retry finds out whether a lost attempt had committed. A trial
+        being failed is stamped first (:data:`FAILED_AT_ATTR`).
 
         Only a connection lost during the commit leaves that in doubt: the change may be
         stored although the call failed. A "database is locked" (SQLite busy) error means the
@@ -349,6 +355,9 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         is this call's success.
         """
         doubtful: list[tuple[datetime, datetime]] = []  # (start, end) of attempts lost in doubt
+        if state == TrialState.FAIL:  # finished already: the state change below answers for it
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                self.set_trial_system_attr(trial_id, FAILED_AT_ATTR, time.time())
 
         def attempt() -> bool:
             began = datetime.now()

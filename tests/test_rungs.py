@@ -436,6 +436,7 @@ def test_a_claimed_continuation_not_yet_queued_counts_as_running_until_the_grace
     time.sleep(2.2)  # the claimer is silent past grace_period: given up, not waited for
     given_up = {r.number: r for r in scheduler_records(studies, cfg)}[waiting.number]
     assert not given_up.running and given_up.promoted_to == settings["rungs"][1]
+    assert given_up.failed  # not continued by anyone; a long-budget place would go back
     assert decide(scheduler_records(studies, cfg), **settings) == Finished()
 
 
@@ -515,3 +516,39 @@ def test_a_killed_leg_awaiting_its_retry_still_counts_as_running(tmp_path: Path)
     record = {r.number: r for r in scheduler_records(studies, cfg)}[waiting.number]
     assert record.failed and not record.running
     assert decide(scheduler_records(studies, cfg), **settings) == Finished()
+
+
+def test_a_seat_no_configuration_holds_is_free_again(tmp_path: Path) -> None:
+    """A long-budget seat claim left by a take interrupted mid-way (or by an older version) is
+    counted as free, so the study still reaches the long budget (it used to spin forever)."""
+    import threading
+
+    url = f"sqlite:///{tmp_path / 'leaked.db'}"
+    cfg = load_config(
+        "quickstart", [*RUNG_STUDY, "name=leaked", f"storage={url}", "stages.promote.top_k=1"]
+    )
+    studies = open_studies(cfg, url)
+    assert studies.claims.take("leaked.screen/long-budget/0")  # held by no configuration
+    loop = threading.Thread(target=run_rungs, args=(studies, CurveRunner(cfg), cfg), daemon=True)
+    loop.start()
+    loop.join(timeout=120)
+    assert not loop.is_alive(), "run_rungs did not end"
+    assert len(long_budget_trials(studies, cfg)) == 1
+    assert len(studies.claims.taken("leaked.screen/long-budget/")) == 2
+    check_rung_study(url, cfg)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # ask/tell, no optimize
+def test_a_failed_trial_is_stamped_with_when_it_failed(tmp_path: Path) -> None:
+    """``failed_at`` (time.time()) tells how long ago a trial failed on any machine, whatever
+    its time zone; Optuna's own timestamps are naive local times."""
+    from storage.retry import FAILED_AT_ATTR
+
+    url = f"sqlite:///{tmp_path / 'stamp.db'}"
+    cfg = load_config("quickstart", [*RUNG_STUDY, "name=stamp", f"storage={url}"])
+    studies = open_studies(cfg, url)
+    trial = studies.promote.ask()
+    before = time.time()
+    studies.promote.tell(trial, state=TrialState.FAIL)
+    stamped = studies.promote.get_trials()[0].system_attrs[FAILED_AT_ATTR]
+    assert before <= stamped <= time.time()
