@@ -317,7 +317,7 @@ def test_a_leg_whose_rung_checkpoint_is_damaged_or_foreign_fails_without_retrain
     if damage == "truncated":
         (folder / "pretrain.pt").write_bytes(b"half an upload")
     else:  # a readable checkpoint with another run's identity
-        torch.save({"epoch": 1, "fingerprint": "0" * 16}, folder / "pretrain.pt")
+        torch.save({"epoch": 1, "identity": "0" * 16}, folder / "pretrain.pt")
     before = (folder / "pretrain.pt").read_bytes()
     studies.promote.enqueue_trial(
         {"channels": 8, "batch_size": 32, "optimizer": "adam", "adam_lr": 1e-3,
@@ -331,6 +331,7 @@ def test_a_leg_whose_rung_checkpoint_is_damaged_or_foreign_fails_without_retrain
     reason = trial.user_attrs["fail_reason"]
     assert f"{relative}/pretrain.pt" in reason and "configuration #4" in reason, reason
     assert "instead of training from epoch 0" in reason
+    assert ("other settings" in reason) == (damage == "other settings"), reason
     assert "epochs_run" not in trial.user_attrs and "checkpoint_discarded" not in trial.user_attrs
     assert (folder / "pretrain.pt").read_bytes() == before  # left in place, not set aside
     assert sorted(p.name for p in folder.iterdir()) == ["pretrain.pt"]
@@ -406,6 +407,7 @@ def test_a_space_smaller_than_the_trial_budget_still_ends_with_a_long_budget_res
     assert not loop.is_alive(), "run_rungs did not end"
     records = scheduler_records(studies, cfg)
     assert len(records) <= 4  # the baseline and three sampled: the space holds no more
+    assert any("duplicate_of" in t.user_attrs for t in studies.screen.get_trials())
     assert len(long_budget_trials(studies, cfg)) == 1
 
 
@@ -487,8 +489,9 @@ def test_a_long_run_that_diverges_gives_its_place_to_the_next_in_rank(tmp_path: 
 def test_a_killed_leg_awaiting_its_retry_still_counts_as_running(tmp_path: Path) -> None:
     """Optuna fails a dead worker's trial and queues its retry in two steps: in between the
     configuration is on its way (its place kept, the study not finished); if no retry came
-    within grace_period it is given up."""
+    within grace_period (counted from its ``failed_at`` stamp) it is given up."""
     from search.scheduler import Finished, Wait, decide
+    from storage.retry import FAILED_AT_ATTR
 
     url = f"sqlite:///{tmp_path / 'window.db'}"
     cfg = load_config(
@@ -507,6 +510,7 @@ def test_a_killed_leg_awaiting_its_retry_still_counts_as_running(tmp_path: Path)
             params=source.params,
             distributions=source.distributions,
             user_attrs={"config": waiting.number, "rung_from": 1, "rung_to": 3},
+            system_attrs={FAILED_AT_ATTR: time.time()},  # as the storage stamps a failure
         )
     )
     record = {r.number: r for r in scheduler_records(studies, cfg)}[waiting.number]

@@ -360,6 +360,7 @@ def drive(seed: int) -> list[tuple[list[TrialRecord], object]]:
     assert len(final) <= settings["max_trials"]
     if len(ladder) > 1:
         # every place at the long budget held by one configuration that did not fail there
+        # (each Continue to it was checked against the cap when made, by promotion_justified)
         assert sum(holds_long_budget_seat(r, ladder[-1]) for r in final) <= settings["top_k"]
     return log
 

@@ -338,7 +338,7 @@ def test_ctrl_c_requeues_the_trial_and_the_next_run_resumes_it(tmp_path):
 
 
 # Rungs 1, 3, 9; legs above the first rung are promote trials. Six-epoch 3 -> 9 legs on 500
-# images give time to kill a worker in the middle of a continuation.
+# images give time to kill a worker in the middle of a continuation (at epoch 5, 6 or 7).
 RUNG_KILL_STUDY = [
     "search.space.channels.choices=[8]",
     "data.train_subset=500",
@@ -371,8 +371,9 @@ def wait_for_continuation_past_its_rung(
             continue
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             started, done = t.user_attrs.get("rung_from"), t.user_attrs.get("epochs_run", 0)
-            # past its rung, and at least two epochs left to kill it in
-            if started is not None and started < done <= t.user_attrs.get("rung_to", 0) - 2:
+            # Two epochs past its rung (epoch N is reported while its checkpoint is written in
+            # the background; epoch N - 1 is on disk by then), two epochs left to kill it in.
+            if started is not None and started + 1 < done <= t.user_attrs.get("rung_to", 0) - 2:
                 return t
         time.sleep(0.2)
     raise AssertionError(f"no continuation leg past its rung within {timeout}s")
@@ -414,6 +415,7 @@ def test_sigkilled_worker_mid_continuation_is_resumed_as_the_same_leg(tmp_path: 
     assert retry.params == killed.params
     # Resumed from the leg's own checkpoint, past the rung it started from.
     assert retry.user_attrs["resumed_from_epoch"] > killed.user_attrs["rung_from"]
+    assert retry.user_attrs["resumed_from_epoch"] >= victim.user_attrs["epochs_run"] - 1
     assert retry.user_attrs["resumed_from_epoch"] <= killed.user_attrs["epochs_run"]
     assert retry.user_attrs["epochs_run"] == retry.user_attrs["rung_to"]
     # Every (configuration, rung) completed once; one configuration at the long budget.
