@@ -332,14 +332,9 @@ class TabulatedTpe:
         self.n_startup_trials = n_startup_trials
 
     def sampler(self) -> Any:
-        import optuna
+        from search.sampling import make_tpe
 
-        return optuna.samplers.TPESampler(
-            seed=self.seed,
-            n_startup_trials=self.n_startup_trials,
-            multivariate=True,
-            group=self.space.conditional,
-        )
+        return make_tpe(self.seed, self.n_startup_trials, self.space.conditional)
 
     def draw(self, trial: Any, rng: random.Random) -> str:
         """The table key ``trial`` trains; sets its user attr ``config``."""

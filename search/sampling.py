@@ -62,6 +62,14 @@ def startup_trials(configured: int | None, rungs: Sequence[int] | None, eta: int
     return max(TPE_STARTUP_TRIALS, eta ** (len(rungs) - 1))
 
 
+def make_tpe(seed: int, n_startup_trials: int, conditional: bool) -> optuna.samplers.TPESampler:
+    """TPE as the project sets it up: multivariate, and for a conditional space (``when:``)
+    grouped, so each branch is modelled on its own."""
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=n_startup_trials, multivariate=True, group=conditional
+    )
+
+
 def first_legs(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     """The trials that sampled their configuration (new configurations and their retries)."""
     return [t for t in trials if not is_continuation(t.user_attrs)]

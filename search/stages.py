@@ -63,7 +63,7 @@ from search.objective import (
     release_trial_memory,
     stored,
 )
-from search.sampling import FirstLegSampler, startup_trials
+from search.sampling import FirstLegSampler, make_tpe, startup_trials
 from search.scheduler import (
     Continue,
     Finished,
@@ -115,15 +115,13 @@ def make_sampler(cfg: DictConfig, seed_offset: int = 0) -> optuna.samplers.BaseS
     seed = int(cfg.train.seed) + seed_offset
     if cfg.search.sampler.name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    conditional = any(spec.when for spec in cfg.search.space.values())
     ladder = rung_ladder(cfg) if uses_rungs(cfg) else None
-    tpe = optuna.samplers.TPESampler(
-        seed=seed,
-        n_startup_trials=startup_trials(
+    tpe = make_tpe(
+        seed,
+        startup_trials(
             cfg.search.sampler.n_startup_trials, ladder, int(cfg.search.pruner.reduction_factor)
         ),
-        multivariate=True,
-        group=conditional,  # model each branch of a conditional space on its own
+        conditional=any(spec.when for spec in cfg.search.space.values()),
     )
     # Under rungs, one result per configuration: continuations are other budgets' values.
     return FirstLegSampler(tpe) if uses_rungs(cfg) else tpe
@@ -240,12 +238,15 @@ def delete_stage_studies(name: str, url: str) -> None:
 # ---- trial bookkeeping shared by the stages and the summary ------------------------------
 
 
+# The trial numbers a retry continues (its original and earlier retries), as Optuna records them.
+_history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history
+
+
 def failure_reason(trial: optuna.trial.FrozenTrial, trials: list[optuna.trial.FrozenTrial]) -> str:
     """Why a trial failed: its stored reason, or, for a worker that died, what became of it."""
     if trial.user_attrs.get("fail_reason"):
         return str(trial.user_attrs["fail_reason"])
-    history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history
-    retries = [t.number for t in trials if trial.number in history(t)]
+    retries = [t.number for t in trials if trial.number in _history(t)]
     if retries:
         return f"worker stopped sending heartbeats (killed?); retried as trial {retries[0]}"
     return "worker stopped sending heartbeats (killed?); retries exhausted"
@@ -254,8 +255,7 @@ def failure_reason(trial: optuna.trial.FrozenTrial, trials: list[optuna.trial.Fr
 def _has_result(number: int, trials: list[optuna.trial.FrozenTrial]) -> bool:
     """Whether failed trial ``number``'s configuration still got a result: a retry carries it
     on, or it failed on its own merits (training diverged), which is a result for a search."""
-    history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history
-    if any(number in history(t) for t in trials):
+    if any(number in _history(t) for t in trials):
         return True
     trial = next(t for t in trials if t.number == number)
     return str(trial.user_attrs.get("fail_reason") or "").startswith(DIVERGED)
@@ -574,7 +574,8 @@ def scheduler_records(studies: Studies, cfg: DictConfig) -> list[TrialRecord]:
     attempts: dict[int, list[TrialRecord]] = {}
     for stage in ("screen", "promote"):
         trials = studies.of(stage).get_trials(deepcopy=False)
-        retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
+        # every trial some retry continues (a retry's history names all its ancestors)
+        retried = {n for t in trials for n in _history(t)}
         for t in trials:
             if "duplicate_of" in t.user_attrs or t.state == TrialState.PRUNED:
                 continue
@@ -627,7 +628,7 @@ def _retry_on_its_way(
     requeued = reason.startswith((INTERRUPTED_REASON, StorageUnavailableError.__name__))
     if (reason and not requeued) or trial.number in retried:
         return False  # failed on its own merits (never retried), or retried already
-    if len(trial.system_attrs.get("retry_history", [])) >= int(cfg.max_retries):
+    if len(_history(trial)) >= int(cfg.max_retries):
         return False  # its retries are spent
     failed_at = trial.system_attrs.get(FAILED_AT_ATTR)
     if failed_at is None:  # failed before the stamp existed: Optuna's naive local time
@@ -707,9 +708,15 @@ def _enqueue_continuation(
         raise
 
 
+def _leg_stage(cfg: DictConfig, to_rung: int) -> str:
+    """The study a leg to ``to_rung`` belongs to: the screen holds the rungs up to
+    ``stages.screen.epochs``, promote those above."""
+    return "screen" if to_rung <= int(cfg.stages.screen.epochs) else "promote"
+
+
 def _leg_exists(studies: Studies, cfg: DictConfig, decision: Continue) -> bool:
     """Whether configuration ``decision.number``'s leg to ``decision.to_rung`` is a trial."""
-    stage = "screen" if decision.to_rung <= int(cfg.stages.screen.epochs) else "promote"
+    stage = _leg_stage(cfg, decision.to_rung)
     return any(
         t.user_attrs.get("config") == decision.number
         and t.user_attrs.get("rung_to") == decision.to_rung
@@ -728,7 +735,7 @@ def _queue_leg(
     screen = studies.screen
     source = _first_leg(studies, decision.number)
     ranked = ranking(records, decision.from_rung, settings["direction"])
-    stage = "screen" if decision.to_rung <= int(cfg.stages.screen.epochs) else "promote"
+    stage = _leg_stage(cfg, decision.to_rung)
     value = next(r for r in records if r.number == decision.number).results[decision.from_rung]
     studies.of(stage).enqueue_trial(
         source.params,

@@ -133,6 +133,31 @@ def check_rung_study(url: str, cfg) -> list[optuna.trial.FrozenTrial]:  # noqa: 
     return legs
 
 
+def run_rungs_in_time(studies, runner, cfg, timeout: float = 120) -> None:  # noqa: ANN001
+    """:func:`run_rungs` in a thread; fails the test if it has not ended within ``timeout``."""
+    import threading
+
+    loop = threading.Thread(target=run_rungs, args=(studies, runner, cfg), daemon=True)
+    loop.start()
+    loop.join(timeout=timeout)
+    assert not loop.is_alive(), "run_rungs did not end"
+
+
+def finished_study_with_a_short_grace(tmp_path: Path, name: str):  # noqa: ANN201
+    """A finished rung study with grace_period 2 s; (cfg, studies, settings, a configuration
+    that stopped at the first rung)."""
+    url = f"sqlite:///{tmp_path / (name + '.db')}"
+    cfg = load_config(
+        "quickstart",
+        [*RUNG_STUDY, f"name={name}", f"storage={url}", "heartbeat_interval=1", "grace_period=2"],
+    )
+    studies = open_studies(cfg, url)
+    run_rungs(studies, CurveRunner(cfg), cfg)
+    settings = scheduler_settings(cfg)
+    waiting = next(r for r in scheduler_records(studies, cfg) if r.sent_to == settings["rungs"][0])
+    return cfg, studies, settings, waiting
+
+
 def _run_in_process(tmp_path: Path, name: str) -> list[tuple]:
     url = f"sqlite:///{tmp_path / (name + '.db')}"
     cfg = load_config("quickstart", [*RUNG_STUDY, f"name={name}", f"storage={url}"])
@@ -382,8 +407,6 @@ def test_a_space_smaller_than_the_trial_budget_still_ends_with_a_long_budget_res
     spent on duplicates
     the loop decides as if the budget were spent, promotes, and ends (it used to wait forever).
     """
-    import threading
-
     import search.stages as stages
 
     monkeypatch.setattr(stages, "POLL_S", 0.05)
@@ -399,12 +422,7 @@ def test_a_space_smaller_than_the_trial_budget_still_ends_with_a_long_budget_res
          "stages.promote.top_k=1", *space],
     )  # fmt: skip
     studies = open_studies(cfg, url)
-    loop = threading.Thread(
-        target=run_rungs, args=(studies, DuplicatePruningRunner(cfg), cfg), daemon=True
-    )
-    loop.start()
-    loop.join(timeout=120)
-    assert not loop.is_alive(), "run_rungs did not end"
+    run_rungs_in_time(studies, DuplicatePruningRunner(cfg), cfg)
     records = scheduler_records(studies, cfg)
     assert len(records) <= 4  # the baseline and three sampled: the space holds no more
     assert any("duplicate_of" in t.user_attrs for t in studies.screen.get_trials())
@@ -419,17 +437,8 @@ def test_a_claimed_continuation_not_yet_queued_counts_as_running_until_the_grace
     result); a claim whose taker went silent for grace_period is given up."""
     from search.scheduler import Finished, Wait, decide
 
-    url = f"sqlite:///{tmp_path / 'pending.db'}"
-    cfg = load_config(
-        "quickstart",
-        [*RUNG_STUDY, "name=pending", f"storage={url}", "heartbeat_interval=1", "grace_period=2"],
-    )
-    studies = open_studies(cfg, url)
-    run_rungs(studies, CurveRunner(cfg), cfg)
-    settings = scheduler_settings(cfg)
-    records = scheduler_records(studies, cfg)
-    assert decide(records, **settings) == Finished()
-    waiting = next(r for r in records if r.sent_to == settings["rungs"][0])
+    cfg, studies, settings, waiting = finished_study_with_a_short_grace(tmp_path, "pending")
+    assert decide(scheduler_records(studies, cfg), **settings) == Finished()
     key = f"pending.screen/continue/{waiting.number}/{settings['rungs'][1]}"
     assert studies.claims.take(key)  # a worker claims it and has not queued it yet
     pending = {r.number: r for r in scheduler_records(studies, cfg)}[waiting.number]
@@ -493,15 +502,7 @@ def test_a_killed_leg_awaiting_its_retry_still_counts_as_running(tmp_path: Path)
     from search.scheduler import Finished, Wait, decide
     from storage.retry import FAILED_AT_ATTR
 
-    url = f"sqlite:///{tmp_path / 'window.db'}"
-    cfg = load_config(
-        "quickstart",
-        [*RUNG_STUDY, "name=window", f"storage={url}", "heartbeat_interval=1", "grace_period=2"],
-    )
-    studies = open_studies(cfg, url)
-    run_rungs(studies, CurveRunner(cfg), cfg)
-    settings = scheduler_settings(cfg)
-    waiting = next(r for r in scheduler_records(studies, cfg) if r.sent_to == settings["rungs"][0])
+    cfg, studies, settings, waiting = finished_study_with_a_short_grace(tmp_path, "window")
     source = next(t for t in studies.screen.get_trials() if t.number == waiting.number)
     # the leg 1 -> 3 of that configuration, failed by heartbeat, its retry not yet queued
     studies.screen.add_trial(
@@ -525,18 +526,13 @@ def test_a_killed_leg_awaiting_its_retry_still_counts_as_running(tmp_path: Path)
 def test_a_seat_no_configuration_holds_is_free_again(tmp_path: Path) -> None:
     """A long-budget seat claim left by a take interrupted mid-way (or by an older version) is
     counted as free, so the study still reaches the long budget (it used to spin forever)."""
-    import threading
-
     url = f"sqlite:///{tmp_path / 'leaked.db'}"
     cfg = load_config(
         "quickstart", [*RUNG_STUDY, "name=leaked", f"storage={url}", "stages.promote.top_k=1"]
     )
     studies = open_studies(cfg, url)
     assert studies.claims.take("leaked.screen/long-budget/0")  # held by no configuration
-    loop = threading.Thread(target=run_rungs, args=(studies, CurveRunner(cfg), cfg), daemon=True)
-    loop.start()
-    loop.join(timeout=120)
-    assert not loop.is_alive(), "run_rungs did not end"
+    run_rungs_in_time(studies, CurveRunner(cfg), cfg)
     assert len(long_budget_trials(studies, cfg)) == 1
     assert len(studies.claims.taken("leaked.screen/long-budget/")) == 2
     check_rung_study(url, cfg)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -120,6 +121,23 @@ def start_run(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     )
 
 
+def run_and_kill_one_worker(
+    args: list[str], cwd: Path, find_victim: Callable[[], optuna.trial.FrozenTrial]
+) -> tuple[optuna.trial.FrozenTrial, str]:
+    """Run ``search.run`` with ``args``, SIGKILL the worker of the trial ``find_victim``
+    returns, and wait for the run to succeed; (that trial as it was, the run's output)."""
+    log = cwd / "run.log"
+    proc = start_run(args, cwd, log)
+    try:
+        victim = find_victim()
+        os.kill(worker_pid(victim), signal.SIGKILL)
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return victim, log.read_text()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "backend,workers", [pytest.param("postgres", 4, marks=pytest.mark.postgres), ("sqlite", 2)]
@@ -131,22 +149,13 @@ def test_sigkilled_worker_trial_is_retried_and_resumed(tmp_path, request, backen
         else f"sqlite:///{tmp_path / 'study.db'}"
     )
     name = f"kill-{uuid.uuid4().hex[:8]}"
-    log = tmp_path / "run.log"
-    proc = start_run(
+    # Kill exactly the worker that owns a trial mid-way: it has checkpointed an epoch.
+    victim, output = run_and_kill_one_worker(
         [*WORKER_STUDY, f"name={name}", f"storage={url}", f"workers={workers}", "devices=cpu",
          f"runs_dir={tmp_path}"],
         tmp_path,
-        log,
+        lambda: wait_for_checkpointed_trial(url, name, tmp_path, timeout=300),
     )  # fmt: skip
-    try:
-        # Kill exactly the worker that owns a trial mid-way: it has checkpointed an epoch.
-        victim = wait_for_checkpointed_trial(url, name, tmp_path, timeout=300)
-        os.kill(worker_pid(victim), signal.SIGKILL)
-        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    output = log.read_text()
     assert "database is locked" not in output
     assert "Traceback" not in output, output[-3000:]
     trials = all_trials(url, name)
@@ -387,21 +396,12 @@ def test_sigkilled_worker_mid_continuation_is_resumed_as_the_same_leg(tmp_path: 
     nothing is promoted twice and the study ends with its long-budget and final results."""
     url = f"sqlite:///{tmp_path / 'study.db'}"
     name = f"rungkill-{uuid.uuid4().hex[:8]}"
-    log = tmp_path / "run.log"
-    proc = start_run(
+    victim, output = run_and_kill_one_worker(
         [*RUNG_KILL_STUDY, f"name={name}", f"storage={url}", "workers=2", "devices=cpu",
          f"runs_dir={tmp_path}"],
         tmp_path,
-        log,
+        lambda: wait_for_continuation_past_its_rung(url, name, timeout=300),
     )  # fmt: skip
-    try:
-        victim = wait_for_continuation_past_its_rung(url, name, timeout=300)
-        os.kill(worker_pid(victim), signal.SIGKILL)
-        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    output = log.read_text()
     assert "Traceback" not in output, output[-3000:]
     trials = all_trials(url, name)
     promote = trials["promote"]
