@@ -12,6 +12,7 @@ import torch
 from conftest import QUICKSTART_SETTINGS, assert_one_line_error
 
 from search.config import ConfigError, available_studies, load_config
+from search.naming import rung_ladder
 from search.space import baseline_params, suggest
 from search.stages import open_studies
 
@@ -249,3 +250,19 @@ def test_report_defaults_in_study_files():
             assert {"train.temperature", "train.aug_strength"} <= space
         if cfg.task == "autoencoder":
             assert "model.decoder_upsample" in space
+
+
+def test_readme_study_table_matches_the_study_files():
+    """The README's table of studies states each file's budget: configurations, rungs, top_k."""
+    section = (REPO / "README.md").read_text().split("\n## Studies\n")[1].split("\n## ")[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0].strip("`")] = cells[-1]
+    assert set(rows) == set(available_studies())
+    for name, budget in rows.items():
+        cfg = load_config(name)
+        ladder = ", ".join(str(r) for r in rung_ladder(cfg))
+        expected = f"{cfg.stages.screen.trials}; {ladder}; top {cfg.stages.promote.top_k}"
+        assert budget == expected, name
