@@ -2,7 +2,7 @@
 
 Public API (imported lazily, so ``python -m search.run --dry-run`` stays light)::
 
-    from search import load_config, open_studies, run_stages, TrialRunner
+    from search import load_config, open_studies, run_stages, storage_url, summarize, TrialRunner
 
     cfg = load_config("quickstart", ["stages.screen.trials=4"])
     studies = open_studies(cfg, storage_url(cfg))

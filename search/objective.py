@@ -2,7 +2,7 @@
 
 Each trial records what a user needs to trust and reproduce it (user attrs): ``stage``,
 ``seed``, ``device``, ``epochs_run``, ``wall_time_s``, ``images_per_second``, the per-epoch
-``curve``, and ``fail_reason`` or ``prune_reason`` when it did not complete. Checkpoints are
+``curve:<phase>:<epoch>`` rows, and ``fail_reason`` or ``prune_reason`` when it did not complete. Checkpoints are
 keyed by the *original* trial number, so a retry of a killed trial resumes from the killed
 trial's last epoch instead of epoch 0.
 

@@ -1,8 +1,10 @@
 """Run a study's pipeline: ``python -m search.run study=NAME [key=value ...]``.
 
-screen (short, pruned) -> promote (top-k, same params, long) -> final (test numbers), then a
+The rungs (new configurations to the first rung, the best-ranked continued from their rung
+checkpoints up to the long budget; see ``search.scheduler``) -> final (test numbers), then a
 summary. Running the same command again resumes: finished trials are kept, promotions are not
-duplicated, and a finished study trains nothing. ``stage=screen|promote|final`` runs one stage;
+duplicated, and a finished study trains nothing. ``stage=screen`` runs the rungs up to
+``stages.screen.epochs``, ``stage=promote`` all of them, ``stage=final`` the final stage;
 ``workers=N devices=...`` starts N worker processes (see ``search.worker``); ``--dry-run``
 prints the resolved config and search space and touches no storage.
 """

@@ -1,7 +1,7 @@
 """Join a running study as one more worker: ``python -m search.worker study=NAME storage=URL``.
 
 Start as many as you like, on this machine or others (they need the same study settings, the
-same storage URL and a checkpoint folder they can all read; see README "Scaling out").
+same storage URL and a checkpoint folder they can all read; see README "Storage and scaling out").
 ``device=cpu|cuda|cuda:N`` picks this worker's device (default: CUDA when visible). Ctrl-C or
 SIGTERM stops the worker cleanly; its running trial is re-enqueued and resumes from its last
 checkpoint in whichever worker takes it.
