@@ -40,7 +40,7 @@ from models.config import (
 )
 from models.errors import UsageError
 from search.database import StorageError, check_url, redact
-from search.naming import STAGES, checkpoint_cache_dir
+from search.naming import STAGES, checkpoint_cache_dir, long_budget, uses_rungs
 from search.space import check_dependencies
 from storage.checkpoint_store import (
     CheckpointLocationError,
@@ -475,12 +475,39 @@ def _validate_fields(cfg: DictConfig) -> None:
     ):
         if key not in optional or OmegaConf.select(cfg, key) is not None:
             _within(cfg, key, low, high)
+    _validate_budgets(cfg)
     if cfg.grace_period <= cfg.heartbeat_interval:
         raise ConfigError(
             f"grace_period: must exceed heartbeat_interval ({cfg.heartbeat_interval}), "
             f"got {cfg.grace_period}"
         )
     _validate_devices(cfg.devices)
+
+
+def _validate_budgets(cfg: DictConfig) -> None:
+    """Under rungs the epochs must nest, first rung <= screen <= long budget, with at least two
+    rungs; Hyperband's first rung must lie within the screen it prunes."""
+    screen, first = int(cfg.stages.screen.epochs), int(cfg.search.pruner.min_resource)
+    if uses_rungs(cfg):
+        long = long_budget(cfg)
+        promote = "stages.promote.epochs" + (
+            "" if cfg.stages.promote.epochs else " (0: train.epochs)"
+        )
+        if not first < long:
+            raise ConfigError(
+                f"search.pruner.min_resource: the first rung, {first}, must be below the long "
+                f"budget, {promote} = {long}; allowed: 1 to {long - 1}"
+            )
+        if screen > long:
+            raise ConfigError(
+                f"stages.screen.epochs: {screen} exceeds the long budget, {promote} = {long}; "
+                f"allowed: 1 to {long}"
+            )
+    if first > screen and cfg.search.pruner.name in ("asha", "hyperband", "successive_halving"):
+        raise ConfigError(
+            f"search.pruner.min_resource: the first rung, {first}, exceeds stages.screen.epochs "
+            f"({screen}); allowed: 1 to {screen}"
+        )
 
 
 def _validate_name(name: Any) -> None:

@@ -51,6 +51,11 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         ("train.aug_strength=3", "train.aug_strength"),
         ("devices=gpu0", "devices"),
         ("stage=polish", "stage"),
+        # budgets that do not nest: first rung <= screen epochs <= long budget
+        ("search.pruner.min_resource=100", "search.pruner.min_resource"),  # past the long budget
+        ("search.pruner.min_resource=9", "search.pruner.min_resource"),  # one rung: no ladder
+        ("search.pruner.min_resource=4", "search.pruner.min_resource"),  # past the screen
+        ("stages.promote.epochs=2", "stages.screen.epochs"),  # screen longer than the long run
         # rules owned by the training code (models/), checked when the study is loaded
         ("task=jigsaw", "task"),
         ("model.encoder_kernels=[4,5,3]", "model.encoder_kernels"),  # even kernel
