@@ -21,6 +21,7 @@ from reporting.tables import (
     TASK_LABELS,
     TASK_ORDER,
     PruningSavings,
+    RungSavings,
     best_params_frame,
     published_budget,
     results_frame,
@@ -151,8 +152,23 @@ def state_counts_table(counts: pd.DataFrame) -> list[str]:
     return table(["stage", *(s.lower() for s in states)], rows)
 
 
-def pruning_sentences(savings: PruningSavings | None) -> list[str]:
-    """What pruning saved in the screen stage, in epochs and (roughly) minutes."""
+def savings_heading(savings: PruningSavings | RungSavings | None) -> str:
+    return (
+        "## What the rungs saved" if isinstance(savings, RungSavings) else "## What pruning saved"
+    )
+
+
+def pruning_sentences(savings: PruningSavings | RungSavings | None) -> list[str]:
+    """What pruning (or the rungs) saved, in epochs and, for pruning, (roughly) minutes."""
+    if isinstance(savings, RungSavings):
+        s = savings
+        return [
+            f"The rungs trained {s.configurations} configurations in {s.legs} legs for "
+            f"**{s.epochs_run} epochs** in all (a continued leg counts the epochs it added); each "
+            f"trained to the long budget, the same configurations would have run "
+            f"{s.configurations} x {s.long_budget} = **{s.planned} epochs**. The rungs saved "
+            f"**{s.saved} epochs ({100 * s.saved / s.planned:.0f}%)**."
+        ]
     if savings is None:
         return ["No screen trial completed or was pruned, so pruning saved nothing yet."]
     s = savings

@@ -50,7 +50,7 @@ from reporting.tables import (
     TASK_ORDER,
     baselines_frame,
     combined_frame,
-    pruning_savings,
+    search_savings,
     state_counts,
     trials_frame,
 )
@@ -386,8 +386,8 @@ def write_report(
     doc.add("## Best parameters per stage", "", *markdown.best_params_table(cfg, studies), "")
     doc.add("## Trials", "", *markdown.state_counts_table(state_counts(frame)), "")
     doc.add(*markdown.csv_pointer(csv_path.name), "")
-    savings = pruning_savings(cfg, studies["screen"])
-    doc.add("## What pruning saved", "", *markdown.pruning_sentences(savings), "")
+    savings = search_savings(cfg, studies)
+    doc.add(markdown.savings_heading(savings), "", *markdown.pruning_sentences(savings), "")
     search_plots(doc, cfg, studies["screen"])
     sources = FigureSources(storage, url, overrides, tsne_points, device)
     model_figures(doc, cfg, final, sources)

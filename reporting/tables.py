@@ -10,7 +10,8 @@
 - :func:`baselines_frame`: the study's raw-pixel and untrained-encoder baselines beside the
   search's best;
 - :func:`best_params_frame`: the best trial of each stage;
-- :func:`pruning_savings`: what pruning saved in the screen stage.
+- :func:`pruning_savings`: what pruning saved in the screen stage; :func:`rung_savings`: what
+  the rungs saved against training every configuration to the long budget.
 
 :mod:`reporting.markdown` turns them into text.
 """
@@ -31,12 +32,14 @@ from search import (
     BASELINES_ATTR,
     STAGES,
     apply,
+    config_number,
     failure_reason,
     learning_curve,
     long_budget,
     metric_of,
     stage_metric,
     top_trials,
+    uses_rungs,
 )
 
 TASK_ORDER = ("autoencoder", "guided", "contrastive")
@@ -301,6 +304,51 @@ def pruning_savings(cfg: DictConfig, screen: optuna.Study) -> PruningSavings | N
         epochs_per_trial=int(cfg.stages.screen.epochs),
         epochs_run=sum(int(t.user_attrs.get("epochs_run", 0)) for t in trials),
         mean_epoch_seconds=sum(per_epoch) / len(per_epoch) if per_epoch else None,
+    )
+
+
+@dataclass(frozen=True)
+class RungSavings:
+    """Epochs the rungs trained, against every configuration trained to the long budget."""
+
+    configurations: int  # distinct configurations with a finished leg
+    legs: int  # finished legs (a new configuration's first, and each continuation)
+    long_budget: int
+    epochs_run: int  # each finished leg's epochs_added: a continuation adds only its own
+
+    @property
+    def planned(self) -> int:
+        return self.configurations * self.long_budget
+
+    @property
+    def saved(self) -> int:
+        return self.planned - self.epochs_run
+
+
+def rung_savings(cfg: DictConfig, studies: Mapping[str, optuna.Study]) -> RungSavings | None:
+    """What the rungs saved (``search.pruner: asha``); None before any leg finished."""
+    legs = [
+        t
+        for stage in ("screen", "promote")
+        for t in studies[stage].get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "duplicate_of" not in t.user_attrs
+    ]
+    if not legs:
+        return None
+    return RungSavings(
+        configurations=len({config_number(t) for t in legs}),
+        legs=len(legs),
+        long_budget=long_budget(cfg),
+        epochs_run=sum(int(t.user_attrs.get("epochs_added", 0)) for t in legs),
+    )
+
+
+def search_savings(
+    cfg: DictConfig, studies: Mapping[str, optuna.Study]
+) -> PruningSavings | RungSavings | None:
+    """The study's savings: the rungs' (``asha``) or the screen's pruning (the old pipeline)."""
+    return (
+        rung_savings(cfg, studies) if uses_rungs(cfg) else pruning_savings(cfg, studies["screen"])
     )
 
 

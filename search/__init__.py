@@ -39,6 +39,7 @@ _EXPORTS = {
     "PROBE_FILE": "search.naming",
     "STAGES": "search.naming",
     "long_budget": "search.naming",
+    "uses_rungs": "search.naming",
     "learning_curve": "search.naming",
     "curve_attr": "search.naming",
     "is_curve_attr": "search.naming",
@@ -65,6 +66,7 @@ _EXPORTS = {
     "TrialHook": "search.objective",
     "TrialRunner": "search.objective",
     "original_number": "search.objective",
+    "config_number": "search.objective",
     # worker processes
     "device_plan": "search.pool",
     "install_sigterm_as_interrupt": "search.pool",

@@ -144,6 +144,30 @@ def test_each_study_report_shows_both_baselines_beside_the_best(finished, report
 
 
 @pytest.mark.slow
+def test_each_study_report_counts_what_the_rungs_saved_from_its_legs(finished, reported):
+    out, _ = reported
+    for name in STUDIES:
+        studies = _stage_studies(finished, name)
+        legs = [
+            t
+            for stage in ("screen", "promote")
+            for t in studies[stage].get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        ]
+        configs = {int(t.user_attrs.get("config", t.number)) for t in legs}
+        added = sum(
+            int(t.user_attrs["rung_to"]) - int(t.user_attrs.get("rung_from", 0)) for t in legs
+        )
+        assert len(legs) > len(configs)  # something was continued
+        md = (out / f"{name}.md").read_text()
+        section = md.split("## What the rungs saved", 1)[1].split("\n## ", 1)[0]
+        assert (
+            f"{len(configs)} configurations in {len(legs)} legs for **{added} epochs**" in section
+        )
+        assert f"{len(configs)} x 2 = **{2 * len(configs)} epochs**" in section  # long budget 2
+        assert "What pruning saved" not in md
+
+
+@pytest.mark.slow
 def test_a_study_without_recorded_baselines_says_not_recorded(finished, tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
