@@ -70,6 +70,7 @@ _EXPORTS = {
     # worker processes
     "device_plan": "search.pool",
     "install_sigterm_as_interrupt": "search.pool",
+    "interrupted_exit_code": "search.pool",
     "run_workers": "search.pool",
     "worker_loop": "search.pool",
     "WorkersFailed": "search.pool",

@@ -96,7 +96,8 @@ def stored(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
 
 
 # A trial stopped by Ctrl-C or SIGTERM fails with this reason and is queued again at once.
-INTERRUPTED_REASON = "interrupted (Ctrl-C or SIGTERM); retried and resumed from its checkpoint"
+# What became of it (its retry, the epoch that resumed) is told by search.stages.failure_reason.
+INTERRUPTED_REASON = "interrupted (Ctrl-C or SIGTERM)"
 
 
 def original_number(trial: optuna.trial.FrozenTrial) -> int:

@@ -11,6 +11,7 @@ consistent, and any worker started later carries on.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -159,6 +160,31 @@ def worker_loop(
 STOP_GRACE_S = 30.0  # how long stopped workers get to re-enqueue their trials
 
 
+_stopped_by: list[int] = []  # the signal that stopped this process, once one did
+
+
+class _QuietInterrupts(logging.Filter):
+    """Drops Optuna's warning, with its traceback, for a trial stopped by Ctrl-C or SIGTERM:
+    stopping is on purpose, its reason is stored, and the process says so in one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted: set[str] = set()  # "Trial N failed with": the follow-up line too
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        prefix = " ".join(record.getMessage().split()[:4])  # "Trial N failed with"
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            self.interrupted.add(prefix)
+            return False
+        if prefix in self.interrupted:
+            self.interrupted.discard(prefix)
+            return False
+        return True
+
+
+_OPTUNA_TRIAL_LOGGER = "optuna.study._optimize"  # where Optuna logs a failed trial
+
+
 def install_sigterm_as_interrupt() -> None:
     """SIGTERM and SIGINT behave like Ctrl-C: the running trial is re-enqueued to resume later.
 
@@ -166,10 +192,20 @@ def install_sigterm_as_interrupt() -> None:
     """
 
     def handler(signum, frame):  # noqa: ARG001
+        _stopped_by.append(signum)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    logger = logging.getLogger(_OPTUNA_TRIAL_LOGGER)
+    if not any(isinstance(f, _QuietInterrupts) for f in logger.filters):
+        logger.addFilter(_QuietInterrupts())
+
+
+def interrupted_exit_code() -> int:
+    """The shell's code for the signal that stopped this process: 143 for SIGTERM, else 130
+    (Ctrl-C), so a batch system can tell the two apart."""
+    return 128 + (_stopped_by[0] if _stopped_by else signal.SIGINT)
 
 
 def _progress_thread(cfg: DictConfig, url: str, stop: threading.Event) -> threading.Thread:

@@ -113,6 +113,7 @@ def main() -> int:
         StorageUnavailableError,
         WorkersFailed,
         install_sigterm_as_interrupt,
+        interrupted_exit_code,
         open_studies,
         resolved_paths,
         run_workers,
@@ -135,7 +136,7 @@ def main() -> int:
             "resume them from their last checkpoint",
             file=sys.stderr,
         )
-        return 130
+        return interrupted_exit_code()
     except StorageUnavailableError as error:
         # Its running trial is re-enqueued (or retried once its heartbeat is missed).
         print(f"error: {error}; run the same command again once it is back", file=sys.stderr)

@@ -243,13 +243,22 @@ _history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history
 
 
 def failure_reason(trial: optuna.trial.FrozenTrial, trials: list[optuna.trial.FrozenTrial]) -> str:
-    """Why a trial failed: its stored reason, or, for a worker that died, what became of it."""
-    if trial.user_attrs.get("fail_reason"):
-        return str(trial.user_attrs["fail_reason"])
-    retries = [t.number for t in trials if trial.number in _history(t)]
-    if retries:
-        return f"worker stopped sending heartbeats (killed?); retried as trial {retries[0]}"
-    return "worker stopped sending heartbeats (killed?); retries exhausted"
+    """Why a trial failed: its stored reason; for one interrupted or whose worker died, also
+    what became of it (its retry, and the epoch the retry resumed from)."""
+    stored = str(trial.user_attrs.get("fail_reason") or "")
+    if stored and not stored.startswith(INTERRUPTED_REASON):
+        return stored
+    cause = stored or "worker stopped sending heartbeats (killed?)"
+    retry = next((t for t in trials if trial.number in _history(t)), None)
+    if retry is None:
+        return f"{cause}; not retried (retries exhausted)"
+    if "resumed_from_epoch" in retry.user_attrs:
+        return f"{cause}; retried as trial {retry.number}, resumed from epoch " + str(
+            retry.user_attrs["resumed_from_epoch"]
+        )
+    if retry.state.is_finished():
+        return f"{cause}; retried as trial {retry.number}, from epoch 0 (no checkpoint yet)"
+    return f"{cause}; retried as trial {retry.number}"
 
 
 def _has_result(number: int, trials: list[optuna.trial.FrozenTrial]) -> bool:

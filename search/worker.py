@@ -19,6 +19,7 @@ from search import (
     StageError,
     StorageUnavailableError,
     install_sigterm_as_interrupt,
+    interrupted_exit_code,
     redact,
     resolved_paths,
     storage_url,
@@ -60,7 +61,7 @@ def main() -> int:
         print(
             f"[{label}] interrupted: its running trial was re-enqueued and will resume", flush=True
         )
-        return 130
+        return interrupted_exit_code()
     except StorageUnavailableError as error:
         print(f"[{label}] error: {error}; start the worker again once it is back", file=sys.stderr)
         return 1

@@ -335,15 +335,50 @@ def test_ctrl_c_requeues_the_trial_and_the_next_run_resumes_it(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+    said = log.read_text()  # one line saying what to do, not Optuna's warning and a traceback
+    assert "interrupted: running trials were re-enqueued" in said
+    assert "Traceback" not in said and "failed with" not in said, said[-3000:]
     screen = all_trials(url, "quickstart")["screen"]
     assert [t.state for t in screen] == [TrialState.FAIL, TrialState.WAITING]
     assert "interrupted" in screen[0].user_attrs["fail_reason"]
+    assert failure_reason(screen[0], screen).endswith("; retried as trial 1")  # not run yet
     again = start_run(args, tmp_path, tmp_path / "again.log")
     assert again.wait(timeout=600) == 0, (tmp_path / "again.log").read_text()[-3000:]
     screen = all_trials(url, "quickstart")["screen"]
     assert screen[1].state == TrialState.COMPLETE
-    assert screen[1].user_attrs["resumed_from_epoch"] >= 1
+    resumed = screen[1].user_attrs["resumed_from_epoch"]
+    assert resumed >= 1
+    assert failure_reason(screen[0], screen) == (
+        f"interrupted (Ctrl-C or SIGTERM); retried as trial 1, resumed from epoch {resumed}"
+    )
     assert screen[1].user_attrs.get("fail_reason") is None
+
+
+def test_failure_reason_tells_what_became_of_an_interrupted_trial(tmp_path):
+    """Said only once known: the retry's number, and whether it resumed from a checkpoint."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}")
+
+    def interrupted(max_retry: int) -> optuna.trial.FrozenTrial:
+        trial = study.ask()
+        trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM)")
+        study.tell(trial, state=TrialState.FAIL)
+        failed = study.get_trials()[-1]
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, failed)
+        return failed
+
+    def reason(number: int) -> str:
+        trials = study.get_trials()
+        return failure_reason(trials[number], trials)
+
+    interrupted(max_retry=3)  # trial 0; its retry is trial 1, killed in its first epoch
+    assert reason(0) == "interrupted (Ctrl-C or SIGTERM); retried as trial 1"
+    retry = study.ask()
+    study.tell(retry, 0.5)
+    assert reason(0) == (
+        "interrupted (Ctrl-C or SIGTERM); retried as trial 1, from epoch 0 (no checkpoint yet)"
+    )
+    interrupted(max_retry=0)  # trial 2: no retries allowed
+    assert reason(2) == "interrupted (Ctrl-C or SIGTERM); not retried (retries exhausted)"
 
 
 # Rungs 1, 3, 9; legs above the first rung are promote trials. Six-epoch 3 -> 9 legs on 500
