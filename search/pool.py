@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 from models.training import physical_gpu
 from search.config import ConfigError, resolved_paths
 from search.database import WORKER_STORAGE_ENV
-from search.naming import STAGES, stage_metric
+from search.naming import learning_curve, stage_metric
 from search.objective import TrialHook, TrialRunner
-from search.stages import open_studies, run_stages
+from search.stages import open_studies, progress, run_stages
 
 
 def device_plan(devices: str, workers: int, device_count: int | None = None) -> list[str]:
@@ -118,9 +118,16 @@ def _announce(label: str, study: optuna.Study, number: int, metric: str) -> None
         if "resumed_from_epoch" in attrs
         else ""
     )
+    probe = len(learning_curve(attrs, "probe"))
+    if "epochs_run" in attrs:
+        epochs = f"{attrs['epochs_run']} epochs"
+    elif probe:  # the final stage trains only the classifier on the frozen encoder
+        epochs = f"classifier {probe} epochs"
+    else:
+        epochs = "- epochs"
     tqdm.write(
         f"[{label}] {study.study_name} #{number} {trial.state.name} {metric} {value} "
-        f"({attrs.get('epochs_run', '-')} epochs, {attrs.get('wall_time_s', 0):.1f}s{resumed}) {extra}".rstrip()
+        f"({epochs}, {attrs.get('wall_time_s', 0):.1f}s{resumed}) {extra}".rstrip()
     )
 
 
@@ -211,16 +218,12 @@ def interrupted_exit_code() -> int:
 def _progress_thread(cfg: DictConfig, url: str, stop: threading.Event) -> threading.Thread:
     def watch() -> None:
         studies = open_studies(cfg, url, seed_offset=0)  # reads only
-        total = int(cfg.stages.screen.trials) + int(cfg.stages.promote.top_k) + 1
-        bar = tqdm(total=total, desc=f"{cfg.name} trials", unit="trial")
+        total = int(cfg.stages.screen.trials)  # at most: the rungs may end the search sooner
+        bar = tqdm(total=total, desc=f"{cfg.name} configurations", unit="config")
         while not stop.is_set():
-            done = 0
-            for stage in STAGES:
-                done += sum(
-                    t.state.is_finished() and not t.system_attrs.get("retry_history")
-                    for t in studies.of(stage).get_trials(deepcopy=False)
-                )
-            bar.n = min(done, bar.total)
+            now = progress(studies, cfg)
+            bar.n = min(now.configurations, bar.total)
+            bar.set_postfix_str(str(now), refresh=False)
             bar.refresh()
             stop.wait(2.0)
         bar.close()

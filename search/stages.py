@@ -285,6 +285,9 @@ def _fail_stale(study: optuna.Study) -> None:
 # ---- running trials --------------------------------------------------------------------
 
 
+NOTHING_QUEUED = "nothing queued"  # the prune reason of a trial that trained nothing
+
+
 def _run_one(
     studies: Studies,
     stage: str,
@@ -312,7 +315,7 @@ def _run_one(
         if moved and studies.claims.take(_waiting_key(study, trial.number)):
             studies.claims.release(_waiting_key(study, claimed))
         if on_fresh is not None and not _was_queued(stored(trial)) and not on_fresh(trial.number):
-            reason = "nothing queued: another worker took the queued trial first"
+            reason = f"{NOTHING_QUEUED}: another worker took the queued trial first"
             trial.set_user_attr("prune_reason", reason)
             raise optuna.TrialPruned(reason)
         try:
@@ -865,6 +868,45 @@ def long_budget_trials(studies: Studies, cfg: DictConfig) -> list[optuna.trial.F
     ]
     reverse = direction_of(cfg) == "maximize"
     return sorted(done, key=lambda t: t.value, reverse=reverse)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a study is, from storage: what the progress bar shows."""
+
+    configurations: int  # configurations with a finished leg
+    planned: int  # stages.screen.trials: at most this many (the rungs may end sooner)
+    legs: int  # finished screen and promote trials (rung legs, retries)
+    long_budget: int  # completed runs at the long budget
+    top_k: int
+    final: int  # finished final trials
+
+    def __str__(self) -> str:
+        return (
+            f"legs {self.legs}, long budget {self.long_budget}/{self.top_k}, final {self.final}/1"
+        )
+
+
+def progress(studies: Studies, cfg: DictConfig) -> Progress:
+    """The study's :class:`Progress`; it only reads storage."""
+    legs = {
+        stage: [
+            t
+            for t in studies.of(stage).get_trials(deepcopy=False)
+            if t.state.is_finished()
+            and "duplicate_of" not in t.user_attrs
+            and not str(t.user_attrs.get("prune_reason", "")).startswith(NOTHING_QUEUED)
+        ]
+        for stage in ("screen", "promote")
+    }
+    return Progress(
+        configurations=len({config_number(t) for t in legs["screen"]}),  # retries: the same
+        planned=int(cfg.stages.screen.trials),
+        legs=len(legs["screen"]) + len(legs["promote"]),
+        long_budget=len(long_budget_trials(studies, cfg)),
+        top_k=int(cfg.stages.promote.top_k),
+        final=sum(t.state.is_finished() for t in studies.final.get_trials(deepcopy=False)),
+    )
 
 
 def run_stages(

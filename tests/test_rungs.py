@@ -33,6 +33,7 @@ from search.space import suggest
 from search.stages import (
     long_budget_trials,
     open_studies,
+    progress,
     records_from_snapshot,
     run_rungs,
     scheduler_records,
@@ -278,6 +279,15 @@ def test_real_run_with_two_workers_continues_legs_and_reports_rungs(tmp_path: Pa
         assert len(t.intermediate_values) == t.user_attrs["epochs_added"]
     final = optuna.load_study(study_name="quickstart.final", storage=url).get_trials()
     best = long_budget_trials(open_studies(cfg, url), cfg)[0]
+    shown = progress(open_studies(cfg, url), cfg)  # what the progress bar ends on
+    configs = {t.user_attrs.get("config", t.number) for t in legs}
+    at_last = [t for t in legs if t.user_attrs["rung_to"] == rung_ladder(cfg)[-1]]
+    assert (shown.configurations, shown.legs, shown.long_budget, shown.final) == (
+        len(configs),
+        len(legs),
+        len(at_last),
+        1,
+    )
     assert final[0].user_attrs["source_trial"] == best.number
     assert final[0].user_attrs["source_checkpoint_dir"] == best.user_attrs["checkpoint_dir"]
 
