@@ -248,7 +248,8 @@ def failure_reason(trial: optuna.trial.FrozenTrial, trials: list[optuna.trial.Fr
     stored = str(trial.user_attrs.get("fail_reason") or "")
     if stored and not stored.startswith(INTERRUPTED_REASON):
         return stored
-    cause = stored or "worker stopped sending heartbeats (killed?)"
+    # (older versions stored a claim of the outcome after the cause: it is told below instead)
+    cause = INTERRUPTED_REASON if stored else "worker stopped sending heartbeats (killed?)"
     retry = next((t for t in trials if trial.number in _history(t)), None)
     if retry is None:
         return f"{cause}; not retried (retries exhausted)"
