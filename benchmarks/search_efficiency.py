@@ -390,7 +390,11 @@ def train() -> int:
             "promote_epochs": Option(
                 "", _optional_int, f"the long budget: asha's last rung, random runs ({empty})"
             ),
-            "screen_epochs": Option("", _optional_int, f"pipeline's screen epochs ({empty})"),
+            "screen_epochs": Option(
+                "",
+                _optional_int,
+                f"screen epochs: the pipeline's screen; asha's first rung may not exceed it ({empty})",
+            ),
             "startup_trials": Option("", _optional_int, f"TPE random start-up trials ({empty})"),
             "pipeline_pruner": Option("hyperband", str, "the pipeline's screen pruner"),
             "random_budget": Option(

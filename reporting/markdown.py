@@ -27,7 +27,7 @@ from reporting.tables import (
     results_frame,
     search_budget,
 )
-from search import STAGES, long_budget, metric_of, redact
+from search import STAGES, long_budget, metric_of, redact, uses_rungs
 
 # What the epochs column of a results table counts.
 EPOCHS_HEAD = "epochs (encoder + classifier)"
@@ -152,23 +152,32 @@ def state_counts_table(counts: pd.DataFrame) -> list[str]:
     return table(["stage", *(s.lower() for s in states)], rows)
 
 
-def savings_heading(savings: PruningSavings | RungSavings | None) -> str:
-    return (
-        "## What the rungs saved" if isinstance(savings, RungSavings) else "## What pruning saved"
+def savings_heading(cfg: DictConfig) -> str:
+    return "## What the rungs saved" if uses_rungs(cfg) else "## What pruning saved"
+
+
+def rung_sentences(savings: RungSavings | None) -> list[str]:
+    """What the rungs saved against every configuration trained to the long budget."""
+    if savings is None:
+        return ["No leg has completed yet, so the rungs have saved nothing yet."]
+    s = savings
+    failed = (
+        f" ({s.failed_legs} failed leg{'s' if s.failed_legs > 1 else ''} not counted)"
+        if s.failed_legs
+        else ""
     )
+    return [
+        ("The" if s.finished else "So far (the study has not finished), the")
+        + f" rungs trained {s.configurations} configurations in {s.legs} completed legs for "
+        f"**{s.epochs_run} epochs**{failed} (a continued leg counts the epochs it added); each "
+        f"trained to the long budget, the same configurations would have run "
+        f"{s.configurations} x {s.long_budget} = **{s.planned} epochs**. The rungs saved "
+        f"**{s.saved} epochs ({100 * s.saved / s.planned:.0f}%)**."
+    ]
 
 
-def pruning_sentences(savings: PruningSavings | RungSavings | None) -> list[str]:
-    """What pruning (or the rungs) saved, in epochs and, for pruning, (roughly) minutes."""
-    if isinstance(savings, RungSavings):
-        s = savings
-        return [
-            f"The rungs trained {s.configurations} configurations in {s.legs} legs for "
-            f"**{s.epochs_run} epochs** in all (a continued leg counts the epochs it added); each "
-            f"trained to the long budget, the same configurations would have run "
-            f"{s.configurations} x {s.long_budget} = **{s.planned} epochs**. The rungs saved "
-            f"**{s.saved} epochs ({100 * s.saved / s.planned:.0f}%)**."
-        ]
+def pruning_sentences(savings: PruningSavings | None) -> list[str]:
+    """What pruning saved in the screen stage, in epochs and (roughly) minutes."""
     if savings is None:
         return ["No screen trial completed or was pruned, so pruning saved nothing yet."]
     s = savings

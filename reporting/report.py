@@ -4,7 +4,7 @@
 the three stages) and PNG figures beside them: the report's results table for the configuration
 the search found next to the published numbers (with the epochs behind each), the raw-pixel and
 untrained-encoder baselines beside the search's best, the best parameters of each stage, what
-pruning saved, optimization history, intermediate values and parameter importances, and the
+pruning saved (or the rungs), optimization history, intermediate values and parameter importances, and the
 report's three figure kinds (test reconstructions, latent interpolation, t-SNE of the test set
 in raw image space and in the latent space of every task run on the same dataset in this
 storage).
@@ -50,11 +50,20 @@ from reporting.tables import (
     TASK_ORDER,
     baselines_frame,
     combined_frame,
-    search_savings,
+    pruning_savings,
+    rung_savings,
     state_counts,
     trials_frame,
 )
-from search import apply, learning_curve, metric_of, redact, resolved_paths, top_trials
+from search import (
+    apply,
+    learning_curve,
+    metric_of,
+    redact,
+    resolved_paths,
+    top_trials,
+    uses_rungs,
+)
 
 _log = logging.getLogger(__name__)
 # Test images per t-SNE panel of the written report, at most (``--tsne-points``).
@@ -386,8 +395,11 @@ def write_report(
     doc.add("## Best parameters per stage", "", *markdown.best_params_table(cfg, studies), "")
     doc.add("## Trials", "", *markdown.state_counts_table(state_counts(frame)), "")
     doc.add(*markdown.csv_pointer(csv_path.name), "")
-    savings = search_savings(cfg, studies)
-    doc.add(markdown.savings_heading(savings), "", *markdown.pruning_sentences(savings), "")
+    if uses_rungs(cfg):
+        said = markdown.rung_sentences(rung_savings(cfg, studies))
+    else:
+        said = markdown.pruning_sentences(pruning_savings(cfg, studies["screen"]))
+    doc.add(markdown.savings_heading(cfg), "", *said, "")
     search_plots(doc, cfg, studies["screen"])
     sources = FigureSources(storage, url, overrides, tsne_points, device)
     model_figures(doc, cfg, final, sources)

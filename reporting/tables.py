@@ -39,7 +39,6 @@ from search import (
     metric_of,
     stage_metric,
     top_trials,
-    uses_rungs,
 )
 
 TASK_ORDER = ("autoencoder", "guided", "contrastive")
@@ -311,10 +310,12 @@ def pruning_savings(cfg: DictConfig, screen: optuna.Study) -> PruningSavings | N
 class RungSavings:
     """Epochs the rungs trained, against every configuration trained to the long budget."""
 
-    configurations: int  # distinct configurations with a finished leg
-    legs: int  # finished legs (a new configuration's first, and each continuation)
+    configurations: int  # distinct configurations with a completed leg
+    legs: int  # completed legs (a new configuration's first, and each continuation)
     long_budget: int
-    epochs_run: int  # each finished leg's epochs_added: a continuation adds only its own
+    epochs_run: int  # each completed leg's epochs_added: a continuation adds only its own
+    failed_legs: int  # their epochs are not counted
+    finished: bool  # a long-budget result exists and no leg is running or queued
 
     @property
     def planned(self) -> int:
@@ -326,29 +327,25 @@ class RungSavings:
 
 
 def rung_savings(cfg: DictConfig, studies: Mapping[str, optuna.Study]) -> RungSavings | None:
-    """What the rungs saved (``search.pruner: asha``); None before any leg finished."""
-    legs = [
+    """What the rungs saved (``search.pruner: asha``); None before any leg completed."""
+    trials = [
         t
         for stage in ("screen", "promote")
-        for t in studies[stage].get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        for t in studies[stage].get_trials(deepcopy=False)
         if "duplicate_of" not in t.user_attrs
     ]
+    legs = [t for t in trials if t.state == TrialState.COMPLETE]
     if not legs:
         return None
+    last = long_budget(cfg)
     return RungSavings(
         configurations=len({config_number(t) for t in legs}),
         legs=len(legs),
-        long_budget=long_budget(cfg),
+        long_budget=last,
         epochs_run=sum(int(t.user_attrs.get("epochs_added", 0)) for t in legs),
-    )
-
-
-def search_savings(
-    cfg: DictConfig, studies: Mapping[str, optuna.Study]
-) -> PruningSavings | RungSavings | None:
-    """The study's savings: the rungs' (``asha``) or the screen's pruning (the old pipeline)."""
-    return (
-        rung_savings(cfg, studies) if uses_rungs(cfg) else pruning_savings(cfg, studies["screen"])
+        failed_legs=sum(t.state == TrialState.FAIL for t in trials),
+        finished=any(int(t.user_attrs.get("rung_to", 0)) == last for t in legs)
+        and not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials),
     )
 
 

@@ -493,6 +493,12 @@ def _validate_budgets(cfg: DictConfig) -> None:
         promote = "stages.promote.epochs" + (
             "" if cfg.stages.promote.epochs else " (0: train.epochs)"
         )
+        if long < 2:
+            key = "stages.promote.epochs" if cfg.stages.promote.epochs else "train.epochs"
+            raise ConfigError(
+                f"{key}: the long budget, {long} epoch(s), leaves no room for a first rung below "
+                "it; allowed: at least 2 under search.pruner.name=asha"
+            )
         if not first < long:
             raise ConfigError(
                 f"search.pruner.min_resource: the first rung, {first}, must be below the long "

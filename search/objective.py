@@ -220,8 +220,10 @@ class TrialRunner:
         trial.set_user_attr("stage", stage)
         trial.set_user_attr("worker", default_owner())
         trial.set_user_attr("device", describe_device(resolve_device(self.device)))
-        if "fail_reason" in trial.user_attrs:  # inherited by a retry from its original
-            trial.set_user_attr("fail_reason", None)
+        # A retry inherits its original's user attrs; these say what this attempt did.
+        for attr in ("fail_reason", "resumed_from_epoch", "checkpoint_discarded"):
+            if trial.user_attrs.get(attr) is not None:
+                trial.set_user_attr(attr, None)
 
     def _fetch(self, relative: Path) -> Path:
         """The local folder of checkpoint folder ``relative``, its files brought up to date

@@ -115,7 +115,7 @@ def _announce(label: str, study: optuna.Study, number: int, metric: str) -> None
     extra = attrs.get("prune_reason") or attrs.get("fail_reason") or ""
     resumed = (
         f", resumed from epoch {attrs['resumed_from_epoch']}"
-        if "resumed_from_epoch" in attrs
+        if attrs.get("resumed_from_epoch") is not None
         else ""
     )
     probe = len(learning_curve(attrs, "probe"))

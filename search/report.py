@@ -2,7 +2,7 @@
 
 Writes ``<runs_dir>/report/NAME.md``, ``NAME-trials.csv`` (every trial of the three stages) and
 PNG figures beside them: the report's results table for the configuration the search found next
-to the published numbers, the best parameters of each stage, what pruning saved, optimization
+to the published numbers, the best parameters of each stage, what the rungs (or pruning) saved, optimization
 history, intermediate values and parameter importances, and the report's three figure kinds
 (test reconstructions, latent interpolation, t-SNE of the test set in raw image space and in the
 latent space of every task run on the same dataset in this storage). Where a study has too

@@ -107,17 +107,10 @@ def main() -> int:
     # Heavy imports (torch, optuna) wait until the input is known to be good.
     import optuna
 
-    from reporting.artifacts import make_trial_artifact_hook
     from search import (
-        StageError,
-        StorageUnavailableError,
-        WorkersFailed,
         install_sigterm_as_interrupt,
         interrupted_exit_code,
         open_studies,
-        resolved_paths,
-        run_workers,
-        summarize,
     )
 
     url = storage_url(cfg)
@@ -126,10 +119,8 @@ def main() -> int:
     # Schema and studies exist before any worker starts; this process samples nothing itself.
     studies = open_studies(cfg, url, seed_offset=0)
     install_sigterm_as_interrupt()
-    try:
-        hook = make_trial_artifact_hook(resolved_paths(cfg)["artifacts"])
-        run_workers(cfg, url, progress=not args.no_progress, hooks=[hook])
-        summary = summarize(studies, cfg)
+    try:  # a signal at any point from here on, the summary included, stops it the same way
+        return _run_and_summarize(cfg, url, studies, not args.no_progress)
     except KeyboardInterrupt:
         print(
             "\ninterrupted: running trials were re-enqueued; run the same command again to "
@@ -137,6 +128,24 @@ def main() -> int:
             file=sys.stderr,
         )
         return interrupted_exit_code()
+
+
+def _run_and_summarize(cfg: DictConfig, url: str, studies: Any, progress: bool) -> int:
+    """Run the workers, print the summary; the exit code."""
+    from reporting.artifacts import make_trial_artifact_hook
+    from search import (
+        StageError,
+        StorageUnavailableError,
+        WorkersFailed,
+        resolved_paths,
+        run_workers,
+        summarize,
+    )
+
+    try:
+        hook = make_trial_artifact_hook(resolved_paths(cfg)["artifacts"])
+        run_workers(cfg, url, progress=progress, hooks=[hook])
+        summary = summarize(studies, cfg)
     except StorageUnavailableError as error:
         # Its running trial is re-enqueued (or retried once its heartbeat is missed).
         print(f"error: {error}; run the same command again once it is back", file=sys.stderr)

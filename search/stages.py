@@ -253,13 +253,15 @@ def failure_reason(trial: optuna.trial.FrozenTrial, trials: list[optuna.trial.Fr
     retry = next((t for t in trials if trial.number in _history(t)), None)
     if retry is None:
         return f"{cause}; not retried (retries exhausted)"
-    if "resumed_from_epoch" in retry.user_attrs:
-        return f"{cause}; retried as trial {retry.number}, resumed from epoch " + str(
-            retry.user_attrs["resumed_from_epoch"]
-        )
-    if retry.state.is_finished():
-        return f"{cause}; retried as trial {retry.number}, from epoch 0 (no checkpoint yet)"
-    return f"{cause}; retried as trial {retry.number}"
+    told = f"{cause}; retried as trial {retry.number}"
+    if retry.state == TrialState.WAITING:  # not started: its attrs are still the original's
+        return told
+    resumed = retry.user_attrs.get("resumed_from_epoch")  # set by the attempt itself
+    if resumed is not None:
+        return f"{told}, resumed from epoch {resumed}"
+    if retry.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return f"{told}, from epoch 0 (no checkpoint yet)"
+    return told
 
 
 def _has_result(number: int, trials: list[optuna.trial.FrozenTrial]) -> bool:
@@ -881,11 +883,11 @@ class Progress:
     long_budget: int  # completed runs at the long budget
     top_k: int
     final: int  # finished final trials
+    final_planned: int  # 1 when this run has a final stage, else 0
 
     def __str__(self) -> str:
-        return (
-            f"legs {self.legs}, long budget {self.long_budget}/{self.top_k}, final {self.final}/1"
-        )
+        said = f"legs {self.legs}, long budget {self.long_budget}/{self.top_k}"
+        return said + (f", final {self.final}/{self.final_planned}" if self.final_planned else "")
 
 
 def progress(studies: Studies, cfg: DictConfig) -> Progress:
@@ -907,6 +909,7 @@ def progress(studies: Studies, cfg: DictConfig) -> Progress:
         long_budget=len(long_budget_trials(studies, cfg)),
         top_k=int(cfg.stages.promote.top_k),
         final=sum(t.state.is_finished() for t in studies.final.get_trials(deepcopy=False)),
+        final_planned=int(bool(cfg.stages.final.enabled) and cfg.stage in ("all", "final")),
     )
 
 

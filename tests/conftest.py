@@ -77,12 +77,12 @@ QUICKSTART_OVERRIDES = (
     "search.pruner.n_startup_trials=1",
     "search.space.channels.choices=[8]",
 )
-# The smallest stages a finished study gets: two screen trials, one promoted, one epoch each.
+# The smallest stages a finished study gets: two screen trials of one epoch, one continued to 2.
 TINY_STAGES = (
     "stages.screen.trials=2",
     "stages.screen.epochs=1",
     "stages.promote.top_k=1",
-    "stages.promote.epochs=1",
+    "stages.promote.epochs=2",  # rungs 1 and 2: the best configuration is continued (promoted)
     "train.probe.epochs=1",
     "train.max_batches=2",
 )

@@ -224,7 +224,7 @@ def test_two_workers_with_their_own_caches_share_a_url(tmp_path: Path) -> None:
     assert not studies.screen.get_trials(states=(TrialState.FAIL,))
     for t in continued:  # from the rung checkpoint the other process wrote, not from scratch
         assert t.user_attrs["resumed_from_epoch"] == t.user_attrs["rung_from"] == 1
-        assert "checkpoint_discarded" not in t.user_attrs
+        assert t.user_attrs.get("checkpoint_discarded") is None
     # The store holds every configuration's folder, whole files only.
     for t in screen:
         assert (remote / t.user_attrs["checkpoint_dir"] / "pretrain.pt").is_file()

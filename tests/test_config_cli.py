@@ -56,6 +56,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         ("search.pruner.min_resource=9", "search.pruner.min_resource"),  # one rung: no ladder
         ("search.pruner.min_resource=4", "search.pruner.min_resource"),  # past the screen
         ("stages.promote.epochs=2", "stages.screen.epochs"),  # screen longer than the long run
+        ("stages.promote.epochs=1", "stages.promote.epochs"),  # no room for two rungs
         # rules owned by the training code (models/), checked when the study is loaded
         ("task=jigsaw", "task"),
         ("model.encoder_kernels=[4,5,3]", "model.encoder_kernels"),  # even kernel

@@ -72,7 +72,7 @@ def test_another_storage_with_the_same_name_and_runs_dir_trains_from_scratch(tmp
     )
     assert [t.state for t in second] == [TrialState.COMPLETE] * 2
     for t in second:
-        assert "resumed_from_epoch" not in t.user_attrs, t.user_attrs
+        assert t.user_attrs.get("resumed_from_epoch") is None, t.user_attrs
         assert t.user_attrs["epochs_run"] == 2
     assert {t.user_attrs["checkpoint_dir"] for t in second}.isdisjoint(
         t.user_attrs["checkpoint_dir"] for t in first
@@ -86,7 +86,7 @@ def test_a_deleted_database_with_kept_runs_folder_trains_from_scratch(tmp_path):
     Path(url.removeprefix("sqlite:///")).unlink()
     _, again = run_screen(tmp_path, "stages.screen.trials=1")
     assert again[0].state == TrialState.COMPLETE
-    assert "resumed_from_epoch" not in again[0].user_attrs
+    assert again[0].user_attrs.get("resumed_from_epoch") is None
     assert again[0].user_attrs["checkpoint_dir"] != first[0].user_attrs["checkpoint_dir"]
 
 
@@ -111,7 +111,7 @@ def test_a_checkpoint_written_for_other_settings_is_set_aside_not_resumed(tmp_pa
     run_stages(open_studies(cfg, url), TrialRunner(cfg, device="cpu", progress=False), cfg)
     retry = screen_trials(url)[-1]
     assert retry.state == TrialState.COMPLETE
-    assert "resumed_from_epoch" not in retry.user_attrs
+    assert retry.user_attrs.get("resumed_from_epoch") is None
     assert "other settings" in retry.user_attrs["checkpoint_discarded"]
     assert path.with_name(path.name + ".mismatch").is_file()
     assert retry.user_attrs["epochs_run"] == 2

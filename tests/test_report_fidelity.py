@@ -18,15 +18,14 @@ from conftest import TINY_STAGES, run_module, tiny_trained_trial
 import search
 from reporting import figures
 from reporting.artifacts import make_trial_artifact_hook, placeholder_png, trial_artifacts
-from reporting.markdown import results_table
+from reporting.markdown import results_table, rung_sentences
 from reporting.report import history_plot, intermediate_plot, write_report
-from reporting.tables import PUBLISHED_EPOCHS, Budget
+from reporting.tables import PUBLISHED_EPOCHS, Budget, RungSavings
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Two studies of different tasks on the quickstart's digits, as small as a finished study gets.
 TINY = (
     *TINY_STAGES,
-    "stages.promote.epochs=2",  # rungs 1 and 2: the best configuration is continued (promoted)
     "search.space.channels.choices=[8]",
     "data.train_subset=200",
     "data.val_subset=60",
@@ -160,11 +159,23 @@ def test_each_study_report_counts_what_the_rungs_saved_from_its_legs(finished, r
         assert len(legs) > len(configs)  # something was continued
         md = (out / f"{name}.md").read_text()
         section = md.split("## What the rungs saved", 1)[1].split("\n## ", 1)[0]
-        assert (
-            f"{len(configs)} configurations in {len(legs)} legs for **{added} epochs**" in section
-        )
+        said = f"The rungs trained {len(configs)} configurations in {len(legs)} completed legs"
+        assert f"{said} for **{added} epochs** (a continued" in section
         assert f"{len(configs)} x 2 = **{2 * len(configs)} epochs**" in section  # long budget 2
         assert "What pruning saved" not in md
+
+
+def test_rung_savings_say_so_far_and_what_they_leave_out():
+    unfinished = RungSavings(
+        configurations=4, legs=6, long_budget=9, epochs_run=14, failed_legs=2, finished=False
+    )
+    (text,) = rung_sentences(unfinished)
+    assert text.startswith("So far (the study has not finished), the rungs trained 4")
+    assert "**14 epochs** (2 failed legs not counted)" in text
+    assert "4 x 9 = **36 epochs**" in text and "saved **22 epochs (61%)**" in text
+    assert rung_sentences(None) == [
+        "No leg has completed yet, so the rungs have saved nothing yet."
+    ]
 
 
 @pytest.mark.slow

@@ -358,8 +358,10 @@ def test_failure_reason_tells_what_became_of_an_interrupted_trial(tmp_path):
     """Said only once known: the retry's number, and whether it resumed from a checkpoint."""
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}")
 
-    def interrupted(max_retry: int) -> optuna.trial.FrozenTrial:
+    def interrupted(max_retry: int, **attrs: int) -> optuna.trial.FrozenTrial:
         trial = study.ask()
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
         trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM)")
         study.tell(trial, state=TrialState.FAIL)
         failed = study.get_trials()[-1]
@@ -379,6 +381,11 @@ def test_failure_reason_tells_what_became_of_an_interrupted_trial(tmp_path):
     )
     interrupted(max_retry=0)  # trial 2: no retries allowed
     assert reason(2) == "interrupted (Ctrl-C or SIGTERM); not retried (retries exhausted)"
+    # A continuation had resumed from its rung; its queued retry inherits that attr, which
+    # says nothing yet about the retry.
+    interrupted(max_retry=3, resumed_from_epoch=3)  # trial 3, its retry trial 4
+    assert study.get_trials()[4].user_attrs["resumed_from_epoch"] == 3  # inherited
+    assert reason(3) == "interrupted (Ctrl-C or SIGTERM); retried as trial 4"
 
 
 # Rungs 1, 3, 9; legs above the first rung are promote trials. Six-epoch 3 -> 9 legs on 500
