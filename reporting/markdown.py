@@ -161,19 +161,20 @@ def rung_sentences(savings: RungSavings | None) -> list[str]:
     if savings is None:
         return ["No leg has completed yet, so the rungs have saved nothing yet."]
     s = savings
-    failed = (
-        f" ({s.failed_legs} failed leg{'s' if s.failed_legs > 1 else ''} not counted)"
-        if s.failed_legs
-        else ""
-    )
+    failed = f"; {_count(s.failed_legs, 'failed leg')} not counted" if s.failed_legs else ""
     return [
-        ("The" if s.finished else "So far (the study has not finished), the")
-        + f" rungs trained {s.configurations} configurations in {s.legs} completed legs for "
-        f"**{s.epochs_run} epochs**{failed} (a continued leg counts the epochs it added); each "
-        f"trained to the long budget, the same configurations would have run "
-        f"{s.configurations} x {s.long_budget} = **{s.planned} epochs**. The rungs saved "
-        f"**{s.saved} epochs ({100 * s.saved / s.planned:.0f}%)**."
+        ("The" if s.finished else "So far (the study is not finished), the")
+        + f" rungs trained {_count(s.configurations, 'configuration')} in "
+        f"{_count(s.legs, 'completed leg')} for **{_count(s.epochs_run, 'epoch')}** (a continued "
+        f"leg counts the epochs it added{failed}); each trained to the long budget, the same "
+        f"configurations would have run {s.configurations} x {s.long_budget} = "
+        f"**{s.planned} epochs**. The rungs saved **{s.saved} epochs "
+        f"({100 * s.saved / s.planned:.0f}%)**."
     ]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def pruning_sentences(savings: PruningSavings | None) -> list[str]:

@@ -344,8 +344,7 @@ def rung_savings(cfg: DictConfig, studies: Mapping[str, optuna.Study]) -> RungSa
         long_budget=last,
         epochs_run=sum(int(t.user_attrs.get("epochs_added", 0)) for t in legs),
         failed_legs=sum(t.state == TrialState.FAIL for t in trials),
-        finished=any(int(t.user_attrs.get("rung_to", 0)) == last for t in legs)
-        and not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials),
+        finished=not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials),
     )
 
 

@@ -217,13 +217,13 @@ class TrialRunner:
     # ---- shared machinery -----------------------------------------------------------------
 
     def _begin(self, trial: optuna.Trial, stage: str) -> None:
-        trial.set_user_attr("stage", stage)
-        trial.set_user_attr("worker", default_owner())
-        trial.set_user_attr("device", describe_device(resolve_device(self.device)))
         # A retry inherits its original's user attrs; these say what this attempt did.
         for attr in ("fail_reason", "resumed_from_epoch", "checkpoint_discarded"):
             if trial.user_attrs.get(attr) is not None:
                 trial.set_user_attr(attr, None)
+        trial.set_user_attr("stage", stage)
+        trial.set_user_attr("worker", default_owner())
+        trial.set_user_attr("device", describe_device(resolve_device(self.device)))
 
     def _fetch(self, relative: Path) -> Path:
         """The local folder of checkpoint folder ``relative``, its files brought up to date

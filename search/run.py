@@ -152,7 +152,10 @@ def _run_and_summarize(cfg: DictConfig, url: str, studies: Any, progress: bool) 
         return 1
     except (StageError, WorkersFailed) as error:
         print(f"error: {error}", file=sys.stderr)
-        print_summary(cfg, summarize(studies, cfg))
+        try:
+            print_summary(cfg, summarize(studies, cfg))
+        except StorageUnavailableError as gone:
+            print(f"error: no summary: {gone}", file=sys.stderr)
         return 1
     print_summary(cfg, summary)
     lost = without_result(summary)

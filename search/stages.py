@@ -254,7 +254,7 @@ def failure_reason(trial: optuna.trial.FrozenTrial, trials: list[optuna.trial.Fr
     if retry is None:
         return f"{cause}; not retried (retries exhausted)"
     told = f"{cause}; retried as trial {retry.number}"
-    if retry.state == TrialState.WAITING:  # not started: its attrs are still the original's
+    if not retry.state.is_finished():  # queued or just begun: its attrs may be the original's
         return told
     resumed = retry.user_attrs.get("resumed_from_epoch")  # set by the attempt itself
     if resumed is not None:

@@ -170,8 +170,8 @@ def test_rung_savings_say_so_far_and_what_they_leave_out():
         configurations=4, legs=6, long_budget=9, epochs_run=14, failed_legs=2, finished=False
     )
     (text,) = rung_sentences(unfinished)
-    assert text.startswith("So far (the study has not finished), the rungs trained 4")
-    assert "**14 epochs** (2 failed legs not counted)" in text
+    assert text.startswith("So far (the study is not finished), the rungs trained 4")
+    assert "**14 epochs** (a continued leg counts the epochs it added; 2 failed legs" in text
     assert "4 x 9 = **36 epochs**" in text and "saved **22 epochs (61%)**" in text
     assert rung_sentences(None) == [
         "No leg has completed yet, so the rungs have saved nothing yet."
