@@ -499,7 +499,7 @@ def failing_trial(sizes: Sizes, splits: ImageSplits, device: torch.device) -> st
         release_trial_memory(raised=True)  # what the worker runs after a trial that raised
         alive_gc = sum(r() is not None for r in refs)
         after_gc = torch.cuda.memory_allocated(device) if cuda else 0
-        reason = str(trial.user_attrs.get("fail_reason", ""))[:70]
+        reason = str(trial.user_attrs.get("fail_reason") or "")[:70]
         del study, runner
 
     def yes(n_alive: int) -> str:
