@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import difflib
 import io
 import math
 import re
@@ -217,7 +218,24 @@ def _one_line(error: Exception, key: str | None = None) -> str:
     key = getattr(error, "full_key", None) or key or "config"
     lines = str(error).splitlines()
     message = lines[0] if lines and lines[0].strip() else type(error).__name__
+    for node, kind in (("DictConfig", "mapping"), ("ListConfig", "list")):
+        if message.startswith(f"Cannot convert '{node}' to"):  # OmegaConf's words for it
+            message = f"expected a single value, got a {kind}" + _section_like(key)
     return printable(f"{key}: {message}")
+
+
+def _section_like(key: str) -> str:
+    """'; did you mean stages?' when ``key`` looks like a section of the schema (a typo that
+    put a whole section under a plain setting's name), else ''."""
+    parent, _, leaf = key.rpartition(".")
+    node: Any = OmegaConf.to_container(OmegaConf.structured(StudyConfig), throw_on_missing=False)
+    for part in parent.split(".") if parent else ():
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict):
+        return ""
+    sections = [k for k, v in node.items() if isinstance(v, dict)]
+    close = difflib.get_close_matches(leaf, sections, n=1)
+    return f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
 
 
 _YAML_PROBLEMS = {

@@ -272,3 +272,13 @@ def test_readme_study_table_matches_the_study_files():
         ladder = ", ".join(str(r) for r in rung_ladder(cfg))
         expected = f"{cfg.stages.screen.trials}; {ladder}; top {cfg.stages.promote.top_k}"
         assert budget == expected, name
+
+
+def test_a_section_under_a_plain_settings_name_is_one_line_naming_the_section(tmp_path):
+    study = tmp_path / "typo.yaml"  # 'stage:' (the stage to run) written for 'stages:'
+    study.write_text("task: contrastive\ndata: {name: digits}\nstage:\n  screen: {trials: 2}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(study))
+    assert str(caught.value) == (
+        "stage: expected a single value, got a mapping; did you mean stages?"
+    )
