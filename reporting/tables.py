@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -82,10 +83,18 @@ class Budget:
     encoder: int
     probe: int | None
     max_batches: int = 0
+    best_epoch: int | None = None  # the encoder epoch used, when an earlier one than the last
+
+    def _epochs(self) -> str:
+        encoder = str(self.encoder)
+        if self.best_epoch is not None and self.best_epoch != self.encoder:
+            encoder += f" (best: epoch {self.best_epoch})"
+        return encoder if self.probe is None else f"{encoder} + {self.probe}"
 
     def __str__(self) -> str:
-        """``"100 + 30"`` (``"50"`` for guided), noting a cap on batches per epoch."""
-        text = str(self.encoder) if self.probe is None else f"{self.encoder} + {self.probe}"
+        """``"100 + 30"`` (``"50"`` for guided; ``"9 (best: epoch 7) + 15"`` when the final
+        stage took an earlier epoch's encoder), noting a cap on batches per epoch."""
+        text = self._epochs()
         if self.max_batches:
             text += f" (at most {self.max_batches} batches per epoch)"
         return text
@@ -93,7 +102,7 @@ class Budget:
     @property
     def phrase(self) -> str:
         """``"100 + 30 epochs"``, ``"50 epochs"``, ``"1 + 1 epochs of at most 2 batches"``."""
-        text = str(self.encoder) if self.probe is None else f"{self.encoder} + {self.probe}"
+        text = self._epochs()
         single = self.probe is None and self.encoder == 1
         text += " epoch" if single else " epochs"
         return text + (f" of at most {self.max_batches} batches" if self.max_batches else "")
@@ -121,7 +130,13 @@ def search_budget(cfg: DictConfig, final: FrozenTrial) -> Budget:
     (none for guided, which the final stage only evaluates)."""
     tcfg = apply(cfg, final.params)
     probe = None if str(cfg.task) == "guided" else int(tcfg.train.probe.epochs)
-    return Budget(long_budget(cfg), probe, int(tcfg.train.max_batches))
+    best = final.user_attrs.get("encoder_epoch")
+    if best is None:  # a final trial stored before encoder_epoch: its checkpoint's description
+        found = re.match(r"best: epoch (\d+)", str(final.user_attrs.get("encoder_checkpoint", "")))
+        best = found and found.group(1)
+    return Budget(
+        long_budget(cfg), probe, int(tcfg.train.max_batches), None if best is None else int(best)
+    )
 
 
 def published_budget(cfg: DictConfig) -> Budget | None:

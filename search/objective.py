@@ -259,6 +259,7 @@ class TrialRunner:
                 trial.set_user_attr(
                     "encoder_checkpoint", f"best: epoch {state['epoch']} ({best.name})"
                 )
+                trial.set_user_attr("encoder_epoch", int(state["epoch"]))  # for the report
                 return best
             trial.set_user_attr("encoder_checkpoint", f"last: no {best.name} was kept")
             return last

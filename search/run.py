@@ -73,7 +73,11 @@ def print_summary(cfg: DictConfig, summary: dict[str, Any]) -> None:
             if "test_mae" in attrs:
                 mae = " / ".join(f"{attrs[f'{s}_mae']:.4f}" for s in ("train", "val", "test"))
                 print(f"         reconstruction MAE train / val / test: {mae}")
-            print(f"         from {attrs.get('source_study')} trial #{attrs.get('source_trial')}")
+            source = f"{attrs.get('source_study')} trial #{attrs.get('source_trial')}"
+            encoder = (
+                f", encoder {attrs['encoder_checkpoint']}" if "encoder_checkpoint" in attrs else ""
+            )
+            print(f"         from {source}{encoder}")
         for number, reason in entry["failures"].items():
             print(f"         failed #{number}: {reason}")
 

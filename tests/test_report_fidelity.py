@@ -77,7 +77,7 @@ def reported(finished: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
 
 
 @pytest.mark.slow
-def test_study_all_writes_one_table_shaped_like_the_reports_with_budgets(reported):
+def test_study_all_writes_one_table_shaped_like_the_reports_with_budgets(finished, reported):
     out, stdout = reported
     combined = out / "all-studies.md"
     assert f"all studies: wrote {combined}" in stdout
@@ -89,7 +89,10 @@ def test_study_all_writes_one_table_shaped_like_the_reports_with_budgets(reporte
     rows = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if "|" in line}
     contrastive = rows["1.2.3 contrastive / SimCLR (frozen encoder): test accuracy (%)"]
     # Ours: 1 promoted epoch + 1 probe epoch at 2 batches each; the report's 200 + 30 epochs.
-    assert "(2 + 1 epochs of at most 2 batches), `fid-contrastive` final #0" in contrastive
+    final = _stage_studies(finished, "fid-contrastive")["final"].trials[0]
+    used = final.user_attrs.get("encoder_epoch", 2)  # the final stage's encoder: its best epoch
+    encoder = "2" if used == 2 else f"2 (best: epoch {used})"
+    assert f"({encoder} + 1 epochs of at most 2 batches), `fid-contrastive` final #0" in contrastive
     assert "69.64 (200 + 30 epochs)" in contrastive and "98.88 (100 + 20 epochs)" in contrastive
     guided = rows["1.2.2 classification-guided encoder: test accuracy (%)"]
     assert "80.42 (50 epochs)" in guided and "99.14 (10 epochs)" in guided
@@ -113,6 +116,21 @@ def test_results_table_states_both_budgets_and_says_when_they_differ():
     assert "| report (1.2.3 cifar10) | 200 + 30 |" in text
     assert "| difference | differ |" in text
     assert "from 100 + 30 epochs, the report's from 200 + 30" in text
+
+
+def test_results_table_names_the_encoder_epoch_the_final_stage_took():
+    cfg = search.load_config("cifar_contrastive")
+    accuracies = {"train_accuracy": 0.75, "val_accuracy": 0.7, "test_accuracy": 0.69}
+    for used, shown in ((63, "100 (best: epoch 63) + 30"), (100, "100 + 30")):
+        final = optuna.trial.create_trial(
+            value=0.7, params={}, distributions={}, user_attrs={**accuracies, "encoder_epoch": used}
+        )
+        assert f"| this search (final #-1) | {shown} |" in "\n".join(results_table(cfg, final))
+    stored_before = {**accuracies, "encoder_checkpoint": "best: epoch 5 (pretrain-best.pt)"}
+    final = optuna.trial.create_trial(
+        value=0.7, params={}, distributions={}, user_attrs=stored_before
+    )
+    assert "| 100 (best: epoch 5) + 30 |" in "\n".join(results_table(cfg, final))
 
 
 @pytest.mark.parametrize("key", sorted(PUBLISHED_EPOCHS))
