@@ -40,6 +40,7 @@ from search import (
     metric_of,
     stage_metric,
     top_trials,
+    uses_rungs,
 )
 
 TASK_ORDER = ("autoencoder", "guided", "contrastive")
@@ -442,12 +443,34 @@ def _last_value(trial: FrozenTrial) -> float | None:
     return None
 
 
+def _furthest_leg(
+    cfg: DictConfig, studies: Mapping[str, optuna.Study], first: FrozenTrial
+) -> tuple[str, FrozenTrial]:
+    """(stage, trial): under rungs, the completed leg of ``first``'s configuration that went
+    furthest (it may have been continued); else ``first`` itself."""
+    if not uses_rungs(cfg):
+        return "screen", first
+    number = config_number(first)
+    legs = [
+        (int(t.user_attrs.get("rung_to", 0)), stage, t)
+        for stage in ("screen", "promote")
+        if stage in studies
+        for t in studies[stage].get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if config_number(t) == number and "duplicate_of" not in t.user_attrs
+    ]
+    if not legs:
+        return "screen", first
+    _, stage, trial = max(legs, key=lambda leg: leg[0])
+    return stage, trial
+
+
 def baselines_frame(cfg: DictConfig, studies: Mapping[str, optuna.Study]) -> pd.DataFrame:
     """What the search must beat, beside what it got, one row each (``row`` column):
 
     - ``raw_pixels``, ``untrained_encoder``: the recorded kNN baselines (NaN when not recorded);
-    - ``report_configuration``: the screen trial of the report's own configuration (user attr
-      ``baseline == "report"``), its value or, when pruned, its last reported value;
+    - ``report_configuration``: the report's own configuration (the screen trial with user attr
+      ``baseline == "report"``; under rungs its furthest completed leg), its value or, when
+      pruned, its last reported value;
     - ``best_screen``, ``best_promote``: the best completed trial of each stage.
 
     Values are fractions in [0, 1] in ``metric``; missing trials are left out.
@@ -462,7 +485,9 @@ def baselines_frame(cfg: DictConfig, studies: Mapping[str, optuna.Study]) -> pd.
     screen = studies["screen"].get_trials(deepcopy=False)
     report = [t for t in screen if t.user_attrs.get("baseline") == "report"]
     candidates: list[tuple[str, str, FrozenTrial | None]] = [
-        ("report_configuration", "screen", report[0] if report else None),
+        ("report_configuration", *_furthest_leg(cfg, studies, report[0]))
+        if report
+        else ("report_configuration", "screen", None),
     ]
     for stage in ("screen", "promote"):
         if stage in studies:

@@ -154,7 +154,17 @@ def test_each_study_report_shows_both_baselines_beside_the_best(finished, report
         untrained = f"{100 * stored['untrained_encoder_knn_accuracy']:.2f}%"
         assert f"| raw pixels (no network), kNN | - | knn_accuracy | {raw} |" in section
         assert f"untrained (random weights), kNN | - | knn_accuracy | {untrained} |" in section
-        assert "| the report's configuration, trained | screen #" in section
+        # The report's configuration at its furthest leg (the rungs may have continued it).
+        stages = _stage_studies(finished, name)
+        first = next(t for t in stages["screen"].trials if t.user_attrs.get("baseline"))
+        legs = [
+            (t.user_attrs["rung_to"], stage, t.number)
+            for stage in ("screen", "promote")
+            for t in stages[stage].trials
+            if t.user_attrs.get("config", t.number) == first.number and t.value is not None
+        ]
+        _, stage, number = max(legs)
+        assert f"| the report's configuration, trained | {stage} #{number} (" in section
         assert "| best screen trial | screen #" in section
         assert "| best promoted trial | promote #" in section
         assert "no network at all" in section and "not recorded" not in section
