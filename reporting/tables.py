@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +33,7 @@ from search import (
     STAGES,
     apply,
     config_number,
+    encoder_epoch,
     failure_reason,
     learning_curve,
     long_budget,
@@ -131,12 +131,8 @@ def search_budget(cfg: DictConfig, final: FrozenTrial) -> Budget:
     (none for guided, which the final stage only evaluates)."""
     tcfg = apply(cfg, final.params)
     probe = None if str(cfg.task) == "guided" else int(tcfg.train.probe.epochs)
-    best = final.user_attrs.get("encoder_epoch")
-    if best is None:  # a final trial stored before encoder_epoch: its checkpoint's description
-        found = re.match(r"best: epoch (\d+)", str(final.user_attrs.get("encoder_checkpoint", "")))
-        best = found and found.group(1)
     return Budget(
-        long_budget(cfg), probe, int(tcfg.train.max_batches), None if best is None else int(best)
+        long_budget(cfg), probe, int(tcfg.train.max_batches), encoder_epoch(final.user_attrs)
     )
 
 
@@ -331,7 +327,7 @@ class RungSavings:
     long_budget: int
     epochs_run: int  # each completed leg's epochs_added: a continuation adds only its own
     failed_legs: int  # their epochs are not counted
-    finished: bool  # a long-budget result exists and no leg is running or queued
+    finished: bool  # no leg is running or queued
 
     @property
     def planned(self) -> int:

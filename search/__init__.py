@@ -67,6 +67,7 @@ _EXPORTS = {
     "TrialRunner": "search.objective",
     "original_number": "search.objective",
     "config_number": "search.objective",
+    "encoder_epoch": "search.objective",
     # worker processes
     "device_plan": "search.pool",
     "install_sigterm_as_interrupt": "search.pool",

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,16 @@ def stored(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
 # A trial stopped by Ctrl-C or SIGTERM fails with this reason and is queued again at once.
 # What became of it (its retry, the epoch that resumed) is told by search.stages.failure_reason.
 INTERRUPTED_REASON = "interrupted (Ctrl-C or SIGTERM)"
+
+
+def encoder_epoch(attrs: Mapping[str, Any]) -> int | None:
+    """The promoted run's epoch whose encoder a final trial took, when it took the best one:
+    user attr ``encoder_epoch``, or for a trial stored before that attr, its
+    ``encoder_checkpoint`` (``"best: epoch N (...)"``, written by :class:`TrialRunner`)."""
+    if attrs.get("encoder_epoch") is not None:
+        return int(attrs["encoder_epoch"])
+    found = re.match(r"best: epoch (\d+)", str(attrs.get("encoder_checkpoint", "")))
+    return int(found.group(1)) if found else None
 
 
 def original_number(trial: optuna.trial.FrozenTrial) -> int:
