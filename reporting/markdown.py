@@ -221,7 +221,7 @@ def dashboard_pointer(name: str, url: str, artifacts_dir: Any) -> list[str]:
 BASELINE_LABELS = {
     "raw_pixels": "raw pixels (no network), kNN",
     "untrained_encoder": "the report's encoder, untrained (random weights), kNN",
-    "report_configuration": "the report's configuration, trained",
+    "report_configuration": "the study's own settings, trained",
     "best_screen": "best screen trial",
     "best_promote": "best promoted trial",
 }
@@ -258,6 +258,12 @@ def baselines_section(cfg: DictConfig, frame: pd.DataFrame) -> list[str]:
             "(normalized) images themselves, no network at all; *untrained encoder* votes with "
             "the latents of the report's encoder before any training. A learned latent space "
             "is worth its training only by as much as it beats both."
+        )
+    if "report_configuration" in set(frame["row"]):
+        lines.append(
+            "*The study's own settings* are its study file's values with any overrides (for the "
+            "report's studies, the report's configuration), queued as the first configuration; a "
+            "value outside the search space is left to the sampler."
         )
     if metric_of(cfg) != "knn_accuracy":
         lines.append(

@@ -233,6 +233,36 @@ def _progress_thread(cfg: DictConfig, url: str, stop: threading.Event) -> thread
     return thread
 
 
+_LAUNCHER_MARK = ".launcher"  # worker config files are named <study>.launcher<pid>-<random>.yaml
+
+
+def remove_orphaned_worker_configs(folder: Path) -> list[Path]:
+    """Delete the worker config files in ``folder`` whose launcher process is gone; return them.
+
+    A launcher deletes its file when its workers end; one killed with SIGKILL cannot, and its
+    workers no longer need the file (each reads it once, at start). A file whose launcher is
+    alive, or whose name does not carry a launcher's pid, is kept.
+    """
+    removed = []
+    for path in folder.glob(f"*{_LAUNCHER_MARK}*-*.yaml"):
+        pid_text = path.name.rsplit(_LAUNCHER_MARK, 1)[1].split("-", 1)[0]
+        if not pid_text.isdigit() or _process_alive(int(pid_text)):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 def run_workers(
     cfg: DictConfig, url: str, *, progress: bool = True, hooks: Sequence[TrialHook] = ()
 ) -> None:
@@ -250,7 +280,10 @@ def run_workers(
     # without the storage URL: that travels in the environment, never on a command line).
     folder = resolved_paths(cfg)["runs"] / "workers"
     folder.mkdir(parents=True, exist_ok=True)
-    fd, cfg_path = tempfile.mkstemp(dir=folder, prefix=f"{cfg.name}-", suffix=".yaml")
+    remove_orphaned_worker_configs(folder)
+    fd, cfg_path = tempfile.mkstemp(
+        dir=folder, prefix=f"{cfg.name}{_LAUNCHER_MARK}{os.getpid()}-", suffix=".yaml"
+    )
     shared = OmegaConf.to_container(cfg, resolve=True)
     shared["storage"] = ""
     with os.fdopen(fd, "w") as handle:

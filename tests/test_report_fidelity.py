@@ -164,7 +164,10 @@ def test_each_study_report_shows_both_baselines_beside_the_best(finished, report
             if t.user_attrs.get("config", t.number) == first.number and t.value is not None
         ]
         _, stage, number = max(legs)
-        assert f"| the report's configuration, trained | {stage} #{number} (" in section
+        assert f"| the study's own settings, trained | {stage} #{number} (" in section
+        assert (
+            "*The study's own settings* are its study file's values with any overrides" in section
+        )
         assert "| best screen trial | screen #" in section
         assert "| best promoted trial | promote #" in section
         assert "no network at all" in section and "not recorded" not in section

@@ -470,3 +470,20 @@ def test_sigkilled_worker_mid_continuation_is_resumed_as_the_same_leg(tmp_path: 
     assert len(keys) == len(set(keys)), keys
     assert sum(t.user_attrs["rung_to"] == 9 for t in legs) == 1
     assert [t.state for t in trials["final"]] == [TrialState.COMPLETE]
+
+
+def test_a_sigkilled_launchers_worker_config_is_removed_by_the_next_launcher(tmp_path: Path):
+    """The file a launcher leaves behind when SIGKILLed goes at the next launch; a live
+    launcher's file and files that are not launchers' stay."""
+    from search.pool import remove_orphaned_worker_configs
+
+    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead.send_signal(signal.SIGKILL)
+    dead.wait(timeout=30)
+    orphan = tmp_path / f"quickstart.launcher{dead.pid}-x1y2.yaml"
+    alive = tmp_path / f"quickstart.launcher{os.getpid()}-a3b4.yaml"
+    other = tmp_path / "notes.yaml"
+    for path in (orphan, alive, other):
+        path.write_text("name: quickstart\n")
+    assert remove_orphaned_worker_configs(tmp_path) == [orphan]
+    assert not orphan.exists() and alive.exists() and other.exists()
