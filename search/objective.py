@@ -409,7 +409,10 @@ class TrialRunner:
                 if previous is not None:
                     trial.set_user_attr("resumed_from_epoch", int(previous["epoch"]))
                 run = self._make_run(tcfg, ckpt_dir, fingerprint)
-                if stage == "promote":  # the final stage may pick its best epoch
+                # The final stage may pick the best epoch of the configuration it takes: of
+                # its promoted retrain, or under rungs of all its legs (a continuation resumes
+                # the best so far from the rung checkpoint).
+                if stage == "promote" or uses_rungs(self.cfg):
                     run.keep_best_by(self.metric, direction_of(self.cfg) == "maximize")
                 try:
                     history = run.pretrain(on_epoch=on_epoch, stop_at=stop_at)

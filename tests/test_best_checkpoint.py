@@ -124,3 +124,50 @@ def test_a_crash_never_leaves_a_best_epoch_newer_than_the_resume_point(digits, t
     resumed.pretrain()
     best = load_checkpoint(best_checkpoint(tmp_path))
     assert best["epoch"] == 2 and best["best"]["value"] == 0.6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("screen_epochs", [1, 3])
+def test_under_rungs_the_final_takes_the_best_epoch_of_all_the_configurations_legs(
+    tmp_path, screen_epochs
+):
+    """Rungs 1, 3: the best epoch is looked for over every leg of the configuration the final
+    takes, the screen's legs included (and with the screen at the long budget, there is no
+    promote leg at all)."""
+    import optuna
+
+    from search import TrialRunner, learning_curve, open_studies, run_stages, storage_url
+    from search.objective import config_number
+
+    cfg = load_config(
+        "quickstart",
+        [
+            f"runs_dir={tmp_path}",
+            "stages.screen.trials=3",
+            f"stages.screen.epochs={screen_epochs}",
+            "stages.promote.top_k=1",
+            "stages.promote.epochs=3",
+            "train.probe.epochs=1",
+            "train.max_batches=2",
+            "search.sampler.name=random",
+            "search.space.channels.choices=[8]",
+        ],
+    )
+    studies = open_studies(cfg, storage_url(cfg))
+    run_stages(studies, TrialRunner(cfg, progress=False), cfg)
+    final = [t for t in studies.of("final").get_trials() if t.state.is_finished()]
+    assert len(final) == 1 and final[0].state == optuna.trial.TrialState.COMPLETE
+    source = final[0].user_attrs["source_trial"]
+    source_stage = "promote" if screen_epochs < 3 else "screen"
+    config = config_number(studies.of(source_stage).trials[source])
+    curve = {}
+    for stage in ("screen", "promote"):
+        for t in studies.of(stage).get_trials():
+            if t.state == optuna.trial.TrialState.COMPLETE and config_number(t) == config:
+                for row in learning_curve(t.user_attrs, "pretrain"):
+                    curve[row["epoch"]] = row["metrics"]["knn_accuracy"]
+    assert sorted(curve) == [1, 2, 3]
+    best = max(curve.values())
+    first_best = min(epoch for epoch, value in curve.items() if value == best)
+    assert final[0].user_attrs["encoder_checkpoint"].startswith(f"best: epoch {first_best} ")
+    assert final[0].user_attrs["encoder_epoch"] == first_best
