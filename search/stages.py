@@ -229,10 +229,12 @@ def sampler_offset(claims: Claims, name: str) -> int:
 def delete_stage_studies(name: str, url: str) -> None:
     """Delete study ``name``'s three stage studies and release their claims (a clean slate)."""
     storage = open_storage(url)
+    claims = Claims(storage.engine)
     for stage in STAGES:
         with contextlib.suppress(KeyError):
             optuna.delete_study(study_name=stage_study_name(name, stage), storage=storage)
-    Claims(storage.engine).release_all(f"{name}.")
+        # Each stage study's own keys only: ``exp.`` would also match study ``exp.v2``'s.
+        claims.release_all(f"{stage_study_name(name, stage)}/")
 
 
 # ---- trial bookkeeping shared by the stages and the summary ------------------------------

@@ -566,3 +566,22 @@ def test_a_failed_trial_is_stamped_with_when_it_failed(tmp_path: Path) -> None:
     studies.promote.tell(trial, state=TrialState.FAIL)
     stamped = studies.promote.get_trials()[0].system_attrs[FAILED_AT_ATTR]
     assert before <= stamped <= time.time()
+
+
+def test_deleting_a_study_keeps_the_claims_of_a_study_whose_name_extends_it(tmp_path: Path):
+    """``exp`` and ``exp.v2`` share a storage: deleting ``exp`` gives back its claims only."""
+    from search.stages import delete_stage_studies
+
+    url = f"sqlite:///{tmp_path / 'two.db'}"
+    kept = {}
+    for name in ("exp", "exp.v2"):
+        cfg = load_config("quickstart", [*RUNG_STUDY, f"name={name}", f"storage={url}"])
+        studies = open_studies(cfg, url)
+        for key in ("long-budget/0", "continue/3/9"):
+            assert studies.claims.take(f"{studies.screen.study_name}/{key}")
+        kept[name] = studies
+    before = sorted(kept["exp.v2"].claims.taken("exp.v2."))
+    assert {"exp.v2.screen/continue/3/9", "exp.v2.screen/long-budget/0"} <= set(before)
+    delete_stage_studies("exp", url)
+    assert sorted(kept["exp.v2"].claims.taken("exp.v2.")) == before
+    assert kept["exp"].claims.taken("exp.screen/") == []
