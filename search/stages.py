@@ -333,6 +333,8 @@ def _run_one(
         study.optimize(tracked, n_trials=1, catch=(Exception,))
     except KeyboardInterrupt:
         _requeue(study, started, max_retries)
+        if not started and claimed is not None:  # stopped before it had popped a trial
+            studies.claims.release(_waiting_key(study, claimed))
         raise
     finally:  # out of every frame that held the trial's exception
         release_trial_memory(raised=bool(raised))
@@ -366,15 +368,34 @@ def _waiting_key(study: optuna.Study, number: int) -> str:
     return f"{study.study_name}/waiting/{number}"
 
 
-def _claim_waiting(studies: Studies, stage: str) -> int | None:
+# Claims on WAITING trials, and when (time.monotonic) this process first saw each one held
+# while its trial still waited.
+_held_waiting_since: dict[str, float] = {}
+
+
+def _claim_waiting(studies: Studies, stage: str, grace_period: float) -> int | None:
     """Claim one WAITING trial of ``stage`` (its number): this process will pop one trial.
 
     Optuna pops the first waiting trial, which may not be the one claimed; :func:`_run_one`
     then moves the claim to the trial it got (see there), so every waiting trial is popped.
+    A claim whose trial has still not been popped after ``grace_period`` seconds (as this
+    process times it: no clocks compared) belongs to a process that died between claiming and
+    popping; it is given back and taken again, or the trial would wait for ever.
     """
     study = studies.of(stage)
+    prefix = f"{study.study_name}/waiting/"
+    held = set(studies.claims.taken(prefix))
+    now = time.monotonic()
+    for key in [k for k in _held_waiting_since if k.startswith(prefix) and k not in held]:
+        del _held_waiting_since[key]
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        if studies.claims.take(_waiting_key(study, t.number)):
+        key = _waiting_key(study, t.number)
+        if key in held:
+            if now - _held_waiting_since.setdefault(key, now) <= grace_period:
+                continue
+            studies.claims.release(key)  # its taker never popped it
+            del _held_waiting_since[key]
+        if studies.claims.take(key):
             return t.number
     return None
 
@@ -395,7 +416,7 @@ def _drain(
     study = studies.of(stage)
     while True:
         _fail_stale(study)
-        claimed = _claim_waiting(studies, stage)
+        claimed = _claim_waiting(studies, stage, float(cfg.grace_period))
         if claimed is not None or _claim_slot(studies, study, new_slots) is not None:
             number = _run_one(studies, stage, runner, int(cfg.max_retries), claimed)
             if on_trial and number is not None:

@@ -10,6 +10,8 @@ message naming the storage (password masked) and the last error.
 :class:`RetryingRDBStorage` is Optuna's ``RDBStorage`` with every method that touches the
 database wrapped this way, including the ones Optuna's cache and heartbeat code call directly
 (``_create_new_trial``, ``_get_trials``, ``record_heartbeat``, ``_get_stale_trial_ids``, ...).
+Its stale trials also include those that never sent a heartbeat (their process died between
+taking the trial and starting to beat); see :meth:`RetryingRDBStorage._get_stale_trial_ids`.
 A retried write is safe: attribute, parameter, intermediate-value and heartbeat writes are
 upserts, and a state change whose first attempt committed before its connection dropped is
 recognised on the retry (see :meth:`RetryingRDBStorage.set_trial_state_values`).
@@ -33,6 +35,7 @@ from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy
+from optuna.storages._rdb.models import TrialHeartbeatModel, TrialModel
 from optuna.trial import TrialState
 from sqlalchemy import exc as sa_exc
 
@@ -247,7 +250,6 @@ RETRIED_METHODS = (
     "_get_best_trial_id",
     # heartbeat
     "record_heartbeat",
-    "_get_stale_trial_ids",
     # schema
     "get_current_version",
 )
@@ -302,6 +304,7 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         self.retry_seconds = retry_seconds
         self.retry_target = redact(url)
         self._local = threading.local()
+        self._never_beat: dict[int, float] = {}  # trial id -> when this process first saw it
         super().__init__(url, *args, **kwargs)
         _ENGINE_RETRY_SECONDS[self.engine] = retry_seconds
         if self.engine.dialect.name == "sqlite":
@@ -314,6 +317,7 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
         self._local = threading.local()
+        self._never_beat = {}
         super().__setstate__(state)
         _ENGINE_RETRY_SECONDS[self.engine] = self.retry_seconds
 
@@ -336,6 +340,45 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
             )
         finally:
             self._local.active = False
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        """As Optuna's (RUNNING, last heartbeat older than the grace period), plus RUNNING
+        trials that have sent no heartbeat at all for a grace period, timed by this process.
+
+        Optuna sets a trial RUNNING (pops or creates it) and starts its heartbeat a moment
+        later; a process killed or interrupted in between (while the sampler runs, say) leaves a
+        RUNNING trial that Optuna never counts as stale, and the study would wait for it
+        forever. How long it has been silent is measured from when this process first saw it
+        (``time.monotonic``), so no two machines' clocks are compared.
+        """
+
+        def attempt() -> tuple[list[int], list[int]]:
+            stale = optuna.storages.RDBStorage._get_stale_trial_ids(self, study_id)
+            with self.engine.connect() as conn:
+                silent = conn.execute(
+                    sqlalchemy.select(TrialModel.trial_id)
+                    .outerjoin(
+                        TrialHeartbeatModel, TrialHeartbeatModel.trial_id == TrialModel.trial_id
+                    )
+                    .where(
+                        TrialModel.study_id == study_id,
+                        TrialModel.state == TrialState.RUNNING,
+                        TrialHeartbeatModel.trial_id.is_(None),
+                    )
+                ).scalars()
+                return stale, list(silent)
+
+        stale, silent = self.retrying("_get_stale_trial_ids", attempt)
+        now = time.monotonic()
+        for trial_id in [t for t in self._never_beat if t not in silent]:
+            del self._never_beat[trial_id]
+        grace = (
+            self.grace_period
+            if self.grace_period is not None
+            else 2 * (self.heartbeat_interval or 0)
+        )
+        orphaned = [t for t in silent if now - self._never_beat.setdefault(t, now) > grace]
+        return [*stale, *(t for t in orphaned if t not in stale)]
 
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None

@@ -143,8 +143,8 @@ def test_every_storage_method_optuna_calls_is_retried() -> None:
     needed = set(BaseStorage.__abstractmethods__ | BaseHeartbeat.__abstractmethods__)
     needed |= set(re.findall(r"self\._backend\.(\w+)\(", inspect.getsource(_CachedStorage)))
     needed -= no_database
-    needed.add("set_trial_state_values")
-    wrapped = set(RETRIED_METHODS) | {"set_trial_state_values"}
+    needed |= {"set_trial_state_values", "_get_stale_trial_ids"}
+    wrapped = set(RETRIED_METHODS) | {"set_trial_state_values", "_get_stale_trial_ids"}
     assert needed <= wrapped, f"not retried: {sorted(needed - wrapped)}"
     for name in wrapped:
         assert getattr(RetryingRDBStorage, name) is not getattr(optuna.storages.RDBStorage, name), (

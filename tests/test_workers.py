@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -487,3 +488,69 @@ def test_a_sigkilled_launchers_worker_config_is_removed_by_the_next_launcher(tmp
         path.write_text("name: quickstart\n")
     assert remove_orphaned_worker_configs(tmp_path) == [orphan]
     assert not orphan.exists() and alive.exists() and other.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
+def test_a_trial_taken_by_a_process_that_stopped_before_its_first_heartbeat_is_retried(
+    tmp_path: Path,
+) -> None:
+    """A process interrupted while the sampler ran (after Optuna set the trial RUNNING, before
+    its heartbeat started) leaves a RUNNING trial with no heartbeat; once it has been silent
+    for the grace period it is failed and retried like any trial whose worker died."""
+    from search import storage_url
+
+    cfg = load_config(
+        "quickstart", [f"runs_dir={tmp_path}", "heartbeat_interval=1", "grace_period=2"]
+    )
+    studies = open_studies(cfg, storage_url(cfg))
+    screen = studies.screen
+    screen.enqueue_trial({"channels": 8}, user_attrs={"baseline": "report"})
+
+    class InterruptedWhileSampling(optuna.samplers.RandomSampler):
+        def before_trial(self, study, trial):  # noqa: ANN001, ANN202
+            raise KeyboardInterrupt  # as SIGTERM does, arriving while the sampler runs
+
+    sampler, screen.sampler = screen.sampler, InterruptedWhileSampling()
+    with pytest.raises(KeyboardInterrupt):
+        screen.optimize(lambda trial: 0.0, n_trials=1)
+    screen.sampler = sampler
+    [orphan] = screen.get_trials()
+    assert orphan.state == TrialState.RUNNING  # and it never sent a heartbeat
+
+    optuna.storages.fail_stale_trials(screen)  # first seen now: not yet silent for 2 s
+    assert screen.get_trials()[0].state == TrialState.RUNNING
+    time.sleep(2.5)
+    optuna.storages.fail_stale_trials(screen)
+    failed, retry = screen.get_trials()
+    assert failed.state == TrialState.FAIL
+    assert retry.state == TrialState.WAITING and retry.params == failed.params
+    assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == 0
+
+
+def test_a_queued_trial_claimed_by_a_process_that_died_before_popping_it_still_runs(
+    tmp_path: Path,
+) -> None:
+    """A process claims the final's queued trial and dies before Optuna pops it: after the
+    grace period another process takes the claim over and runs the trial (it waited forever)."""
+    from search import storage_url
+    from search.stages import _drain, _waiting_key
+
+    cfg = load_config(
+        "quickstart", [f"runs_dir={tmp_path}", "heartbeat_interval=1", "grace_period=2"]
+    )
+    studies = open_studies(cfg, storage_url(cfg))
+    final = studies.final
+    final.enqueue_trial({"channels": 8}, user_attrs={"source_trial": 0})
+    assert Claims(studies.claims.engine, owner="elsewhere:1234").take(_waiting_key(final, 0))
+
+    class Runner:
+        def objective(self, stage: str):  # noqa: ANN202
+            return lambda trial: 1.0
+
+    began = time.monotonic()
+    drain = threading.Thread(target=_drain, args=(studies, "final", Runner(), cfg), daemon=True)
+    drain.start()
+    drain.join(timeout=60)
+    assert not drain.is_alive(), "the final stage still waits for the dead process's claim"
+    assert [(t.number, t.state) for t in final.get_trials()] == [(0, TrialState.COMPLETE)]
+    assert time.monotonic() - began >= 2  # not before the claim's grace period
