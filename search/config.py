@@ -573,10 +573,13 @@ def _validate_space(cfg: DictConfig) -> None:
         key = f"search.space.{name}"
         if OmegaConf.select(cfg, spec.target, default=_ABSENT) is _ABSENT:
             raise ConfigError(f"{key}.target: {spec.target!r} is not a key of the study config")
-        if not spec.target.startswith(SEARCHABLE):
+        why = next((w for t, w in NOT_SEARCHABLE.items() if spec.target.startswith(t)), None)
+        if why is not None or not spec.target.startswith(SEARCHABLE):
             raise ConfigError(
-                f"{key}.target: {spec.target!r} cannot be searched; allowed: settings under "
-                f"{', '.join(p.rstrip('.') for p in SEARCHABLE)}"
+                f"{key}.target: {spec.target!r} cannot be searched"
+                + (f" ({why})" if why else "")
+                + f"; allowed: settings under {', '.join(p.rstrip('.') for p in SEARCHABLE)}, "
+                f"except {', '.join(t.rstrip('.') for t in NOT_SEARCHABLE if t != 'data.')}"
             )
         if spec.choices is not None:
             if len(spec.choices) == 0:
@@ -651,8 +654,16 @@ def _validate_space(cfg: DictConfig) -> None:
 
 
 _ABSENT = object()
-# What a search space may write to: the settings of one training run.
-SEARCHABLE = ("data.", "model.", "train.")
+# What a search space may write to: the settings of one training run, less those the service
+# sets for each trial itself (a searched value would be validated, then silently replaced).
+SEARCHABLE = ("model.", "train.")
+NOT_SEARCHABLE = {
+    "data.": "every trial trains on the study's one set of splits",
+    "train.epochs": "the rungs and stages.*.epochs set each leg's epochs",
+    "train.seed": "each configuration gets its own seed, train.seed + its number",
+    "train.device": "each worker trains on its own device",
+    "train.progress": "the worker sets it",
+}
 
 
 def _range_values(spec: DictConfig) -> list[Any]:

@@ -120,8 +120,8 @@ BAD_OVERRIDES = [
     ),  # 4 and 6 are in the range
     (["search.space.m={target: train.optim.momentum, low: 0.5, high: 1.0}"], "search.space.m"),
     (
-        ["search.space.s={target: train.seed, type: int, low: 0, high: 5000000000}"],
-        "search.space.s",
+        ["search.space.k={target: train.knn_k, type: int, low: 1, high: 100000000000}"],
+        "search.space.k",
     ),
     (["search.space.c={target: model.channels, low: 8, high: 16}"], "search.space.c"),  # floats
     (
@@ -138,6 +138,11 @@ BAD_OVERRIDES = [
     ),  # fmt: skip
     (["search.space.w={target: workers, choices: [1, 2]}"], "search.space.w.target"),
     (["search.space.n={target: name, choices: [a, b]}"], "search.space.n.target"),
+    # settings the service sets for each trial itself: searched, they would be ignored
+    (["search.space.d={target: data.train_subset, choices: [100, 200]}"], "search.space.d.target"),
+    (["search.space.s={target: train.seed, choices: [1, 2]}"], "search.space.s.target"),
+    (["search.space.e={target: train.epochs, choices: [2, 3]}"], "search.space.e.target"),
+    (["search.space.v={target: train.device, choices: [cpu]}"], "search.space.v.target"),
     # an ImageFolder that is not there
     (["data.name=imagefolder"], "data.path"),
     (["data.name=imagefolder", "data.path=/nonexistent/images"], "data.path"),
