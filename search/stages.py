@@ -76,6 +76,7 @@ from search.scheduler import (
     ranking,
 )
 from search.space import baseline_params
+from storage.checkpoint_store import CheckpointTransferError
 from storage.claims import Claims
 from storage.retry import FAILED_AT_ATTR
 from storage.urls import open_storage
@@ -341,6 +342,11 @@ def _run_one(
     if started:
         trial = next(t for t in study.get_trials(deepcopy=False) if t.number == started[0])
         reason = str(trial.user_attrs.get("fail_reason") or "")
+        if trial.state == TrialState.FAIL and reason.startswith(CheckpointTransferError.__name__):
+            # The shared checkpoint store failed (a network error, say), not the
+            # configuration: retried like a killed worker's trial (up to max_retries), from its
+            # last checkpoint that did reach the store.
+            _requeue(study, started, max_retries)
         if trial.state == TrialState.FAIL and reason.startswith(StorageUnavailableError.__name__):
             # The storage went away past the retry bound and came back in time to record it:
             # the configuration is not at fault, so it runs again, later. This process stops.
@@ -663,7 +669,9 @@ def _retry_on_its_way(
     configuration must not look given up (its place at the long budget freed, the study taken
     for finished). One whose retry never came within grace_period is given up."""
     reason = str(trial.user_attrs.get("fail_reason") or "")
-    requeued = reason.startswith((INTERRUPTED_REASON, StorageUnavailableError.__name__))
+    requeued = reason.startswith(
+        (INTERRUPTED_REASON, StorageUnavailableError.__name__, CheckpointTransferError.__name__)
+    )
     if (reason and not requeued) or trial.number in retried:
         return False  # failed on its own merits (never retried), or retried already
     if len(_history(trial)) >= int(cfg.max_retries):

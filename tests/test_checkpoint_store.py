@@ -252,3 +252,40 @@ def test_two_workers_with_their_own_caches_share_a_url(tmp_path: Path) -> None:
     run = rebuild_final_run(load_config("quickstart", third), final[0], "cpu")
     assert run.nets.classifier is not None
     assert set(_cached_trials(tmp_path / "c")) == {leg, final[0].user_attrs["checkpoint_dir"]}
+
+
+def test_a_transient_upload_error_retries_the_trial_instead_of_losing_the_configuration(
+    tmp_path: Path, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store refuses one upload (an S3 503, say): the trial fails naming the store and is
+    queued again, like a killed worker's, and its retry completes."""
+    from search.objective import TrialRunner
+    from search.stages import _run_one
+
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    cfg = load_config(
+        "quickstart",
+        [*REAL_RUN, f"storage={url}", f"runs_dir={tmp_path}", f"checkpoints_dir={bucket}"],
+    )
+    studies = open_studies(cfg, url)
+    runner = TrialRunner(cfg, progress=False)
+    fs = runner.store.fs
+    put_file, refused = fs.put_file, []
+
+    def put_once_refused(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if not refused:
+            refused.append(args)
+            raise OSError("503 Slow Down")
+        return put_file(*args, **kwargs)
+
+    monkeypatch.setattr(fs, "put_file", put_once_refused)
+    number = _run_one(studies, "screen", runner, max_retries=3)
+    failed = studies.screen.get_trials()[number]
+    assert failed.state == TrialState.FAIL and refused
+    assert failed.user_attrs["fail_reason"].startswith("CheckpointTransferError: checkpoints_dir")
+    [retry] = studies.screen.get_trials(states=(TrialState.WAITING,))
+    assert retry.params == failed.params
+    assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == number
+    again = _run_one(studies, "screen", runner, max_retries=3)
+    assert again == retry.number
+    assert studies.screen.get_trials()[again].state == TrialState.COMPLETE
