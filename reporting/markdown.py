@@ -27,7 +27,7 @@ from reporting.tables import (
     results_frame,
     search_budget,
 )
-from search import STAGES, long_budget, metric_of, redact, uses_rungs
+from search import STAGES, format_metric, long_budget, metric_of, redact, uses_rungs
 
 # What the epochs column of a results table counts.
 EPOCHS_HEAD = "epochs (encoder + classifier)"
@@ -218,9 +218,15 @@ def dashboard_pointer(name: str, url: str, artifacts_dir: Any) -> list[str]:
 
 # ---- baselines -------------------------------------------------------------------------
 
+# What a study's metric other than kNN accuracy measures, for the baselines' caveat.
+METRIC_MEANINGS = {
+    "val_accuracy": "the accuracy of the classifier trained with the encoder",
+    "val_mae": "the reconstruction error, lower is better",
+}
+
 BASELINE_LABELS = {
     "raw_pixels": "raw pixels (no network), kNN",
-    "untrained_encoder": "the report's encoder, untrained (random weights), kNN",
+    "untrained_encoder": "the study's encoder, untrained (random weights), kNN",
     "report_configuration": "the study's own settings, trained",
     "best_screen": "best screen trial",
     "best_promote": "best promoted trial",
@@ -244,7 +250,7 @@ def baselines_section(cfg: DictConfig, frame: pd.DataFrame) -> list[str]:
         state = "" if r.state == "COMPLETE" else f", {r.state.lower()}"
         epochs = "?" if pd.isna(r.epochs) else str(int(r.epochs))
         trial = f"{r.stage} #{r.number} ({epochs} epoch{'' if epochs == '1' else 's'}{state})"
-        rows.append([label, trial, r.metric, f"{100 * r.value:.2f}%"])
+        rows.append([label, trial, r.metric, format_metric(r.metric, r.value)])
     lines = [*table(["", "trial", "metric (validation)", "value"], rows), ""]
     if not recorded:
         lines.append(
@@ -256,7 +262,7 @@ def baselines_section(cfg: DictConfig, frame: pd.DataFrame) -> list[str]:
             "Both baselines are kNN accuracy on the validation split with the trials' own k "
             f"({cfg.train.knn_k}) and bank of training images: *raw pixels* votes with the "
             "(normalized) images themselves, no network at all; *untrained encoder* votes with "
-            "the latents of the report's encoder before any training. A learned latent space "
+            "the latents of the study's own encoder before any training. A learned latent space "
             "is worth its training only by as much as it beats both."
         )
     if "report_configuration" in set(frame["row"]):
@@ -267,8 +273,9 @@ def baselines_section(cfg: DictConfig, frame: pd.DataFrame) -> list[str]:
         )
     if metric_of(cfg) != "knn_accuracy":
         lines.append(
-            f"This study ranks trials by `{metric_of(cfg)}` (a trained classifier), not kNN: "
-            "the baselines are a floor for it, not the same measurement."
+            f"This study ranks trials by `{metric_of(cfg)}` "
+            f"({METRIC_MEANINGS.get(metric_of(cfg), 'another measurement')}), not kNN accuracy: "
+            "its rows and the two baselines are not the same measurement."
         )
     return lines
 

@@ -38,6 +38,7 @@ from reporting.artifacts import final_figures
 from reporting.store import (
     SplitsCache,
     finished_finals,
+    pretrain_curve,
     rebuild_final_run,
     same_dataset_finals,
     source_trial,
@@ -265,9 +266,8 @@ def model_figures(
             doc.add(f"The final trial's networks could not be rebuilt: {error}.", "")
     if run is not None:
         source = source_trial(src.storage, final)
-        curve = learning_curve(source.user_attrs if source else {}, "pretrain") + learning_curve(
-            final.user_attrs, "probe"
-        )
+        encoder = pretrain_curve(src.storage, cfg, source) if source else []
+        curve = encoder + learning_curve(final.user_attrs, "probe")
         if curve:
             doc.add("### Learning curves of the configuration found", "")
             doc.figure(

@@ -30,6 +30,8 @@ from optuna.trial import FrozenTrial, TrialState
 from reporting.artifacts import ARTIFACT_ATTR_PREFIX
 from search import (
     BASELINES_ATTR,
+    RUNG_FROM_ATTR,
+    RUNG_TO_ATTR,
     STAGES,
     apply,
     config_number,
@@ -152,7 +154,7 @@ MAE_COLUMNS = tuple(f"{s}_mae" for s in SPLITS)
 KEY_COLUMNS = ("stage", "number", "state", "value")
 # Rung-scheduled studies: the configuration a leg belongs to (its first screen trial), the
 # rung it continued from (empty: started from scratch), the rung it trained to, epochs added.
-RUNG_COLUMNS = ("config", "rung_from", "rung_to", "epochs_added")
+RUNG_COLUMNS = ("config", RUNG_FROM_ATTR, RUNG_TO_ATTR, "epochs_added")
 # oom_batch_size: the batch size a configuration trained with after running out of memory
 # (its params keep the sampled one).
 ATTR_COLUMNS = (
@@ -448,7 +450,7 @@ def _furthest_leg(
         return "screen", first
     number = config_number(first)
     legs = [
-        (int(t.user_attrs.get("rung_to", 0)), stage, t)
+        (int(t.user_attrs.get(RUNG_TO_ATTR, 0)), stage, t)
         for stage in ("screen", "promote")
         if stage in studies
         for t in studies[stage].get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

@@ -69,6 +69,28 @@ STUDY_UID_ATTR = "study_uid"  # the study user attr holding its identity
 # The trial user attr of a leg that continues a configuration from a rung's checkpoint (the
 # rung it starts from); absent on a configuration's first leg.
 RUNG_FROM_ATTR = "rung_from"
+RUNG_TO_ATTR = "rung_to"  # the trial user attr of every leg under rungs: the rung it ends at
+
+
+def format_metric(name: str, value: float) -> str:
+    """A metric's value as the reports show it: accuracies in percent, errors (MAE) as they are.
+
+    >>> format_metric("val_accuracy", 0.9312), format_metric("val_mae", 0.0734)
+    ('93.12%', '0.0734')
+    """
+    return f"{100 * value:.2f}%" if name.endswith("accuracy") else f"{value:.4f}"
+
+
+NOTHING_QUEUED = "nothing queued"  # the prune reason of a trial that trained nothing
+
+
+def trained_nothing(user_attrs: Mapping[str, Any]) -> bool:
+    """Whether a trial with these user attrs was skipped before training: a configuration the
+    study already had (``duplicate_of``), or one sampled when the queue emptied under a worker
+    that could not start it (prune reason :data:`NOTHING_QUEUED`)."""
+    return "duplicate_of" in user_attrs or str(user_attrs.get("prune_reason", "")).startswith(
+        NOTHING_QUEUED
+    )
 
 
 def is_continuation(user_attrs: Mapping[str, Any]) -> bool:

@@ -39,6 +39,7 @@ from search.naming import (
     PRETRAIN_FILE,
     PROBE_FILE,
     RUNG_FROM_ATTR,
+    RUNG_TO_ATTR,
     STUDY_UID_ATTR,
     curve_attr,
     is_continuation,
@@ -184,9 +185,9 @@ class TrialRunner:
     def _train_to_rung(self, trial: optuna.Trial, stage: str) -> float:
         """Train a configuration to its rung (``rung_to``; a new one: the first rung), from
         the checkpoint where it stopped (``rung_from``), the schedule over the long budget."""
-        to = int(trial.user_attrs.get("rung_to", rung_ladder(self.cfg)[0]))
-        if "rung_to" not in trial.user_attrs:
-            trial.set_user_attr("rung_to", to)
+        to = int(trial.user_attrs.get(RUNG_TO_ATTR, rung_ladder(self.cfg)[0]))
+        if RUNG_TO_ATTR not in trial.user_attrs:
+            trial.set_user_attr(RUNG_TO_ATTR, to)
         return self._train(trial, stage, long_budget(self.cfg), prune=False, stop_at=to)
 
     def final(self, trial: optuna.Trial) -> float:

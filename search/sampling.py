@@ -37,7 +37,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from search.naming import is_continuation
+from search.naming import is_continuation, trained_nothing
 
 # TPE's own default number of random configurations before its model takes over.
 TPE_STARTUP_TRIALS = 10
@@ -71,8 +71,12 @@ def make_tpe(seed: int, n_startup_trials: int, conditional: bool) -> optuna.samp
 
 
 def first_legs(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """The trials that sampled their configuration (new configurations and their retries)."""
-    return [t for t in trials if not is_continuation(t.user_attrs)]
+    """The trials that sampled their configuration and trained it (new configurations and
+    their retries). Skipped ones are left out: TPE would count them toward its random start-up
+    and take a duplicate of a good configuration, pruned without a value, for a bad one."""
+    return [
+        t for t in trials if not is_continuation(t.user_attrs) and not trained_nothing(t.user_attrs)
+    ]
 
 
 class _FirstLegView:

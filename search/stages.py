@@ -43,7 +43,9 @@ from models.training import NonFiniteLossError
 from search.config import direction_of, public_config
 from search.database import StorageUnavailableError
 from search.naming import (
+    NOTHING_QUEUED,
     RUNG_FROM_ATTR,
+    RUNG_TO_ATTR,
     STAGES,
     STUDY_UID_ATTR,
     is_continuation,
@@ -52,6 +54,7 @@ from search.naming import (
     rung_ladder,
     stage_metric,
     stage_study_name,
+    trained_nothing,
     uses_rungs,
 )
 from search.objective import (
@@ -291,9 +294,6 @@ def _fail_stale(study: optuna.Study) -> None:
 # ---- running trials --------------------------------------------------------------------
 
 
-NOTHING_QUEUED = "nothing queued"  # the prune reason of a trial that trained nothing
-
-
 def _run_one(
     studies: Studies,
     stage: str,
@@ -515,9 +515,19 @@ def run_screen(
 
 
 def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
+    """``study``'s ``k`` best COMPLETE trials, best first (ties in trial order).
+
+    Under rungs a stage study holds legs ending at different rungs, whose values are taken
+    at different budgets and do not compare: the deepest rung's come first, then by value
+    (Optuna's own rule for pruned trials). Trials without rungs rank by value alone.
+    """
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    return sorted(done, key=lambda t: t.value, reverse=reverse)[:k]
+    sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+
+    def rank(t: optuna.trial.FrozenTrial) -> tuple[int, float]:
+        return -int(t.user_attrs.get(RUNG_TO_ATTR, 0)), sign * float(t.value)
+
+    return sorted(done, key=rank)[:k]
 
 
 def run_promote(
@@ -623,7 +633,7 @@ def scheduler_records(studies: Studies, cfg: DictConfig) -> list[TrialRecord]:
         for t in trials:
             if "duplicate_of" in t.user_attrs or t.state == TrialState.PRUNED:
                 continue
-            to = int(t.user_attrs.get("rung_to", first))
+            to = int(t.user_attrs.get(RUNG_TO_ATTR, first))
             promoted = to if is_continuation(t.user_attrs) else None
             if t.state == TrialState.COMPLETE:
                 record = TrialRecord(0, {to: float(t.value)}, promoted_to=promoted)
@@ -765,7 +775,7 @@ def _leg_exists(studies: Studies, cfg: DictConfig, decision: Continue) -> bool:
     stage = _leg_stage(cfg, decision.to_rung)
     return any(
         t.user_attrs.get("config") == decision.number
-        and t.user_attrs.get("rung_to") == decision.to_rung
+        and t.user_attrs.get(RUNG_TO_ATTR) == decision.to_rung
         for t in studies.of(stage).get_trials(deepcopy=False)
     )
 
@@ -788,7 +798,7 @@ def _queue_leg(
         user_attrs={
             "config": decision.number,
             RUNG_FROM_ATTR: decision.from_rung,
-            "rung_to": decision.to_rung,
+            RUNG_TO_ATTR: decision.to_rung,
             "checkpoint_dir": source.user_attrs.get("checkpoint_dir"),
             **carried_attrs(source),
             "source_study": screen.study_name,
@@ -898,7 +908,7 @@ def long_budget_trials(studies: Studies, cfg: DictConfig) -> list[optuna.trial.F
         t
         for stage in ("screen", "promote")
         for t in studies.of(stage).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if int(t.user_attrs.get("rung_to", 0)) == last
+        if int(t.user_attrs.get(RUNG_TO_ATTR, 0)) == last
     ]
     reverse = direction_of(cfg) == "maximize"
     return sorted(done, key=lambda t: t.value, reverse=reverse)
@@ -927,9 +937,7 @@ def progress(studies: Studies, cfg: DictConfig) -> Progress:
         stage: [
             t
             for t in studies.of(stage).get_trials(deepcopy=False)
-            if t.state.is_finished()
-            and "duplicate_of" not in t.user_attrs
-            and not str(t.user_attrs.get("prune_reason", "")).startswith(NOTHING_QUEUED)
+            if t.state.is_finished() and not trained_nothing(t.user_attrs)
         ]
         for stage in ("screen", "promote")
     }

@@ -16,15 +16,13 @@ from models.data import load_splits
 from models.training import EpochReport, Run
 from search.cli import config_from_args, guarded, parser
 from search.config import checkpoint_store, to_dataclasses
-from search.naming import PRETRAIN_FILE, run_fingerprint, standalone_run_relative
+from search.naming import PRETRAIN_FILE, format_metric, run_fingerprint, standalone_run_relative
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
     parts = []
     for key, value in metrics.items():
-        parts.append(
-            f"{key} {value * 100:.2f}%" if key.endswith("accuracy") else f"{key} {value:.4f}"
-        )
+        parts.append(f"{key} {format_metric(key, value)}")
     return "  ".join(parts)
 
 
@@ -80,8 +78,7 @@ def main() -> int:
     results = run.fit(on_epoch=print_epoch)
     print("final:")
     for key, value in results.items():
-        shown = f"{value * 100:.2f}%" if key.endswith("accuracy") else f"{value:.4f}"
-        print(f"  {key:16s} {shown}")
+        print(f"  {key:16s} {format_metric(key, value)}")
     sys.stdout.flush()
     return 0
 

@@ -197,3 +197,56 @@ def test_published_rows_are_complete(key):
     row = PUBLISHED[key]
     assert {"train_accuracy", "val_accuracy", "test_accuracy"} <= set(row)
     assert ("train_mae" in row) == (key[0] == "autoencoder")
+
+
+def test_baselines_of_a_study_ranked_by_reconstruction_error_show_it_as_an_error():
+    """``search.metric=val_mae``: the trials' rows show the MAE as it is, not as a percentage,
+    and the note says what the metric is."""
+    import pandas as pd
+
+    from reporting.markdown import baselines_section
+    from reporting.tables import BASELINE_COLUMNS
+    from search.config import load_config
+
+    cfg = load_config("mnist_autoencoder", ["search.metric=val_mae"])
+    rows = [
+        ("raw_pixels", None, None, None, None, "knn_accuracy", 0.81),
+        ("untrained_encoder", None, None, None, None, "knn_accuracy", 0.62),
+        ("best_screen", "screen", 4, "COMPLETE", 3, "val_mae", 0.0734),
+    ]
+    frame = pd.DataFrame(
+        [dict(zip(BASELINE_COLUMNS, r, strict=True)) for r in rows], columns=list(BASELINE_COLUMNS)
+    ).astype({"number": "Int64", "epochs": "Int64"})  # as reporting.tables.baselines_frame
+    text = "\n".join(baselines_section(cfg, frame))
+    assert "| best screen trial | screen #4 (3 epochs) | val_mae | 0.0734 |" in text
+    assert "| raw pixels (no network), kNN | - | knn_accuracy | 81.00% |" in text
+    assert "reconstruction error, lower is better" in text and "classifier" not in text
+
+
+def test_the_learning_curve_of_a_configuration_joins_all_its_legs(tmp_path):
+    """Under rungs each leg holds only the epochs it added: the report's learning curve of the
+    configuration found is every completed leg of it, by epoch, and no other configuration's."""
+    from reporting.store import pretrain_curve
+    from search import curve_attr, load_config, stage_study_name
+
+    cfg = load_config("quickstart")  # rungs 1, 3, 9
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'legs.db'}")
+    studies = {
+        s: optuna.create_study(storage=storage, study_name=stage_study_name(cfg.name, s))
+        for s in ("screen", "promote")
+    }
+
+    def leg(stage: str, epochs: range, **attrs) -> optuna.trial.FrozenTrial:  # noqa: ANN003
+        rows = {
+            curve_attr("pretrain", e): {"phase": "pretrain", "epoch": e, "metrics": {"m": e / 10}}
+            for e in epochs
+        }
+        trial = optuna.trial.create_trial(value=0.5, params={}, user_attrs={**attrs, **rows})
+        studies[stage].add_trial(trial)
+        return studies[stage].get_trials()[-1]
+
+    leg("screen", range(1, 2), rung_to=1)  # configuration 0's first leg
+    leg("screen", range(1, 2), rung_to=1)  # configuration 1: not ours
+    leg("screen", range(2, 4), config=0, rung_from=1, rung_to=3)
+    longest = leg("promote", range(4, 10), config=0, rung_from=3, rung_to=9)
+    assert [r["epoch"] for r in pretrain_curve(storage, cfg, longest)] == list(range(1, 10))

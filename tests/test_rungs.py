@@ -585,3 +585,26 @@ def test_deleting_a_study_keeps_the_claims_of_a_study_whose_name_extends_it(tmp_
     delete_stage_studies("exp", url)
     assert sorted(kept["exp.v2"].claims.taken("exp.v2.")) == before
     assert kept["exp"].claims.taken("exp.screen/") == []
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_the_best_trial_of_a_stage_is_taken_at_its_deepest_rung(tmp_path: Path, direction):
+    """A rung-1 value and a rung-3 value are taken at different budgets: the best of a stage
+    (summary, report) is the best at the deepest rung reached, then by value."""
+    from search.stages import top_trials
+
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'rank.db'}", study_name="s", direction=direction
+    )
+    good, bad = (0.99, 0.2) if direction == "maximize" else (0.01, 0.8)
+    for value, rung in [(good, 1), (bad, 3), ((good + bad) / 2, 3), (good, 1)]:
+        study.add_trial(
+            optuna.trial.create_trial(value=value, user_attrs={"rung_to": rung}, params={})
+        )
+    assert [(t.user_attrs["rung_to"], t.value) for t in top_trials(study, 4)] == [
+        (3, (good + bad) / 2),
+        (3, bad),
+        (1, good),
+        (1, good),
+    ]
+    assert [t.number for t in top_trials(study, 4)][2:] == [0, 3]  # ties in trial order

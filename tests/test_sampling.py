@@ -59,7 +59,7 @@ def test_continuations_do_not_steer_the_sampler(tmp_path: Path) -> None:
     assert statistics.median(plain) > 0.7  # what seeing every leg does: the continued config
 
 
-def test_the_view_hides_continuations_only(tmp_path: Path) -> None:
+def test_the_view_hides_continuations_and_skipped_configurations(tmp_path: Path) -> None:
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'v.db'}")
     study.add_trial(optuna.trial.create_trial(params={"x": 0.1}, distributions={"x": X}, value=1))
     study.add_trial(
@@ -67,11 +67,20 @@ def test_the_view_hides_continuations_only(tmp_path: Path) -> None:
             params={"x": 0.1}, distributions={"x": X}, value=2, user_attrs={"rung_from": 1}
         )
     )
+    for skipped in ({"duplicate_of": 0}, {"prune_reason": "nothing queued: another worker..."}):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"x": 0.1},
+                distributions={"x": X},
+                state=optuna.trial.TrialState.PRUNED,
+                user_attrs=skipped,
+            )
+        )
     view = sampling._FirstLegView(study)
-    assert [t.value for t in view.get_trials()] == [1]
+    assert [t.value for t in view.get_trials()] == [1]  # neither continuations nor skipped
     assert [t.value for t in view._get_trials(deepcopy=False, use_cache=True)] == [1]
     assert [t.value for t in view.trials] == [1]
-    assert view.study_name == study.study_name and len(study.trials) == 2
+    assert view.study_name == study.study_name and len(study.trials) == 4
 
 
 @pytest.mark.parametrize(
