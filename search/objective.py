@@ -230,7 +230,8 @@ class TrialRunner:
 
     def _begin(self, trial: optuna.Trial, stage: str) -> None:
         # A retry inherits its original's user attrs; these say what this attempt did.
-        for attr in ("fail_reason", "resumed_from_epoch", "checkpoint_discarded"):
+        said = ("fail_reason", "resumed_from_epoch", "checkpoint_discarded")
+        for attr in (*said, "encoder_checkpoint", "encoder_epoch"):
             if trial.user_attrs.get(attr) is not None:
                 trial.set_user_attr(attr, None)
         trial.set_user_attr("stage", stage)

@@ -171,3 +171,19 @@ def test_under_rungs_the_final_takes_the_best_epoch_of_all_the_configurations_le
     first_best = min(epoch for epoch, value in curve.items() if value == best)
     assert final[0].user_attrs["encoder_checkpoint"].startswith(f"best: epoch {first_best} ")
     assert final[0].user_attrs["encoder_epoch"] == first_best
+
+
+def test_a_retried_final_does_not_inherit_the_encoder_its_original_took(tmp_path):
+    """A retry copies its original's user attrs: which encoder epoch it trains on is said anew."""
+    import optuna
+
+    from search import TrialRunner
+
+    cfg = load_config("quickstart", [f"runs_dir={tmp_path}"])
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'final.db'}")
+    trial = study.ask()
+    trial.set_user_attr("encoder_checkpoint", "best: epoch 7 (pretrain-best.pt)")
+    trial.set_user_attr("encoder_epoch", 7)
+    TrialRunner(cfg, progress=False)._begin(trial, "final")
+    attrs = study.get_trials()[0].user_attrs
+    assert attrs.get("encoder_checkpoint") is None and attrs.get("encoder_epoch") is None
