@@ -35,7 +35,6 @@ from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy
-from optuna.storages._rdb.models import TrialHeartbeatModel, TrialModel
 from optuna.trial import TrialState
 from sqlalchemy import exc as sa_exc
 
@@ -297,6 +296,17 @@ def _transactional_reads(engine: sqlalchemy.Engine) -> None:
     engine.dispose()  # connections made before the hooks (schema checks) are not reused
 
 
+# Optuna's trials and heartbeats tables as its schema names them (read only; Optuna stores a
+# trial's state as its name, a PostgreSQL enum there: compared as text).
+_TRIALS = sqlalchemy.table(
+    "trials",
+    sqlalchemy.column("trial_id"),
+    sqlalchemy.column("study_id"),
+    sqlalchemy.column("state"),
+)
+_HEARTBEATS = sqlalchemy.table("trial_heartbeats", sqlalchemy.column("trial_id"))
+
+
 class RetryingRDBStorage(optuna.storages.RDBStorage):
     """``RDBStorage`` whose database calls ride out transient faults for ``retry_seconds``."""
 
@@ -351,24 +361,28 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         forever. How long it has been silent is measured from when this process first saw it
         (``time.monotonic``), so no two machines' clocks are compared.
         """
+        stale = self._stale_by_heartbeat(study_id)  # Optuna's rule, retried
 
-        def attempt() -> tuple[list[int], list[int]]:
-            stale = optuna.storages.RDBStorage._get_stale_trial_ids(self, study_id)
+        def running_without_heartbeat() -> list[int]:
             with self.engine.connect() as conn:
-                silent = conn.execute(
-                    sqlalchemy.select(TrialModel.trial_id)
-                    .outerjoin(
-                        TrialHeartbeatModel, TrialHeartbeatModel.trial_id == TrialModel.trial_id
-                    )
-                    .where(
-                        TrialModel.study_id == study_id,
-                        TrialModel.state == TrialState.RUNNING,
-                        TrialHeartbeatModel.trial_id.is_(None),
-                    )
-                ).scalars()
-                return stale, list(silent)
+                return list(
+                    conn.execute(
+                        sqlalchemy.select(_TRIALS.c.trial_id)
+                        .select_from(
+                            _TRIALS.outerjoin(
+                                _HEARTBEATS, _HEARTBEATS.c.trial_id == _TRIALS.c.trial_id
+                            )
+                        )
+                        .where(
+                            _TRIALS.c.study_id == study_id,
+                            sqlalchemy.cast(_TRIALS.c.state, sqlalchemy.String(16))
+                            == TrialState.RUNNING.name,
+                            _HEARTBEATS.c.trial_id.is_(None),
+                        )
+                    ).scalars()
+                )
 
-        stale, silent = self.retrying("_get_stale_trial_ids", attempt)
+        silent = self.retrying("_get_stale_trial_ids", running_without_heartbeat)
         now = time.monotonic()
         for trial_id in [t for t in self._never_beat if t not in silent]:
             del self._never_beat[trial_id]
@@ -434,3 +448,5 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
 for _name in RETRIED_METHODS:
     setattr(RetryingRDBStorage, _name, _retried(_name))
 del _name
+# Optuna's own stale-trial rule, retried, for RetryingRDBStorage._get_stale_trial_ids to extend.
+setattr(RetryingRDBStorage, "_stale_by_heartbeat", _retried("_get_stale_trial_ids"))  # noqa: B010
