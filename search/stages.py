@@ -616,6 +616,22 @@ def scheduler_settings(cfg: DictConfig, up_to: int | None = None) -> dict[str, A
     }
 
 
+def _within(records: list[TrialRecord], rungs: list[int]) -> list[TrialRecord]:
+    """``records`` as a scheduler confined to ``rungs`` sees them (``stage=screen`` on a study
+    whose legs already went further): what happened above its top rung is left out."""
+    top = rungs[-1]
+    return [
+        dataclasses.replace(
+            r,
+            results={rung: value for rung, value in r.results.items() if rung <= top},
+            running_to=None if r.running_to is not None and r.running_to > top else r.running_to,
+            failed=r.failed and not (r.promoted_to is not None and r.promoted_to > top),
+            promoted_to=None if r.promoted_to is None else min(r.promoted_to, top),
+        )
+        for r in records
+    ]
+
+
 def scheduler_records(studies: Studies, cfg: DictConfig) -> list[TrialRecord]:
     """One :class:`TrialRecord` per configuration, from the screen and promote studies.
 
@@ -830,6 +846,10 @@ def run_rungs(
     screen = studies.screen
     _start_screen(studies, runner, cfg)
     settings = scheduler_settings(cfg, up_to)
+
+    def records_now() -> list[TrialRecord]:
+        return _within(scheduler_records(studies, cfg), settings["rungs"])
+
     retries = int(cfg.max_retries)
     new_configs = int(cfg.stages.screen.trials) - 1  # the report's configuration is the first
     finished_on: list[TrialRecord] | None = None  # the records of the last Finished decision
@@ -852,7 +872,7 @@ def run_rungs(
                 # it may train only if a new one could still matter, and takes a slot.
                 if stage != "screen":
                     return False
-                others = [r for r in scheduler_records(studies, cfg) if r.number != number]
+                others = [r for r in records_now() if r.number != number]
                 if not may_start_new(others, **settings):
                     return False
                 return _claim_slot(studies, screen, new_configs) is not None
@@ -862,7 +882,7 @@ def run_rungs(
                 on_trial(queued, number)
             continue
         seats_taken = len(studies.claims.taken(f"{screen.study_name}/long-budget/"))
-        records = scheduler_records(studies, cfg)
+        records = records_now()
         decision = decide(records, **settings)
         if isinstance(decision, Continue):
             if not _enqueue_continuation(studies, cfg, decision, records, settings, seats_taken):

@@ -394,6 +394,11 @@ def test_stage_screen_then_stage_promote_ends_with_a_long_budget_result(tmp_path
     assert 1 <= len(at_long_budget) <= int(cfg.stages.promote.top_k)
     check_rung_study(url, cfg)
 
+    # stage=screen again, on legs that went past the screen: nothing is left to run there.
+    legs = len(studies.screen.trials) + len(studies.promote.trials)
+    run_rungs(open_studies(screen_cfg, url), CurveRunner(screen_cfg), screen_cfg, up_to=9)
+    assert len(studies.screen.trials) + len(studies.promote.trials) == legs
+
 
 class DuplicatePruningRunner(CurveRunner):
     """:class:`CurveRunner` that skips a configuration the study already has, as the real
