@@ -255,7 +255,8 @@ def baselines_section(cfg: DictConfig, frame: pd.DataFrame) -> list[str]:
     if not recorded:
         lines.append(
             "The raw-pixel and untrained-encoder baselines were not recorded for this study "
-            "(it ran on an older version of the search, which did not score them)."
+            "(yet: the first run of the study scores them before its first trial; a study made "
+            "by an older version of the search has none)."
         )
     else:
         lines.append(

@@ -481,8 +481,13 @@ def record_baselines(studies: Studies, runner: TrialRunner) -> None:
     screen = studies.screen
     if BASELINES_ATTR in screen.user_attrs:
         return
-    if studies.claims.take(f"{screen.study_name}/baselines"):
-        screen.set_user_attr(BASELINES_ATTR, runner.baselines())
+    key = f"{screen.study_name}/baselines"
+    if studies.claims.take(key):
+        try:
+            screen.set_user_attr(BASELINES_ATTR, runner.baselines())
+        except BaseException:  # Ctrl-C, an error: the next run scores them
+            studies.claims.release(key)
+            raise
 
 
 def _start_screen(studies: Studies, runner: TrialRunner, cfg: DictConfig) -> None:

@@ -613,3 +613,20 @@ def test_the_best_trial_of_a_stage_is_taken_at_its_deepest_rung(tmp_path: Path, 
         (1, good),
     ]
     assert [t.number for t in top_trials(study, 4)][2:] == [0, 3]  # ties in trial order
+
+
+def test_baselines_interrupted_while_scored_are_scored_by_the_next_run(tmp_path: Path) -> None:
+    from search.stages import BASELINES_ATTR, record_baselines
+
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    cfg = load_config("quickstart", [*RUNG_STUDY, f"storage={url}"])
+    studies = open_studies(cfg, url)
+
+    class Interrupted(CurveRunner):
+        def baselines(self) -> dict[str, float]:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        record_baselines(studies, Interrupted(cfg))
+    record_baselines(open_studies(cfg, url), CurveRunner(cfg))
+    assert studies.screen.user_attrs[BASELINES_ATTR] == {"pixels": 0.1}
