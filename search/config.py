@@ -455,6 +455,30 @@ def validate(cfg: DictConfig) -> None:
         check_location(str(cfg.checkpoints_dir))
     except CheckpointLocationError as error:
         raise ConfigError(f"checkpoints_dir: {error}") from error
+    _validate_folders(cfg)
+
+
+# The setting behind each folder of resolved_paths (a URL's cache lies under runs_dir).
+_FOLDER_SETTINGS = {
+    "runs": "runs_dir",
+    "artifacts": "artifacts_dir",
+    "checkpoints": "checkpoints_dir",
+}
+
+
+def _validate_folders(cfg: DictConfig) -> None:
+    """Every folder the study writes to is a folder, or can be made: a path through a file
+    (``/etc/hostname/ck``) would fail every trial of the study, each after it started."""
+    for kind, folder in resolved_paths(cfg).items():
+        setting = _FOLDER_SETTINGS[kind]
+        if kind == "checkpoints" and is_url(str(cfg.checkpoints_dir)):
+            setting = "runs_dir"
+        path = folder.resolve()
+        existing = next((p for p in [path, *path.parents] if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise ConfigError(
+                printable(f"{setting}: cannot make the folder {path}: {existing} is not a folder")
+            )
 
 
 def _validate_fields(cfg: DictConfig) -> None:

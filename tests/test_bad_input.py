@@ -81,6 +81,9 @@ BAD_OVERRIDES = [
     (["checkpoints_dir=nosuchproto://bucket/ckpt"], "checkpoints_dir"),
     (["checkpoints_dir=https://example.org/ckpt"], "checkpoints_dir"),
     (["checkpoints_dir=memory://"], "checkpoints_dir"),
+    # a folder under a file: every trial would fail, each after it started
+    ([f"checkpoints_dir={__file__}/ck"], "checkpoints_dir"),
+    ([f"artifacts_dir={__file__}/a"], "artifacts_dir"),
     # the study name
     (["name=" + "a" * 300], "name"),
     (["name=" + "a" * 101], "name"),
