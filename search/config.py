@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from models.config import (
@@ -349,9 +349,30 @@ def _split_override(item: str) -> tuple[str, str]:
     return key, value
 
 
+def _through_a_list(cfg: DictConfig, key: str) -> bool:
+    """Whether dotted ``key`` reaches into a list of ``cfg`` (an item, or below one)."""
+    parts = key.split(".")
+    return any(
+        isinstance(
+            OmegaConf.select(
+                cfg, ".".join(parts[:i]), default=None, throw_on_resolution_failure=False
+            ),
+            ListConfig,
+        )
+        for i in range(1, len(parts))
+    )
+
+
 def _merge_override(cfg: DictConfig, item: str) -> DictConfig:
-    key, _ = _split_override(item)
+    key, value = _split_override(item)
     try:
+        if _through_a_list(cfg, key):
+            # ``model.encoder_kernels.0=5``: a dotlist would make that a mapping {"0": 5},
+            # which does not merge into a list; set the one item instead.
+            updated = cfg.copy()
+            parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={value}"]))
+            OmegaConf.update(updated, key, parsed["value"], merge=False)
+            return updated
         return OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
     except OmegaConfBaseException as error:
         raise ConfigError(_one_line(error, key)) from None

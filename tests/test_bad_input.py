@@ -341,3 +341,20 @@ def test_refused_value_leaves_the_study_name_usable(tmp_path):
     )  # fmt: skip
     assert good.returncode == 0, good.stderr
     assert "[fixme.screen] 1 complete" in good.stdout, good.stdout
+
+
+def test_a_list_item_is_set_by_its_index_and_checked_like_the_list():
+    """``model.encoder_kernels.0=5`` sets one item (a dotlist would make it a mapping, which
+    does not merge into a list); a bad item or index is one line naming it."""
+    cfg = load_config("quickstart", ["model.encoder_kernels.0=7", "model.encoder_kernels.2=5"])
+    assert list(cfg.model.encoder_kernels)[0] == 7 and list(cfg.model.encoder_kernels)[2] == 5
+    for item, words in [
+        ("model.encoder_kernels.0=4", "odd"),
+        ("model.encoder_kernels.0=abc", "Integer"),
+        ("model.encoder_kernels.9=5", "out of range"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            load_config("quickstart", [item])
+        message = str(caught.value)
+        assert message.startswith("model.encoder_kernels[") and words in message, message
+        assert "\n" not in message
