@@ -27,7 +27,17 @@ from reporting.tables import (
     results_frame,
     search_budget,
 )
-from search import STAGES, format_metric, long_budget, metric_of, redact, uses_rungs
+from search import (
+    STAGES,
+    STORAGE_ENV,
+    format_metric,
+    has_secret,
+    long_budget,
+    metric_of,
+    redact,
+    rung_ladder,
+    uses_rungs,
+)
 
 # What the epochs column of a results table counts.
 EPOCHS_HEAD = "epochs (encoder + classifier)"
@@ -54,10 +64,24 @@ def heading(name: str, cfg: DictConfig, url: str) -> list[str]:
         "",
         f"{cfg.description}".strip() or "",
         "",
-        f"Storage `{redact(url)}`, metric `{metric_of(cfg)}`; screen {cfg.stages.screen.trials} "
-        f"trials x {cfg.stages.screen.epochs} epochs, promote top {cfg.stages.promote.top_k} for "
-        f"{long_budget(cfg)} epochs. Generated {time.strftime('%Y-%m-%d %H:%M')}.",
+        f"Storage `{redact(url)}`, metric `{metric_of(cfg)}`; {_budgets(cfg)}. "
+        f"Generated {time.strftime('%Y-%m-%d %H:%M')}.",
     ]
+
+
+def _budgets(cfg: DictConfig) -> str:
+    """How the study spends its epochs, in the words of its method."""
+    top_k, long = cfg.stages.promote.top_k, long_budget(cfg)
+    if uses_rungs(cfg):
+        ladder = ", ".join(str(r) for r in rung_ladder(cfg))
+        return (
+            f"up to {cfg.stages.screen.trials} configurations on rungs of {ladder} epochs "
+            f"(eta {cfg.search.pruner.reduction_factor}), at most {top_k} continued to {long}"
+        )
+    return (
+        f"screen {cfg.stages.screen.trials} trials x {cfg.stages.screen.epochs} epochs, "
+        f"promote top {top_k} for {long} epochs"
+    )
 
 
 def _missing(value: float) -> bool:
@@ -206,14 +230,18 @@ def csv_pointer(csv_name: str) -> list[str]:
 
 
 def dashboard_pointer(name: str, url: str, artifacts_dir: Any) -> list[str]:
-    """Where every trial's own figures are, and the command that shows them."""
-    return [
+    """Where every trial's own figures are, and the command that shows them (a URL with a
+    password is left to the environment: printed masked, it could not be run)."""
+    storage = "" if has_secret(url) else f"storage={url} "
+    lines = [
         "Every trial's learning curves (and, for autoencoders, validation reconstructions) are "
         "in Optuna's artifact store; browse them (read-only, on this machine) with",
         "",
-        f"    python -m search.dashboard study={name} storage={redact(url)} "
-        f"artifacts_dir={artifacts_dir}",
+        f"    python -m search.dashboard study={name} {storage}artifacts_dir={artifacts_dir}",
     ]
+    if has_secret(url):
+        lines += ["", f"with the storage URL ({redact(url)}) in `{STORAGE_ENV}`."]
+    return lines
 
 
 # ---- baselines -------------------------------------------------------------------------

@@ -196,7 +196,10 @@ def _search_plots(doc: MarkdownDocument, cfg: DictConfig, screen: optuna.Study) 
             history_plot(screen, metric), "optimization-history", "optimization history"
         )
         doc.add(
-            "Only completed trials have a final value; pruned trials appear in the next plot.",
+            "One point per leg at its rung (a continuation is a trial of its own); legs at "
+            "different rungs are values at different budgets."
+            if uses_rungs(cfg)
+            else "Only completed trials have a final value; pruned trials appear in the next plot.",
             "",
         )
     if any(t.intermediate_values for t in screen.get_trials(deepcopy=False)):
@@ -205,7 +208,13 @@ def _search_plots(doc: MarkdownDocument, cfg: DictConfig, screen: optuna.Study) 
             "intermediate-values",
             "intermediate values per epoch",
         )
-        doc.add("One line per screen trial; pruned trials stop early.", "")
+        doc.add(
+            "One line per screen leg, over the epochs it trained (a continuation starts at the "
+            "rung it resumed from)."
+            if uses_rungs(cfg)
+            else "One line per screen trial; pruned trials stop early.",
+            "",
+        )
     else:
         doc.add("No screen trial reported a value per epoch yet.", "")
     doc.add("## Parameter importances", "")
@@ -254,8 +263,9 @@ def model_figures(
     run = None
     if final is None:
         doc.add(
-            "No final trial completed, so there are no trained networks to draw test "
-            "reconstructions, interpolations or a latent t-SNE from.",
+            "No final trial completed, so this study has no trained networks to draw test "
+            "reconstructions, interpolations or its own latent t-SNE from (a t-SNE panel below "
+            "from another finished study on the same data names that study).",
             "",
         )
     else:

@@ -42,6 +42,7 @@ _EXPORTS = {
     "RUNG_TO_ATTR": "search.naming",
     "STAGES": "search.naming",
     "long_budget": "search.naming",
+    "rung_ladder": "search.naming",
     "uses_rungs": "search.naming",
     "learning_curve": "search.naming",
     "curve_attr": "search.naming",
@@ -83,6 +84,8 @@ _EXPORTS = {
     "StorageUnavailableError": "search.database",
     "open_storage": "search.database",
     "redact": "search.database",
+    "has_secret": "search.database",
+    "STORAGE_ENV": "search.database",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -250,3 +250,33 @@ def test_the_learning_curve_of_a_configuration_joins_all_its_legs(tmp_path):
     leg("screen", range(2, 4), config=0, rung_from=1, rung_to=3)
     longest = leg("promote", range(4, 10), config=0, rung_from=3, rung_to=9)
     assert [r["epoch"] for r in pretrain_curve(storage, cfg, longest)] == list(range(1, 10))
+
+
+def test_the_heading_says_how_the_study_spends_its_epochs():
+    from reporting.markdown import heading
+    from search.config import load_config
+
+    rungs = " ".join(heading("quickstart", load_config("quickstart"), "sqlite:///x.db"))
+    assert (
+        "up to 12 configurations on rungs of 1, 3, 9 epochs (eta 3), at most 2 continued to 9"
+        in rungs
+    )
+    pipeline = load_config("quickstart", ["search.pruner.name=hyperband"])
+    assert "promote top 2 for 9 epochs" in " ".join(
+        heading("quickstart", pipeline, "sqlite:///x.db")
+    )
+
+
+def test_the_dashboard_command_in_a_report_can_be_run_as_printed():
+    """A URL with a password is never printed, masked or not, as an argument: the command
+    leaves it to SSL_SEARCH_STORAGE, and says so."""
+    from reporting.markdown import dashboard_pointer
+
+    plain = "\n".join(dashboard_pointer("q", "sqlite:///runs/ssl-search.db", "runs/artifacts"))
+    assert "search.dashboard study=q storage=sqlite:///runs/ssl-search.db artifacts_dir=" in plain
+    secret = "\n".join(
+        dashboard_pointer("q", "postgresql+psycopg://u:hunter2@db:5432/s", "runs/artifacts")
+    )
+    assert "hunter2" not in secret and "storage=" not in secret
+    assert "search.dashboard study=q artifacts_dir=runs/artifacts" in secret
+    assert "SSL_SEARCH_STORAGE" in secret
