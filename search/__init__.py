@@ -73,6 +73,7 @@ _EXPORTS = {
     "config_number": "search.objective",
     "encoder_epoch": "search.objective",
     # worker processes
+    "check_devices": "search.pool",
     "device_plan": "search.pool",
     "install_sigterm_as_interrupt": "search.pool",
     "interrupted_exit_code": "search.pool",

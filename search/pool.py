@@ -27,6 +27,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from models.config import check_device
+from models.errors import UsageError
 from models.training import physical_gpu
 from search.config import ConfigError, resolved_paths
 from search.database import WORKER_STORAGE_ENV
@@ -81,6 +83,28 @@ def cuda_masks(plan: Sequence[str], parent_mask: str | None) -> list[str]:
                 f"shows {len(entries)} GPU(s), numbered from 0"
             )
     return masks
+
+
+def check_devices(cfg: DictConfig) -> None:
+    """The devices ``cfg`` asks for exist here (a :class:`ConfigError` naming ``devices`` or
+    ``train.device`` otherwise): checked before the study is created, not by the first trial."""
+    plan = device_plan(cfg.devices, int(cfg.workers))
+    if int(cfg.workers) == 1:
+        device = in_process_device(cfg.devices, cfg.train.device, plan[0])
+        key = "train.device" if device == str(cfg.train.device) else "devices"
+        try:
+            check_device(device, key)
+        except UsageError as error:
+            raise ConfigError(str(error)) from None
+        return
+    if any(dev != "cpu" for dev in plan):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"devices: {cfg.devices!r} asks for GPUs but no CUDA device is visible; "
+                "use cpu or auto"
+            )
+    cuda_masks(plan, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 def worker_env(mask: str, workers: int, cpu_count: int | None = None) -> dict[str, str]:

@@ -111,12 +111,19 @@ def main() -> int:
     # Heavy imports (torch, optuna) wait until the input is known to be good.
     import optuna
 
+    from models.data import load_splits
     from search import (
+        check_devices,
         install_sigterm_as_interrupt,
         interrupted_exit_code,
         open_studies,
+        to_dataclasses,
     )
 
+    # What only this machine can tell (its devices, its copy of the data) is checked before
+    # the study is written: bad input writes nothing.
+    check_devices(cfg)
+    load_splits(to_dataclasses(cfg)[0])
     url = storage_url(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(f"study {cfg.name}: storage {redact(url)}", flush=True)

@@ -282,3 +282,24 @@ def test_a_section_under_a_plain_settings_name_is_one_line_naming_the_section(tm
     assert str(caught.value) == (
         "stage: expected a single value, got a mapping; did you mean stages?"
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args,key",
+    [
+        (["study=mnist_guided", "data.root=/nonexistent"], "data.root: MNIST not found"),
+        (["study=quickstart", "devices=0"], "devices: 'cuda:0' asks for CUDA"),
+        (["study=quickstart", "workers=2", "devices=0,1"], "devices: '0,1' asks for GPUs"),
+    ],
+)
+def test_what_only_this_machine_can_tell_is_checked_before_anything_is_written(
+    tmp_path, args, key
+):
+    """Missing data or absent GPUs: one line, exit 2, no database, no folders."""
+    if "devices=0" in args[-1] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    runs = tmp_path / "runs"
+    result = cli("search.run", *args, f"runs_dir={runs}", cwd=tmp_path)
+    assert_one_line_error(result, key)
+    assert not runs.exists()
