@@ -19,6 +19,7 @@ from pathlib import Path
 
 import optuna
 
+from models.config import check_device
 from models.errors import UsageError
 from reporting.report import REPORT_TSNE_POINTS, write_combined, write_report
 from reporting.store import locate, open_existing_storage, study_names
@@ -44,6 +45,12 @@ def main() -> int:
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     args: argparse.Namespace = p.parse_args()
+    check_device(args.device, "--device")
+    if args.out:
+        out = Path(args.out).expanduser().resolve()
+        existing = next((f for f in [out, *out.parents] if f.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise UsageError(f"--out: cannot make the folder {out}: {existing} is not a folder")
     import matplotlib
 
     matplotlib.use("Agg")  # Optuna's plots go through pyplot: never open a window

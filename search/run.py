@@ -134,8 +134,8 @@ def main() -> int:
         return _run_and_summarize(cfg, url, studies, not args.no_progress)
     except KeyboardInterrupt:
         print(
-            "\ninterrupted: running trials were re-enqueued; run the same command again to "
-            "resume them from their last checkpoint",
+            "\ninterrupted: running trials were re-enqueued (if any had started); run the "
+            "same command again to resume them from their last checkpoint",
             file=sys.stderr,
         )
         return interrupted_exit_code()

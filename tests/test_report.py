@@ -280,3 +280,14 @@ def test_the_dashboard_command_in_a_report_can_be_run_as_printed():
     assert "hunter2" not in secret and "storage=" not in secret
     assert "search.dashboard study=q artifacts_dir=runs/artifacts" in secret
     assert "SSL_SEARCH_STORAGE" in secret
+
+
+def test_report_options_are_checked_in_one_line_naming_the_option(tmp_path):
+    """``--out`` under a file and an unknown ``--device``: exit 2, the option named."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    done = run_module("search.report", "study=quickstart", "--out", str(blocker / "x"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"error: --out: cannot make the folder {blocker / 'x'}")
+    done = run_module("search.report", "study=quickstart", "--device", "gpu")
+    assert done.returncode == 2 and done.stderr.startswith("error: --device: unknown device")
