@@ -293,9 +293,7 @@ def test_a_section_under_a_plain_settings_name_is_one_line_naming_the_section(tm
         (["study=quickstart", "workers=2", "devices=0,1"], "devices: '0,1' asks for GPUs"),
     ],
 )
-def test_what_only_this_machine_can_tell_is_checked_before_anything_is_written(
-    tmp_path, args, key
-):
+def test_what_only_this_machine_can_tell_is_checked_before_anything_is_written(tmp_path, args, key):
     """Missing data or absent GPUs: one line, exit 2, no database, no folders."""
     if "devices=0" in args[-1] and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
