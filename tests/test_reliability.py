@@ -25,6 +25,7 @@ from search import (
     stage_study_name,
     summarize,
 )
+from search.database import WORKER_STORAGE_ENV
 from tests.conftest import REPO_ROOT, run_module
 
 # Every test here trains or starts search.run processes.
@@ -235,13 +236,23 @@ def test_a_space_smaller_than_the_budget_skips_duplicates_and_ends(tmp_path):
 
 
 def test_when_every_worker_fails_the_launcher_exits_1_with_each_workers_error(tmp_path):
+    # The launcher checks the data itself before it starts workers, so the workers' failure is
+    # planted in them alone: Python imports sitecustomize at start-up, and only a launched
+    # worker has the storage URL in its environment.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        f"if os.environ.get({WORKER_STORAGE_ENV!r}):\n"
+        "    sys.exit('error: data unreadable on this worker (planted by the test)')\n"
+    )
     done = run_module(
         "search.run",
-        "study=mnist_guided",
-        f"runs_dir={tmp_path}",
-        f"data.root={tmp_path / 'no-mnist-here'}",
+        "study=quickstart",
+        f"runs_dir={tmp_path / 'runs'}",
         "workers=2",
         "--no-progress",
+        PYTHONPATH=f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     )
     assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
     line = [x for x in done.stderr.splitlines() if x.startswith("error: every worker failed")]
