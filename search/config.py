@@ -371,9 +371,21 @@ def _merge_override(cfg: DictConfig, item: str) -> DictConfig:
             # which does not merge into a list; set the one item instead.
             updated = cfg.copy()
             parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={value}"]))
-            OmegaConf.update(updated, key, parsed["value"], merge=False)
+            try:
+                OmegaConf.update(updated, key, parsed["value"], merge=False)
+            except OmegaConfBaseException:
+                raise  # a value the item's type refuses: said below, naming the item
+            except (TypeError, ValueError) as error:  # ``.x`` into a list, an item of a null
+                raise ConfigError(
+                    printable(f"{key}: not an item of a list here (give its index): {error}")
+                ) from None
             return updated
         return OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+    except TypeError as error:  # e.g. an item of a list that is null: nothing to index
+        parent = key.rsplit(".", 1)[0]
+        raise ConfigError(
+            printable(f"{key}: cannot be set ({error}); give the whole {parent}=[...] instead")
+        ) from None
     except OmegaConfBaseException as error:
         raise ConfigError(_one_line(error, key)) from None
     except yaml.YAMLError as error:  # an unparsable value, e.g. an unclosed [

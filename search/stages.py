@@ -374,9 +374,9 @@ def _waiting_key(study: optuna.Study, number: int) -> str:
     return f"{study.study_name}/waiting/{number}"
 
 
-# Claims on WAITING trials, and when (time.monotonic) this process first saw each one held
-# while its trial still waited.
-_held_waiting_since: dict[str, float] = {}
+# Claims on WAITING trials seen held while their trial still waited: key -> (the claim's
+# taken-at stamp, when this process first saw that claim, time.monotonic).
+_held_waiting_since: dict[str, tuple[float, float]] = {}
 
 
 def _claim_waiting(studies: Studies, stage: str, grace_period: float) -> int | None:
@@ -386,21 +386,25 @@ def _claim_waiting(studies: Studies, stage: str, grace_period: float) -> int | N
     then moves the claim to the trial it got (see there), so every waiting trial is popped.
     A claim whose trial has still not been popped after ``grace_period`` seconds (as this
     process times it: no clocks compared) belongs to a process that died between claiming and
-    popping; it is given back and taken again, or the trial would wait for ever.
+    popping; it is given back and taken again, or the trial would wait for ever. Only that very
+    claim is given back: one taken again meanwhile starts its own grace period.
     """
     study = studies.of(stage)
     prefix = f"{study.study_name}/waiting/"
-    held = set(studies.claims.taken(prefix))
+    held = studies.claims.taken_at(prefix)
     now = time.monotonic()
-    for key in [k for k in _held_waiting_since if k.startswith(prefix) and k not in held]:
-        del _held_waiting_since[key]
+    for key in [k for k in _held_waiting_since if k.startswith(prefix)]:
+        if _held_waiting_since[key][0] != held.get(key):
+            del _held_waiting_since[key]  # given back, or taken again since
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         key = _waiting_key(study, t.number)
         if key in held:
-            if now - _held_waiting_since.setdefault(key, now) <= grace_period:
+            stamp, since = _held_waiting_since.setdefault(key, (held[key], now))
+            if now - since <= grace_period:
                 continue
-            studies.claims.release(key)  # its taker never popped it
             del _held_waiting_since[key]
+            if not studies.claims.release_if_taken_at(key, stamp):  # its taker never popped it
+                continue
         if studies.claims.take(key):
             return t.number
     return None

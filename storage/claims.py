@@ -107,6 +107,23 @@ class Claims:
 
         self._retry("release claim", attempt)
 
+    def release_if_taken_at(self, key: str, taken_at: float) -> bool:
+        """Give ``key`` back only if it is still the claim taken at ``taken_at`` (as
+        :meth:`taken_at` showed it), not one someone took again since; whether it was."""
+
+        def attempt() -> bool:
+            with self.engine.begin() as conn:
+                return (
+                    conn.execute(
+                        CLAIMS.delete().where(
+                            (CLAIMS.c.key == key) & (CLAIMS.c.created_at == taken_at)
+                        )
+                    ).rowcount
+                    > 0
+                )
+
+        return self._retry("release claim", attempt)
+
     def release_all(self, prefix: str) -> int:
         """Give back every key that starts with ``prefix``; how many there were."""
 

@@ -314,7 +314,8 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         self.retry_seconds = retry_seconds
         self.retry_target = redact(url)
         self._local = threading.local()
-        self._never_beat: dict[int, float] = {}  # trial id -> when this process first saw it
+        # (study id, trial id) of a RUNNING trial with no heartbeat -> when this process first saw it
+        self._never_beat: dict[tuple[int, int], float] = {}
         super().__init__(url, *args, **kwargs)
         _ENGINE_RETRY_SECONDS[self.engine] = retry_seconds
         if self.engine.dialect.name == "sqlite":
@@ -384,14 +385,17 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
 
         silent = self.retrying("_get_stale_trial_ids", running_without_heartbeat)
         now = time.monotonic()
-        for trial_id in [t for t in self._never_beat if t not in silent]:
-            del self._never_beat[trial_id]
+        # One storage serves several studies: forget only this study's trials that beat since.
+        for key in [k for k in self._never_beat if k[0] == study_id and k[1] not in silent]:
+            del self._never_beat[key]
         grace = (
             self.grace_period
             if self.grace_period is not None
             else 2 * (self.heartbeat_interval or 0)
         )
-        orphaned = [t for t in silent if now - self._never_beat.setdefault(t, now) > grace]
+        orphaned = [
+            t for t in silent if now - self._never_beat.setdefault((study_id, t), now) > grace
+        ]
         return [*stale, *(t for t in orphaned if t not in stale)]
 
     def set_trial_state_values(

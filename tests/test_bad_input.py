@@ -352,9 +352,15 @@ def test_a_list_item_is_set_by_its_index_and_checked_like_the_list():
         ("model.encoder_kernels.0=4", "odd"),
         ("model.encoder_kernels.0=abc", "Integer"),
         ("model.encoder_kernels.9=5", "out of range"),
+        ("model.encoder_kernels.x=5", "index"),
+        ("model.encoder_kernels=null", None),
     ]:
+        if words is None:  # an item of a list that is null: nothing to index into
+            with pytest.raises(ConfigError, match=r"^model\.encoder_kernels\.0: cannot be set"):
+                load_config("quickstart", [item, "model.encoder_kernels.0=5"])
+            continue
         with pytest.raises(ConfigError) as caught:
             load_config("quickstart", [item])
         message = str(caught.value)
-        assert message.startswith("model.encoder_kernels[") and words in message, message
+        assert message.startswith("model.encoder_kernels") and words in message, message
         assert "\n" not in message

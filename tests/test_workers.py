@@ -517,9 +517,12 @@ def test_a_trial_taken_by_a_process_that_stopped_before_its_first_heartbeat_is_r
     [orphan] = screen.get_trials()
     assert orphan.state == TrialState.RUNNING  # and it never sent a heartbeat
 
+    # The rung loop checks the screen and promote studies in turn, on one storage.
     optuna.storages.fail_stale_trials(screen)  # first seen now: not yet silent for 2 s
+    optuna.storages.fail_stale_trials(studies.promote)
     assert screen.get_trials()[0].state == TrialState.RUNNING
     time.sleep(2.5)
+    optuna.storages.fail_stale_trials(studies.promote)
     optuna.storages.fail_stale_trials(screen)
     failed, retry = screen.get_trials()
     assert failed.state == TrialState.FAIL
@@ -554,3 +557,25 @@ def test_a_queued_trial_claimed_by_a_process_that_died_before_popping_it_still_r
     assert not drain.is_alive(), "the final stage still waits for the dead process's claim"
     assert [(t.number, t.state) for t in final.get_trials()] == [(0, TrialState.COMPLETE)]
     assert time.monotonic() - began >= 2  # not before the claim's grace period
+
+
+def test_a_claim_taken_over_is_not_taken_over_again_on_an_older_sighting(tmp_path: Path):
+    """Worker A died holding a queued trial's claim; B took it over. C, which had timed A's
+    claim, must not give back B's: only the very claim it timed."""
+    from search import storage_url
+    from search.stages import _claim_waiting, _held_waiting_since, _waiting_key
+
+    cfg = load_config("quickstart", [f"runs_dir={tmp_path}", "heartbeat_interval=1"])
+    studies = open_studies(cfg, storage_url(cfg))
+    final = studies.final
+    final.enqueue_trial({"channels": 8}, user_attrs={"source_trial": 0})
+    key = _waiting_key(final, 0)
+    assert Claims(studies.claims.engine, owner="a:1").take(key)
+    a_claim = studies.claims.taken_at(key)[key]
+    assert _claim_waiting(studies, "final", grace_period=0.5) is None  # first sighting
+    time.sleep(0.6)
+    assert _claim_waiting(studies, "final", grace_period=0.5) == 0  # B takes A's claim over
+    b_claim = studies.claims.taken_at(key)[key]
+    _held_waiting_since[key] = (a_claim, time.monotonic() - 10)  # C's sighting of A's claim
+    assert _claim_waiting(studies, "final", grace_period=0.5) is None
+    assert studies.claims.taken_at(key) == {key: b_claim}  # B's claim stands
