@@ -40,7 +40,7 @@ from models.config import (
     check_run,
 )
 from models.errors import UsageError
-from search.database import StorageError, check_url, redact
+from search.database import StorageError, check_url, file_in_the_way, redact
 from search.naming import STAGES, checkpoint_cache_dir, long_budget, uses_rungs
 from search.space import check_dependencies
 from storage.checkpoint_store import (
@@ -507,10 +507,9 @@ def _validate_folders(cfg: DictConfig) -> None:
         if kind == "checkpoints" and is_url(str(cfg.checkpoints_dir)):
             setting = "runs_dir"
         path = folder.resolve()
-        existing = next((p for p in [path, *path.parents] if p.exists()), None)
-        if existing is not None and not existing.is_dir():
+        if (blocker := file_in_the_way(path)) is not None:
             raise ConfigError(
-                printable(f"{setting}: cannot make the folder {path}: {existing} is not a folder")
+                printable(f"{setting}: cannot make the folder {path}: {blocker} is not a folder")
             )
 
 

@@ -25,6 +25,7 @@ from reporting.report import REPORT_TSNE_POINTS, write_combined, write_report
 from reporting.store import locate, open_existing_storage, study_names
 from search import redact, resolved_paths, storage_url
 from search.cli import guarded, parser, split_study
+from search.database import file_in_the_way
 
 
 @guarded
@@ -48,9 +49,8 @@ def main() -> int:
     check_device(args.device, "--device")
     if args.out:
         out = Path(args.out).expanduser().resolve()
-        existing = next((f for f in [out, *out.parents] if f.exists()), None)
-        if existing is not None and not existing.is_dir():
-            raise UsageError(f"--out: cannot make the folder {out}: {existing} is not a folder")
+        if (blocker := file_in_the_way(out)) is not None:
+            raise UsageError(f"--out: cannot make the folder {out}: {blocker} is not a folder")
     import matplotlib
 
     matplotlib.use("Agg")  # Optuna's plots go through pyplot: never open a window

@@ -89,6 +89,13 @@ def redact(url: str) -> str:
     return shown.replace(_MASK_PLACEHOLDER, MASK) if secret else shown
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """The file that stops ``folder`` from being made (it, or the nearest of its parents that
+    exists, is not a folder); None when ``folder`` is a folder or can be made."""
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
 def has_secret(url: str) -> bool:
     """Whether ``url`` holds a password or another secret that :func:`redact` masks."""
     try:
@@ -125,8 +132,7 @@ def check_url(url: str) -> sqlalchemy.engine.URL:
                 "e.g. sqlite:///runs/ssl-search.db"
             )
         folder = Path(parsed.database).expanduser().resolve().parent
-        existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
-        if existing is None or not existing.is_dir():
+        if file_in_the_way(folder) is not None:
             raise StorageError(f"storage: cannot create a database under {folder}")
     return parsed
 
