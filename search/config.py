@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import io
+import json
 import math
 import re
 import unicodedata
@@ -41,7 +42,7 @@ from models.config import (
 )
 from models.errors import UsageError
 from search.database import StorageError, check_url, file_in_the_way, redact
-from search.naming import STAGES, checkpoint_cache_dir, long_budget, uses_rungs
+from search.naming import NOT_IDENTITY, STAGES, checkpoint_cache_dir, long_budget, uses_rungs
 from search.space import check_dependencies
 from storage.checkpoint_store import (
     CheckpointLocationError,
@@ -221,7 +222,40 @@ def _one_line(error: Exception, key: str | None = None) -> str:
     for node, kind in (("DictConfig", "mapping"), ("ListConfig", "list")):
         if message.startswith(f"Cannot convert '{node}' to"):  # OmegaConf's words for it
             message = f"expected a single value, got a {kind}" + _section_like(key)
+    # OmegaConf's words for a value of the wrong type, and for a value given to a section
+    converted = _NOT_CONVERTED.match(message)
+    if converted:
+        value, wanted = converted.groups()
+        message = f"must be {_WANTED.get(wanted, wanted)}, got {value!r}"
+    elif _NOT_A_BOOL.match(message):
+        message = f"must be true or false, got {_NOT_A_BOOL.match(message).group(1)!r}"
+    elif _NOT_A_LIST.match(message):
+        message = f"must be a list, e.g. {key}=[1,2]"
+    elif _NOT_A_SECTION.match(message) or _NOT_A_MAPPING.match(message):
+        message = f"a section, not a single value: set its settings ({_settings_of(key)})"
     return printable(f"{key}: {message}")
+
+
+_NOT_CONVERTED = re.compile(r"Value '(.*)' of type '\w+' could not be converted to (\w+)$")
+_WANTED = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false"}
+_NOT_A_SECTION = re.compile(r"Merge error: \w+ is not a subclass of \w+\. value: ")
+_NOT_A_MAPPING = re.compile(r"Cannot assign \w+ to Dict\[")
+_NOT_A_BOOL = re.compile(r"Value '(.*)' is not a valid bool")
+_NOT_A_LIST = re.compile(r"Invalid value assigned: \w+ is not a ListConfig")
+
+
+def _settings_of(key: str) -> str:
+    """``stages.screen.trials=..., stages.screen.epochs=...``: the settings of section ``key``."""
+    node: Any = OmegaConf.to_container(OmegaConf.structured(StudyConfig), throw_on_missing=False)
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    if key == "search.space":
+        return "search.space.NAME.target=..., search.space.NAME.low=..., ..."
+    if key.startswith("search.space.") and key.count(".") == 2:
+        node = OmegaConf.to_container(OmegaConf.structured(ParamSpec), throw_on_missing=False)
+    if not isinstance(node, dict):
+        return f"{key}.<setting>=..."
+    return ", ".join(f"{key}.{name}=..." for name in node)
 
 
 def _section_like(key: str) -> str:
@@ -781,6 +815,87 @@ def public_config(cfg: DictConfig) -> dict[str, Any]:
         shown["storage"] = redact(str(shown["storage"]))
     shown["checkpoints_dir"] = redact_location(str(shown["checkpoints_dir"]))
     return shown
+
+
+# Settings a later run of a study may change: where and how it runs, and how much more it
+# spends. Every other setting decides what the study's trials compute, and stays as the run
+# that created the study set it (see :func:`changed_settings`).
+RUN_SETTINGS = (
+    "name",
+    "description",
+    "stage",
+    "storage",
+    "runs_dir",
+    "artifacts_dir",
+    "checkpoints_dir",
+    "workers",
+    "devices",
+    "heartbeat_interval",
+    "grace_period",
+    "max_retries",
+    "oom_half_batch",
+    "search.sampler",  # which configurations come next, not what a configuration computes
+    "stages.screen.trials",
+    "stages.promote.top_k",
+    "stages.final.enabled",
+    *(f"{section}.{key}" for section, keys in NOT_IDENTITY.items() for key in keys),
+)
+
+
+class _Unset:
+    """A setting one side does not have."""
+
+    def __repr__(self) -> str:
+        return "unset"
+
+
+_UNSET = _Unset()
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay whole values."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix[:-1]: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flat(value, f"{prefix}{key}."))
+    return flat
+
+
+def _flat_space(old: Any, new: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both search spaces flattened field by field, unset fields at their defaults; a parameter
+    only one side searches is one key, ``searched`` on that side and unset on the other."""
+    default = OmegaConf.to_container(OmegaConf.structured(ParamSpec))
+    old, new = (space if isinstance(space, dict) else {} for space in (old, new))
+    flat_old: dict[str, Any] = {}
+    flat_new: dict[str, Any] = {}
+    for name in old.keys() | new.keys():
+        if name in old and name in new:
+            flat_old.update(_flat({**default, **old[name]}, f"search.space.{name}."))
+            flat_new.update(_flat({**default, **new[name]}, f"search.space.{name}."))
+        else:
+            (flat_old if name in old else flat_new)[f"search.space.{name}"] = "searched"
+    return flat_old, flat_new
+
+
+def changed_settings(stored: dict[str, Any], cfg: DictConfig) -> list[tuple[str, Any, Any]]:
+    """(key, stored value, this run's value) for each setting that decides what a study's
+    trials compute and that this run sets differently from the config stored with the study.
+
+    A setting one side lacks (a study made by an older version) counts as its default.
+    """
+    defaults = _flat(OmegaConf.to_container(OmegaConf.structured(StudyConfig)))
+    plain = [json.loads(json.dumps(c, default=str)) for c in (stored, public_config(cfg))]
+    spaces = _flat_space(*(c.get("search", {}).pop("space", None) for c in plain))
+    old, new = ({**_flat(c), **space} for c, space in zip(plain, spaces, strict=True))
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        if any(key == run or key.startswith(f"{run}.") for run in RUN_SETTINGS):
+            continue
+        before, after = (side.get(key, defaults.get(key, _UNSET)) for side in (old, new))
+        if before != after:
+            changes.append((key, before, after))
+    return changes
 
 
 def storage_url(cfg: DictConfig) -> str:

@@ -99,7 +99,7 @@ def is_continuation(user_attrs: Mapping[str, Any]) -> bool:
 
 
 # Settings that say where or how fast a run goes, not what it computes.
-_NOT_IDENTITY = {
+NOT_IDENTITY = {
     "data": ("root", "cache_dir", "download"),
     # checkpoint_every: when files are written; deterministic: which kernels (on CUDA, results
     # agree to rounding either way). Neither may make a run's own checkpoint a stranger's.
@@ -161,7 +161,7 @@ def run_fingerprint(cfg: DictConfig) -> str:
     where the data lives or which device runs it. A checkpoint is resumed only under the same."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     keep = {k: plain[k] for k in ("task", "data", "model", "train")}
-    for section, keys in _NOT_IDENTITY.items():
+    for section, keys in NOT_IDENTITY.items():
         for key in keys:
             keep[section].pop(key, None)
     text = json.dumps(keep, sort_keys=True, default=str)

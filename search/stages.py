@@ -40,8 +40,8 @@ from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from models.training import NonFiniteLossError
-from search.config import direction_of, public_config
-from search.database import StorageUnavailableError
+from search.config import ConfigError, changed_settings, direction_of, public_config
+from search.database import StorageUnavailableError, redact
 from search.naming import (
     NOTHING_QUEUED,
     RUNG_FROM_ATTR,
@@ -165,6 +165,7 @@ def open_studies(cfg: DictConfig, url: str, seed_offset: int | None = None) -> S
         grace_period=int(cfg.grace_period),
         max_retry=int(cfg.max_retries),
     )
+    _check_same_settings(cfg, storage, url)
     claims = Claims(storage.engine)
     direction = direction_of(cfg)
     studies = {}
@@ -196,13 +197,35 @@ def open_studies(cfg: DictConfig, url: str, seed_offset: int | None = None) -> S
     for stage, study in studies.items():
         study.sampler = make_sampler(cfg, seed_offset)
         study.pruner = make_pruner(cfg) if stage == "screen" else optuna.pruners.NopPruner()
-    resolved = public_config(cfg)
+    resolved = json.loads(json.dumps(public_config(cfg)))
     for stage, study in studies.items():
         if "config" not in study.user_attrs:
-            study.set_user_attr("config", json.loads(json.dumps(resolved)))
             study.set_user_attr("stage", stage)
             study.set_metric_names([stage_metric(cfg, stage)])
+        # The latest run's: its budgets and locations (nothing else may differ, see above).
+        if study.user_attrs.get("config") != resolved:
+            study.set_user_attr("config", resolved)
     return Studies(**studies, claims=claims)
+
+
+def _check_same_settings(cfg: DictConfig, storage: optuna.storages.BaseStorage, url: str) -> None:
+    """Refuse (ConfigError) to run study ``cfg.name`` with settings that change what its trials
+    compute: trials trained one way would be ranked, promoted and reported with another's."""
+    try:
+        study_id = storage.get_study_id_from_name(stage_study_name(cfg.name, "screen"))
+    except KeyError:
+        return  # a new study
+    stored = storage.get_study_user_attrs(study_id).get("config")
+    changes = changed_settings(stored, cfg) if isinstance(stored, dict) else []
+    if not changes:
+        return
+    shown = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes[:3])
+    more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
+    raise ConfigError(
+        f"{changes[0][0]}: study {cfg.name!r} in {redact(url)} was made with other settings "
+        f"({shown}{more}); its trials must all be trained alike: set them back, or start a "
+        f"new study with name={cfg.name}-2"
+    )
 
 
 def _wait_for_identity(study: optuna.Study, timeout_s: float = 30.0) -> None:

@@ -180,6 +180,30 @@ def test_messages_state_the_allowed_range():
     assert "\\x1b" in escaped and "\x1b" not in escaped  # shown escaped, never raw
 
 
+def test_messages_say_what_a_setting_takes_in_the_projects_words():
+    """OmegaConf's words ("Merge error: int is not a subclass of StagesConfig") become what the
+    setting takes."""
+    assert assert_refused(["train.batch_size=abc"], "train.batch_size").endswith(
+        "must be an integer, got 'abc'"
+    )
+    assert "must be a number, got 'hot'" in assert_refused(
+        ["train.temperature=hot"], "train.temperature"
+    )
+    assert "true or false, got 'maybe'" in assert_refused(
+        ["stages.final.enabled=maybe"], "stages.final.enabled"
+    )
+    assert "must be a list, e.g. model.encoder_kernels=[" in assert_refused(
+        ["model.encoder_kernels=5"], "model.encoder_kernels"
+    )
+    stages = assert_refused(["stages=3"], "stages")
+    assert "a section, not a single value" in stages and "stages.screen=..." in stages
+    optim = assert_refused(["train.optim=adam"], "train.optim")
+    assert "train.optim.name=..., train.optim.lr=..." in optim
+    space = assert_refused(["search.space.channels=3"], "search.space.channels")
+    assert "search.space.channels.target=..." in space
+    assert "search.space.NAME.target=..." in assert_refused(["search.space=3"], "search.space")
+
+
 def test_boundary_values_are_accepted(tmp_path, monkeypatch):
     monkeypatch.setenv(UNSET.replace("UNSET", "SET"), "from-env")
     images = tmp_path / "images"
@@ -350,7 +374,7 @@ def test_a_list_item_is_set_by_its_index_and_checked_like_the_list():
     assert list(cfg.model.encoder_kernels)[0] == 7 and list(cfg.model.encoder_kernels)[2] == 5
     for item, words in [
         ("model.encoder_kernels.0=4", "odd"),
-        ("model.encoder_kernels.0=abc", "Integer"),
+        ("model.encoder_kernels.0=abc", "must be an integer, got 'abc'"),
         ("model.encoder_kernels.9=5", "out of range"),
         ("model.encoder_kernels.x=5", "index"),
         ("model.encoder_kernels=null", None),
