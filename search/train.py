@@ -17,6 +17,7 @@ from models.training import EpochReport, Run
 from search.cli import config_from_args, guarded, parser
 from search.config import checkpoint_store, to_dataclasses
 from search.naming import PRETRAIN_FILE, format_metric, run_fingerprint, standalone_run_relative
+from search.pool import install_sigterm_as_interrupt, interrupted_exit_code
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -52,30 +53,39 @@ def main() -> int:
     else:
         store.pull(relative)
     ckpt_dir = store.local(relative)
-    splits = load_splits(data_cfg)
-    run = Run(
-        cfg.task,
-        splits,
-        model_cfg,
-        train_cfg,
-        checkpoint_dir=ckpt_dir,
-        identity=run_fingerprint(cfg),
-        on_checkpoint=store.push if store.remote else None,
-    )
-    print(
-        f"study {cfg.name}: task {cfg.task} on {cfg.data.name} "
-        f"({len(splits.train_y)} train / {len(splits.val_y)} val / {len(splits.test_y)} test), "
-        f"device {run.device}, checkpoints {store.where(relative)}",
-        flush=True,
-    )
-    if run.task != "guided" and not (ckpt_dir / PRETRAIN_FILE).exists():
-        # The untrained encoder's score is the bar that pretraining has to clear.
+    install_sigterm_as_interrupt()
+    try:
+        splits = load_splits(data_cfg)
+        run = Run(
+            cfg.task,
+            splits,
+            model_cfg,
+            train_cfg,
+            checkpoint_dir=ckpt_dir,
+            identity=run_fingerprint(cfg),
+            on_checkpoint=store.push if store.remote else None,
+        )
         print(
-            f"[pretrain 0/{cfg.train.epochs}] untrained encoder: knn_accuracy "
-            f"{run.knn_accuracy() * 100:.2f}%",
+            f"study {cfg.name}: task {cfg.task} on {cfg.data.name} "
+            f"({len(splits.train_y)} train / {len(splits.val_y)} val / {len(splits.test_y)} test), "
+            f"device {run.device}, checkpoints {store.where(relative)}",
             flush=True,
         )
-    results = run.fit(on_epoch=print_epoch)
+        if run.task != "guided" and not (ckpt_dir / PRETRAIN_FILE).exists():
+            # The untrained encoder's score is the bar that pretraining has to clear.
+            print(
+                f"[pretrain 0/{cfg.train.epochs}] untrained encoder: knn_accuracy "
+                f"{run.knn_accuracy() * 100:.2f}%",
+                flush=True,
+            )
+        results = run.fit(on_epoch=print_epoch)
+    except KeyboardInterrupt:  # a checkpoint being written is finished first (Run.fit)
+        print(
+            f"\ninterrupted: run the same command again to resume from the last checkpoint in "
+            f"{store.where(relative)}",
+            file=sys.stderr,
+        )
+        return interrupted_exit_code()
     print("final:")
     for key, value in results.items():
         print(f"  {key:16s} {format_metric(key, value)}")

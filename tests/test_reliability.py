@@ -26,7 +26,7 @@ from search import (
     summarize,
 )
 from search.database import WORKER_STORAGE_ENV
-from tests.conftest import REPO_ROOT, run_module
+from tests.conftest import REPO_ROOT, interrupt_and_collect, run_module
 
 # Every test here trains or starts search.run processes.
 pytestmark = pytest.mark.slow
@@ -103,13 +103,15 @@ def test_a_checkpoint_written_for_other_settings_is_set_aside_not_resumed(tmp_pa
     url, first = run_screen(tmp_path, "stages.screen.trials=1")
     path = checkpoint_of(tmp_path, first[0])
     # The retry of trial #0 runs under other settings (another projection width): its folder holds a
-    # checkpoint whose fingerprint differs.
+    # checkpoint whose fingerprint differs. (The study refuses to be opened with other settings;
+    # a worker of another version, or a study edited in storage, is what gets here.)
     _enqueue_retry_of_first_trial(url)
+    same = load_config("quickstart", [f"runs_dir={tmp_path}", *TINY, "stages.screen.trials=1"])
     cfg = load_config(
         "quickstart",
         [f"runs_dir={tmp_path}", *TINY, "stages.screen.trials=1", "model.projection_dim=32"],
     )
-    run_stages(open_studies(cfg, url), TrialRunner(cfg, device="cpu", progress=False), cfg)
+    run_stages(open_studies(same, url), TrialRunner(cfg, device="cpu", progress=False), cfg)
     retry = screen_trials(url)[-1]
     assert retry.state == TrialState.COMPLETE
     assert retry.user_attrs.get("resumed_from_epoch") is None
@@ -377,3 +379,50 @@ def test_a_deleted_stage_study_is_recreated_and_its_stale_claims_released(tmp_pa
         _, again = run_screen(tmp_path, "stages.screen.trials=1")
     assert [t.state for t in again] == [TrialState.COMPLETE]
     assert again[0].user_attrs["checkpoint_dir"] != first[0].user_attrs["checkpoint_dir"]
+
+
+def test_search_train_interrupted_says_how_to_resume_and_resumes(tmp_path):
+    """Ctrl-C in ``search.train``: one line (no traceback), exit 130, and the same command
+    continues from the last checkpoint instead of starting over."""
+    args = [
+        "-m",
+        "search.train",
+        "study=quickstart",
+        f"runs_dir={tmp_path}",
+        "train.epochs=40",
+        "train.progress=false",
+        "train.knn_max_train=200",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen = ""
+    while "[pretrain 2/40]" not in seen:  # two epochs done: a checkpoint is on disk
+        line = proc.stdout.readline()
+        assert line, f"search.train ended early:\n{seen}"
+        seen += line
+    out = seen + interrupt_and_collect(proc, timeout=120)
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    assert "interrupted: run the same command again to resume" in out
+    # The same command again resumes: its first trained epoch is past epoch 2.
+    again = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    first_epoch = ""
+    while not first_epoch.startswith("[pretrain "):
+        first_epoch = again.stdout.readline()
+        assert first_epoch, "search.train ended before training"
+    interrupt_and_collect(again, timeout=120)
+    assert int(first_epoch.split()[1].split("/")[0]) > 2, first_epoch
