@@ -219,15 +219,21 @@ _OPTUNA_TRIAL_LOGGER = "optuna.study._optimize"  # where Optuna logs a failed tr
 def install_sigterm_as_interrupt() -> None:
     """SIGTERM and SIGINT behave like Ctrl-C: the running trial is re-enqueued to resume later.
 
-    SIGINT is reset too, because a process started from a background job inherits it ignored.
+    Only the first signal interrupts. Later ones are ignored while the process stops: Ctrl-C
+    reaches a launcher and its workers at once, and the launcher then sends its workers SIGTERM,
+    which must not cut short the re-enqueueing of their trials (a launcher kills a worker that
+    has not stopped within ``STOP_GRACE_S``). SIGINT is set too, because a process started from
+    a background job inherits it ignored.
     """
 
     def handler(signum, frame):  # noqa: ARG001
+        if _stopped_by:  # already stopping
+            return
         _stopped_by.append(signum)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, handler)
     logger = logging.getLogger(_OPTUNA_TRIAL_LOGGER)
     if not any(isinstance(f, _QuietInterrupts) for f in logger.filters):
         logger.addFilter(_QuietInterrupts())

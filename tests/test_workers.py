@@ -579,3 +579,39 @@ def test_a_claim_taken_over_is_not_taken_over_again_on_an_older_sighting(tmp_pat
     _held_waiting_since[key] = (a_claim, time.monotonic() - 10)  # C's sighting of A's claim
     assert _claim_waiting(studies, "final", grace_period=0.5) is None
     assert studies.claims.taken_at(key) == {key: b_claim}  # B's claim stands
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_launcher_and_workers_then_sigterm_loses_nothing(tmp_path):
+    """Ctrl-C reaches the launcher and every worker at once, then the launcher (or a batch
+    system) sends SIGTERM: the second signal must not cut short the re-enqueueing of the running
+    trials, nor print a traceback from inside the clean-up."""
+    log = tmp_path / "run.log"
+    args = [*WORKER_STUDY, "stages.screen.epochs=6", "workers=2", f"runs_dir={tmp_path}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "search.run", "study=quickstart", "--no-progress", *args],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # a process group, as a terminal makes one
+    )
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    try:
+        wait_for_checkpointed_trial(url, "quickstart", tmp_path, timeout=300)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    said = log.read_text()
+    assert "Traceback" not in said and "Exception ignored" not in said, said[-3000:]
+    assert said.count("interrupted: its running trial was re-enqueued") == 2, said[-3000:]
+    screen = all_trials(url, "quickstart")["screen"]
+    assert not [t.number for t in screen if t.state == TrialState.RUNNING]
+    stopped = [t for t in screen if "interrupted" in str(t.user_attrs.get("fail_reason"))]
+    assert stopped, [(t.number, t.state) for t in screen]
+    for trial in stopped:  # each has its retry waiting
+        assert "; retried as trial" in failure_reason(trial, screen), failure_reason(trial, screen)
