@@ -192,6 +192,7 @@ STOP_GRACE_S = 30.0  # how long stopped workers get to re-enqueue their trials
 
 
 _stopped_by: list[int] = []  # the signal that stopped this process, once one did
+_stopping_since: list[float] = []  # when it did (time.monotonic())
 
 
 class _QuietInterrupts(logging.Filter):
@@ -219,17 +220,18 @@ _OPTUNA_TRIAL_LOGGER = "optuna.study._optimize"  # where Optuna logs a failed tr
 def install_sigterm_as_interrupt() -> None:
     """SIGTERM and SIGINT behave like Ctrl-C: the running trial is re-enqueued to resume later.
 
-    Only the first signal interrupts. Later ones are ignored while the process stops: Ctrl-C
-    reaches a launcher and its workers at once, and the launcher then sends its workers SIGTERM,
-    which must not cut short the re-enqueueing of their trials (a launcher kills a worker that
-    has not stopped within ``STOP_GRACE_S``). SIGINT is set too, because a process started from
+    Only the first signal interrupts. Later ones within ``STOP_GRACE_S`` are ignored while the
+    process stops: Ctrl-C reaches a launcher and its workers at once, and the launcher then sends
+    its workers SIGTERM, which must not cut short the re-enqueueing of their trials (a launcher
+    kills a worker that has not stopped by then; a signal after it interrupts a stuck clean-up). SIGINT is set too, because a process started from
     a background job inherits it ignored.
     """
 
     def handler(signum, frame):  # noqa: ARG001
-        if _stopped_by:  # already stopping
-            return
+        if _stopped_by and time.monotonic() - _stopping_since[0] < STOP_GRACE_S:
+            return  # already stopping; after the grace a signal interrupts the clean-up too
         _stopped_by.append(signum)
+        _stopping_since[:] = [time.monotonic()]
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
