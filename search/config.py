@@ -41,7 +41,7 @@ from models.config import (
     check_run,
 )
 from models.errors import UsageError
-from search.database import StorageError, check_url, file_in_the_way, redact
+from search.database import StorageError, check_url, folder_problem, redact
 from search.naming import NOT_IDENTITY, STAGES, checkpoint_cache_dir, long_budget, uses_rungs
 from search.space import check_dependencies
 from storage.checkpoint_store import (
@@ -540,11 +540,8 @@ def _validate_folders(cfg: DictConfig) -> None:
         setting = _FOLDER_SETTINGS[kind]
         if kind == "checkpoints" and is_url(str(cfg.checkpoints_dir)):
             setting = "runs_dir"
-        path = folder.resolve()
-        if (blocker := file_in_the_way(path)) is not None:
-            raise ConfigError(
-                printable(f"{setting}: cannot make the folder {path}: {blocker} is not a folder")
-            )
+        if (problem := folder_problem(folder)) is not None:
+            raise ConfigError(printable(f"{setting}: cannot make the folder {folder}: {problem}"))
 
 
 def _validate_fields(cfg: DictConfig) -> None:

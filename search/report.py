@@ -25,7 +25,7 @@ from reporting.report import REPORT_TSNE_POINTS, write_combined, write_report
 from reporting.store import locate, open_existing_storage, study_names
 from search import redact, resolved_paths, storage_url
 from search.cli import guarded, parser, split_study
-from search.database import file_in_the_way
+from search.database import folder_problem
 
 
 @guarded
@@ -47,10 +47,8 @@ def main() -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     args: argparse.Namespace = p.parse_args()
     check_device(args.device, "--device")
-    if args.out:
-        out = Path(args.out).expanduser().resolve()
-        if (blocker := file_in_the_way(out)) is not None:
-            raise UsageError(f"--out: cannot make the folder {out}: {blocker} is not a folder")
+    if args.out and (problem := folder_problem(args.out)) is not None:
+        raise UsageError(f"--out: cannot make the folder {args.out}: {problem}")
     import matplotlib
 
     matplotlib.use("Agg")  # Optuna's plots go through pyplot: never open a window

@@ -8,6 +8,7 @@ creating Optuna's schema on an empty database at the same instant collide.
 
 from __future__ import annotations
 
+import os
 import random
 import sqlite3
 import time
@@ -89,11 +90,25 @@ def redact(url: str) -> str:
     return shown.replace(_MASK_PLACEHOLDER, MASK) if secret else shown
 
 
-def file_in_the_way(folder: Path) -> Path | None:
-    """The file that stops ``folder`` from being made (it, or the nearest of its parents that
-    exists, is not a folder); None when ``folder`` is a folder or can be made."""
-    existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
-    return existing if existing is not None and not existing.is_dir() else None
+def folder_problem(folder: str | os.PathLike[str]) -> str | None:
+    """Why ``folder`` cannot be made or written (a file in the way, a symlink loop, no write
+    permission on the nearest existing parent), in words; None when it can.
+
+    >>> folder_problem("/etc/hostname/checkpoints")
+    '/etc/hostname is not a folder'
+    """
+    try:
+        path = Path(folder).expanduser().resolve()
+    except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop (Python < 3.13)
+        return f"cannot follow it: {error}"
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    if existing is None:
+        return None
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def has_secret(url: str) -> bool:
@@ -131,9 +146,9 @@ def check_url(url: str) -> sqlalchemy.engine.URL:
                 "storage: an in-memory SQLite database cannot be shared or resumed; give a file, "
                 "e.g. sqlite:///runs/ssl-search.db"
             )
-        folder = Path(parsed.database).expanduser().resolve().parent
-        if file_in_the_way(folder) is not None:
-            raise StorageError(f"storage: cannot create a database under {folder}")
+        folder = Path(parsed.database).expanduser().parent
+        if (problem := folder_problem(folder)) is not None:
+            raise StorageError(f"storage: cannot create a database under {folder}: {problem}")
     return parsed
 
 

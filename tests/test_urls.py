@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -10,7 +11,16 @@ import optuna
 import pytest
 from sqlalchemy.engine import make_url
 
-from storage.urls import SUPPORTED, StorageError, check_url, open_storage, redact
+from models.errors import UsageError
+from search.config import load_config
+from storage.urls import (
+    SUPPORTED,
+    StorageError,
+    check_url,
+    folder_problem,
+    open_storage,
+    redact,
+)
 
 SECRET = "s3cret"
 
@@ -211,3 +221,34 @@ def test_several_openers_at_once_on_an_empty_database(backend, tmp_path: Path, r
     finally:
         for storage in opened:
             storage.engine.dispose()
+
+
+def test_folder_problems_are_said_not_raised(tmp_path):
+    """A symlink loop, a file in the way or a folder this user cannot write: each in words
+    (the callers make one line of it), never a traceback."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path / "back")
+    (tmp_path / "back").symlink_to(loop)
+    assert "cannot follow it" in folder_problem(loop / "runs")
+    with pytest.raises(StorageError, match="cannot create a database under .*cannot follow it"):
+        check_url(f"sqlite:///{loop / 'study.db'}")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert folder_problem(blocker / "a" / "b") == f"{blocker} is not a folder"
+    assert folder_problem(tmp_path / "new" / "deep") is None
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert folder_problem(locked / "runs") == f"{locked} is not writable"
+
+
+def test_a_study_with_a_runs_dir_through_a_symlink_loop_is_one_line(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path / "back")
+    (tmp_path / "back").symlink_to(loop)
+    for setting in ("runs_dir", "checkpoints_dir", "artifacts_dir"):
+        overrides = [f"runs_dir={tmp_path / 'runs'}", f"{setting}={loop / 'x'}"]
+        with pytest.raises(UsageError) as caught:
+            load_config("quickstart", overrides)
+        message = str(caught.value)
+        assert "cannot follow it" in message and "\n" not in message, message
