@@ -11,9 +11,11 @@ consistent, and any worker started later carries on.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -265,7 +267,13 @@ def _progress_thread(cfg: DictConfig, url: str, stop: threading.Event) -> thread
     return thread
 
 
-_LAUNCHER_MARK = ".launcher"  # worker config files are named <study>.launcher<pid>-<random>.yaml
+# Worker config files are named <study>.launcher<pid>@<host>-<random>.yaml, <host> a hash of
+# this machine's name: a runs_dir shared by several machines holds other machines' launchers.
+_LAUNCHER_MARK = ".launcher"
+
+
+def _this_host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def remove_orphaned_worker_configs(folder: Path) -> list[Path]:
@@ -273,11 +281,14 @@ def remove_orphaned_worker_configs(folder: Path) -> list[Path]:
 
     A launcher deletes its file when its workers end; one killed with SIGKILL cannot, and its
     workers no longer need the file (each reads it once, at start). A file whose launcher is
-    alive, or whose name does not carry a launcher's pid, is kept.
+    alive, runs on another machine, or whose name does not carry a launcher's pid, is kept.
     """
     removed = []
     for path in folder.glob(f"*{_LAUNCHER_MARK}*-*.yaml"):
-        pid_text = path.name.rsplit(_LAUNCHER_MARK, 1)[1].split("-", 1)[0]
+        launcher = path.name.rsplit(_LAUNCHER_MARK, 1)[1].split("-", 1)[0]
+        pid_text, _, host = launcher.partition("@")
+        if host and host != _this_host():  # its pid means nothing here
+            continue
         if not pid_text.isdigit() or _process_alive(int(pid_text)):
             continue
         path.unlink(missing_ok=True)
@@ -314,7 +325,9 @@ def run_workers(
     folder.mkdir(parents=True, exist_ok=True)
     remove_orphaned_worker_configs(folder)
     fd, cfg_path = tempfile.mkstemp(
-        dir=folder, prefix=f"{cfg.name}{_LAUNCHER_MARK}{os.getpid()}-", suffix=".yaml"
+        dir=folder,
+        prefix=f"{cfg.name}{_LAUNCHER_MARK}{os.getpid()}@{_this_host()}-",
+        suffix=".yaml",
     )
     shared = OmegaConf.to_container(cfg, resolve=True)
     shared["storage"] = ""

@@ -476,18 +476,23 @@ def test_sigkilled_worker_mid_continuation_is_resumed_as_the_same_leg(tmp_path: 
 def test_a_sigkilled_launchers_worker_config_is_removed_by_the_next_launcher(tmp_path: Path):
     """The file a launcher leaves behind when SIGKILLed goes at the next launch; a live
     launcher's file and files that are not launchers' stay."""
-    from search.pool import remove_orphaned_worker_configs
+    from search.pool import _this_host, remove_orphaned_worker_configs
 
     dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead.send_signal(signal.SIGKILL)
     dead.wait(timeout=30)
-    orphan = tmp_path / f"quickstart.launcher{dead.pid}-x1y2.yaml"
-    alive = tmp_path / f"quickstart.launcher{os.getpid()}-a3b4.yaml"
+    here = _this_host()
+    orphan = tmp_path / f"quickstart.launcher{dead.pid}@{here}-x1y2.yaml"
+    older = tmp_path / f"quickstart.launcher{dead.pid}-x1y3.yaml"  # named without the host
+    alive = tmp_path / f"quickstart.launcher{os.getpid()}@{here}-a3b4.yaml"
+    # Another machine's launcher sharing this runs_dir: its pid is not this machine's to check.
+    elsewhere = tmp_path / f"quickstart.launcher{dead.pid}@0123abcd-c5d6.yaml"
     other = tmp_path / "notes.yaml"
-    for path in (orphan, alive, other):
+    for path in (orphan, older, alive, elsewhere, other):
         path.write_text("name: quickstart\n")
-    assert remove_orphaned_worker_configs(tmp_path) == [orphan]
-    assert not orphan.exists() and alive.exists() and other.exists()
+    assert sorted(remove_orphaned_worker_configs(tmp_path)) == sorted([orphan, older])
+    assert all(p.exists() for p in (alive, elsewhere, other))
+    assert not orphan.exists() and not older.exists()
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
