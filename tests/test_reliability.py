@@ -394,14 +394,18 @@ def test_search_train_interrupted_says_how_to_resume_and_resumes(tmp_path):
         "train.knn_max_train=200",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, *args],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, *args],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    proc = start()
     seen = ""
     while "[pretrain 2/40]" not in seen:  # two epochs done: a checkpoint is on disk
         line = proc.stdout.readline()
@@ -412,14 +416,7 @@ def test_search_train_interrupted_says_how_to_resume_and_resumes(tmp_path):
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
     assert "interrupted: run the same command again to resume" in out
     # The same command again resumes: its first trained epoch is past epoch 2.
-    again = subprocess.Popen(
-        [sys.executable, *args],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    again = start()
     first_epoch = ""
     while not first_epoch.startswith("[pretrain "):
         first_epoch = again.stdout.readline()
