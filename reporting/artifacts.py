@@ -9,8 +9,9 @@ before a trial returns and attaches:
   (autoencoder), and ``tsne.png``: t-SNE of (at most ``TRIAL_TSNE_POINTS``) test images in the
   trial's latent space, coloured by class (the report adds raw image space and other tasks).
 
-A final trial's learning curves start with the pretraining of the promoted trial it continues,
-which the objective passes to the hooks as ``extra["source_trial"]``.
+A final trial's learning curves start with the pretraining of the configuration it continues,
+every leg of it, which the objective passes to the hooks as ``extra["source_curve"]`` (and the
+promoted trial as ``extra["source_trial"]``).
 
 Drawing off the trial's path
 ----------------------------
@@ -152,7 +153,11 @@ def trial_drawings(trial: optuna.Trial, run: Any, extra: dict[str, Any]) -> dict
         curve = list(extra["history"])
     curve = [_plain(c) for c in curve]
     if stage == "final":
-        source = [_plain(c) for c in _pretrain_curve(extra.get("source_trial"))]
+        # Every leg of the promoted configuration (a leg holds only the epochs it added).
+        joined = extra.get("source_curve")
+        if joined is None:
+            joined = _pretrain_curve(extra.get("source_trial"))
+        source = [_plain(c) for c in joined]
         curve = source + [c for c in curve if c["phase"] == "probe"]
     title = f"{study} trial #{trial.number}: learning curves ({run.task})"
     out: dict[str, Drawing] = {

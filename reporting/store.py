@@ -38,8 +38,7 @@ from search import (
     StudyConfig,
     apply,
     checkpoint_store,
-    config_number,
-    learning_curve,
+    configuration_pretrain_curve,
     load_config,
     open_storage,
     redact,
@@ -48,7 +47,6 @@ from search import (
     study_path,
     to_dataclasses,
     top_trials,
-    uses_rungs,
 )
 
 # Overrides that say where things are on this machine: they apply to every study in storage.
@@ -192,21 +190,16 @@ def pretrain_curve(
     storage: optuna.storages.BaseStorage, cfg: DictConfig, source: FrozenTrial
 ) -> list[dict[str, Any]]:
     """The pretraining rows (by epoch) of the configuration behind promoted trial ``source``:
-    under rungs, of every completed leg it was trained in (a leg holds only the epochs it
-    added); otherwise ``source``'s own."""
-    if not uses_rungs(cfg):
-        return learning_curve(source.user_attrs, "pretrain")
-    number = config_number(source)
-    rows: dict[int, dict[str, Any]] = {}
+    under rungs, of every completed leg it was trained in; otherwise ``source``'s own
+    (:func:`search.configuration_pretrain_curve`)."""
+    legs: list[FrozenTrial] = []
     for stage in ("screen", "promote"):
         try:
             study = optuna.load_study(study_name=stage_study_name(cfg.name, stage), storage=storage)
         except KeyError:
             continue
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            if config_number(t) == number and "duplicate_of" not in t.user_attrs:
-                rows.update({r["epoch"]: r for r in learning_curve(t.user_attrs, "pretrain")})
-    return [rows[epoch] for epoch in sorted(rows)]
+        legs.extend(study.get_trials(deepcopy=False))
+    return configuration_pretrain_curve(source, legs)
 
 
 def same_dataset_finals(

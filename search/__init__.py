@@ -71,6 +71,7 @@ _EXPORTS = {
     "TrialRunner": "search.objective",
     "original_number": "search.objective",
     "config_number": "search.objective",
+    "configuration_pretrain_curve": "search.objective",
     "encoder_epoch": "search.objective",
     # worker processes
     "check_devices": "search.pool",

@@ -19,7 +19,7 @@ import contextlib
 import gc
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from typing import Any
 import optuna
 import torch
 from omegaconf import DictConfig
+from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from models.checkpoints import CheckpointError, check_identity, load_checkpoint, set_aside
@@ -58,6 +59,8 @@ from storage.claims import default_owner
 TrialHook = Callable[[optuna.Trial, Run, DictConfig, dict[str, Any]], None]
 # (Optuna study name, trial number) -> that trial, for a final trial's source.
 TrialLookup = Callable[[str, int], "optuna.trial.FrozenTrial | None"]
+# The pretraining rows of the configuration a promoted trial trains (every leg of it).
+CurveLookup = Callable[["optuna.trial.FrozenTrial"], list[dict[str, Any]]]
 
 
 # A configuration that ran out of memory and was retried at half its batch size.
@@ -124,6 +127,26 @@ def config_number(trial: optuna.trial.FrozenTrial) -> int:
     return int(trial.user_attrs.get("config", original_number(trial)))
 
 
+def configuration_pretrain_curve(
+    source: optuna.trial.FrozenTrial, legs: Iterable[optuna.trial.FrozenTrial]
+) -> list[dict[str, Any]]:
+    """The pretraining rows (by epoch) of the configuration trial ``source`` trains: under rungs
+    (its legs carry user attr ``config``), joined over every completed leg of it in ``legs``, in
+    order, since a leg holds only the epochs it added; otherwise ``source``'s own."""
+    if "config" not in source.user_attrs:
+        return learning_curve(source.user_attrs, "pretrain")
+    number = config_number(source)
+    rows: dict[int, dict[str, Any]] = {}
+    for leg in legs:
+        if (
+            leg.state == TrialState.COMPLETE
+            and config_number(leg) == number
+            and "duplicate_of" not in leg.user_attrs
+        ):
+            rows.update({r["epoch"]: r for r in learning_curve(leg.user_attrs, "pretrain")})
+    return [rows[epoch] for epoch in sorted(rows)]
+
+
 class TrialRunner:
     """Runs trials of one study in this process; loads the data once and reuses it."""
 
@@ -133,6 +156,7 @@ class TrialRunner:
         device: str | None = None,
         progress: bool = True,
         find_trial: TrialLookup | None = None,
+        source_curve: CurveLookup | None = None,
     ) -> None:
         self.cfg = cfg
         self.device = device or cfg.train.device
@@ -141,6 +165,7 @@ class TrialRunner:
         # checkpoints_dir, shared by every worker: a folder, or a URL mirrored in a local cache.
         self.store = checkpoint_store(cfg)
         self.find_trial = find_trial
+        self.source_curve = source_curve
         self._splits: ImageSplits | None = None
         # Called before a trial returns (artifacts must be uploaded while it is running).
         self.hooks: list[TrialHook] = []
@@ -220,7 +245,10 @@ class TrialRunner:
                 if self.find_trial and "source_trial" in attrs
                 else None
             )
-            self._run_hooks(trial, run, tcfg, {"results": results, "source_trial": source_trial})
+            extra = {"results": results, "source_trial": source_trial}
+            if source_trial is not None and self.source_curve is not None:
+                extra["source_curve"] = self.source_curve(source_trial)
+            self._run_hooks(trial, run, tcfg, extra)
             return results[FINAL_METRIC]
         except BaseException as error:
             self._fail(trial, error)

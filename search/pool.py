@@ -174,7 +174,13 @@ def worker_loop(
     trial (the command line passes the artifact uploader).
     """
     studies = open_studies(cfg, url, seed_offset=seed_offset)
-    runner = TrialRunner(cfg, device=device, progress=progress, find_trial=studies.find_trial)
+    runner = TrialRunner(
+        cfg,
+        device=device,
+        progress=progress,
+        find_trial=studies.find_trial,
+        source_curve=studies.pretrain_curve,
+    )
     runner.splits  # noqa: B018 - load the data now, as start-up, not inside the first trial
     runner.hooks.extend(hooks)
 

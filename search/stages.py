@@ -62,6 +62,7 @@ from search.objective import (
     TrialRunner,
     carried_attrs,
     config_number,
+    configuration_pretrain_curve,
     original_number,
     release_trial_memory,
     stored,
@@ -103,6 +104,12 @@ class Studies:
 
     def of(self, stage: str) -> optuna.Study:
         return getattr(self, stage)
+
+    def pretrain_curve(self, source: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
+        """The pretraining rows of the configuration promoted trial ``source`` trains, over
+        all its legs (:func:`configuration_pretrain_curve`)."""
+        legs = [*self.screen.get_trials(deepcopy=False), *self.promote.get_trials(deepcopy=False)]
+        return configuration_pretrain_curve(source, legs)
 
     def find_trial(self, study_name: str, number: int) -> optuna.trial.FrozenTrial | None:
         """Trial ``number`` of the stage study called ``study_name`` (None if absent)."""

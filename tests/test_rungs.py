@@ -36,6 +36,7 @@ from search.stages import (
     progress,
     records_from_snapshot,
     run_rungs,
+    run_stages,
     scheduler_records,
     scheduler_settings,
 )
@@ -630,3 +631,35 @@ def test_baselines_interrupted_while_scored_are_scored_by_the_next_run(tmp_path:
         record_baselines(studies, Interrupted(cfg))
     record_baselines(open_studies(cfg, url), CurveRunner(cfg))
     assert studies.screen.user_attrs[BASELINES_ATTR] == {"pixels": 0.1}
+
+
+@pytest.mark.slow
+def test_the_final_trials_figure_gets_every_leg_of_the_configuration_it_continues(
+    tmp_path: Path,
+) -> None:
+    """The final trial's learning-curve artifact starts with the pretraining of the promoted
+    configuration: every leg of it (rungs 1 -> 3 -> 9), not only the last leg's epochs."""
+    from search import TrialRunner
+
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    overrides = [f"runs_dir={tmp_path}", f"storage={url}", *REAL_RUN, "stages.promote.epochs=9"]
+    cfg = load_config("quickstart", overrides)
+    studies = open_studies(cfg, url)
+    runner = TrialRunner(
+        cfg,
+        device="cpu",
+        progress=False,
+        find_trial=studies.find_trial,
+        source_curve=studies.pretrain_curve,
+    )
+    seen: dict[str, list[int]] = {}
+
+    def hook(trial, run, tcfg, extra) -> None:  # noqa: ANN001, ARG001
+        if trial.user_attrs.get("stage") == "final":
+            seen["epochs"] = [row["epoch"] for row in extra["source_curve"]]
+            seen["last_leg"] = extra["source_trial"].user_attrs["rung_from"]
+
+    runner.hooks.append(hook)
+    run_stages(studies, runner, cfg)
+    assert seen["last_leg"] == 3  # the promoted trial is the 3 -> 9 leg ...
+    assert seen["epochs"] == list(range(1, 10))  # ... and the figure shows epochs 1 to 9
