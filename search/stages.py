@@ -83,6 +83,7 @@ from search.space import baseline_params
 from storage.checkpoint_store import CheckpointTransferError
 from storage.claims import Claims
 from storage.retry import FAILED_AT_ATTR
+from storage.trial_retry import RetryFailedTrial, retries_spent
 from storage.urls import open_storage
 
 POLL_S = 1.0
@@ -205,6 +206,8 @@ def open_studies(cfg: DictConfig, url: str, seed_offset: int | None = None) -> S
         study.sampler = make_sampler(cfg, seed_offset)
         study.pruner = make_pruner(cfg) if stage == "screen" else optuna.pruners.NopPruner()
     resolved = json.loads(json.dumps(public_config(cfg)))
+    # The URL in use, masked: a worker's config leaves it out (it travels in the environment).
+    resolved["storage"] = redact(url)
     for stage, study in studies.items():
         if "config" not in study.user_attrs:
             study.set_user_attr("stage", stage)
@@ -362,8 +365,8 @@ def _run_one(
 
     try:
         study.optimize(tracked, n_trials=1, catch=(Exception,))
-    except KeyboardInterrupt:
-        _requeue(study, started, max_retries)
+    except KeyboardInterrupt:  # stopped on purpose: the retry is not counted
+        _requeue(study, started, max_retries, counted=False)
         if not started and claimed is not None:  # stopped before it had popped a trial
             studies.claims.release(_waiting_key(study, claimed))
         raise
@@ -379,20 +382,24 @@ def _run_one(
             _requeue(study, started, max_retries)
         if trial.state == TrialState.FAIL and reason.startswith(StorageUnavailableError.__name__):
             # The storage went away past the retry bound and came back in time to record it:
-            # the configuration is not at fault, so it runs again, later. This process stops.
-            _requeue(study, started, max_retries)
+            # the configuration is not at fault, so it runs again, later (not counted as one of
+            # its retries). This process stops.
+            _requeue(study, started, max_retries, counted=False)
             raise StorageUnavailableError(reason.split(": ", 1)[-1])
     return started[0] if started else None
 
 
-def _requeue(study: optuna.Study, started: list[int], max_retries: int) -> None:
-    """Re-enqueue the failed trial this process started, to resume from its checkpoint."""
+def _requeue(
+    study: optuna.Study, started: list[int], max_retries: int, counted: bool = True
+) -> None:
+    """Re-enqueue the failed trial this process started, to resume from its checkpoint; a
+    retry not ``counted`` does not spend one of ``max_retries`` (see storage.trial_retry)."""
     if not started:
         return
     trial = next(t for t in study.get_trials(deepcopy=True) if t.number == started[0])
     if trial.state == TrialState.FAIL:
         trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}
-        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retries)(study, trial)
+        RetryFailedTrial(max_retry=max_retries)(study, trial, counted=counted)
 
 
 def _was_queued(trial: optuna.trial.FrozenTrial) -> bool:
@@ -734,12 +741,11 @@ def _retry_on_its_way(
     configuration must not look given up (its place at the long budget freed, the study taken
     for finished). One whose retry never came within grace_period is given up."""
     reason = str(trial.user_attrs.get("fail_reason") or "")
-    requeued = reason.startswith(
-        (INTERRUPTED_REASON, StorageUnavailableError.__name__, CheckpointTransferError.__name__)
-    )
+    free = reason.startswith((INTERRUPTED_REASON, StorageUnavailableError.__name__))
+    requeued = free or reason.startswith(CheckpointTransferError.__name__)
     if (reason and not requeued) or trial.number in retried:
         return False  # failed on its own merits (never retried), or retried already
-    if len(_history(trial)) >= int(cfg.max_retries):
+    if not free and retries_spent(trial) >= int(cfg.max_retries):
         return False  # its retries are spent
     failed_at = trial.system_attrs.get(FAILED_AT_ATTR)
     if failed_at is None:  # failed before the stamp existed: Optuna's naive local time

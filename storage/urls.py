@@ -194,9 +194,9 @@ def open_storage(
     ``retry_seconds`` (default :data:`storage.retry.RETRY_SECONDS`), then raises
     :class:`StorageUnavailableError`.
     """
-    import optuna  # imported here so that checking a URL stays light
-
+    # imported here so that checking a URL stays light
     from storage.retry import RETRY_SECONDS, RetryingRDBStorage
+    from storage.trial_retry import RetryFailedTrial
 
     parsed = check_url(url)
     engine_kwargs: dict = {}
@@ -214,9 +214,7 @@ def open_storage(
         heartbeat = {
             "heartbeat_interval": heartbeat_interval,
             "grace_period": grace_period,
-            "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=max_retry
-            ),
+            "heartbeat_stale_trial_callback": RetryFailedTrial(max_retry=max_retry),
         }
     retry = RETRY_SECONDS if retry_seconds is None else retry_seconds
     for attempt in range(attempts):

@@ -663,3 +663,38 @@ def test_the_final_trials_figure_gets_every_leg_of_the_configuration_it_continue
     run_stages(studies, runner, cfg)
     assert seen["last_leg"] == 3  # the promoted trial is the 3 -> 9 leg ...
     assert seen["epochs"] == list(range(1, 10))  # ... and the figure shows epochs 1 to 9
+
+
+def test_interruptions_do_not_spend_a_configurations_retries(tmp_path: Path) -> None:
+    """A job stopped three times (Ctrl-C, SIGTERM, preemption) in the same long leg keeps its
+    configuration with ``max_retries=1``: only failures spend retries, not stops on purpose."""
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    cfg = load_config("quickstart", [*RUNG_STUDY, f"storage={url}", "max_retries=1"])
+    stopped: list[int] = []
+
+    class Preempted(CurveRunner):
+        def objective(self, stage: str):  # noqa: ANN202
+            run = super().objective(stage)
+
+            def preempted(trial: optuna.Trial) -> float:
+                if trial.user_attrs.get("rung_to") == 27 and len(stopped) < 3:
+                    stopped.append(int(trial.user_attrs["config"]))
+                    raise KeyboardInterrupt
+                return run(trial)
+
+            return preempted
+
+    for _ in range(3):
+        with pytest.raises(KeyboardInterrupt):
+            run_rungs(open_studies(cfg, url), Preempted(cfg), cfg)
+    run_rungs(open_studies(cfg, url), Preempted(cfg), cfg)
+    assert len(stopped) == 3 and len(set(stopped)) == 1, stopped  # the same leg, 3 times
+    promote = optuna.load_study(study_name=f"{cfg.name}.promote", storage=url).get_trials()
+    at_last = [
+        t for t in promote if t.user_attrs.get("rung_to") == 27 and t.state == TrialState.COMPLETE
+    ]
+    finished = [t for t in at_last if t.user_attrs.get("config") == stopped[0]]
+    assert len(finished) == 1  # the fourth try reached the long budget
+    from storage.trial_retry import retries_spent
+
+    assert retries_spent(finished[0]) == 0  # three retries, none of them spent

@@ -1,0 +1,37 @@
+"""storage.trial_retry: failures spend a configuration's retries, stops on purpose do not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from storage.trial_retry import FREE_RETRIES_ATTR, RetryFailedTrial, retries_spent
+
+
+def _fail_latest(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """Run the next trial (the queued retry, if any) and fail it; the failed trial."""
+    trial = study.ask()
+    study.tell(trial, state=TrialState.FAIL)
+    return study.get_trials()[-1]
+
+
+def test_counted_retries_stop_at_max_retry_and_free_ones_do_not(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'r.db'}")
+    retry = RetryFailedTrial(max_retry=1)
+    failed = _fail_latest(study)
+    for _ in range(3):  # stopped on purpose three times: each retried, none counted
+        retry(study, failed, counted=False)
+        assert study.get_trials()[-1].state == TrialState.WAITING
+        failed = _fail_latest(study)
+    assert failed.system_attrs[FREE_RETRIES_ATTR] == 3 and retries_spent(failed) == 0
+    retry(study, failed)  # a failure: spends the one retry
+    failed = _fail_latest(study)
+    assert retries_spent(failed) == 1
+    before = len(study.get_trials())
+    retry(study, failed)  # a second failure: no retry left
+    assert len(study.get_trials()) == before
+    # Optuna's own reader still sees the whole chain: trial 4 retries 0 (and 1, 2, 3).
+    assert optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(failed) == [0, 1, 2, 3]
+    assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(failed) == 0
