@@ -127,6 +127,12 @@ def config_number(trial: optuna.trial.FrozenTrial) -> int:
     return int(trial.user_attrs.get("config", original_number(trial)))
 
 
+class CheckpointUnreachableError(CheckpointError):
+    """A checkpoint another leg wrote is not where this worker looks: its ``checkpoints_dir``
+    is not the one the study's other workers share. The trial fails, is queued again for a
+    worker that can read it, and this worker stops (see ``search.stages``)."""
+
+
 def configuration_pretrain_curve(
     source: optuna.trial.FrozenTrial, legs: Iterable[optuna.trial.FrozenTrial]
 ) -> list[dict[str, Any]]:
@@ -272,9 +278,9 @@ class TrialRunner:
         self.store.pull(relative)
         return self.store.local(relative)
 
-    def _unreachable(self, relative: Path, name: str, what: str) -> CheckpointError:
+    def _unreachable(self, relative: Path, name: str, what: str) -> CheckpointUnreachableError:
         """A checkpoint this worker needs and cannot read: where it should be, how to share it."""
-        return CheckpointError(
+        return CheckpointUnreachableError(
             self.store.where(relative, name),
             f"{what} but this worker cannot read its checkpoint; checkpoints_dir must be one "
             "location every worker reaches (a shared folder or mount at the same path on every "

@@ -59,6 +59,7 @@ from search.naming import (
 )
 from search.objective import (
     INTERRUPTED_REASON,
+    CheckpointUnreachableError,
     TrialRunner,
     carried_attrs,
     config_number,
@@ -380,6 +381,15 @@ def _run_one(
             # configuration: retried like a killed worker's trial (up to max_retries), from its
             # last checkpoint that did reach the store.
             _requeue(study, started, max_retries)
+        if trial.state == TrialState.FAIL and reason.startswith(
+            CheckpointUnreachableError.__name__
+        ):
+            # This worker cannot see the checkpoints the others write: every leg it took over
+            # would fail the same way and lose its configuration. The leg goes back to the
+            # queue (a counted retry: a checkpoint that is truly gone ends there) for a worker
+            # that can read it, and this worker stops.
+            _requeue(study, started, max_retries)
+            raise StageError(reason.split(": ", 1)[-1] + "; this worker stopped")
         if trial.state == TrialState.FAIL and reason.startswith(StorageUnavailableError.__name__):
             # The storage went away past the retry bound and came back in time to record it:
             # the configuration is not at fault, so it runs again, later (not counted as one of
@@ -742,7 +752,9 @@ def _retry_on_its_way(
     for finished). One whose retry never came within grace_period is given up."""
     reason = str(trial.user_attrs.get("fail_reason") or "")
     free = reason.startswith((INTERRUPTED_REASON, StorageUnavailableError.__name__))
-    requeued = free or reason.startswith(CheckpointTransferError.__name__)
+    requeued = free or reason.startswith(
+        (CheckpointTransferError.__name__, CheckpointUnreachableError.__name__)
+    )
     if (reason and not requeued) or trial.number in retried:
         return False  # failed on its own merits (never retried), or retried already
     if not free and retries_spent(trial) >= int(cfg.max_retries):

@@ -310,9 +310,11 @@ def test_real_run_with_two_workers_continues_legs_and_reports_rungs(tmp_path: Pa
 def test_a_leg_whose_checkpoint_this_worker_cannot_read_fails_and_says_how_to_share_it(
     tmp_path: Path,
 ) -> None:
-    """Continuing needs the rung checkpoint: never a silent retrain from scratch."""
+    """Continuing needs the rung checkpoint: never a silent retrain from scratch. The leg goes
+    back to the queue for a worker that can read it, and this worker, which would fail every
+    leg another worker wrote the same way, stops."""
     from search.objective import TrialRunner
-    from search.stages import _run_one
+    from search.stages import StageError, _run_one
 
     url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
     cfg = load_config("quickstart", [*REAL_RUN, f"storage={url}", f"runs_dir={tmp_path}"])
@@ -323,14 +325,25 @@ def test_a_leg_whose_checkpoint_this_worker_cannot_read_fails_and_says_how_to_sh
         user_attrs={"config": 4, "rung_from": 1, "rung_to": 3, "seed": 4,
                     "checkpoint_dir": "quickstart.screen-0123456789ab/trial-00004"},
     )  # fmt: skip
-    number = _run_one(studies, "promote", TrialRunner(cfg, progress=False), 0)
-    trial = studies.promote.get_trials()[number]
+    with pytest.raises(StageError) as stopped:
+        _run_one(studies, "promote", TrialRunner(cfg, progress=False), 3)
+    trial, retry = studies.promote.get_trials()
     assert trial.state == TrialState.FAIL
     reason = trial.user_attrs["fail_reason"]
+    assert reason.startswith("CheckpointUnreachableError")
     assert "quickstart.screen-0123456789ab/trial-00004/pretrain.pt" in reason
     assert "checkpoints_dir" in reason and "every worker" in reason
+    assert str(stopped.value).endswith("nothing was retrained; this worker stopped")
+    assert "\n" not in str(stopped.value)
     assert "epochs_run" not in trial.user_attrs  # nothing was trained
     assert not (tmp_path / "checkpoints" / "quickstart.screen-0123456789ab").exists()
+    # Queued again, the same leg of the same configuration, for a worker that can read it.
+    assert retry.state == TrialState.WAITING
+    assert {k: retry.user_attrs[k] for k in ("config", "rung_from", "rung_to")} == {
+        "config": 4,
+        "rung_from": 1,
+        "rung_to": 3,
+    }
 
 
 @pytest.mark.parametrize("damage", ["truncated", "other settings"])
