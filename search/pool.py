@@ -37,6 +37,7 @@ from search.database import WORKER_STORAGE_ENV
 from search.naming import learning_curve, stage_metric
 from search.objective import TrialHook, TrialRunner
 from search.stages import open_studies, progress, run_stages
+from storage.claims import process_alive
 
 
 def device_plan(devices: str, workers: int, device_count: int | None = None) -> list[str]:
@@ -295,21 +296,11 @@ def remove_orphaned_worker_configs(folder: Path) -> list[Path]:
         pid_text, _, host = launcher.partition("@")
         if host and host != _this_host():  # its pid means nothing here
             continue
-        if not pid_text.isdigit() or _process_alive(int(pid_text)):
+        if not pid_text.isdigit() or process_alive(int(pid_text)):
             continue
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
 
 
 def run_workers(

@@ -82,7 +82,7 @@ from search.scheduler import (
 )
 from search.space import baseline_params
 from storage.checkpoint_store import CheckpointTransferError
-from storage.claims import Claims
+from storage.claims import Claims, owner_gone
 from storage.retry import FAILED_AT_ATTR
 from storage.trial_retry import RetryFailedTrial, retries_spent
 from storage.urls import open_storage
@@ -526,13 +526,25 @@ def _enqueue_once(
 BASELINES_ATTR = "baselines"  # the screen study's user attr: what a result must beat
 
 
+# A claim on the baselines older than this, taken on another machine, belongs to a process
+# that died while scoring them (scoring takes seconds to minutes): it is taken over.
+BASELINES_CLAIM_STALE_S = 3600.0
+
+
 def record_baselines(studies: Studies, runner: TrialRunner) -> None:
     """Score the study's baselines once (one process, by claim) into the screen study's attrs,
-    where the dashboard shows them and the report reads them."""
+    where the dashboard shows them and the report reads them. A claim whose taker died (killed
+    while scoring: on this machine, its process is gone; elsewhere, after
+    :data:`BASELINES_CLAIM_STALE_S`) is taken over."""
     screen = studies.screen
     if BASELINES_ATTR in screen.user_attrs:
         return
     key = f"{screen.study_name}/baselines"
+    holder = studies.claims.holder(key)
+    if holder is not None and BASELINES_ATTR not in screen.user_attrs:
+        owner, taken_at = holder
+        if owner_gone(owner) or time.time() - taken_at > BASELINES_CLAIM_STALE_S:
+            studies.claims.release_if_taken_at(key, taken_at)
     if studies.claims.take(key):
         try:
             screen.set_user_attr(BASELINES_ATTR, runner.baselines())

@@ -35,6 +35,24 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine runs (another user's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owner_gone(owner: str) -> bool:
+    """Whether the process named by a claim's ``owner`` (:func:`default_owner`) is known to be
+    gone: it ran on this machine and no longer does. One on another machine: not known."""
+    host, _, pid = owner.rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))
+
+
 class Claims:
     """Unique keys taken at most once, stored in the study database.
 
@@ -134,6 +152,18 @@ class Claims:
                 ).rowcount
 
         return self._retry("release claims", attempt)
+
+    def holder(self, key: str) -> tuple[str, float] | None:
+        """(owner, when it was taken) of claim ``key``; None when no one holds it."""
+
+        def attempt() -> tuple[str, float] | None:
+            with self.engine.connect() as conn:
+                row = conn.execute(
+                    sa.select(CLAIMS.c.owner, CLAIMS.c.created_at).where(CLAIMS.c.key == key)
+                ).first()
+                return None if row is None else (str(row[0]), float(row[1]))
+
+        return self._retry("read claim", attempt)
 
     def taken(self, prefix: str) -> list[str]:
         """Keys already taken that start with ``prefix``."""

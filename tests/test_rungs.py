@@ -711,3 +711,45 @@ def test_interruptions_do_not_spend_a_configurations_retries(tmp_path: Path) -> 
     from storage.trial_retry import retries_spent
 
     assert retries_spent(finished[0]) == 0  # three retries, none of them spent
+
+
+def test_baselines_claimed_by_a_process_killed_while_scoring_them_are_scored_again(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL while scoring the baselines leaves their claim taken: a later run takes it over
+    when its taker is known to be gone (this machine, process gone) or the claim is stale (another
+    machine, over BASELINES_CLAIM_STALE_S); a live taker elsewhere keeps it."""
+    import socket
+
+    from search.stages import BASELINES_ATTR, BASELINES_CLAIM_STALE_S, record_baselines
+    from storage.claims import CLAIMS, Claims
+
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    cfg = load_config("quickstart", [*RUNG_STUDY, f"storage={url}"])
+    studies = open_studies(cfg, url)
+    key = f"{studies.screen.study_name}/baselines"
+    engine = studies.claims.engine
+
+    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead.kill()
+    dead.wait(timeout=30)
+    assert Claims(engine, owner=f"{socket.gethostname()}:{dead.pid}").take(key)
+    record_baselines(open_studies(cfg, url), CurveRunner(cfg))
+    assert studies.screen.user_attrs[BASELINES_ATTR] == {"pixels": 0.1}
+
+    # Another machine's taker: kept while fresh, taken over once stale.
+    other = open_studies(
+        load_config("quickstart", [*RUNG_STUDY, "name=other", f"storage={url}"]), url
+    )
+    other_key = f"{other.screen.study_name}/baselines"
+    assert Claims(engine, owner="elsewhere:1").take(other_key)
+    record_baselines(other, CurveRunner(cfg))
+    assert BASELINES_ATTR not in other.screen.user_attrs
+    with engine.begin() as conn:  # taken long ago
+        conn.execute(
+            CLAIMS.update()
+            .where(CLAIMS.c.key == other_key)
+            .values(created_at=time.time() - BASELINES_CLAIM_STALE_S - 60)
+        )
+    record_baselines(other, CurveRunner(cfg))
+    assert other.screen.user_attrs[BASELINES_ATTR] == {"pixels": 0.1}
