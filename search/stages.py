@@ -504,21 +504,30 @@ def _claim_slot(studies: Studies, study: optuna.Study, slots: int) -> str | None
 def _enqueue_once(
     studies: Studies, key: str, enqueue: Callable[[], int], done_study: optuna.Study
 ) -> None:
-    """Run ``enqueue`` in exactly one process; the others wait until it has finished."""
-    if studies.claims.take(key):
-        try:
-            count = enqueue()
-        except BaseException:
-            studies.claims.release(key)  # let a later run try again
-            raise
-        done_study.set_user_attr(f"enqueued:{key}", count)
-        return
+    """Run ``enqueue`` in exactly one process; the others wait until it has finished. A claim
+    whose taker is known to be gone (it ran on this machine: see ``storage.claims.owner_gone``)
+    is taken over."""
     deadline = time.monotonic() + 120
-    while f"enqueued:{key}" not in done_study.user_attrs:
+    while True:
+        if studies.claims.take(key):
+            try:
+                count = enqueue()
+            except BaseException:
+                studies.claims.release(key)  # let a later run try again
+                raise
+            done_study.set_user_attr(f"enqueued:{key}", count)
+            return
+        if f"enqueued:{key}" in done_study.user_attrs:
+            return
+        holder = studies.claims.holder(key)
+        if holder is not None and owner_gone(holder[0]):
+            studies.claims.release_if_taken_at(key, holder[1])
+            continue
         if time.monotonic() > deadline:
             raise StageError(
-                f"{key}: another process claimed this step but did not finish it; if it died, "
-                "delete the claim row from ssl_search_claims and run again"
+                f"{key}: another process ({holder[0] if holder else '?'}) claimed this step "
+                "but did not finish it; if it died, delete the claim row from "
+                "ssl_search_claims and run again"
             )
         time.sleep(POLL_S)
 
@@ -633,29 +642,47 @@ def run_final(
     studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial: TrialDone | None = None
 ) -> None:
     promote, final = studies.promote, studies.final
+    if not uses_rungs(cfg):
+        _drain(studies, "promote", runner, cfg, on_trial=on_trial)
+    best = long_budget_trials(studies, cfg)[:1]
+    if not best:
+        raise StageError(f"{promote.study_name}: no completed promoted trial to evaluate")
+    t = best[0]
+    source_study = stage_study_name(cfg.name, t.user_attrs.get("stage", "promote"))
 
     def enqueue_final() -> int:
-        best = long_budget_trials(studies, cfg)[:1]
-        if not best:
-            raise StageError(f"{promote.study_name}: no completed promoted trial to evaluate")
-        t = best[0]
         final.enqueue_trial(
             t.params,
             user_attrs={
-                "source_study": stage_study_name(cfg.name, t.user_attrs.get("stage", "promote")),
+                "source_study": source_study,
                 "source_trial": t.number,
                 "source_checkpoint_dir": t.user_attrs["checkpoint_dir"],
                 "source_value": t.value,
                 **carried_attrs(t),
             },
-            skip_if_exists=True,
         )
         return 1
 
-    if not uses_rungs(cfg):
-        _drain(studies, "promote", runner, cfg, on_trial=on_trial)
-    _enqueue_once(studies, f"{final.study_name}/enqueue", enqueue_final, final)
+    # One final per best run at the long budget: a later run with a larger budget that finds a
+    # better one evaluates it too (the report shows the final of the best).
+    key = f"{final.study_name}/enqueue/{source_study}/{t.number}"
+    if not _final_of(final, source_study, t.number, finished=False):
+        _enqueue_once(studies, key, enqueue_final, final)
     _drain(studies, "final", runner, cfg, on_trial=on_trial)
+
+
+def _final_of(
+    final: optuna.Study, source_study: str, number: int, finished: bool = True
+) -> list[optuna.trial.FrozenTrial]:
+    """The final trials (``finished`` ones only, or any) that evaluate trial ``number`` of
+    ``source_study``."""
+    return [
+        t
+        for t in final.get_trials(deepcopy=False)
+        if t.user_attrs.get("source_study") == source_study
+        and t.user_attrs.get("source_trial") == number
+        and (t.state.is_finished() or not finished)
+    ]
 
 
 STAGE_RUNNERS = {"screen": run_screen, "promote": run_promote, "final": run_final}
@@ -1030,13 +1057,25 @@ def progress(studies: Studies, cfg: DictConfig) -> Progress:
         ]
         for stage in ("screen", "promote")
     }
+    at_long_budget = long_budget_trials(studies, cfg)
+    best = at_long_budget[0] if at_long_budget else None
     return Progress(
         configurations=len({config_number(t) for t in legs["screen"]}),  # retries: the same
         planned=int(cfg.stages.screen.trials),
         legs=len(legs["screen"]) + len(legs["promote"]),
-        long_budget=len(long_budget_trials(studies, cfg)),
+        long_budget=len(at_long_budget),
         top_k=int(cfg.stages.promote.top_k),
-        final=sum(t.state.is_finished() for t in studies.final.get_trials(deepcopy=False)),
+        # The final of the best run at the long budget (an earlier best's may be there too)
+        final=int(
+            best is not None
+            and bool(
+                _final_of(
+                    studies.final,
+                    stage_study_name(cfg.name, best.user_attrs.get("stage", "promote")),
+                    best.number,
+                )
+            )
+        ),
         final_planned=int(bool(cfg.stages.final.enabled) and cfg.stage in ("all", "final")),
     )
 

@@ -753,3 +753,58 @@ def test_baselines_claimed_by_a_process_killed_while_scoring_them_are_scored_aga
         )
     record_baselines(other, CurveRunner(cfg))
     assert other.screen.user_attrs[BASELINES_ATTR] == {"pixels": 0.1}
+
+
+def test_a_better_long_budget_result_found_by_a_later_run_gets_its_own_final(
+    tmp_path: Path,
+) -> None:
+    """A rerun with a larger budget that finds a better run at the long budget evaluates it
+    in the final stage too; the earlier final stays, and nothing is evaluated twice."""
+    from search.stages import run_final
+
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    cfg = load_config("quickstart", [*RUNG_STUDY, f"storage={url}"])
+    run_stages(open_studies(cfg, url), CurveRunner(cfg), cfg)
+    studies = open_studies(cfg, url)
+    (first,) = studies.final.get_trials()
+    best = long_budget_trials(studies, cfg)[0]
+    assert first.user_attrs["source_trial"] == best.number
+    # A later run's better result at the long budget (as a larger top_k would bring).
+    better = optuna.trial.create_trial(
+        params=best.params,
+        distributions=best.distributions,
+        value=best.value + 0.5,
+        user_attrs={"config": 99, "rung_to": 27, "stage": "promote", "checkpoint_dir": "c/99"},
+    )
+    studies.promote.add_trial(better)
+    newest = studies.promote.get_trials()[-1]
+    run_final(studies, CurveRunner(cfg), cfg)
+    run_final(open_studies(cfg, url), CurveRunner(cfg), cfg)  # again: nothing new
+    finals = studies.final.get_trials()
+    assert [t.user_attrs["source_trial"] for t in finals] == [best.number, newest.number]
+    assert all(t.state == TrialState.COMPLETE for t in finals)
+    assert progress(studies, cfg).final == 1  # the best's final is done
+
+
+def test_a_step_claimed_by_a_process_that_died_on_this_machine_is_taken_over(
+    tmp_path: Path,
+) -> None:
+    """An enqueue-once step (the baseline trial, the promotions, the final) whose claim a
+    killed process left is done by the next process, not waited on for two minutes."""
+    import socket
+
+    from search.stages import _enqueue_once
+    from storage.claims import Claims
+
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    studies = open_studies(load_config("quickstart", [*RUNG_STUDY, f"storage={url}"]), url)
+    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead.kill()
+    dead.wait(timeout=30)
+    key = f"{studies.final.study_name}/enqueue/x"
+    assert Claims(studies.claims.engine, owner=f"{socket.gethostname()}:{dead.pid}").take(key)
+    done: list[int] = []
+    started = time.monotonic()
+    _enqueue_once(studies, key, lambda: done.append(1) or 1, studies.final)
+    assert done == [1] and time.monotonic() - started < 30
+    assert studies.final.user_attrs[f"enqueued:{key}"] == 1
