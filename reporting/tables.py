@@ -32,6 +32,7 @@ from search import (
     BASELINES_ATTR,
     RUNG_FROM_ATTR,
     RUNG_TO_ATTR,
+    SKIPPED,
     STAGES,
     apply,
     config_number,
@@ -42,6 +43,7 @@ from search import (
     metric_of,
     stage_metric,
     top_trials,
+    trained_nothing,
     uses_rungs,
 )
 
@@ -160,7 +162,11 @@ RUNG_COLUMNS = ("config", RUNG_FROM_ATTR, RUNG_TO_ATTR, "epochs_added")
 ATTR_COLUMNS = (
     "epochs_run", "wall_time_s", "images_per_second", "seed", "device", "oom_batch_size",
 )  # fmt: skip
-LINK_COLUMNS = ("reason", "source_trial", "baseline", "datetime_start", "datetime_complete")
+# source_study, source_trial: the promoted trial a final (or a retrained promote trial) starts
+# from; a rung leg's configuration is its ``config``.
+LINK_COLUMNS = (
+    "reason", "source_study", "source_trial", "baseline", "datetime_start", "datetime_complete",
+)  # fmt: skip
 INT_COLUMNS = ("epochs_run", "seed", "source_trial", "oom_batch_size", *RUNG_COLUMNS)
 _DATAFRAME_ATTRS = (
     "number", "value", "datetime_start", "datetime_complete", "params", "user_attrs", "state",
@@ -189,13 +195,17 @@ def _stage_frame(stage: str, study: optuna.Study) -> pd.DataFrame:
 
     # With metric names set, Optuna calls the value column value_<metric>.
     value = next(c for c in frame.columns if c == "value" or c.startswith("value_"))
-    out = pd.DataFrame({"stage": stage, "number": frame["number"], "state": frame["state"]})
+    # A trial skipped before training (a duplicate, nothing left to run) is not a pruned one.
+    skipped = [trained_nothing(trials[n].user_attrs) for n in frame["number"]]
+    state = frame["state"].where(~pd.Series(skipped, index=frame.index), SKIPPED)
+    out = pd.DataFrame({"stage": stage, "number": frame["number"], "state": state})
     out["value"] = frame[value]
     for column in sorted(c for c in frame.columns if c.startswith("params_")):
         out[column] = frame[column]
     for name in (*RUNG_COLUMNS, *ATTR_COLUMNS):
         out[name] = attr(name)
     out["reason"] = [trial_reason(trials[n], every) for n in frame["number"]]
+    out["source_study"] = attr("source_study")
     out["source_trial"] = attr("source_trial")
     baseline = attr("baseline", "")
     out["baseline"] = baseline.fillna("") if isinstance(baseline, pd.Series) else baseline

@@ -82,6 +82,7 @@ def format_metric(name: str, value: float) -> str:
 
 
 NOTHING_QUEUED = "nothing queued"  # the prune reason of a trial that trained nothing
+SKIPPED = "SKIPPED"  # how summaries and reports count such a trial (Optuna stores it PRUNED)
 
 
 def trained_nothing(user_attrs: Mapping[str, Any]) -> bool:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from search.cli import config_from_args, guarded, parser
 from search.config import direction_of, metric_of, public_config, storage_url
 from search.database import redact
+from search.naming import format_metric
 from search.space import apply, baseline_params, distribution, ordered
 
 
@@ -41,9 +42,7 @@ def print_dry_run(cfg: DictConfig) -> None:
 
 
 def _fmt(metric: str, value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value * 100:.2f}%" if "accuracy" in metric else f"{value:.4f}"
+    return "-" if value is None else format_metric(metric, value)
 
 
 def print_summary(cfg: DictConfig, summary: dict[str, Any]) -> None:
@@ -67,7 +66,7 @@ def print_summary(cfg: DictConfig, summary: dict[str, Any]) -> None:
         if stage == "final" and best:
             attrs = best["user_attrs"]
             acc = " / ".join(
-                _fmt("accuracy", attrs.get(f"{s}_accuracy")) for s in ("train", "val", "test")
+                _fmt("val_accuracy", attrs.get(f"{s}_accuracy")) for s in ("train", "val", "test")
             )
             print(f"         accuracy train / val / test: {acc}")
             if "test_mae" in attrs:

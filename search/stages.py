@@ -46,6 +46,7 @@ from search.naming import (
     NOTHING_QUEUED,
     RUNG_FROM_ATTR,
     RUNG_TO_ATTR,
+    SKIPPED,
     STAGES,
     STUDY_UID_ATTR,
     is_continuation,
@@ -1104,9 +1105,13 @@ def summarize(studies: Studies, cfg: DictConfig) -> dict[str, Any]:
     for stage in STAGES:
         study = studies.of(stage)
         trials = study.get_trials(deepcopy=False)
+        # A trial skipped before training (a duplicate, nothing left to run) counts apart.
+        state = {
+            t.number: SKIPPED if trained_nothing(t.user_attrs) else t.state.name for t in trials
+        }
         counts = {
-            s: sum(t.state.name == s for t in trials)
-            for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
+            s: sum(name == s for name in state.values())
+            for s in ("COMPLETE", "PRUNED", SKIPPED, "FAIL", "RUNNING", "WAITING")
         }
         best = top_trials(study, 1)
         entry: dict[str, Any] = {"study": study.study_name, "counts": counts}
@@ -1129,6 +1134,7 @@ def summarize(studies: Studies, cfg: DictConfig) -> dict[str, Any]:
             entry["lineage"] = {
                 t.number: (t.user_attrs.get("source_study"), t.user_attrs.get("source_trial"))
                 for t in trials
+                if "source_trial" in t.user_attrs
             }
         out["stages"][stage] = entry
     return out

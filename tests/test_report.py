@@ -9,6 +9,7 @@ import optuna
 import pandas as pd
 import pytest
 from conftest import run_module, tiny_trained_trial
+from optuna.trial import TrialState
 
 from reporting.artifacts import make_trial_artifact_hook, trial_artifacts
 from reporting.markdown import results_table
@@ -291,3 +292,36 @@ def test_report_options_are_checked_in_one_line_naming_the_option(tmp_path):
     assert done.stderr.startswith(f"error: --out: cannot make the folder {blocker / 'x'}")
     done = run_module("search.report", "study=quickstart", "--device", "gpu")
     assert done.returncode == 2 and done.stderr.startswith("error: --device: unknown device")
+
+
+def test_trials_skipped_before_training_are_counted_apart_not_as_pruned(tmp_path):
+    """A duplicate configuration, or a trial sampled when the queue emptied under a worker,
+    trained nothing: the summary and the report count it as skipped, and it has no lineage."""
+    from reporting.tables import state_counts, trials_frame
+    from search import NOTHING_QUEUED, open_studies, summarize
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    cfg = load_config("quickstart", [f"storage={url}", f"runs_dir={tmp_path}"])
+    studies = open_studies(cfg, url)
+    promote = studies.promote
+    leg = optuna.trial.create_trial(
+        value=0.9,
+        user_attrs={"config": 3, "rung_from": 3, "rung_to": 9, "source_study": "quickstart.screen",
+                    "source_trial": 3},
+    )  # fmt: skip
+    promote.add_trial(leg)
+    for attrs in (
+        {"prune_reason": f"{NOTHING_QUEUED}: another worker took it"},
+        {"duplicate_of": 0, "prune_reason": "skipped: same configuration as #0"},
+    ):
+        promote.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, user_attrs=attrs))
+    promote.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, user_attrs={}))
+    entry = summarize(studies, cfg)["stages"]["promote"]
+    assert {k: v for k, v in entry["counts"].items() if v} == {
+        "COMPLETE": 1, "PRUNED": 1, "SKIPPED": 2,
+    }  # fmt: skip
+    assert entry["lineage"] == {0: ("quickstart.screen", 3)}
+    frame = trials_frame({"promote": promote})
+    assert list(frame["state"]) == ["COMPLETE", "SKIPPED", "SKIPPED", "PRUNED"]
+    assert list(state_counts(frame).loc["promote"][["COMPLETE", "PRUNED", "SKIPPED"]]) == [1, 1, 2]
+    assert frame.loc[0, "source_study"] == "quickstart.screen"
