@@ -58,10 +58,12 @@ from reporting.tables import (
 )
 from search import (
     apply,
+    first_legs,
     learning_curve,
     metric_of,
     redact,
     resolved_paths,
+    rung_ladder,
     top_trials,
     uses_rungs,
 )
@@ -185,26 +187,42 @@ def importance_plot(screen: optuna.Study, metric: str) -> Any:
     return ax
 
 
+def first_rung_study(screen: optuna.Study) -> optuna.Study:
+    """An in-memory copy of ``screen`` holding each configuration's first leg only: under
+    rungs the one result every configuration has at the same budget (its continuations are
+    the same parameters at other budgets, which do not compare). Named like ``screen``."""
+    copy = optuna.create_study(study_name=screen.study_name, direction=screen.direction)
+    copy.add_trials(first_legs(screen.get_trials(deepcopy=False)))
+    return copy
+
+
 def _search_plots(doc: MarkdownDocument, cfg: DictConfig, screen: optuna.Study) -> None:
     metric = metric_of(cfg)
     doc.add("## Optimization history", "")
+    rungs = uses_rungs(cfg)
+    first = rung_ladder(cfg)[0] if rungs else None
+    legs = screen
+    if rungs:  # plots and importances over configurations at one budget
+        screen = first_rung_study(screen)
     complete, varying = _varying_complete(screen)
     if complete == 0:
         doc.add("No screen trial completed, so there is no optimization history to plot.", "")
     else:
-        doc.optuna_figure(
-            history_plot(screen, metric), "optimization-history", "optimization history"
-        )
+        ax = history_plot(screen, metric)
+        if rungs:
+            ax.set_xlabel("configuration, in the order started")
+        doc.optuna_figure(ax, "optimization-history", "optimization history")
         doc.add(
-            "One point per leg at its rung (a continuation is a trial of its own); legs at "
-            "different rungs are values at different budgets."
-            if uses_rungs(cfg)
+            f"One point per configuration, its value at the first rung ({first} "
+            f"epoch{'s' if first != 1 else ''}), where every configuration has one; the "
+            "best-trial tables rank by the deepest rung reached, so their best may differ."
+            if rungs
             else "Only completed trials have a final value; pruned trials appear in the next plot.",
             "",
         )
-    if any(t.intermediate_values for t in screen.get_trials(deepcopy=False)):
+    if any(t.intermediate_values for t in legs.get_trials(deepcopy=False)):
         doc.optuna_figure(
-            intermediate_plot(screen, metric),
+            intermediate_plot(legs, metric),
             "intermediate-values",
             "intermediate values per epoch",
         )
@@ -232,10 +250,13 @@ def _search_plots(doc: MarkdownDocument, cfg: DictConfig, screen: optuna.Study) 
         doc.add(f"Parameter importances could not be computed: {error}.", "")
         return
     doc.optuna_figure(ax, "param-importances", "parameter importances")
+    if rungs:
+        doc.add(f"Fitted on the {complete} configurations' values at the first rung.", "")
     if complete < 10:
         doc.add(
-            f"Computed from only {complete} completed screen trials (Optuna's default "
-            "evaluator): read them as a hint, not a measurement.",
+            f"Computed from only {complete} completed screen "
+            f"{'configurations' if rungs else 'trials'} (Optuna's default evaluator): read "
+            "them as a hint, not a measurement.",
             "",
         )
 

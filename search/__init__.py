@@ -46,6 +46,7 @@ _EXPORTS = {
     "STAGES": "search.naming",
     "long_budget": "search.naming",
     "rung_ladder": "search.naming",
+    "first_legs": "search.sampling",
     "uses_rungs": "search.naming",
     "learning_curve": "search.naming",
     "curve_attr": "search.naming",

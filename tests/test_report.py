@@ -325,3 +325,37 @@ def test_trials_skipped_before_training_are_counted_apart_not_as_pruned(tmp_path
     assert list(frame["state"]) == ["COMPLETE", "SKIPPED", "SKIPPED", "PRUNED"]
     assert list(state_counts(frame).loc["promote"][["COMPLETE", "PRUNED", "SKIPPED"]]) == [1, 1, 2]
     assert frame.loc[0, "source_study"] == "quickstart.screen"
+
+
+def test_history_and_importances_under_rungs_use_one_value_per_configuration(tmp_path):
+    """A continuation is the same parameters at another budget: the optimization history and
+    the importances see each configuration once, at the first rung, where all compare."""
+    from reporting.report import first_rung_study
+
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'h.db'}", study_name="x.screen", direction="maximize"
+    )
+    dist = {"lr": optuna.distributions.FloatDistribution(0.1, 1.0)}
+    for number, (lr, value) in enumerate([(0.2, 0.5), (0.4, 0.7), (0.6, 0.6)]):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"lr": lr}, distributions=dist, value=value,
+                user_attrs={"config": number, "rung_to": 1},
+            )
+        )  # fmt: skip
+    study.add_trial(  # configuration 1 continued to rung 3: a higher value at a higher budget
+        optuna.trial.create_trial(
+            params={"lr": 0.4}, distributions=dist, value=0.95,
+            user_attrs={"config": 1, "rung_from": 1, "rung_to": 3},
+        )
+    )  # fmt: skip
+    study.add_trial(  # a duplicate, skipped
+        optuna.trial.create_trial(
+            state=TrialState.PRUNED, params={"lr": 0.2}, distributions=dist,
+            user_attrs={"duplicate_of": 0, "prune_reason": "skipped"},
+        )
+    )  # fmt: skip
+    first = first_rung_study(study)
+    assert first.study_name == "x.screen"
+    assert [t.value for t in first.trials] == [0.5, 0.7, 0.6]
+    assert first.best_value == 0.7
