@@ -294,6 +294,7 @@ def baselines_section(cfg: DictConfig, frame: pd.DataFrame) -> list[str]:
             "the latents of the study's own encoder before any training. A learned latent space "
             "is worth its training only by as much as it beats both."
         )
+        lines.extend(_below_baselines(frame))
     if "report_configuration" in set(frame["row"]):
         lines.append(
             "*The study's own settings* are its study file's values with any overrides (for the "
@@ -307,6 +308,33 @@ def baselines_section(cfg: DictConfig, frame: pd.DataFrame) -> list[str]:
             "its rows and the two baselines are not the same measurement."
         )
     return lines
+
+
+def _below_baselines(frame: pd.DataFrame) -> list[str]:
+    """A sentence when the search's best kNN accuracy does not beat a baseline (else none)."""
+    values = {r.row: r.value for r in frame.itertuples(index=False)}
+    found = [
+        r.value
+        for r in frame.itertuples(index=False)
+        if r.row not in ("raw_pixels", "untrained_encoder")
+        and r.metric == "knn_accuracy"
+        and not _missing(r.value)
+    ]
+    if not found:
+        return []
+    best = max(found)
+    beaten = [
+        f"the {name} baseline ({100 * values[row]:.2f}%)"
+        for row, name in (("raw_pixels", "raw-pixel"), ("untrained_encoder", "untrained-encoder"))
+        if row in values and not _missing(values[row]) and best <= values[row]
+    ]
+    if not beaten:
+        return []
+    return [
+        f"**The search's best ({100 * best:.2f}%) does not beat {' or '.join(beaten)}**: on "
+        "this problem, at these budgets, the learned latent space is no better for kNN than "
+        "that baseline."
+    ]
 
 
 # ---- every finished study --------------------------------------------------------------

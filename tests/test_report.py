@@ -359,3 +359,28 @@ def test_history_and_importances_under_rungs_use_one_value_per_configuration(tmp
     assert first.study_name == "x.screen"
     assert [t.value for t in first.trials] == [0.5, 0.7, 0.6]
     assert first.best_value == 0.7
+
+
+@pytest.mark.parametrize("best,says", [(0.9792, "raw-pixel baseline (98.61%)"), (0.99, None)])
+def test_the_report_says_when_the_search_does_not_beat_a_baseline(best, says):
+    import pandas as pd
+
+    from reporting.markdown import baselines_section
+    from reporting.tables import BASELINE_COLUMNS
+
+    cfg = load_config("quickstart")
+    rows = [
+        ("raw_pixels", None, None, None, None, "knn_accuracy", 0.9861),
+        ("untrained_encoder", None, None, None, None, "knn_accuracy", 0.90),
+        ("best_screen", "screen", 4, "COMPLETE", 3, "knn_accuracy", 0.9722),
+        ("best_promote", "promote", 0, "COMPLETE", 9, "knn_accuracy", best),
+    ]
+    frame = pd.DataFrame(
+        [dict(zip(BASELINE_COLUMNS, r, strict=True)) for r in rows], columns=list(BASELINE_COLUMNS)
+    ).astype({"number": "Int64", "epochs": "Int64"})
+    text = "\n".join(baselines_section(cfg, frame))
+    if says is None:
+        assert "does not beat" not in text
+    else:
+        assert f"**The search's best ({100 * best:.2f}%) does not beat the {says}**" in text
+        assert "untrained-encoder" not in text  # that one it beats
