@@ -121,7 +121,14 @@ def results_table(cfg: DictConfig, final: FrozenTrial | None) -> list[str]:
     rows.append([label, str(theirs), *cells("published", ".2f", ".4f")])
     same = theirs is not None and (ours.encoder, ours.probe) == (theirs.encoder, theirs.probe)
     rows.append(
-        ["difference", "same" if same else "differ", *cells("difference", "+.2f", "+.4f", " pp")]
+        [
+            "difference",
+            # Both picked their encoder epoch on validation, within the same training budget.
+            ("same budget" if ours.best_epoch not in (None, ours.encoder) else "same")
+            if same
+            else "differ",
+            *cells("difference", "+.2f", "+.4f", " pp"),
+        ]
     )
     note = "Differences are this search minus the report (accuracy in percentage points"
     note += "; for MAE lower is better" if has_mae else ""
@@ -159,7 +166,14 @@ def best_params_table(cfg: DictConfig, studies: dict[str, Any]) -> list[str]:
             rows.append([r.stage, "-", "-", "no completed trial"])
             continue
         params = ", ".join(f"`{k}={_format_value(v)}`" for k, v in sorted(r.params.items()))
-        rows.append([r.stage, f"#{r.number}", f"{r.metric} {r.value:.4f}", params or "-"])
+        rows.append(
+            [
+                r.stage,
+                f"#{r.number}",
+                f"{r.metric} {format_metric(r.metric, r.value)}",
+                params or "-",
+            ]
+        )
     return table(["stage", "best trial", "value", "params"], rows)
 
 

@@ -34,7 +34,7 @@ from models.errors import UsageError
 from models.training import physical_gpu
 from search.config import ConfigError, resolved_paths
 from search.database import WORKER_STORAGE_ENV
-from search.naming import learning_curve, stage_metric
+from search.naming import RUNG_FROM_ATTR, format_metric, learning_curve, stage_metric
 from search.objective import TrialHook, TrialRunner
 from search.stages import open_studies, progress, run_stages
 from storage.claims import process_alive
@@ -137,7 +137,7 @@ def in_process_device(devices: str, train_device: str, first: str) -> str:
 
 def _announce(label: str, study: optuna.Study, number: int, metric: str) -> None:
     trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
-    value = "-" if trial.value is None else f"{trial.value:.4f}"
+    value = "-" if trial.value is None else format_metric(metric, trial.value)
     attrs = trial.user_attrs
     extra = attrs.get("prune_reason") or attrs.get("fail_reason") or ""
     resumed = (
@@ -146,7 +146,10 @@ def _announce(label: str, study: optuna.Study, number: int, metric: str) -> None
         else ""
     )
     probe = len(learning_curve(attrs, "probe"))
-    if "epochs_run" in attrs:
+    if "epochs_run" in attrs and attrs.get(RUNG_FROM_ATTR) is not None:  # a continued leg
+        epochs = f"epochs {attrs[RUNG_FROM_ATTR]} -> {attrs['epochs_run']}"
+        resumed = ""  # from its rung's checkpoint: said by the arrow
+    elif "epochs_run" in attrs:
         epochs = f"{attrs['epochs_run']} epochs"
     elif probe:  # the final stage trains only the classifier on the frozen encoder
         epochs = f"classifier {probe} epochs"

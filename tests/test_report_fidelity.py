@@ -131,6 +131,17 @@ def test_results_table_names_the_encoder_epoch_the_final_stage_took():
         value=0.7, params={}, distributions={}, user_attrs=stored_before
     )
     assert "| 100 (best: epoch 5) + 30 |" in "\n".join(results_table(cfg, final))
+    # The same training budget as the report's; an earlier epoch picked on validation says so.
+    cfg = search.load_config("mnist_autoencoder")
+    maes = {"train_mae": 0.02, "val_mae": 0.02, "test_mae": 0.02}
+    for used, said in ((3, "same budget"), (15, "same")):
+        final = optuna.trial.create_trial(
+            value=0.9,
+            params={},
+            distributions={},
+            user_attrs={**accuracies, **maes, "encoder_epoch": used},
+        )
+        assert f"| difference | {said} |" in "\n".join(results_table(cfg, final))
 
 
 @pytest.mark.parametrize("key", sorted(PUBLISHED_EPOCHS))
