@@ -169,9 +169,10 @@ def test_a_url_is_mirrored_in_a_cache_under_runs_dir(tmp_path: Path, bucket: str
 def test_a_continuation_whose_checkpoint_the_url_lacks_fails_naming_the_url(
     tmp_path: Path,
 ) -> None:
-    """Never a silent retrain: the leg fails, naming where the checkpoint should have been."""
+    """Never a silent retrain: the leg fails, naming where the checkpoint should have been,
+    and this worker stops (the leg is queued again for one that can read it)."""
     from search.objective import TrialRunner
-    from search.stages import _run_one
+    from search.stages import StageError, _run_one
 
     remote = (tmp_path / "remote").as_uri()
     url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
@@ -186,8 +187,9 @@ def test_a_continuation_whose_checkpoint_the_url_lacks_fails_naming_the_url(
         user_attrs={"config": 4, "rung_from": 1, "rung_to": 3, "seed": 4,
                     "checkpoint_dir": RELATIVE},
     )  # fmt: skip
-    number = _run_one(studies, "promote", TrialRunner(cfg, progress=False), 0)
-    trial = studies.promote.get_trials()[number]
+    with pytest.raises(StageError, match="this worker stopped"):
+        _run_one(studies, "promote", TrialRunner(cfg, progress=False), 0)
+    trial = studies.promote.get_trials()[0]
     assert trial.state == TrialState.FAIL
     reason = trial.user_attrs["fail_reason"]
     assert f"{remote}/{RELATIVE}/pretrain.pt" in reason, reason
