@@ -885,6 +885,12 @@ def changed_settings(stored: dict[str, Any], cfg: DictConfig) -> list[tuple[str,
     plain = [json.loads(json.dumps(c, default=str)) for c in (stored, public_config(cfg))]
     spaces = _flat_space(*(c.get("search", {}).pop("space", None) for c in plain))
     old, new = ({**_flat(c), **space} for c, space in zip(plain, spaces, strict=True))
+    # train.epochs is the long budget only when stages.promote.epochs is 0 (each trial's
+    # epochs are set by its stage): otherwise it changes nothing a trial computes.
+    promote = "stages.promote.epochs"
+    if old.get(promote, defaults.get(promote)) and new.get(promote, defaults.get(promote)):
+        old.pop("train.epochs", None)
+        new.pop("train.epochs", None)
     changes = []
     for key in sorted(old.keys() | new.keys()):
         if any(key == run or key.startswith(f"{run}.") for run in RUN_SETTINGS):

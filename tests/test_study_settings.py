@@ -117,7 +117,7 @@ def test_the_cli_refuses_a_changed_study_in_one_line_with_exit_2(tmp_path: Path)
             "search.run",
             "study=quickstart",
             f"runs_dir={runs}",
-            "train.epochs=12",
+            "model.channels=8",
         ],
         capture_output=True,
         text=True,
@@ -126,5 +126,15 @@ def test_the_cli_refuses_a_changed_study_in_one_line_with_exit_2(tmp_path: Path)
     )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: train.epochs: study 'quickstart'")
-    assert "train.epochs 9 -> 12" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: model.channels: study 'quickstart'")
+    assert "model.channels 16 -> 8" in lines[0]
+
+
+def test_train_epochs_counts_only_where_it_is_the_long_budget() -> None:
+    """Each trial's epochs are its stage's: ``train.epochs`` changes what trials compute only
+    when ``stages.promote.epochs`` is 0 and it is the long budget."""
+    cfg = load_config("quickstart")  # stages.promote.epochs: 9
+    assert changed_settings(_plain(cfg), load_config("quickstart", ["train.epochs=30"])) == []
+    zero = load_config("quickstart", ["stages.promote.epochs=0"])
+    changed = load_config("quickstart", ["stages.promote.epochs=0", "train.epochs=12"])
+    assert changed_settings(_plain(zero), changed) == [("train.epochs", 9, 12)]
