@@ -29,14 +29,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from models.checkpoints import CheckpointError
 from models.config import check_device
 from models.errors import UsageError
-from models.training import physical_gpu
+from models.training import NonFiniteLossError, physical_gpu
 from search.config import ConfigError, resolved_paths
 from search.database import WORKER_STORAGE_ENV
 from search.naming import RUNG_FROM_ATTR, format_metric, learning_curve, stage_metric
 from search.objective import TrialHook, TrialRunner
 from search.stages import open_studies, progress, run_stages
+from storage.checkpoint_store import CheckpointTransferError
 from storage.claims import process_alive
 
 
@@ -207,9 +209,21 @@ _stopped_by: list[int] = []  # the signal that stopped this process, once one di
 _stopping_since: list[float] = []  # when it did (time.monotonic())
 
 
+# Failures whose stored reason says all there is to say (the worker prints it in its line for
+# the trial): a traceback would only bury it. Any other exception keeps Optuna's traceback.
+_EXPECTED_FAILURES = (
+    KeyboardInterrupt,
+    CheckpointError,  # unreadable, foreign or unreachable checkpoints
+    CheckpointTransferError,
+    NonFiniteLossError,  # a diverged run
+    torch.cuda.OutOfMemoryError,
+)
+
+
 class _QuietInterrupts(logging.Filter):
-    """Drops Optuna's warning, with its traceback, for a trial stopped by Ctrl-C or SIGTERM:
-    stopping is on purpose, its reason is stored, and the process says so in one line."""
+    """Drops Optuna's warning, with its traceback, for a trial stopped by Ctrl-C or SIGTERM
+    (stopping is on purpose, its reason is stored, and the process says so in one line) or
+    failed for a reason the worker's own line states (:data:`_EXPECTED_FAILURES`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -217,7 +231,7 @@ class _QuietInterrupts(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         prefix = " ".join(record.getMessage().split()[:4])  # "Trial N failed with"
-        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+        if record.exc_info and isinstance(record.exc_info[1], _EXPECTED_FAILURES):
             self.interrupted.add(prefix)
             return False
         if prefix in self.interrupted:

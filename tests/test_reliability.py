@@ -174,6 +174,10 @@ def test_a_garbage_promoted_checkpoint_fails_the_final_with_a_reason_and_exit_1(
     assert "weights_only" not in trial.user_attrs["fail_reason"]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: 1 configuration(s) ended without a result: quickstart.final#0")
+    # Said in the worker's line for the trial, not under Optuna's traceback.
+    said = done.stdout + done.stderr
+    assert "Traceback" not in said and "failed with parameters" not in said, said[-3000:]
+    assert "quickstart.final #0 FAIL" in said and "unreadable" in said
 
 
 # ---- 2: no configuration proposed twice --------------------------------------------------------
