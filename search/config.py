@@ -839,6 +839,28 @@ RUN_SETTINGS = (
 )
 
 
+# The run settings the stored config takes from each later run: what the study may spend.
+LATEST_SETTINGS = (
+    ("stages", "screen", "trials"),
+    ("stages", "promote", "top_k"),
+    ("stages", "final", "enabled"),
+    ("search", "sampler"),
+)
+
+
+def with_latest_budgets(stored: dict[str, Any], latest: dict[str, Any]) -> dict[str, Any]:
+    """``stored`` (a study's config) with :data:`LATEST_SETTINGS` taken from ``latest``."""
+    updated = json.loads(json.dumps(stored))
+    for path in LATEST_SETTINGS:
+        source, target = latest, updated
+        for part in path[:-1]:
+            source = source.get(part, {}) if isinstance(source, dict) else {}
+            target = target.setdefault(part, {}) if isinstance(target, dict) else {}
+        if isinstance(source, dict) and path[-1] in source and isinstance(target, dict):
+            target[path[-1]] = source[path[-1]]
+    return updated
+
+
 class _Unset:
     """A setting one side does not have."""
 

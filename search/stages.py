@@ -40,7 +40,13 @@ from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from models.training import NonFiniteLossError
-from search.config import ConfigError, changed_settings, direction_of, public_config
+from search.config import (
+    ConfigError,
+    changed_settings,
+    direction_of,
+    public_config,
+    with_latest_budgets,
+)
 from search.database import StorageUnavailableError, redact
 from search.naming import (
     NOTHING_QUEUED,
@@ -211,12 +217,15 @@ def open_studies(cfg: DictConfig, url: str, seed_offset: int | None = None) -> S
     # The URL in use, masked: a worker's config leaves it out (it travels in the environment).
     resolved["storage"] = redact(url)
     for stage, study in studies.items():
-        if "config" not in study.user_attrs:
+        stored = study.user_attrs.get("config")
+        if stored is None:
+            study.set_user_attr("config", resolved)
             study.set_user_attr("stage", stage)
             study.set_metric_names([stage_metric(cfg, stage)])
-        # The latest run's: its budgets and locations (nothing else may differ, see above).
-        if study.user_attrs.get("config") != resolved:
-            study.set_user_attr("config", resolved)
+        elif (latest := with_latest_budgets(stored, resolved)) != stored:
+            # The creator's config, with the budgets this run gives the study (locations stay
+            # the creator's: a worker elsewhere has its own folders).
+            study.set_user_attr("config", latest)
     return Studies(**studies, claims=claims)
 
 

@@ -51,7 +51,9 @@ def test_a_rerun_that_trains_differently_is_refused_and_writes_nothing(tmp_path:
     open_studies(_config(tmp_path, "model.channels=8", "name=quickstart-2"), url)
 
 
-def test_budgets_and_places_may_change_and_are_stored(tmp_path: Path) -> None:
+def test_budgets_and_places_may_change_and_the_budgets_are_stored(tmp_path: Path) -> None:
+    """The stored config is the creator's with each later run's budgets: a worker elsewhere,
+    with its own folders and device count, leaves the locations as the creator set them."""
     first = _config(tmp_path)
     url = storage_url(first)
     open_studies(first, url)
@@ -69,8 +71,12 @@ def test_budgets_and_places_may_change_and_are_stored(tmp_path: Path) -> None:
     open_studies(later, url)
     for stage in ("screen", "promote", "final"):
         stored = optuna.load_study(study_name=f"quickstart.{stage}", storage=url).user_attrs
-        assert stored["config"]["stages"]["screen"]["trials"] == 20, stage
-        assert stored["config"]["workers"] == 2
+        config = stored["config"]
+        assert config["stages"]["screen"]["trials"] == 20, stage
+        assert config["stages"]["promote"]["top_k"] == 3
+        assert config["search"]["sampler"]["name"] == "random"
+        assert config["workers"] == 1 and config["max_retries"] == 3  # the creator's
+        assert config["checkpoints_dir"] == ""
         assert stored["stage"] == stage
 
 
