@@ -374,12 +374,20 @@ def tsne_figure(doc: MarkdownDocument, cfg: DictConfig, src: FigureSources, own_
     doc.figure(figures.tsne_panels(shown, splits.classes), "tsne", "t-SNE of the test set")
     if missing:
         one = len(missing) == 1
+        others = [task for task in missing if task != cfg.task]
+        todo = []
+        if cfg.task in missing:
+            todo.append("this study's own final stage has not completed yet (run it again)")
+        if others:
+            todo.append(
+                f"run {' and '.join(others)} on {cfg.data.name} into the same storage to add "
+                f"{'it' if len(others) == 1 else 'them'}"
+            )
         doc.add(
             f"No study in this storage has a completed final stage for "
             f"{' or '.join(missing)} on {cfg.data.name}, so "
             f"{'that latent space is' if one else 'those latent spaces are'} not "
-            f"shown; run {'that task' if one else 'those tasks'} on {cfg.data.name} "
-            f"into the same storage to add {'it' if one else 'them'}.",
+            f"shown; {'; '.join(todo)}.",
             "",
         )
 

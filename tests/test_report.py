@@ -146,6 +146,9 @@ def test_screen_only_study_reports_in_sentences(tmp_path):
     frame = pd.read_csv(out / "qs-screen-trials.csv")
     assert len(frame) == 2 and set(frame["stage"]) == {"screen"}
     assert (out / "qs-screen-tsne.png").is_file()  # raw image space needs no trained network
+    # Its own latent space is missing because the study is unfinished, not another study's.
+    assert "this study's own final stage has not completed yet (run it again)" in md
+    assert "run contrastive on digits" not in md
 
 
 @pytest.mark.slow
