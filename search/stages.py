@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -396,9 +397,13 @@ def _run_one(
         ):
             # This worker cannot see the checkpoints the others write: every leg it took over
             # would fail the same way and lose its configuration. The leg goes back to the
-            # queue (a counted retry: a checkpoint that is truly gone ends there) for a worker
-            # that can read it, and this worker stops.
-            _requeue(study, started, max_retries)
+            # queue for a worker that can read it, and this worker stops. Free when another
+            # machine wrote the checkpoint (this machine's setup is at fault, and its other
+            # workers would otherwise spend the retries in seconds); counted when this machine
+            # wrote it, or it is not known who did: then the checkpoint is gone, not unshared.
+            writer = trial.user_attrs.get(WRITTEN_BY_ATTR)
+            elsewhere = writer is not None and writer != socket.gethostname()
+            _requeue(study, started, max_retries, counted=not elsewhere)
             raise StageError(reason.split(": ", 1)[-1] + "; this worker stopped")
         if trial.state == TrialState.FAIL and reason.startswith(StorageUnavailableError.__name__):
             # The storage went away past the retry bound and came back in time to record it:
@@ -621,14 +626,16 @@ def run_promote(
     studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial: TrialDone | None = None
 ) -> None:
     screen, promote = studies.screen, studies.promote
+    # The top-k is only known once every screen trial (retries included) has finished.
+    _drain(studies, "screen", runner, cfg, on_trial=on_trial)
+    best = top_trials(screen, int(cfg.stages.promote.top_k))
+    if not best:
+        raise StageError(
+            f"{screen.study_name}: no completed screen trial to promote; see the failures "
+            "in the summary"
+        )
 
     def enqueue_promotions() -> int:
-        best = top_trials(screen, int(cfg.stages.promote.top_k))
-        if not best:
-            raise StageError(
-                f"{screen.study_name}: no completed screen trial to promote; see the failures "
-                "in the summary"
-            )
         for t in best:
             promote.enqueue_trial(
                 t.params,
@@ -642,9 +649,10 @@ def run_promote(
             )
         return len(best)
 
-    # The top-k is only known once every screen trial (retries included) has finished.
-    _drain(studies, "screen", runner, cfg, on_trial=on_trial)
-    _enqueue_once(studies, f"{promote.study_name}/enqueue", enqueue_promotions, promote)
+    # Once per top-k set: a rerun with a larger top_k or more screen trials promotes what its
+    # top-k adds (the ones already promoted are skipped).
+    chosen = ",".join(str(t.number) for t in best)
+    _enqueue_once(studies, f"{promote.study_name}/enqueue/{chosen}", enqueue_promotions, promote)
     _drain(studies, "promote", runner, cfg, on_trial=on_trial)
 
 
@@ -669,6 +677,7 @@ def run_final(
                 "source_checkpoint_dir": t.user_attrs["checkpoint_dir"],
                 "source_value": t.value,
                 **carried_attrs(t),
+                WRITTEN_BY_ATTR: _host_of(t),
             },
         )
         return 1
@@ -902,6 +911,31 @@ def _leg_exists(studies: Studies, cfg: DictConfig, decision: Continue) -> bool:
     )
 
 
+WRITTEN_BY_ATTR = "checkpoint_written_on"  # the machine that wrote the checkpoint a leg needs
+
+
+def _host_of(trial: optuna.trial.FrozenTrial | None) -> str | None:
+    """The machine a trial ran on (its ``worker`` attr is ``host:pid``); None if unknown."""
+    worker = None if trial is None else trial.user_attrs.get("worker")
+    return str(worker).rpartition(":")[0] or None if worker else None
+
+
+def _leg_at(
+    studies: Studies, cfg: DictConfig, number: int, rung: int
+) -> optuna.trial.FrozenTrial | None:
+    """Configuration ``number``'s completed leg that ended at ``rung`` (None if none)."""
+    return next(
+        (
+            t
+            for t in studies.of(_leg_stage(cfg, rung)).get_trials(
+                deepcopy=False, states=(TrialState.COMPLETE,)
+            )
+            if config_number(t) == number and t.user_attrs.get(RUNG_TO_ATTR) == rung
+        ),
+        None,
+    )
+
+
 def _queue_leg(
     studies: Studies,
     cfg: DictConfig,
@@ -923,6 +957,7 @@ def _queue_leg(
             RUNG_TO_ATTR: decision.to_rung,
             "checkpoint_dir": source.user_attrs.get("checkpoint_dir"),
             **carried_attrs(source),
+            WRITTEN_BY_ATTR: _host_of(_leg_at(studies, cfg, decision.number, decision.from_rung)),
             "source_study": screen.study_name,
             "source_trial": decision.number,
             "source_value": value,

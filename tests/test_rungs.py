@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -39,6 +40,7 @@ from search.stages import (
     run_stages,
     scheduler_records,
     scheduler_settings,
+    top_trials,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -276,6 +278,7 @@ def test_real_run_with_two_workers_continues_legs_and_reports_rungs(tmp_path: Pa
     continued = [t for t in legs if "rung_from" in t.user_attrs]
     for t in continued:  # trained only the epochs it added, from the rung's checkpoint
         assert t.user_attrs["resumed_from_epoch"] == t.user_attrs["rung_from"]
+        assert t.user_attrs["checkpoint_written_on"] == socket.gethostname()
         assert t.user_attrs["epochs_added"] == t.user_attrs["rung_to"] - t.user_attrs["rung_from"]
         assert len(t.intermediate_values) == t.user_attrs["epochs_added"]
     final = optuna.load_study(study_name="quickstart.final", storage=url).get_trials()
@@ -344,6 +347,23 @@ def test_a_leg_whose_checkpoint_this_worker_cannot_read_fails_and_says_how_to_sh
         "rung_from": 1,
         "rung_to": 3,
     }
+    # Not known who wrote the checkpoint: the retry was counted (it may be gone for good). One
+    # another machine wrote is this machine's setup at fault: free, so that this machine's other
+    # workers, each failing it once on their way out, cannot spend the configuration's retries.
+    from storage.trial_retry import retries_spent
+
+    with pytest.raises(StageError):
+        _run_one(studies, "promote", TrialRunner(cfg, progress=False), 3)
+    assert retries_spent(studies.promote.get_trials()[-1]) == 2
+    studies.promote.enqueue_trial(
+        retry.params,
+        user_attrs={**retry.user_attrs, "config": 5, "checkpoint_written_on": "another-host"},
+    )
+    for _ in range(4):  # max_retries=1, four workers of this machine
+        with pytest.raises(StageError):
+            _run_one(studies, "promote", TrialRunner(cfg, progress=False), 1)
+    last = [t for t in studies.promote.get_trials() if t.user_attrs["config"] == 5][-1]
+    assert last.state == TrialState.WAITING and retries_spent(last) == 0
 
 
 @pytest.mark.parametrize("damage", ["truncated", "other settings"])
@@ -808,3 +828,20 @@ def test_a_step_claimed_by_a_process_that_died_on_this_machine_is_taken_over(
     _enqueue_once(studies, key, lambda: done.append(1) or 1, studies.final)
     assert done == [1] and time.monotonic() - started < 30
     assert studies.final.user_attrs[f"enqueued:{key}"] == 1
+
+
+def test_the_previous_pipeline_promotes_what_a_larger_top_k_adds_on_a_rerun(tmp_path: Path):
+    """search.pruner none/hyperband: a rerun with a larger top_k (and screen) promotes the
+    configurations its top-k adds; the ones already promoted are not trained again."""
+    url = f"sqlite:///{tmp_path / 'np.db'}"
+    base = [f"storage={url}", f"runs_dir={tmp_path}", "search.pruner.name=none"]
+    base += ["stages.final.enabled=false", "search.sampler.name=random"]
+    first = load_config("quickstart", [*base, "stages.screen.trials=6", "stages.promote.top_k=2"])
+    run_stages(open_studies(first, url), CurveRunner(first), first)
+    later = load_config("quickstart", [*base, "stages.screen.trials=10", "stages.promote.top_k=4"])
+    studies = open_studies(later, url)
+    run_stages(studies, CurveRunner(later), later)
+    promoted = [t.user_attrs["source_trial"] for t in studies.promote.get_trials()]
+    best = [t.number for t in top_trials(studies.screen, 4)]
+    assert sorted(promoted) == sorted(best), (promoted, best)
+    assert progress(studies, later).long_budget == 4
