@@ -313,7 +313,11 @@ class PruningSavings:
 
 def pruning_savings(cfg: DictConfig, screen: optuna.Study) -> PruningSavings | None:
     """What pruning saved in the screen stage; None before any trial completed or was pruned."""
-    trials = screen.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    trials = [
+        t
+        for t in screen.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        if not trained_nothing(t.user_attrs)  # a skipped duplicate trained and saved nothing
+    ]
     if not trials:
         return None
     per_epoch = [

@@ -15,7 +15,6 @@ import hashlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from search.naming import RUNG_FROM_ATTR, format_metric, learning_curve, stage_m
 from search.objective import TrialHook, TrialRunner
 from search.stages import open_studies, progress, run_stages
 from storage.checkpoint_store import CheckpointTransferError
-from storage.claims import process_alive
+from storage.claims import process_alive, this_machine
 
 
 def device_plan(devices: str, workers: int, device_count: int | None = None) -> list[str]:
@@ -297,7 +296,7 @@ _LAUNCHER_MARK = ".launcher"
 
 
 def _this_host() -> str:
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return hashlib.sha256(this_machine().encode()).hexdigest()[:8]
 
 
 def remove_orphaned_worker_configs(folder: Path) -> list[Path]:

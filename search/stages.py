@@ -90,7 +90,7 @@ from search.scheduler import (
 )
 from search.space import baseline_params
 from storage.checkpoint_store import CheckpointTransferError
-from storage.claims import Claims, owner_gone
+from storage.claims import Claims, owner_gone, owner_host
 from storage.retry import FAILED_AT_ATTR
 from storage.trial_retry import RetryFailedTrial, retries_spent
 from storage.urls import open_storage
@@ -525,6 +525,8 @@ def _enqueue_once(
     deadline = time.monotonic() + 120
     while True:
         if studies.claims.take(key):
+            if f"enqueued:{key}" in done_study.user_attrs:  # done by a taker since gone
+                return
             try:
                 count = enqueue()
             except BaseException:
@@ -915,9 +917,9 @@ WRITTEN_BY_ATTR = "checkpoint_written_on"  # the machine that wrote the checkpoi
 
 
 def _host_of(trial: optuna.trial.FrozenTrial | None) -> str | None:
-    """The machine a trial ran on (its ``worker`` attr is ``host:pid``); None if unknown."""
+    """The machine a trial ran on (from its ``worker`` attr); None if unknown."""
     worker = None if trial is None else trial.user_attrs.get("worker")
-    return str(worker).rpartition(":")[0] or None if worker else None
+    return owner_host(str(worker)) or None if worker else None
 
 
 def _leg_at(

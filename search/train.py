@@ -48,13 +48,13 @@ def main() -> int:
     data_cfg, model_cfg, train_cfg = to_dataclasses(cfg)
     store = checkpoint_store(cfg)  # a folder, or a URL mirrored in a local cache
     relative = standalone_run_relative(cfg)
-    if args.fresh:
-        store.clear(relative)
-    else:
-        store.pull(relative)
-    ckpt_dir = store.local(relative)
     install_sigterm_as_interrupt()
     try:
+        if args.fresh:
+            store.clear(relative)
+        else:
+            store.pull(relative)  # a download from a URL may take a while: interruptible
+        ckpt_dir = store.local(relative)
         splits = load_splits(data_cfg)
         run = Run(
             cfg.task,

@@ -31,8 +31,29 @@ CLAIMS = sa.Table(
 )
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace (Linux: the inode of /proc/self/ns/pid), "" where unknown:
+    containers on one host may share its name but not its process ids."""
+    try:
+        return "".join(c for c in os.readlink("/proc/self/ns/pid") if c.isdigit())
+    except OSError:
+        return ""
+
+
 def default_owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """``host:pid``, then ``/<pid namespace>`` where known: the process taking a claim."""
+    namespace = _pid_namespace()
+    return f"{socket.gethostname()}:{os.getpid()}" + (f"/{namespace}" if namespace else "")
+
+
+def this_machine() -> str:
+    """``host/<pid namespace>``: where a pid of this process means this process."""
+    return f"{socket.gethostname()}/{_pid_namespace()}"
+
+
+def owner_host(owner: str) -> str:
+    """The machine named by an owner (:func:`default_owner`): the part before the first ``:``."""
+    return owner.partition(":")[0]
 
 
 def process_alive(pid: int) -> bool:
@@ -46,11 +67,24 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def owner_pid(owner: str) -> int | None:
+    """The process id named by an owner (:func:`default_owner`); None if it names none."""
+    pid = owner.partition(":")[2].partition("/")[0]
+    return int(pid) if pid.isdigit() else None
+
+
 def owner_gone(owner: str) -> bool:
     """Whether the process named by a claim's ``owner`` (:func:`default_owner`) is known to be
-    gone: it ran on this machine and no longer does. One on another machine: not known."""
-    host, _, pid = owner.rpartition(":")
-    return host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))
+    gone: it ran on this machine, in this PID namespace, and no longer runs. One on another
+    machine or in another container, or named without its namespace: not known."""
+    pid, here = owner_pid(owner), _pid_namespace()
+    return (
+        owner_host(owner) == socket.gethostname()
+        and bool(here)
+        and owner.partition("/")[2] == here
+        and pid is not None
+        and not process_alive(pid)
+    )
 
 
 class Claims:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from storage.claims import CLAIMS, Claims, default_owner
+from storage.claims import CLAIMS, Claims, default_owner, owner_host
 from storage.urls import SQLITE_TIMEOUT_S
 
 THREADS = 16
@@ -169,6 +169,7 @@ def test_tables_created_by_many_threads_at_once_on_an_empty_database(new_engine,
     assert Claims(new_engine()).taken("study.") == ["study.final/enqueue"]
 
 
-def test_default_owner_names_this_host_and_process():
-    assert default_owner() == f"{socket.gethostname()}:{os.getpid()}"
-    assert default_owner().rsplit(":", 1)[1] == str(os.getpid())
+def test_default_owner_names_this_host_process_and_pid_namespace():
+    namespace = "".join(c for c in os.readlink("/proc/self/ns/pid") if c.isdigit())
+    assert default_owner() == f"{socket.gethostname()}:{os.getpid()}/{namespace}"
+    assert owner_host(default_owner()) == socket.gethostname()

@@ -387,3 +387,22 @@ def test_the_report_says_when_the_search_does_not_beat_a_baseline(best, says):
     else:
         assert f"**The search's best ({100 * best:.2f}%) does not beat the {says}**" in text
         assert "untrained-encoder" not in text  # that one it beats
+
+
+def test_pruning_savings_leave_out_trials_that_trained_nothing(tmp_path):
+    """The previous pipeline's "what pruning saved": a skipped duplicate was not pruned and
+    saved no epochs."""
+    from reporting.tables import pruning_savings
+
+    cfg = load_config("quickstart", ["search.pruner.name=hyperband"])
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'p.db'}", direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=0.9, user_attrs={"epochs_run": 3}))
+    for _ in range(3):
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.PRUNED,
+                user_attrs={"duplicate_of": 0, "prune_reason": "skipped: same configuration"},
+            )
+        )
+    saved = pruning_savings(cfg, study)
+    assert (saved.trials, saved.pruned, saved.epochs_run, saved.saved) == (1, 0, 3, 0)

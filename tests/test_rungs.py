@@ -739,7 +739,6 @@ def test_baselines_claimed_by_a_process_killed_while_scoring_them_are_scored_aga
     """SIGKILL while scoring the baselines leaves their claim taken: a later run takes it over
     when its taker is known to be gone (this machine, process gone) or the claim is stale (another
     machine, over BASELINES_CLAIM_STALE_S); a live taker elsewhere keeps it."""
-    import socket
 
     from search.stages import BASELINES_ATTR, BASELINES_CLAIM_STALE_S, record_baselines
     from storage.claims import CLAIMS, Claims
@@ -753,7 +752,7 @@ def test_baselines_claimed_by_a_process_killed_while_scoring_them_are_scored_aga
     dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead.kill()
     dead.wait(timeout=30)
-    assert Claims(engine, owner=f"{socket.gethostname()}:{dead.pid}").take(key)
+    assert Claims(engine, owner=_owner_of(dead.pid)).take(key)
     record_baselines(open_studies(cfg, url), CurveRunner(cfg))
     assert studies.screen.user_attrs[BASELINES_ATTR] == {"pixels": 0.1}
 
@@ -811,7 +810,6 @@ def test_a_step_claimed_by_a_process_that_died_on_this_machine_is_taken_over(
 ) -> None:
     """An enqueue-once step (the baseline trial, the promotions, the final) whose claim a
     killed process left is done by the next process, not waited on for two minutes."""
-    import socket
 
     from search.stages import _enqueue_once
     from storage.claims import Claims
@@ -822,7 +820,7 @@ def test_a_step_claimed_by_a_process_that_died_on_this_machine_is_taken_over(
     dead.kill()
     dead.wait(timeout=30)
     key = f"{studies.final.study_name}/enqueue/x"
-    assert Claims(studies.claims.engine, owner=f"{socket.gethostname()}:{dead.pid}").take(key)
+    assert Claims(studies.claims.engine, owner=_owner_of(dead.pid)).take(key)
     done: list[int] = []
     started = time.monotonic()
     _enqueue_once(studies, key, lambda: done.append(1) or 1, studies.final)
@@ -845,3 +843,26 @@ def test_the_previous_pipeline_promotes_what_a_larger_top_k_adds_on_a_rerun(tmp_
     best = [t.number for t in top_trials(studies.screen, 4)]
     assert sorted(promoted) == sorted(best), (promoted, best)
     assert progress(studies, later).long_budget == 4
+
+
+def _owner_of(pid: int) -> str:
+    """A claim owner naming process ``pid`` of this machine and PID namespace."""
+    from storage.claims import default_owner
+
+    host_and_pid, _, namespace = default_owner().partition("/")
+    return f"{host_and_pid.partition(':')[0]}:{pid}/{namespace}"
+
+
+def test_a_claim_of_another_pid_namespace_or_without_one_is_never_taken_for_gone() -> None:
+    """Containers on one host share its name, not its process ids: only a process of this
+    machine and PID namespace is known to be gone."""
+    from storage.claims import owner_gone
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=30)
+    assert owner_gone(_owner_of(dead.pid))
+    assert not owner_gone(_owner_of(os.getpid()))  # alive
+    host = socket.gethostname()
+    assert not owner_gone(f"{host}:{dead.pid}")  # no namespace: an older owner, not known
+    assert not owner_gone(f"{host}:{dead.pid}/1")  # another container
+    assert not owner_gone(f"elsewhere:{dead.pid}/{_owner_of(0).partition('/')[2]}")

@@ -106,10 +106,11 @@ def wait_for_checkpointed_trial(
 
 
 def worker_pid(trial: optuna.trial.FrozenTrial) -> int:
-    """The process running ``trial``: its ``worker`` attr is ``hostname:pid``."""
-    host, pid = trial.user_attrs["worker"].rsplit(":", 1)
-    assert host == socket.gethostname(), trial.user_attrs["worker"]
-    return int(pid)
+    """The process running ``trial``: its ``worker`` attr is ``hostname:pid/namespace``."""
+    from storage.claims import owner_host, owner_pid
+
+    assert owner_host(trial.user_attrs["worker"]) == socket.gethostname(), trial.user_attrs
+    return owner_pid(trial.user_attrs["worker"])
 
 
 def start_run(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
@@ -217,7 +218,7 @@ def test_eight_workers_start_at_once_on_an_empty_database(tmp_path, request, bac
     assert not any("failed_trial" in t.system_attrs for t in screen)
     assert [t.number for t in screen if t.user_attrs.get("baseline") == "report"] == [0]
     pids = {p.pid for p in procs}
-    assert all(int(t.user_attrs["worker"].rsplit(":", 1)[1]) in pids for t in screen)
+    assert all(worker_pid(t) in pids for t in screen)
     engine = sqlalchemy.create_engine(url)
     try:
         claims = Claims(engine)
