@@ -255,7 +255,8 @@ def _settings_of(key: str) -> str:
         node = OmegaConf.to_container(OmegaConf.structured(ParamSpec), throw_on_missing=False)
     if not isinstance(node, dict):
         return f"{key}.<setting>=..."
-    return ", ".join(f"{key}.{name}=..." for name in node)
+    leaves = [f"{key}.{name}=..." for name in _flat(node) if name]
+    return ", ".join(leaves[:6]) + (", ..." if len(leaves) > 6 else "")
 
 
 def _section_like(key: str) -> str:

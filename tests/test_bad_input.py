@@ -196,7 +196,7 @@ def test_messages_say_what_a_setting_takes_in_the_projects_words():
         ["model.encoder_kernels=5"], "model.encoder_kernels"
     )
     stages = assert_refused(["stages=3"], "stages")
-    assert "a section, not a single value" in stages and "stages.screen=..." in stages
+    assert "a section, not a single value" in stages and "stages.screen.trials=..." in stages
     optim = assert_refused(["train.optim=adam"], "train.optim")
     assert "train.optim.name=..., train.optim.lr=..." in optim
     space = assert_refused(["search.space.channels=3"], "search.space.channels")
