@@ -151,7 +151,7 @@ def _announce(label: str, study: optuna.Study, number: int, metric: str) -> None
         epochs = f"epochs {attrs[RUNG_FROM_ATTR]} -> {attrs['epochs_run']}"
         resumed = ""  # from its rung's checkpoint: said by the arrow
     elif "epochs_run" in attrs:
-        epochs = f"{attrs['epochs_run']} epochs"
+        epochs = f"{attrs['epochs_run']} epoch{'' if attrs['epochs_run'] == 1 else 's'}"
     elif probe:  # the final stage trains only the classifier on the frozen encoder
         epochs = f"classifier {probe} epochs"
     else:
