@@ -338,14 +338,15 @@ def _below_baselines(frame: pd.DataFrame) -> list[str]:
         return []
     best = max(found)
     beaten = [
-        f"the {name} baseline ({100 * values[row]:.2f}%)"
+        f"the {name} baseline ({format_metric('knn_accuracy', values[row])})"
         for row, name in (("raw_pixels", "raw-pixel"), ("untrained_encoder", "untrained-encoder"))
         if row in values and not _missing(values[row]) and best <= values[row]
     ]
     if not beaten:
         return []
     return [
-        f"**The search's best ({100 * best:.2f}%) does not beat {' or '.join(beaten)}**: on "
+        f"**The search's best ({format_metric('knn_accuracy', best)}) does not beat "
+        f"{' or '.join(beaten)}**: on "
         "this problem, at these budgets, the learned latent space is no better for kNN than "
         "that baseline."
     ]

@@ -248,8 +248,8 @@ def install_sigterm_as_interrupt() -> None:
     Only the first signal interrupts. Later ones within ``STOP_GRACE_S`` are ignored while the
     process stops: Ctrl-C reaches a launcher and its workers at once, and the launcher then sends
     its workers SIGTERM, which must not cut short the re-enqueueing of their trials (a launcher
-    kills a worker that has not stopped by then; a signal after it interrupts a stuck clean-up). SIGINT is set too, because a process started from
-    a background job inherits it ignored.
+    kills a worker that has not stopped by then; a signal after it interrupts a stuck clean-up).
+    SIGINT is set too, because a process started from a background job inherits it ignored.
     """
 
     def handler(signum, frame):  # noqa: ARG001
@@ -291,7 +291,8 @@ def _progress_thread(cfg: DictConfig, url: str, stop: threading.Event) -> thread
 
 
 # Worker config files are named <study>.launcher<pid>@<host>-<random>.yaml, <host> a hash of
-# this machine's name: a runs_dir shared by several machines holds other machines' launchers.
+# this machine's name and PID namespace (storage.claims.this_machine): a runs_dir shared by
+# several machines or containers holds launchers whose pids mean nothing here.
 _LAUNCHER_MARK = ".launcher"
 
 

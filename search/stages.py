@@ -567,7 +567,7 @@ def record_baselines(studies: Studies, runner: TrialRunner) -> None:
         return
     key = f"{screen.study_name}/baselines"
     holder = studies.claims.holder(key)
-    if holder is not None and BASELINES_ATTR not in screen.user_attrs:
+    if holder is not None:
         owner, taken_at = holder
         if owner_gone(owner) or time.time() - taken_at > BASELINES_CLAIM_STALE_S:
             studies.claims.release_if_taken_at(key, taken_at)
