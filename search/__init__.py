@@ -10,8 +10,8 @@ Public API (imported lazily, so ``python -m search.run --dry-run`` stays light):
     print(summarize(studies, cfg))
 
 The command-line modules beside this file (``search.run``, ``search.worker``, ``search.train``,
-``search.report``, ``search.dashboard``, ``search.cli``) sit on top of every other layer and are
-not part of this API.
+``search.report``, ``search.dashboard``, ``search.give_up``, ``search.cli``) sit on top of
+every other layer and are not part of this API.
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ _EXPORTS = {
     "Studies": "search.stages",
     "delete_stage_studies": "search.stages",
     "failure_reason": "search.stages",
+    "give_up": "search.stages",
+    "given_up_configurations": "search.stages",
     "open_studies": "search.stages",
     "run_stages": "search.stages",
     "summarize": "search.stages",

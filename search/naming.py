@@ -83,6 +83,25 @@ def format_metric(name: str, value: float) -> str:
 
 NOTHING_QUEUED = "nothing queued"  # the prune reason of a trial that trained nothing
 SKIPPED = "SKIPPED"  # how summaries and reports count such a trial (Optuna stores it PRUNED)
+GIVEN_UP = "given up"  # how the fail reason of a leg of a configuration the user gave up starts
+
+
+_GIVEN_UP_ATTR = "given_up:"
+
+
+def given_up_attr(number: int) -> str:
+    """The screen study's user attr saying configuration ``number`` was given up (``python -m
+    search.give_up``); its value is the user's reason.
+
+    >>> given_up_attr(7), given_up_number(given_up_attr(7)), given_up_number("study_uid")
+    ('given_up:7', 7, None)
+    """
+    return f"{_GIVEN_UP_ATTR}{number}"
+
+
+def given_up_number(attr: str) -> int | None:
+    """The configuration a screen study user attr named ``attr`` gives up (None: another attr)."""
+    return int(attr[len(_GIVEN_UP_ATTR) :]) if attr.startswith(_GIVEN_UP_ATTR) else None
 
 
 def trained_nothing(user_attrs: Mapping[str, Any]) -> bool:

@@ -278,14 +278,23 @@ class TrialRunner:
         self.store.pull(relative)
         return self.store.local(relative)
 
-    def _unreachable(self, relative: Path, name: str, what: str) -> CheckpointUnreachableError:
-        """A checkpoint this worker needs and cannot read: where it should be, how to share it."""
+    def _unreachable(
+        self, relative: Path, name: str, what: str, configuration: int | None = None
+    ) -> CheckpointUnreachableError:
+        """A checkpoint this worker needs and cannot read: where it should be, how to share it,
+        and, for a leg of ``configuration``, how to go on without it if it is lost."""
+        lost = (
+            ""
+            if configuration is None
+            else f"; if it is lost for good, python -m search.give_up study={self.cfg.name} "
+            f"configuration={configuration} lets the study go on without it"
+        )
         return CheckpointUnreachableError(
             self.store.where(relative, name),
             f"{what} but this worker cannot read its checkpoint; checkpoints_dir must be one "
             "location every worker reaches (a shared folder or mount at the same path on every "
             "machine, or a URL such as s3://bucket/prefix with its backend installed); "
-            "nothing was retrained",
+            f"nothing was retrained{lost}",
         )
 
     def _final_encoder(self, trial: optuna.Trial) -> Path:
@@ -420,6 +429,7 @@ class TrialRunner:
                     PRETRAIN_FILE,
                     f"configuration #{number} is to continue from epoch "
                     f"{trial.user_attrs[RUNG_FROM_ATTR]}",
+                    configuration=number,
                 )
 
             reported: list[int] = []  # epochs this trial reported to Optuna

@@ -36,7 +36,7 @@ from search.config import ConfigError, resolved_paths
 from search.database import WORKER_STORAGE_ENV
 from search.naming import RUNG_FROM_ATTR, format_metric, learning_curve, stage_metric
 from search.objective import TrialHook, TrialRunner
-from search.stages import open_studies, progress, run_stages
+from search.stages import ConfigurationGivenUp, open_studies, progress, run_stages
 from storage.checkpoint_store import CheckpointTransferError
 from storage.claims import process_alive, this_machine
 
@@ -216,6 +216,7 @@ _EXPECTED_FAILURES = (
     CheckpointTransferError,
     NonFiniteLossError,  # a diverged run
     torch.cuda.OutOfMemoryError,
+    ConfigurationGivenUp,  # a leg of a configuration the user gave up (python -m search.give_up)
 )
 
 

@@ -40,6 +40,7 @@ import optuna
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
+from models.errors import UsageError
 from models.training import NonFiniteLossError
 from search.config import (
     ConfigError,
@@ -50,12 +51,15 @@ from search.config import (
 )
 from search.database import StorageUnavailableError, redact
 from search.naming import (
+    GIVEN_UP,
     NOTHING_QUEUED,
     RUNG_FROM_ATTR,
     RUNG_TO_ATTR,
     SKIPPED,
     STAGES,
     STUDY_UID_ATTR,
+    given_up_attr,
+    given_up_number,
     is_continuation,
     is_curve_attr,
     new_study_uid,
@@ -103,6 +107,11 @@ TrialDone = Callable[[str, int], None]
 
 class StageError(RuntimeError):
     """A stage cannot proceed (e.g. no screen trial completed); the message says why."""
+
+
+class ConfigurationGivenUp(RuntimeError):
+    """The leg a worker took belongs to a configuration the user gave up (:func:`give_up`): it
+    fails at once, trains nothing and is not retried."""
 
 
 @dataclass
@@ -365,6 +374,11 @@ def _run_one(
         moved = claimed is not None and trial.number != claimed
         if moved and studies.claims.take(_waiting_key(study, trial.number)):
             studies.claims.release(_waiting_key(study, claimed))
+        config = config_number(stored(trial))
+        given_up = None if stage == "final" else given_up_configurations(studies).get(config)
+        if given_up is not None:  # see give_up: fails at once, trains nothing, not retried
+            trial.set_user_attr("fail_reason", f"{GIVEN_UP}: {given_up}")
+            raise ConfigurationGivenUp(f"configuration #{config} {GIVEN_UP}")
         if on_fresh is not None and not _was_queued(stored(trial)) and not on_fresh(trial.number):
             reason = f"{NOTHING_QUEUED}: another worker took the queued trial first"
             trial.set_user_attr("prune_reason", reason)
@@ -787,8 +801,12 @@ def scheduler_records(studies: Studies, cfg: DictConfig) -> list[TrialRecord]:
         config, rung = (int(part) for part in key.rsplit("/", 2)[1:])
         if rung >= claimed.get(config, (0, 0.0))[0]:
             claimed[config] = (rung, at)
+    given_up = given_up_configurations(studies)
     out = []
     for r in records:
+        if r.number in given_up:  # whatever is queued for it fails when taken: never continued
+            out.append(dataclasses.replace(r, running_to=None, failed=True))
+            continue
         if r.number in claimed:
             rung, at = claimed[r.number]
             queued = (r.promoted_to or 0) >= rung  # its leg is a trial by now
@@ -800,6 +818,53 @@ def scheduler_records(studies: Studies, cfg: DictConfig) -> list[TrialRecord]:
             r = dataclasses.replace(r, promoted_to=max(r.promoted_to or 0, rung))
         out.append(r)
     return out
+
+
+def given_up_configurations(studies: Studies) -> dict[int, str]:
+    """The configurations the user gave up (:func:`give_up`), each with the reason given."""
+    attrs = studies.screen.user_attrs
+    numbers = {key: given_up_number(key) for key in attrs}
+    return {n: str(attrs[key]) for key, n in numbers.items() if n is not None}
+
+
+def give_up(studies: Studies, cfg: DictConfig, number: int, reason: str) -> str:
+    """Give up configuration ``number`` (under rungs), for good: a checkpoint it needs is lost,
+    say, so every worker that takes its queued leg would stop. Its queued or retried legs fail
+    when a worker takes them (training nothing), it is never continued again, and a place at
+    the long budget it held goes to the next configuration in rank. What it recorded stays.
+    Returns what was done, in one line; a :class:`UsageError` (before anything is written) for
+    a configuration that does not exist, was given up already, or has its long-budget result.
+    """
+    screen = studies.screen.study_name
+    if not uses_rungs(cfg):
+        pruner = cfg.search.pruner.name
+        raise UsageError(
+            f"configuration: {cfg.name} does not use rungs (search.pruner.name={pruner}); only "
+            "a configuration of a rung study (asha) can be given up"
+        )
+    records = {r.number: r for r in scheduler_records(studies, cfg)}
+    if number not in records:
+        known = [f"#{n}" for n in sorted(records)]
+        if len(known) > 8:
+            known = [*known[:5], "...", *known[-2:]]
+        raise UsageError(
+            f"configuration: no configuration #{number} in {screen}; it has "
+            f"{', '.join(known) or 'none yet'}"
+        )
+    if number in given_up_configurations(studies):
+        raise UsageError(f"configuration: #{number} of {screen} was given up already")
+    long = rung_ladder(cfg)[-1]
+    if long in records[number].results:
+        raise UsageError(
+            f"configuration: #{number} of {screen} already has its result at the long budget "
+            f"({long} epochs); giving it up would not change the search"
+        )
+    studies.screen.set_user_attr(given_up_attr(number), reason)
+    return (
+        f"configuration #{number} of {screen} given up ({reason}): its queued legs fail when a "
+        "worker takes them, it is not continued again, and a place at the long budget it held "
+        "goes to the next in rank; its recorded results stay"
+    )
 
 
 def _retry_on_its_way(

@@ -22,6 +22,7 @@ CLI_MODULES = {
     "search.train",
     "search.report",
     "search.dashboard",
+    "search.give_up",
 }
 # Which layers each layer may import from.
 ALLOWED = {

@@ -29,9 +29,12 @@ from optuna.trial import TrialState
 
 from search.config import load_config
 from search.naming import rung_ladder
+from search.objective import CheckpointUnreachableError
 from search.scheduler import promotion_justified
 from search.space import suggest
 from search.stages import (
+    StageError,
+    give_up,
     long_budget_trials,
     open_studies,
     progress,
@@ -336,7 +339,10 @@ def test_a_leg_whose_checkpoint_this_worker_cannot_read_fails_and_says_how_to_sh
     assert reason.startswith("CheckpointUnreachableError")
     assert "quickstart.screen-0123456789ab/trial-00004/pretrain.pt" in reason
     assert "checkpoints_dir" in reason and "every worker" in reason
-    assert str(stopped.value).endswith("nothing was retrained; this worker stopped")
+    assert "; nothing was retrained; if it is lost for good, python -m search.give_up" in str(
+        stopped.value
+    )
+    assert str(stopped.value).endswith("go on without it; this worker stopped")
     assert "\n" not in str(stopped.value)
     assert "epochs_run" not in trial.user_attrs  # nothing was trained
     assert not (tmp_path / "checkpoints" / "quickstart.screen-0123456789ab").exists()
@@ -364,6 +370,76 @@ def test_a_leg_whose_checkpoint_this_worker_cannot_read_fails_and_says_how_to_sh
             _run_one(studies, "promote", TrialRunner(cfg, progress=False), 1)
     last = [t for t in studies.promote.get_trials() if t.user_attrs["config"] == 5][-1]
     assert last.state == TrialState.WAITING and retries_spent(last) == 0
+
+
+def test_a_configuration_given_up_fails_its_queued_leg_and_gives_its_place_back(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint lost for good with the machine that wrote it: every worker that takes the
+    leg stops (free retries, so no worker's setup spends the configuration), and the study could
+    not end. ``python -m search.give_up`` lets it go on without that configuration."""
+    from search.objective import TrialRunner
+    from search.scheduler import holds_long_budget_seat
+    from search.stages import StageError, _run_one, scheduler_records
+
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    cfg = load_config("quickstart", [*REAL_RUN, f"storage={url}", f"runs_dir={tmp_path}"])
+    studies = open_studies(cfg, url)
+    long = rung_ladder(cfg)[-1]
+    studies.promote.enqueue_trial(
+        {"channels": 8, "batch_size": 32, "optimizer": "adam", "adam_lr": 1e-3,
+         "temperature": 0.5, "aug_strength": 1.0},
+        user_attrs={"config": 4, "rung_from": 1, "rung_to": long, "seed": 4,
+                    "checkpoint_dir": "quickstart.screen-0123456789ab/trial-00004",
+                    "checkpoint_written_on": "another-host"},
+    )  # fmt: skip
+    runner = TrialRunner(cfg, progress=False)
+    with pytest.raises(StageError) as stopped:
+        _run_one(studies, "promote", runner, 1)
+    assert "python -m search.give_up study=quickstart configuration=4 " in str(stopped.value)
+
+    def record_4():
+        return next(r for r in scheduler_records(studies, cfg) if r.number == 4)
+
+    assert record_4().running and holds_long_budget_seat(record_4(), long)
+
+    def give_up(*args: str) -> subprocess.CompletedProcess:
+        return run_module("search.give_up", "study=quickstart", f"runs_dir={tmp_path}", *args)
+
+    for args, says in [
+        (["configuration=99"], "error: configuration: no configuration #99 in quickstart.screen"),
+        (["configuration=four"], "error: configuration: the number a worker's error names"),
+        ([], "error: configuration: required"),
+        (["configuration=4", "reason="], "error: reason: one line of text"),
+    ]:
+        refused = give_up(*args)
+        assert (refused.returncode, refused.stderr.count("\n")) == (2, 1), refused.stderr
+        assert refused.stderr.startswith(says), refused.stderr
+        assert record_4().running  # nothing was written
+    elsewhere = run_module(
+        "search.give_up", "study=quickstart", f"runs_dir={tmp_path / 'empty'}", "configuration=4"
+    )
+    assert elsewhere.returncode == 2 and "error: storage: no database at" in elsewhere.stderr
+    assert not (tmp_path / "empty").exists()
+
+    done = give_up("configuration=4", "reason=host b lost its disk")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(
+        "configuration #4 of quickstart.screen given up (host b lost its disk)"
+    )
+    assert record_4().failed and not record_4().running
+    assert not holds_long_budget_seat(record_4(), long)  # the next in rank may take it
+    again = give_up("configuration=4")
+    assert again.returncode == 2 and "was given up already" in again.stderr
+
+    # The next worker to take the leg fails it at once: nothing trained, nothing queued again.
+    number = _run_one(studies, "promote", runner, 1)
+    leg = studies.promote.get_trials()[number]
+    assert leg.state == TrialState.FAIL
+    assert leg.user_attrs["fail_reason"] == "given up: host b lost its disk"
+    assert "epochs_run" not in leg.user_attrs
+    assert not studies.promote.get_trials(states=(TrialState.WAITING,))
+    assert record_4().failed
 
 
 @pytest.mark.parametrize("damage", ["truncated", "other settings"])
@@ -545,6 +621,70 @@ def test_a_long_run_that_diverges_gives_its_place_to_the_next_in_rank(tmp_path: 
     assert records[runner.diverged[0]].failed
     settings = scheduler_settings(cfg)
     snapshot = records_from_snapshot(best[0].user_attrs["promotion"]["records"])
+    assert promotion_justified(snapshot, best[0].user_attrs["config"], 9, **settings)
+
+
+class LostCheckpointRunner(CurveRunner):
+    """:class:`CurveRunner` for which the rung checkpoint of the first leg sent to the long
+    budget is gone, as :class:`search.objective.TrialRunner` reports it; ``lost`` holds its
+    configuration once per attempt."""
+
+    def __init__(self, cfg) -> None:  # noqa: ANN001
+        super().__init__(cfg)
+        self.last = rung_ladder(cfg)[-1]
+        self.lost: list[int] = []
+
+    def objective(self, stage: str):  # noqa: ANN201
+        inner = super().objective(stage)
+
+        def run(trial: optuna.Trial) -> float:
+            config = trial.user_attrs.get("config")
+            if int(trial.user_attrs.get("rung_to", 0)) == self.last and (
+                not self.lost or config == self.lost[0]
+            ):
+                self.lost.append(int(config))
+                error = CheckpointUnreachableError("lost/pretrain.pt", "gone with its disk")
+                trial.set_user_attr("fail_reason", f"{type(error).__name__}: {error}")
+                raise error
+            return inner(trial)
+
+        return run
+
+
+def test_a_study_stuck_on_a_lost_checkpoint_goes_on_once_the_configuration_is_given_up(
+    tmp_path: Path,
+) -> None:
+    """top_k 1: the first configuration sent to the long budget lost its rung checkpoint. Every
+    worker that takes its leg stops; once it is given up, the next worker fails that leg without
+    training, the next in rank takes the place, and the study ends with a long-budget result."""
+    url = f"sqlite:///{tmp_path / 'lost.db'}"
+    cfg = load_config(
+        "quickstart", [*RUNG_STUDY, "name=lost", f"storage={url}", "stages.promote.top_k=1"]
+    )
+    studies = open_studies(cfg, url)
+    runner = LostCheckpointRunner(cfg)
+    for _ in range(2):  # two workers, one after the other: each stops on the same leg
+        with pytest.raises(StageError, match="gone with its disk; this worker stopped"):
+            run_rungs(studies, runner, cfg)
+    lost = runner.lost[0]
+    assert not long_budget_trials(studies, cfg)
+    assert "given up (its checkpoint is lost)" in give_up(
+        studies, cfg, lost, "its checkpoint is lost"
+    )
+    run_rungs(studies, runner, cfg)
+    best = long_budget_trials(studies, cfg)
+    assert len(best) == 1 and best[0].user_attrs["config"] != lost
+    legs = [
+        t
+        for t in studies.promote.get_trials()
+        if t.user_attrs.get("config") == lost and t.user_attrs["rung_to"] == runner.last
+    ]
+    assert [t.state for t in legs] == [TrialState.FAIL] * 3  # two workers stopped, then given up
+    assert runner.lost == [lost, lost]  # the third attempt never reached training
+    assert legs[-1].user_attrs["fail_reason"] == "given up: its checkpoint is lost"
+    assert {r.number: r for r in scheduler_records(studies, cfg)}[lost].failed
+    snapshot = records_from_snapshot(best[0].user_attrs["promotion"]["records"])
+    settings = scheduler_settings(cfg)
     assert promotion_justified(snapshot, best[0].user_attrs["config"], 9, **settings)
 
 
