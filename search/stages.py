@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -415,9 +414,7 @@ def _run_one(
             # machine wrote the checkpoint (this machine's setup is at fault, and its other
             # workers would otherwise spend the retries in seconds); counted when this machine
             # wrote it, or it is not known who did: then the checkpoint is gone, not unshared.
-            writer = trial.user_attrs.get(WRITTEN_BY_ATTR)
-            elsewhere = writer is not None and writer != socket.gethostname()
-            _requeue(study, started, max_retries, counted=not elsewhere)
+            _requeue(study, started, max_retries, counted=not _free_retry(trial))
             raise StageError(reason.split(": ", 1)[-1] + "; this worker stopped")
         if trial.state == TrialState.FAIL and reason.startswith(StorageUnavailableError.__name__):
             # The storage went away past the retry bound and came back in time to record it:
@@ -867,6 +864,19 @@ def give_up(studies: Studies, cfg: DictConfig, number: int, reason: str) -> str:
     )
 
 
+def _free_retry(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether failed ``trial``'s retry is free (does not spend one of ``max_retries``, see
+    :func:`_run_one`): it was stopped on purpose (Ctrl-C, SIGTERM), the storage went away, or
+    the worker could not read a checkpoint another machine wrote (its own setup is at fault)."""
+    reason = str(trial.user_attrs.get("fail_reason") or "")
+    if reason.startswith((INTERRUPTED_REASON, StorageUnavailableError.__name__)):
+        return True
+    if reason.startswith(CheckpointUnreachableError.__name__):
+        writer, reader = trial.user_attrs.get(WRITTEN_BY_ATTR), _host_of(trial)
+        return None not in (writer, reader) and writer != reader
+    return False
+
+
 def _retry_on_its_way(
     trial: optuna.trial.FrozenTrial, retried: set[Any], cfg: DictConfig, now: float
 ) -> bool:
@@ -876,9 +886,14 @@ def _retry_on_its_way(
     configuration must not look given up (its place at the long budget freed, the study taken
     for finished). One whose retry never came within grace_period is given up."""
     reason = str(trial.user_attrs.get("fail_reason") or "")
-    free = reason.startswith((INTERRUPTED_REASON, StorageUnavailableError.__name__))
-    requeued = free or reason.startswith(
-        (CheckpointTransferError.__name__, CheckpointUnreachableError.__name__)
+    free = _free_retry(trial)
+    requeued = reason.startswith(
+        (
+            INTERRUPTED_REASON,
+            StorageUnavailableError.__name__,
+            CheckpointTransferError.__name__,
+            CheckpointUnreachableError.__name__,
+        )
     )
     if (reason and not requeued) or trial.number in retried:
         return False  # failed on its own merits (never retried), or retried already

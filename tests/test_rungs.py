@@ -370,6 +370,19 @@ def test_a_leg_whose_checkpoint_this_worker_cannot_read_fails_and_says_how_to_sh
             _run_one(studies, "promote", TrialRunner(cfg, progress=False), 1)
     last = [t for t in studies.promote.get_trials() if t.user_attrs["config"] == 5][-1]
     assert last.state == TrialState.WAITING and retries_spent(last) == 0
+    # Between failing such a leg and queueing its free retry, the configuration is on its way
+    # (keeps its place), also with max_retries spent or 0; a counted one with none left is not.
+    from search.stages import _retry_on_its_way
+
+    failed = [t for t in studies.promote.get_trials() if t.state == TrialState.FAIL]
+    elsewhere = failed[-1]
+    here = next(t for t in failed if t.user_attrs["config"] == 4 and retries_spent(t) == 1)
+    assert elsewhere.user_attrs["checkpoint_written_on"] == "another-host"
+    assert "checkpoint_written_on" not in here.user_attrs
+    for max_retries, counted_left in ((0, False), (1, False), (2, True)):
+        limit = load_config("quickstart", [*REAL_RUN, f"max_retries={max_retries}"])
+        assert _retry_on_its_way(elsewhere, set(), limit, time.time())
+        assert _retry_on_its_way(here, set(), limit, time.time()) == counted_left
 
 
 def test_a_configuration_given_up_fails_its_queued_leg_and_gives_its_place_back(
