@@ -200,7 +200,7 @@ def holds_long_budget_seat(record: TrialRecord, long_budget: int) -> bool:
     """Whether ``record`` takes one of the ``top_k`` places at the long budget: it has a result
     there, is on its way, or was sent there; one that failed on its way (no retry pending)
     gives its place back."""
-    if long_budget in record.results or record.running_to == long_budget:
+    if long_budget in record.results or (record.running and record.running_to == long_budget):
         return True
     return record.promoted_to == long_budget and not record.failed
 

@@ -59,6 +59,21 @@ def test_continuations_do_not_steer_the_sampler(tmp_path: Path) -> None:
     assert statistics.median(plain) > 0.7  # what seeing every leg does: the continued config
 
 
+def test_continuations_do_not_steer_univariate_tpe_either(tmp_path: Path) -> None:
+    """Univariate TPE (and parameters outside the relative space) sample through
+    ``sample_independent``: it too sees first legs only."""
+    univariate = optuna.samplers.TPESampler(seed=0, n_startup_trials=5, multivariate=False)
+    ours = suggestions(FirstLegSampler(univariate), tmp_path / "first-legs.db")
+    assert statistics.median(ours) < 0.45
+
+
+def test_a_conditional_space_gets_grouped_multivariate_tpe() -> None:
+    """The report's spaces are conditional (``when:``): TPE must model them jointly, by group."""
+    tpe = make_sampler(load_config("mnist_contrastive")).base
+    assert tpe._multivariate and tpe._group  # Optuna's own flags: no public accessor
+    assert not sampling.make_tpe(0, 10, conditional=False)._group
+
+
 def test_the_view_hides_continuations_and_skipped_configurations(tmp_path: Path) -> None:
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'v.db'}")
     study.add_trial(optuna.trial.create_trial(params={"x": 0.1}, distributions={"x": X}, value=1))

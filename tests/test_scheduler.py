@@ -50,6 +50,9 @@ def test_module_examples() -> None:
 def test_rungs_examples() -> None:
     assert rungs(1, 100, 3) == [1, 3, 10, 32, 100]
     assert rungs(1, 81, 3) == [1, 3, 9, 27, 81]  # exact powers stay exact
+    # ... also where math.log rounds down: log(243, 3) = 4.999..., log(1000, 10) = 2.999...
+    assert rungs(1, 243, 3) == [1, 3, 9, 27, 81, 243]
+    assert rungs(1, 1000, 10) == [1, 10, 100, 1000]
     assert rungs(1, 27, 3) == [1, 3, 9, 27]
     assert rungs(2, 100, 3) == [2, 7, 27, 100]
     assert rungs(1, 100, 10) == [1, 10, 100]
@@ -96,6 +99,31 @@ def test_a_trial_is_promoted_while_others_are_still_running() -> None:
     # two results are not enough for the top third of the rung to hold anyone
     assert decide(records[1:], **SETTINGS) == StartNew(1)
     assert not promotion_justified(records[1:], 2, 1, **SETTINGS)
+
+
+def test_only_the_top_third_is_promoted_even_when_the_best_went_on() -> None:
+    """Three results at rung 1 make one place; the best holds it while it trains on, so the
+    second is not promoted in its stead."""
+    records = [running(0, 3, r1=0.9), at(1, r1=0.8), at(2, r1=0.7)]
+    assert decide(records, **SETTINGS) == StartNew(1)
+    assert not promotion_justified(records, 1, 1, **SETTINGS)
+
+
+def test_a_trial_sent_on_or_failed_is_not_continued_from_its_last_result() -> None:
+    """Each rule of waiting alone: sent to the next rung (not running yet), or failed."""
+    for best in (TrialRecord(0, {1: 0.9}, promoted_to=3), TrialRecord(0, {1: 0.9}, failed=True)):
+        records = [best, at(1, r1=0.5), at(2, r1=0.4)]
+        assert decide(records, **SETTINGS) == StartNew(1), best
+        assert not promotion_justified(records, 0, 1, **SETTINGS)
+
+
+def test_a_one_rung_ladder_has_no_long_budget_places_to_fill() -> None:
+    """With one rung every configuration trains to it: results there take no place, so the
+    trial budget, not top_k, ends the study."""
+    one = dict(rungs=[8], eta=3, top_k=1, max_trials=3, direction="maximize")
+    records = [TrialRecord(0, {8: 0.5}), TrialRecord(1, {8: 0.7})]
+    assert decide(records, **one) == StartNew(8)
+    assert decide([*records, TrialRecord(2, {8: 0.6})], **one) == Finished()
 
 
 def test_higher_rungs_go_first() -> None:
@@ -215,6 +243,17 @@ def test_merge_retries_of_a_dead_chain_stays_failed() -> None:
 
 
 # ---- budget, cap, endgame ------------------------------------------------------------------
+
+
+def test_a_dead_long_run_gives_its_place_back_however_it_is_handed_in() -> None:
+    """A failed attempt still naming the rung it was on its way to is not running: merged or
+    not, it holds no place at the long budget."""
+    dead = TrialRecord(2, {1: 0.9, 3: 0.8, 10: 0.7, 32: 0.6}, running_to=100, failed=True)
+    dead = replace(dead, promoted_to=100)
+    merged = merge_retries([dead])
+    assert merged.running_to is None and merged.failed
+    assert not holds_long_budget_seat(merged, 100)
+    assert not holds_long_budget_seat(dead, 100) and not dead.running
 
 
 def test_trial_budget_then_wait_then_finished() -> None:
