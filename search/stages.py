@@ -856,11 +856,18 @@ def give_up(studies: Studies, cfg: DictConfig, number: int, reason: str) -> str:
             f"configuration: #{number} of {screen} already has its result at the long budget "
             f"({long} epochs); giving it up would not change the search"
         )
+    record = records[number]
     studies.screen.set_user_attr(given_up_attr(number), reason)
-    return (
-        f"configuration #{number} of {screen} given up ({reason}): its queued legs fail when a "
-        "worker takes them, it is not continued again, and a place at the long budget it held "
-        "goes to the next in rank; its recorded results stay"
+    effects = [
+        "its queued leg fails when a worker takes it"
+        if record.running
+        else "it had no leg queued or running",
+        "it is not continued again",
+    ]
+    if holds_long_budget_seat(record, long):
+        effects.append("its place at the long budget goes to the next in rank")
+    return f"configuration #{number} of {screen} given up ({reason}): {', '.join(effects)}; " + (
+        "its recorded results stay"
     )
 
 

@@ -438,7 +438,9 @@ def test_a_configuration_given_up_fails_its_queued_leg_and_gives_its_place_back(
     done = give_up("configuration=4", "reason=host b lost its disk")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(
-        "configuration #4 of quickstart.screen given up (host b lost its disk)"
+        "configuration #4 of quickstart.screen given up (host b lost its disk): its queued leg "
+        "fails when a worker takes it, it is not continued again, its place at the long budget "
+        "goes to the next in rank; its recorded results stay\n"
     )
     assert record_4().failed and not record_4().running
     assert not holds_long_budget_seat(record_4(), long)  # the next in rank may take it
@@ -696,6 +698,11 @@ def test_a_study_stuck_on_a_lost_checkpoint_goes_on_once_the_configuration_is_gi
     assert runner.lost == [lost, lost]  # the third attempt never reached training
     assert legs[-1].user_attrs["fail_reason"] == "given up: its checkpoint is lost"
     assert {r.number: r for r in scheduler_records(studies, cfg)}[lost].failed
+    idle = next(r for r in scheduler_records(studies, cfg) if r.reached == 1 and not r.failed)
+    said = give_up(studies, cfg, idle.number, "a second thought")
+    assert said.endswith(
+        "it had no leg queued or running, it is not continued again; its recorded results stay"
+    )
     snapshot = records_from_snapshot(best[0].user_attrs["promotion"]["records"])
     settings = scheduler_settings(cfg)
     assert promotion_justified(snapshot, best[0].user_attrs["config"], 9, **settings)
