@@ -145,17 +145,23 @@ def study_names(storage: optuna.storages.BaseStorage) -> list[str]:
     return [name for name in names if unsafe_name_reason(name) is None]
 
 
+def require_study(storage: optuna.storages.BaseStorage, name: str, url: str, hint: str = "") -> int:
+    """The storage id of study ``name``'s screen study; a :class:`UsageError` naming the
+    studies ``url`` does hold (and ``hint``, what to do instead) when it is not there."""
+    try:
+        return storage.get_study_id_from_name(stage_study_name(name, "screen"))
+    except KeyError as error:
+        raise UsageError(
+            f"study: no study {name!r} in {redact(url)}; found: "
+            f"{', '.join(study_names(storage)) or 'none'}{hint}"
+        ) from error
+
+
 def stored_config(
     storage: optuna.storages.BaseStorage, name: str, overrides: Sequence[str], url: str
 ) -> DictConfig:
     """The resolved config the study ran with (stored by the search), then ``overrides``."""
-    try:
-        study_id = storage.get_study_id_from_name(stage_study_name(name, "screen"))
-    except KeyError as error:
-        raise UsageError(
-            f"study: no study {name!r} in {redact(url)}; found: "
-            f"{', '.join(study_names(storage)) or 'none'}"
-        ) from error
+    study_id = require_study(storage, name, url)
     stored = storage.get_study_user_attrs(study_id).get("config")
     if stored is None:
         raise UsageError(f"study: {name!r} in {redact(url)} has no stored config")

@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from models.errors import UsageError
-from reporting.store import locate
+from reporting.store import locate, require_study
 from search.cli import guarded, parser, split_study
 from search.config import resolved_paths, storage_url
 from search.database import STORAGE_ENV, check_url, has_secret, open_storage, redact
@@ -256,8 +256,10 @@ def main() -> int:
         raise UsageError(
             f"storage: no database at {url[len('sqlite:///') :]}; run python -m search.run first"
         )
-    artifacts.mkdir(parents=True, exist_ok=True)
     storage = open_storage(url)
+    if name is not None:
+        require_study(storage, name, url, "; without study= it serves every study, also later ones")
+    artifacts.mkdir(parents=True, exist_ok=True)
     server = serve(dashboard_app(storage, artifacts, allow_edits=args.allow_edits, log=_log), port)
     mode = "read-write (--allow-edits)" if args.allow_edits else "read-only"
     print(f"optuna-dashboard for {redact(url)} (artifacts in {artifacts}), {mode}")

@@ -178,15 +178,13 @@ def worker_loop(
     alike would propose the very same parameters in every process). ``hooks`` run at the end of each
     trial (the command line passes the artifact uploader).
     """
+    runner = TrialRunner(cfg, device=device, progress=progress)
+    # The data first, as start-up, not inside the first trial, and before the study is
+    # written: data this machine does not have writes nothing.
+    runner.splits  # noqa: B018
     studies = open_studies(cfg, url, seed_offset=seed_offset)
-    runner = TrialRunner(
-        cfg,
-        device=device,
-        progress=progress,
-        find_trial=studies.find_trial,
-        source_curve=studies.pretrain_curve,
-    )
-    runner.splits  # noqa: B018 - load the data now, as start-up, not inside the first trial
+    runner.find_trial = studies.find_trial
+    runner.source_curve = studies.pretrain_curve
     runner.hooks.extend(hooks)
 
     def on_trial(stage: str, number: int) -> None:

@@ -14,10 +14,13 @@ import sys
 
 import optuna
 
+from models.training import describe_device, resolve_device
 from reporting.artifacts import make_trial_artifact_hook
+from reporting.store import open_existing_storage, require_study
 from search import (
     StageError,
     StorageUnavailableError,
+    check_devices,
     install_sigterm_as_interrupt,
     interrupted_exit_code,
     redact,
@@ -33,6 +36,13 @@ from search.database import WORKER_STORAGE_ENV
 def main() -> int:
     p = parser("python -m search.worker", __doc__.split("\n\n")[0], __doc__.split("\n\n", 1)[1])
     p.add_argument("--no-progress", action="store_true", help="hide per-batch progress bars")
+    p.add_argument(
+        "--create",
+        action="store_true",
+        help="make the study when the storage does not hold it yet (several workers started at "
+        "once on an empty database); without it a worker only joins a study that exists, so a "
+        "typo in name= or storage= is an error, not a new study nobody watches",
+    )
     args = p.parse_intermixed_args()
     label, rest = "worker", []
     for item in args.overrides:
@@ -46,8 +56,19 @@ def main() -> int:
     # A launcher (search.run workers=N) passes the URL in the environment, not in the file.
     url = os.environ.get(WORKER_STORAGE_ENV) or storage_url(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Its devices and whether the study is there to join are checked before anything is
+    # written (worker_loop loads the data before it opens the study): bad input writes nothing.
+    check_devices(cfg)
+    if not args.create:
+        require_study(
+            open_existing_storage(url),
+            str(cfg.name),
+            url,
+            "; start it with python -m search.run (or pass --create to make it here)",
+        )
     install_sigterm_as_interrupt()
-    print(f"[{label}] joining {cfg.name} at {redact(url)} on {cfg.train.device}", flush=True)
+    device = describe_device(resolve_device(cfg.train.device))
+    print(f"[{label}] joining {cfg.name} at {redact(url)} on {device}", flush=True)
     try:
         worker_loop(
             cfg,

@@ -388,3 +388,39 @@ def test_a_list_item_is_set_by_its_index_and_checked_like_the_list():
         message = str(caught.value)
         assert message.startswith("model.encoder_kernels") and words in message, message
         assert "\n" not in message
+
+
+@pytest.mark.slow
+def test_a_worker_joins_only_a_study_that_exists_and_bad_data_writes_nothing(tmp_path):
+    """A typo in ``name=`` or ``storage=`` used to make a new study that nobody watched, and a
+    worker whose copy of the data was missing wrote the study before it failed, so the name was
+    then refused as one 'made with other settings'. Both are one-line errors that write nothing;
+    ``--create`` (several workers started at once on an empty database) still makes it."""
+    from search.config import storage_url
+    from search.stages import open_studies
+
+    runs = tmp_path / "runs"
+
+    def command(module: str, *args: str) -> subprocess.CompletedProcess:
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+        return subprocess.run(
+            [sys.executable, "-m", module, "study=quickstart", f"runs_dir={runs}", *args],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+
+    assert "no database at" in assert_one_line_error(command("search.worker"), "storage")
+    assert not runs.exists()
+    cfg = load_config("quickstart", [f"runs_dir={runs}"])
+    storage = open_studies(cfg, storage_url(cfg)).screen._storage
+
+    def names() -> list[str]:
+        return sorted(s.study_name for s in storage.get_all_studies())
+
+    before = names()
+    line = assert_one_line_error(command("search.worker", "name=quickstrat"), "study")
+    assert "no study 'quickstrat'" in line and "found: quickstart" in line and "--create" in line
+    line = assert_one_line_error(command("search.dashboard", "name=quickstrat"), "study")
+    assert "no study 'quickstrat'" in line and "every study" in line
+    missing = ["name=wkbad", "data.name=mnist", f"data.root={tmp_path / 'nothing'}", "--create"]
+    assert_one_line_error(command("search.worker", *missing), "data.root")
+    assert names() == before

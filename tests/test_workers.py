@@ -187,7 +187,7 @@ def test_eight_workers_start_at_once_on_an_empty_database(tmp_path, request, bac
     args = [
         "study=quickstart", f"storage={url}", f"runs_dir={tmp_path}", "stage=screen",
         "stages.screen.trials=8", "stages.screen.epochs=1", "train.max_batches=2",
-        "search.space.channels.choices=[8]", "device=cpu", "--no-progress",
+        "search.space.channels.choices=[8]", "device=cpu", "--no-progress", "--create",
     ]  # fmt: skip
     env = dict(ENV, OMP_NUM_THREADS="1")
     procs = [
