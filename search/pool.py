@@ -34,7 +34,14 @@ from models.errors import UsageError
 from models.training import NonFiniteLossError, physical_gpu
 from search.config import ConfigError, resolved_paths
 from search.database import WORKER_STORAGE_ENV
-from search.naming import RUNG_FROM_ATTR, format_metric, learning_curve, stage_metric
+from search.naming import (
+    RUNG_FROM_ATTR,
+    SKIPPED,
+    format_metric,
+    learning_curve,
+    stage_metric,
+    trained_nothing,
+)
 from search.objective import TrialHook, TrialRunner
 from search.stages import ConfigurationGivenUp, open_studies, progress, run_stages
 from storage.checkpoint_store import CheckpointTransferError
@@ -141,6 +148,9 @@ def _announce(label: str, study: optuna.Study, number: int, metric: str) -> None
     value = "-" if trial.value is None else format_metric(metric, trial.value)
     attrs = trial.user_attrs
     extra = attrs.get("prune_reason") or attrs.get("fail_reason") or ""
+    if trained_nothing(attrs):  # not a failure: it trained nothing, on purpose
+        tqdm.write(f"[{label}] {study.study_name} #{number} {SKIPPED} ({extra})")
+        return
     resumed = (
         f", resumed from epoch {attrs['resumed_from_epoch']}"
         if attrs.get("resumed_from_epoch") is not None

@@ -621,3 +621,25 @@ def test_ctrl_c_to_launcher_and_workers_then_sigterm_loses_nothing(tmp_path):
     assert stopped, [(t.number, t.state) for t in screen]
     for trial in stopped:  # each has its retry waiting
         assert "; retried as trial" in failure_reason(trial, screen), failure_reason(trial, screen)
+
+
+def test_a_worker_logs_a_skipped_trial_as_skipped_not_pruned(tmp_path, capsys):
+    """A trial that trained nothing on purpose (a duplicate configuration, or the queue emptied
+    under the worker) is SKIPPED, as in the summary and the report, not a PRUNED result."""
+    from search.pool import _announce
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'log.db'}", study_name="s.promote")
+    for attrs in (
+        {"prune_reason": "nothing queued: another worker took the queued trial first"},
+        {"duplicate_of": 3, "prune_reason": "skipped: same configuration as trial #3"},
+        {"prune_reason": "pruned at epoch 2", "epochs_run": 2},
+    ):
+        study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, user_attrs=attrs))
+    for number in range(3):
+        _announce("w", study, number, "knn_accuracy")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [
+        "[w] s.promote #0 SKIPPED (nothing queued: another worker took the queued trial first)",
+        "[w] s.promote #1 SKIPPED (skipped: same configuration as trial #3)",
+    ]
+    assert lines[2].startswith("[w] s.promote #2 PRUNED knn_accuracy - (2 epochs")
