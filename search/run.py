@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from search.cli import config_from_args, guarded, parser
 from search.config import direction_of, metric_of, public_config, storage_url
 from search.database import redact
-from search.naming import format_metric
+from search.naming import RUNG_TO_ATTR, format_metric
 from search.space import apply, baseline_params, distribution, ordered
 
 
@@ -45,6 +45,18 @@ def _fmt(metric: str, value: float | None) -> str:
     return "-" if value is None else format_metric(metric, value)
 
 
+def _leg(best: dict[str, Any]) -> str:
+    """Under rungs, which configuration a stage's best trial trains and to how many epochs:
+    its value is taken there (the deepest rung ranks first, see search.stages.top_trials)."""
+    attrs = best["user_attrs"]
+    if RUNG_TO_ATTR not in attrs:
+        return ""
+    epochs = int(attrs[RUNG_TO_ATTR])
+    at = f"at {epochs} epoch{'' if epochs == 1 else 's'}"
+    config = int(attrs.get("config", best["number"]))
+    return f" ({at})" if config == best["number"] else f" (configuration #{config}, {at})"
+
+
 def print_summary(cfg: DictConfig, summary: dict[str, Any]) -> None:
     metric = summary["metric"]
     print(f"\n== {cfg.name}: {cfg.task} on {cfg.data.name}, metric {metric} ==")
@@ -54,7 +66,8 @@ def print_summary(cfg: DictConfig, summary: dict[str, Any]) -> None:
         print(f"{stage:8s} [{entry['study']}] {counts or 'no trials'}")
         best = entry.get("best")
         if best and stage != "final":
-            print(f"         best #{best['number']}: {metric} {_fmt(metric, best['value'])}")
+            value = _fmt(metric, best["value"])
+            print(f"         best #{best['number']}{_leg(best)}: {metric} {value}")
             shown = apply(cfg, best["params"])
             params = ", ".join(
                 f"{n}={OmegaConf.select(shown, cfg.search.space[n].target)}" for n in best["params"]

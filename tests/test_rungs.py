@@ -1026,3 +1026,31 @@ def test_a_claim_of_another_pid_namespace_or_without_one_is_never_taken_for_gone
     assert not owner_gone(f"{host}:{dead.pid}")  # no namespace: an older owner, not known
     assert not owner_gone(f"{host}:{dead.pid}/1")  # another container
     assert not owner_gone(f"elsewhere:{dead.pid}/{_owner_of(0).partition('/')[2]}")
+
+
+def test_the_summary_says_at_which_rung_a_stage_best_was_measured(capsys) -> None:
+    """A screen study holds legs at several rungs: its best (the deepest rung first) is named
+    with its configuration and epochs, so it is not read against 1-epoch values in the log."""
+    from search.run import print_summary
+    from search.space import baseline_params
+
+    cfg = load_config("quickstart", REAL_RUN)
+    params = baseline_params(cfg)
+
+    def stage(number: int, attrs: dict) -> dict:
+        best = {"number": number, "value": 0.9653, "params": params, "user_attrs": attrs}
+        counts = {"COMPLETE": 1}
+        return {"study": "q", "counts": counts, "best": best, "failures": {}, "lineage": {}}
+
+    summary = {
+        "metric": "knn_accuracy",
+        "stages": {
+            "screen": stage(15, {"rung_to": 1}),  # a first leg: trial and configuration #15
+            "promote": stage(1, {"rung_to": 9, "config": 14}),
+            "final": {"study": "q", "counts": {}, "failures": {}},
+        },
+    }
+    print_summary(cfg, summary)
+    out = capsys.readouterr().out
+    assert "best #15 (at 1 epoch): knn_accuracy 96.53%" in out
+    assert "best #1 (configuration #14, at 9 epochs): knn_accuracy 96.53%" in out
