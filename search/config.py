@@ -233,6 +233,10 @@ def _one_line(error: Exception, key: str | None = None) -> str:
         message = f"must be a list, e.g. {key}=[1,2]"
     elif _NOT_A_SECTION.match(message) or _NOT_A_MAPPING.match(message):
         message = f"a section, not a single value: set its settings ({_settings_of(key)})"
+    elif _NOT_A_KEY.match(message):  # a setting of another section wins over OmegaConf's guess
+        elsewhere = _setting_elsewhere(key, exact="Did you mean" in message)
+        if elsewhere:
+            message = message.split(". Did you mean")[0] + elsewhere
     return printable(f"{key}: {message}")
 
 
@@ -242,6 +246,21 @@ _NOT_A_SECTION = re.compile(r"Merge error: \w+ is not a subclass of \w+\. value:
 _NOT_A_MAPPING = re.compile(r"Cannot assign \w+ to Dict\[")
 _NOT_A_BOOL = re.compile(r"Value '(.*)' is not a valid bool")
 _NOT_A_LIST = re.compile(r"Invalid value assigned: \w+ is not a ListConfig")
+_NOT_A_KEY = re.compile(r"Key '[^']*' not in '\w+'")
+
+
+def _setting_elsewhere(key: str, exact: bool = False) -> str:
+    """'. Did you mean train.epochs or ...?' for ``epochs``: the settings of the schema with
+    ``key``'s last name (unless ``exact``, or one close to it) in another section; else ''."""
+    leaf = key.rpartition(".")[2]
+    tree = OmegaConf.to_container(OmegaConf.structured(StudyConfig), throw_on_missing=False)
+    paths = [p for p in _flat(tree) if p and p != key]
+    names = {p.rpartition(".")[2] for p in paths}
+    close = (
+        [leaf] if leaf in names else [] if exact else difflib.get_close_matches(leaf, names, n=1)
+    )
+    found = [p for p in paths if close and p.rpartition(".")[2] == close[0]][:3]
+    return f". Did you mean {' or '.join(found)}?" if found else ""
 
 
 def _settings_of(key: str) -> str:

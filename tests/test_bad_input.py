@@ -424,3 +424,20 @@ def test_a_worker_joins_only_a_study_that_exists_and_bad_data_writes_nothing(tmp
     missing = ["name=wkbad", "data.name=mnist", f"data.root={tmp_path / 'nothing'}", "--create"]
     assert_one_line_error(command("search.worker", *missing), "data.root")
     assert names() == before
+
+
+@pytest.mark.parametrize(
+    "override,says",
+    [
+        ("epochs=5", "epochs: Key 'epochs' not in 'StudyConfig'. Did you mean train.epochs or"),
+        ("trials=4", "trials: Key 'trials' not in 'StudyConfig'. Did you mean stages.screen.trials?"),
+        ("train.top_k=2", "train.top_k: Key 'top_k' not in 'TrainConfig'. Did you mean stages.promote.top_k?"),
+        ("train.epoch=5", "train.epoch: Key 'epoch' not in 'TrainConfig'. Did you mean: 'epochs'?"),
+        ("zzz=1", "zzz: Key 'zzz' not in 'StudyConfig'"),
+    ],
+)  # fmt: skip
+def test_a_setting_given_in_the_wrong_section_is_pointed_to(override, says):
+    with pytest.raises(ConfigError) as refused:
+        load_config("quickstart", [override])
+    assert str(refused.value).startswith(says), str(refused.value)
+    assert override != "zzz=1" or "mean" not in str(refused.value)
