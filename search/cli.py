@@ -9,6 +9,7 @@ with code 2; nothing below the CLI prints or exits.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -87,8 +88,16 @@ def guarded(main: Callable[[], int | None]) -> Callable[[], int | None]:
         warnings.filterwarnings("ignore", message=r".* is experimental \(supported from")
         warnings.filterwarnings("ignore", message=r"Argument ``\w+`` is an experimental feature")
         try:
-            return main()
+            code = main()
+            sys.stdout.flush()  # here, where a closed pipe is caught, not at the exit
+            return code
         except (UsageError, StorageError) as error:
             fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        except BrokenPipeError:
+            # Output piped into a reader that stopped (``| head``): not an error of the command.
+            # Python's own recipe: point stdout at devnull so the exit does not flush into the
+            # closed pipe again, and exit as a process killed by SIGPIPE would (128 + 13).
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(141) from None
 
     return wrapper

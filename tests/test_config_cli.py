@@ -301,3 +301,19 @@ def test_what_only_this_machine_can_tell_is_checked_before_anything_is_written(t
     result = cli("search.run", *args, f"runs_dir={runs}", cwd=tmp_path)
     assert_one_line_error(result, key)
     assert not runs.exists()
+
+
+def test_output_piped_into_a_reader_that_stopped_is_not_a_traceback():
+    """``python -m search.run study=quickstart --dry-run | head -2``: the reader closes the pipe
+    early; the command stops quietly, as a process killed by SIGPIPE would (exit 141)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "search.run", "study=quickstart", "--dry-run"],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()  # before the command writes anything
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141
+    assert stderr == ""
