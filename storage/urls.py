@@ -77,11 +77,16 @@ def redact(url: str) -> str:
     Masks the password of ``user:password@`` and the value of every secret query parameter
     (``?password=``, ``?sslpassword=``, ``?token=``, ...; see :func:`is_secret_query_key`). An
     unparsable URL is shown as ``<unparsable storage URL>``, since what part of it is a
-    password cannot be told.
+    password cannot be told; one that names SQLite, with no user or query, holds none.
+
+    >>> redact("postgresql+psycopg://me:hunter2@db/studies"), redact("sqlite:/runs/x.db")
+    ('postgresql+psycopg://me:***@db/studies', 'sqlite:/runs/x.db')
     """
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
+        if url.startswith("sqlite:") and not any(c in url for c in "@?") and url.isprintable():
+            return url
         return "<unparsable storage URL>"
     secret = {key: _MASK_PLACEHOLDER for key in parsed.query if is_secret_query_key(key)}
     if secret:

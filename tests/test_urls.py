@@ -123,9 +123,23 @@ def test_redact_leaves_urls_without_a_password_alone(url):
     assert redact(url) == url
 
 
-@pytest.mark.parametrize("url", ["", "not a url", f"postgresql+psycopg://alice:{SECRET}@db:port/x"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "not a url",
+        f"postgresql+psycopg://alice:{SECRET}@db:port/x",
+        f"sqlite:/alice:{SECRET}@x.db",  # looks like SQLite, but could hold a password
+        f"sqlite:/x.db?token={SECRET}",
+    ],
+)
 def test_redact_of_an_unparsable_url_shows_nothing_of_it(url):
     assert redact(url) == "<unparsable storage URL>"
+
+
+def test_an_unparsable_sqlite_url_is_shown_back_since_it_cannot_hold_a_password():
+    with pytest.raises(StorageError, match="^storage: cannot parse 'sqlite:/runs/x.db'; "):
+        check_url("sqlite:/runs/x.db")  # one slash short of sqlite:///runs/x.db
 
 
 def test_redact_masks_a_password_given_as_a_query_parameter():
