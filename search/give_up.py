@@ -54,7 +54,8 @@ def main() -> int:
     url = storage_url(base)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cfg = stored_config(open_existing_storage(url), name, overrides, url)
-    print(give_up(open_studies(cfg, url), cfg, number, reason))
+    studies = open_studies(cfg, url, seed_offset=0)  # samples nothing: no seed of its own
+    print(give_up(studies, cfg, number, reason))
     print(f"  storage: {redact(url)}; workers running or started now go on without it")
     return 0
 

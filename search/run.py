@@ -6,7 +6,8 @@ summary. Running the same command again resumes: finished trials are kept, promo
 duplicated, and a finished study trains nothing. ``stage=screen`` runs the rungs up to
 ``stages.screen.epochs``, ``stage=promote`` all of them, ``stage=final`` the final stage;
 ``workers=N devices=...`` starts N worker processes (see ``search.worker``); ``--dry-run``
-prints the resolved config and search space and touches no storage.
+prints the resolved config and search space and touches no storage; ``--status`` prints where
+the study stands (progress, the summary) from storage and trains and writes nothing.
 """
 
 from __future__ import annotations
@@ -92,6 +93,26 @@ def print_summary(cfg: DictConfig, summary: dict[str, Any]) -> None:
             print(f"         from {source}{encoder}")
         for number, reason in entry["failures"].items():
             print(f"         failed #{number}: {reason}")
+        for number, reason in entry.get("given_up", {}).items():
+            print(f"         given up: configuration #{number} ({reason})")
+
+
+def print_status(cfg: DictConfig) -> None:
+    """Where study ``cfg.name`` stands, from storage, with the settings it was made with: its
+    progress and the summary. Opens no new study and writes nothing."""
+    import optuna
+
+    from reporting.store import open_existing_storage, require_study, stored_config
+    from search import open_studies, progress, summarize
+
+    url = storage_url(cfg)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_existing_storage(url)
+    require_study(storage, str(cfg.name), url, "; python -m search.run starts it")
+    stored = stored_config(storage, str(cfg.name), [], url)
+    studies = open_studies(stored, url, seed_offset=0)  # no sampler seed claimed: nothing written
+    print(f"study {cfg.name}: storage {redact(url)}: {progress(studies, stored)}")
+    print_summary(stored, summarize(studies, stored))
 
 
 def without_result(summary: dict[str, Any]) -> list[str]:
@@ -115,10 +136,18 @@ def main() -> int:
     )
     p.add_argument("--dry-run", action="store_true", help="print the resolved config; no storage")
     p.add_argument("--no-progress", action="store_true", help="hide per-batch progress bars")
+    p.add_argument(
+        "--status",
+        action="store_true",
+        help="print where the study stands (progress, summary); trains and writes nothing",
+    )
     args = p.parse_intermixed_args()
     cfg = config_from_args(args.overrides)
     if args.dry_run:
         print_dry_run(cfg)
+        return 0
+    if args.status:
+        print_status(cfg)
         return 0
     # Heavy imports (torch, optuna) wait until the input is known to be good.
     import optuna

@@ -1263,6 +1263,8 @@ def summarize(studies: Studies, cfg: DictConfig) -> dict[str, Any]:
         entry["without_result"] = {
             n: reason for n, reason in entry["failures"].items() if not _has_result(n, trials)
         }
+        if stage == "screen" and uses_rungs(cfg):
+            entry["given_up"] = given_up_configurations(studies)
         if stage == "promote":
             entry["lineage"] = {
                 t.number: (t.user_attrs.get("source_study"), t.user_attrs.get("source_trial"))

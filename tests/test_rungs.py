@@ -1054,3 +1054,42 @@ def test_the_summary_says_at_which_rung_a_stage_best_was_measured(capsys) -> Non
     out = capsys.readouterr().out
     assert "best #15 (at 1 epoch): knn_accuracy 96.53%" in out
     assert "best #1 (configuration #14, at 9 epochs): knn_accuracy 96.53%" in out
+
+
+def test_status_tells_where_a_study_stands_and_writes_nothing(tmp_path: Path) -> None:
+    """``search.run --status``: progress and the summary from storage, with the settings the
+    study was made with; the database is byte for byte what it was (no sampler seed claimed,
+    no config stored)."""
+    import sqlite3
+
+    path = tmp_path / "status.db"
+    url = f"sqlite:///{path}"
+    cfg = load_config("quickstart", [*RUNG_STUDY, "name=status", f"storage={url}"])
+    studies = open_studies(cfg, url)
+    run_rungs(studies, CurveRunner(cfg), cfg)
+    some = next(r for r in scheduler_records(studies, cfg) if r.reached == 1)
+    give_up(studies, cfg, some.number, "a lost disk")
+
+    def dump() -> list[str]:
+        with sqlite3.connect(path) as conn:
+            return list(conn.iterdump())
+
+    before = dump()
+    shown = run_module(
+        "search.run", "study=quickstart", "name=status", f"storage={url}", "--status"
+    )
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    legs = sum(len(studies.of(s).get_trials()) for s in ("screen", "promote"))
+    at_long = len(long_budget_trials(studies, cfg))
+    assert (
+        lines[0] == f"study status: storage {url}: legs {legs}, long budget {at_long}/3, final 0/1"
+    )
+    assert "== status: contrastive on digits, metric knn_accuracy ==" in shown.stdout
+    assert f"given up: configuration #{some.number} (a lost disk)" in shown.stdout
+    assert dump() == before
+    missing = run_module(
+        "search.run", "study=quickstart", "name=nothing", f"storage={url}", "--status"
+    )
+    assert missing.returncode == 2 and "no study 'nothing'" in missing.stderr
+    assert dump() == before
