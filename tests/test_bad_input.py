@@ -64,6 +64,7 @@ BAD_OVERRIDES = [
     (["train.probe.epochs=1000000"], "train.probe.epochs"),
     (["train.probe.batch_size=1000000000"], "train.probe.batch_size"),
     (["train.knn_k=100000000000"], "train.knn_k"),
+    (["data.train_subset=5"], "data.train_subset"),  # fewer images than kNN neighbours (10)
     (["train.max_batches=-1"], "train.max_batches"),
     (["data.train_subset=1000000000000"], "data.train_subset"),
     # the search service's own settings
