@@ -27,6 +27,9 @@ from search.space import apply, baseline_params, distribution, ordered
 def print_dry_run(cfg: DictConfig) -> None:
     shown = public_config(cfg)
     shown["storage"] = redact(storage_url(cfg))
+    space = shown.get("search", {}).get("space", {})
+    for name, spec in space.items():  # each parameter as a study file would write it
+        space[name] = _as_written(spec)
     print(OmegaConf.to_yaml(shown), end="")
     print(f"# metric: {metric_of(cfg)} ({direction_of(cfg)})")
     print(f"# search space ({len(cfg.search.space)} parameters):")
@@ -40,6 +43,22 @@ def print_dry_run(cfg: DictConfig) -> None:
             )
         print(f"#   {name:22s} -> {spec.target:32s} {distribution(spec)!r}{cond}")
     print(f"# baseline (the study's own settings, enqueued first): {baseline_params(cfg)}")
+
+
+def _as_written(spec: dict[str, Any]) -> dict[str, Any]:
+    """A search-space parameter without the schema's unused fields: a categorical one has no
+    type or range, a range no choices; ``log``, ``step`` and ``when`` only where set."""
+    keep = {"target": spec.get("target")}
+    if spec.get("choices") is not None:
+        keep["choices"] = spec["choices"]
+    else:
+        keep.update({k: spec.get(k) for k in ("type", "low", "high")})
+        if spec.get("type") == "int":  # the schema stores the bounds as numbers: 0.0 for 0
+            keep.update({k: int(spec[k]) for k in ("low", "high") if spec.get(k) is not None})
+        keep.update({k: spec[k] for k in ("log", "step") if spec.get(k)})
+    if spec.get("when"):
+        keep["when"] = spec["when"]
+    return keep
 
 
 def _fmt(metric: str, value: float | None) -> str:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import QUICKSTART_SETTINGS, assert_one_line_error
 
-from search.config import ConfigError, available_studies, load_config
+from search.config import ConfigError, available_studies, load_config, public_config
 from search.naming import rung_ladder
 from search.space import baseline_params, suggest
 from search.stages import open_studies
@@ -186,6 +186,18 @@ def test_every_study_passes_dry_run_without_touching_storage(tmp_path, study):
     assert result.returncode == 0, result.stderr
     assert "# search space" in result.stdout and f"name: {study}" in result.stdout
     assert not (tmp_path / "runs").exists()
+    # What it prints is a study file of the same study (the storage shown resolved).
+    printed = tmp_path / f"{study}.yaml"
+    printed.write_text(
+        "".join(f"{line}\n" for line in result.stdout.splitlines() if line[:1] != "#")
+    )
+    again, original = (
+        public_config(load_config(s, [f"runs_dir={tmp_path}/runs"])) for s in (str(printed), study)
+    )
+    assert {k: v for k, v in again.items() if k != "storage"} == {
+        k: v for k, v in original.items() if k != "storage"
+    }
+    assert "type: float\n      low: null" not in result.stdout  # no unused schema fields
 
 
 @pytest.mark.parametrize("study", available_studies())
