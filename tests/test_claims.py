@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from storage.claims import CLAIMS, Claims, default_owner, owner_host
+from storage.claims import CLAIMS, Claims, default_owner, owner_gone, owner_host
 from storage.urls import SQLITE_TIMEOUT_S
 
 THREADS = 16
@@ -173,3 +175,32 @@ def test_default_owner_names_this_host_process_and_pid_namespace():
     namespace = "".join(c for c in os.readlink("/proc/self/ns/pid") if c.isdigit())
     assert default_owner() == f"{socket.gethostname()}:{os.getpid()}/{namespace}"
     assert owner_host(default_owner()) == socket.gethostname()
+
+
+def test_release_own_only_leaves_another_owners_claim(new_engine) -> None:
+    first, second = Claims(new_engine(), owner="first"), Claims(new_engine(), owner="second")
+    assert first.take("k")
+    second.release("k", own_only=True)
+    assert first.holder("k")[0] == "first"
+    first.release("k", own_only=True)
+    assert first.holder("k") is None
+
+
+def test_release_if_taken_at_frees_only_the_claim_seen_then(new_engine) -> None:
+    claims = Claims(new_engine(), owner="a")
+    assert claims.take("k")
+    stamp = claims.taken_at("k")["k"]
+    assert claims.release_if_taken_at("k", stamp - 1.0) is False  # taken again since
+    assert claims.taken("k") == ["k"]
+    assert claims.release_if_taken_at("k", stamp) is True
+    assert claims.taken("k") == []
+    assert claims.release_if_taken_at("k", stamp) is False  # nothing left to release
+
+
+def test_a_dead_process_of_this_machine_and_namespace_is_gone() -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=30)
+    host_pid, _, namespace = default_owner().partition("/")
+    owner = f"{host_pid.partition(':')[0]}:{dead.pid}/{namespace}"
+    assert owner_gone(owner)
+    assert not owner_gone(default_owner())

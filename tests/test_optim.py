@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from models.config import OptimConfig
-from models.optim import build_optimizer
+from models.optim import build_optimizer, build_scheduler
 
 TRUST = 0.001  # timm's default trust coefficient, SimCLR's eta
 
@@ -48,3 +50,28 @@ def test_the_lars_step_matches_the_update_computed_by_hand(weight_decay: float) 
         else:  # biases and BatchNorm parameters: plain SGD, no weight decay
             expected = lr * g
         torch.testing.assert_close(lars["updates"][name], expected, rtol=1e-5, atol=1e-7)
+
+
+# ---- the schedule's exact rates ---------------------------------------------------------
+
+
+def _rates(epochs: int, warmup: int, schedule: str = "cosine") -> list[float]:
+    param = torch.nn.Parameter(torch.zeros(1))
+    cfg = OptimConfig(name="sgd", lr=1.0, schedule=schedule, warmup_epochs=warmup)
+    opt = build_optimizer([param], cfg)
+    sched = build_scheduler(opt, cfg, epochs=epochs)
+    out = []
+    for _ in range(epochs):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_warmup_is_linear_from_1_over_w_plus_1_then_cosine_over_the_rest() -> None:
+    cosine = [0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]  # 4 epochs after warm-up
+    assert _rates(6, 2) == pytest.approx([1 / 3, 2 / 3, *cosine])
+
+
+def test_a_warmup_as_long_as_the_budget_still_ends_at_the_full_rate() -> None:
+    assert _rates(3, 5, "none") == pytest.approx([1 / 3, 2 / 3, 1.0])

@@ -242,3 +242,14 @@ def test_order_is_unchanged_on_random_dependency_graphs() -> None:
             specs[name] = {"when": {p: 1 for p in parents}}
         space = OmegaConf.create(specs)  # ordering reads only ``when``
         assert ordered(space) == previous_ordered(space)
+
+
+def test_a_when_naming_two_parameters_needs_both() -> None:
+    spec = OmegaConf.merge(
+        OmegaConf.structured(ParamSpec),
+        {"target": "x", "low": 0.0, "high": 1.0, "when": {"opt": "sgd", "sched": "cosine"}},
+    )
+    assert is_active(spec, {"opt": "sgd", "sched": "cosine"})
+    assert not is_active(spec, {"opt": "sgd", "sched": "constant"})
+    assert not is_active(spec, {"opt": "adam", "sched": "cosine"})
+    assert not is_active(spec, {"opt": "sgd"})

@@ -35,3 +35,13 @@ def test_counted_retries_stop_at_max_retry_and_free_ones_do_not(tmp_path: Path) 
     # Optuna's own reader still sees the whole chain: trial 4 retries 0 (and 1, 2, 3).
     assert optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(failed) == [0, 1, 2, 3]
     assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(failed) == 0
+
+
+def test_a_retry_keeps_the_trials_user_attrs(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'r.db'}")
+    trial = study.ask()
+    trial.set_user_attr("config", 4)
+    study.tell(trial, state=TrialState.FAIL)
+    RetryFailedTrial(max_retry=1)(study, study.get_trials()[-1])
+    retry = study.get_trials()[-1]
+    assert retry.state == TrialState.WAITING and retry.user_attrs == {"config": 4}

@@ -1,0 +1,75 @@
+"""models.checkpoints: what is accepted as a training checkpoint, what is refused, what is kept.
+
+Checkpoints load with ``weights_only`` (plain tensors and containers only), carry their epoch and
+the identity of the settings they were trained with, and a damaged one is set aside, never
+overwritten; a background write's error reaches the phase that waits for it.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.checkpoints import (
+    CheckpointError,
+    CheckpointWriter,
+    check_identity,
+    load_checkpoint,
+    save_checkpoint,
+    set_aside,
+)
+
+
+def test_a_checkpoint_holding_pickled_objects_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "pretrain.pt"
+    torch.save({"epoch": 1, "when": datetime.date(2020, 1, 1)}, path)  # not plain tensors
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(path)
+
+
+def test_a_tensor_file_without_an_epoch_is_not_a_training_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "pretrain.pt"
+    save_checkpoint(path, {"model": {"w": torch.zeros(2)}})
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("damage", [b"not a checkpoint at all", b"\x80\x02garbled"])
+def test_garbled_bytes_are_a_checkpoint_error(tmp_path: Path, damage: bytes) -> None:
+    path = tmp_path / "pretrain.pt"
+    path.write_bytes(damage)
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_without_identity_is_refused_when_one_is_expected() -> None:
+    with pytest.raises(CheckpointError, match="identity none"):
+        check_identity("p.pt", {"epoch": 1}, "abc123")
+    check_identity("p.pt", {"epoch": 1}, None)  # nothing expected: accepted
+
+
+def test_set_aside_never_overwrites_an_earlier_one(tmp_path: Path) -> None:
+    path = tmp_path / "pretrain.pt"
+    for n in range(3):
+        path.write_text(str(n))
+        set_aside(path, "corrupt")
+    kept = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    assert kept == {
+        "pretrain.pt.corrupt": "0",
+        "pretrain.pt.corrupt.1": "1",
+        "pretrain.pt.corrupt.2": "2",
+    }
+
+
+def test_flush_raises_the_error_of_the_last_write(tmp_path: Path) -> None:
+    def store_down(path: Path) -> None:
+        raise OSError("store down")
+
+    writer = CheckpointWriter(on_written=store_down)
+    writer.submit(tmp_path / "pretrain.pt", {"epoch": 1})
+    with pytest.raises(OSError, match="store down"):
+        writer.flush()  # the phase must not be reported finished
+    writer.flush()  # reported once
