@@ -587,8 +587,13 @@ def check_run(task: str, data: DataConfig, model: ModelConfig, train: TrainConfi
     check_data(data)
     check_model(model, data_family(data))
     check_train(train)
+    # The kNN metric would quietly use fewer neighbours than asked (its whole memory bank).
+    if train.knn_max_train < train.knn_k:
+        raise SettingError(
+            f"train.knn_max_train: a memory bank of {train.knn_max_train} images is smaller "
+            f"than the train.knn_k={train.knn_k} neighbours the kNN metric takes"
+        )
     if 0 < data.train_subset < train.knn_k:
-        # The kNN metric would quietly use fewer neighbours than asked (all of the images).
         raise DataError(
             f"data.train_subset: {data.train_subset} training images are fewer than the "
             f"train.knn_k={train.knn_k} neighbours the kNN metric takes; give at least "

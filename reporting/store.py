@@ -93,7 +93,8 @@ def locate(study: str, overrides: Sequence[str]) -> tuple[str | None, DictConfig
 
 
 def open_existing_storage(url: str) -> optuna.storages.BaseStorage:
-    """Open existing storage; a missing SQLite file is a usage error, not a new database."""
+    """Open existing storage; a missing SQLite file, or a database without Optuna's tables, is
+    a usage error, not a new database (nothing is written to it)."""
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///") :]).expanduser()
         if not path.is_file():
@@ -101,7 +102,7 @@ def open_existing_storage(url: str) -> optuna.storages.BaseStorage:
                 f"storage: no database at {path}; run python -m search.run first, or pass "
                 "runs_dir=... / storage=... where the study ran"
             )
-    return open_storage(url)
+    return open_storage(url, create=False)
 
 
 def unsafe_name_reason(name: str) -> str | None:

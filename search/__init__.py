@@ -70,6 +70,7 @@ _EXPORTS = {
     "give_up": "search.stages",
     "given_up_configurations": "search.stages",
     "open_studies": "search.stages",
+    "load_studies": "search.stages",
     "progress": "search.stages",
     "run_stages": "search.stages",
     "summarize": "search.stages",

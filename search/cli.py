@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from omegaconf import DictConfig
 from models.errors import UsageError
 from search import StorageError
 from search.config import ConfigError, load_config
+from search.database import StorageUnavailableError
 
 EXIT_USAGE = 2
 
@@ -78,6 +80,17 @@ def config_from_args(overrides: Sequence[str], default_study: str | None = None)
         fail(str(error))
 
 
+def _stdout_closed() -> bool:
+    """Whether this process's standard output is a pipe its reader has closed (the write end
+    of such a pipe polls as an error)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no file descriptor, or no poll here
+        return False
+
+
 def guarded(main: Callable[[], int | None]) -> Callable[[], int | None]:
     """Turn expected input errors raised anywhere below into one line and exit code 2."""
 
@@ -93,7 +106,12 @@ def guarded(main: Callable[[], int | None]) -> Callable[[], int | None]:
             return code
         except (UsageError, StorageError) as error:
             fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        except StorageUnavailableError as error:  # not the input: the database went away
+            print(f"error: {error}; run the same command again once it is back", file=sys.stderr)
+            raise SystemExit(1) from None
         except BrokenPipeError:
+            if not _stdout_closed():
+                raise  # a socket or another pipe: a real error, with its traceback
             # Output piped into a reader that stopped (``| head``): not an error of the command.
             # Python's own recipe: point stdout at devnull so the exit does not flush into the
             # closed pipe again, and exit as a process killed by SIGPIPE would (128 + 13).

@@ -15,7 +15,7 @@ import optuna
 
 from models.errors import UsageError
 from reporting.store import locate, open_existing_storage, stored_config
-from search import give_up, open_studies, redact, storage_url
+from search import give_up, load_studies, redact, storage_url
 from search.cli import guarded, parser, split_study
 
 DEFAULT_REASON = "its checkpoint is lost"
@@ -34,14 +34,14 @@ def main() -> int:
     for item in args.overrides:
         key, _, value = item.partition("=")
         if key == "configuration":
-            if not value.isdigit():
+            if not value.isdecimal() or not value.isascii():
                 raise UsageError(
                     f"configuration: the number a worker's error names (#N), got {value!r}"
                 )
             number = int(value)
         elif key == "reason":
-            if not value.strip() or "\n" in value:
-                raise UsageError("reason: one line of text")
+            if not value.strip() or not value.isprintable():
+                raise UsageError("reason: one line of printable text")
             reason = value.strip()
         else:
             rest.append(item)
@@ -54,8 +54,7 @@ def main() -> int:
     url = storage_url(base)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cfg = stored_config(open_existing_storage(url), name, overrides, url)
-    studies = open_studies(cfg, url, seed_offset=0)  # samples nothing: no seed of its own
-    print(give_up(studies, cfg, number, reason))
+    print(give_up(load_studies(cfg, url), cfg, number, reason))
     print(f"  storage: {redact(url)}; workers running or started now go on without it")
     return 0
 

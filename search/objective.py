@@ -287,7 +287,8 @@ class TrialRunner:
             ""
             if configuration is None
             else f"; if it is lost for good, python -m search.give_up study={self.cfg.name} "
-            f"configuration={configuration} lets the study go on without it"
+            f"configuration={configuration} (with the study's storage= or runs_dir=) lets the "
+            "study go on without it"
         )
         return CheckpointUnreachableError(
             self.store.where(relative, name),

@@ -122,14 +122,14 @@ def print_status(cfg: DictConfig) -> None:
     import optuna
 
     from reporting.store import open_existing_storage, require_study, stored_config
-    from search import open_studies, progress, summarize
+    from search import load_studies, progress, summarize
 
     url = storage_url(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_existing_storage(url)
     require_study(storage, str(cfg.name), url, "; python -m search.run starts it")
     stored = stored_config(storage, str(cfg.name), [], url)
-    studies = open_studies(stored, url, seed_offset=0)  # no sampler seed claimed: nothing written
+    studies = load_studies(stored, url)
     print(f"study {cfg.name}: storage {redact(url)}: {progress(studies, stored)}")
     print_summary(stored, summarize(studies, stored))
 

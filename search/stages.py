@@ -238,6 +238,22 @@ def open_studies(cfg: DictConfig, url: str, seed_offset: int | None = None) -> S
     return Studies(**studies, claims=claims)
 
 
+def load_studies(cfg: DictConfig, url: str) -> Studies:
+    """The three stage studies of study ``cfg.name`` as stored, to read (``--status``) or to
+    change one record of (``search.give_up``): unlike :func:`open_studies` it creates nothing,
+    stores no config and claims no sampler seed. A stage study that is missing is a
+    :class:`UsageError`."""
+    storage = open_storage(url, create=False)
+    studies = {}
+    for stage in STAGES:
+        name = stage_study_name(cfg.name, stage)
+        try:
+            studies[stage] = optuna.load_study(study_name=name, storage=storage)
+        except KeyError as error:
+            raise UsageError(f"study: no study {name!r} in {redact(url)}") from error
+    return Studies(**studies, claims=Claims(storage.engine))
+
+
 def _check_same_settings(cfg: DictConfig, storage: optuna.storages.BaseStorage, url: str) -> None:
     """Refuse (ConfigError) to run study ``cfg.name`` with settings that change what its trials
     compute: trials trained one way would be ranked, promoted and reported with another's."""
@@ -325,11 +341,12 @@ def failure_reason(trial: optuna.trial.FrozenTrial, trials: list[optuna.trial.Fr
 
 def _has_result(number: int, trials: list[optuna.trial.FrozenTrial]) -> bool:
     """Whether failed trial ``number``'s configuration still got a result: a retry carries it
-    on, or it failed on its own merits (training diverged), which is a result for a search."""
+    on, or it failed on its own merits (training diverged), which is a result for a search, or
+    the user gave it up (:func:`give_up`), which ends it on purpose."""
     if any(number in _history(t) for t in trials):
         return True
     trial = next(t for t in trials if t.number == number)
-    return str(trial.user_attrs.get("fail_reason") or "").startswith(DIVERGED)
+    return str(trial.user_attrs.get("fail_reason") or "").startswith((DIVERGED, GIVEN_UP))
 
 
 def _count(study: optuna.Study) -> dict[str, int]:
@@ -374,7 +391,8 @@ def _run_one(
         if moved and studies.claims.take(_waiting_key(study, trial.number)):
             studies.claims.release(_waiting_key(study, claimed))
         config = config_number(stored(trial))
-        given_up = None if stage == "final" else given_up_configurations(studies).get(config)
+        queued_leg = stage != "final" and _was_queued(stored(trial))  # not a fresh sample
+        given_up = given_up_configurations(studies).get(config) if queued_leg else None
         if given_up is not None:  # see give_up: fails at once, trains nothing, not retried
             trial.set_user_attr("fail_reason", f"{GIVEN_UP}: {given_up}")
             raise ConfigurationGivenUp(f"configuration #{config} {GIVEN_UP}")
@@ -769,8 +787,10 @@ def scheduler_records(studies: Studies, cfg: DictConfig) -> list[TrialRecord]:
     first = rung_ladder(cfg)[0]
     now = time.time()
     attempts: dict[int, list[TrialRecord]] = {}
+    training: set[int] = set()  # configurations with a leg in state RUNNING
     for stage in ("screen", "promote"):
         trials = studies.of(stage).get_trials(deepcopy=False)
+        training |= {config_number(t) for t in trials if t.state == TrialState.RUNNING}
         # every trial some retry continues (a retry's history names all its ancestors)
         retried = {n for t in trials for n in _history(t)}
         for t in trials:
@@ -801,7 +821,9 @@ def scheduler_records(studies: Studies, cfg: DictConfig) -> list[TrialRecord]:
     given_up = given_up_configurations(studies)
     out = []
     for r in records:
-        if r.number in given_up:  # whatever is queued for it fails when taken: never continued
+        if r.number in given_up and r.number not in training:
+            # Whatever is queued for it fails when taken, and it is never continued; a leg
+            # that is training (its checkpoint was readable after all) ends as it would.
             out.append(dataclasses.replace(r, running_to=None, failed=True))
             continue
         if r.number in claimed:
@@ -857,15 +879,23 @@ def give_up(studies: Studies, cfg: DictConfig, number: int, reason: str) -> str:
             f"({long} epochs); giving it up would not change the search"
         )
     record = records[number]
+    training = any(
+        config_number(t) == number
+        for stage in ("screen", "promote")
+        for t in studies.of(stage).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    )
     studies.screen.set_user_attr(given_up_attr(number), reason)
-    effects = [
-        "its queued leg fails when a worker takes it"
-        if record.running
-        else "it had no leg queued or running",
-        "it is not continued again",
-    ]
-    if holds_long_budget_seat(record, long):
-        effects.append("its place at the long budget goes to the next in rank")
+    if training:  # its checkpoint was readable after all: that leg's result will count
+        effects = ["its leg in training runs to its end", "it is not continued again"]
+    else:
+        effects = [
+            "its queued leg fails when a worker takes it"
+            if record.running
+            else "it had no leg queued or running",
+            "it is not continued again",
+        ]
+        if holds_long_budget_seat(record, long):
+            effects.append("its place at the long budget goes to the next in rank")
     return f"configuration #{number} of {screen} given up ({reason}): {', '.join(effects)}; " + (
         "its recorded results stay"
     )

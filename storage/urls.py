@@ -187,8 +187,12 @@ def open_storage(
     attempts: int = 12,
     retry_seconds: float | None = None,
     busy_timeout: float = SQLITE_TIMEOUT_S,
+    create: bool = True,
 ) -> optuna.storages.RDBStorage:
-    """Open (creating when needed) Optuna's storage at ``url``.
+    """Open (creating when needed, unless not ``create``) Optuna's storage at ``url``.
+
+    With ``create`` False a database without Optuna's tables is a :class:`StorageError` and
+    nothing is written to it (a mistyped URL must not gain an empty schema).
 
     With ``heartbeat_interval`` set, running trials send heartbeats; a trial silent for
     ``grace_period`` seconds is failed by :func:`optuna.storages.fail_stale_trials` and
@@ -206,7 +210,10 @@ def open_storage(
     parsed = check_url(url)
     engine_kwargs: dict = {}
     if parsed.get_backend_name() == "sqlite":
-        _prepare_sqlite(parsed)
+        if not create and not Path(parsed.database).expanduser().is_file():
+            raise StorageError(f"storage: no database at {parsed.database}")
+        if create:  # (WAL is a property of the file: one made here has it already)
+            _prepare_sqlite(parsed)
         engine_kwargs["connect_args"] = {"timeout": busy_timeout}
     else:
         _check_server(url, parsed)
@@ -214,6 +221,17 @@ def open_storage(
         engine_kwargs["pool_pre_ping"] = True
         if "connect_timeout" not in parsed.query:
             engine_kwargs["connect_args"] = {"connect_timeout": 10}
+    if not create:
+        probe = sqlalchemy.create_engine(url, **engine_kwargs)
+        try:
+            has_tables = sqlalchemy.inspect(probe).has_table("studies")
+        finally:
+            probe.dispose()
+        if not has_tables:
+            raise StorageError(
+                f"storage: no studies in {redact(url)} (no Optuna tables there); run python -m "
+                "search.run first, or pass storage=... where the study ran"
+            )
     heartbeat = {}
     if heartbeat_interval:
         heartbeat = {

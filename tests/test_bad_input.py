@@ -65,6 +65,7 @@ BAD_OVERRIDES = [
     (["train.probe.batch_size=1000000000"], "train.probe.batch_size"),
     (["train.knn_k=100000000000"], "train.knn_k"),
     (["data.train_subset=5"], "data.train_subset"),  # fewer images than kNN neighbours (10)
+    (["train.knn_max_train=5"], "train.knn_max_train"),  # a memory bank smaller than that
     (["train.max_batches=-1"], "train.max_batches"),
     (["data.train_subset=1000000000000"], "data.train_subset"),
     # the search service's own settings
@@ -442,3 +443,25 @@ def test_a_setting_given_in_the_wrong_section_is_pointed_to(override, says):
         load_config("quickstart", [override])
     assert str(refused.value).startswith(says), str(refused.value)
     assert override != "zzz=1" or "mean" not in str(refused.value)
+
+
+@pytest.mark.postgres
+def test_a_worker_on_a_mistyped_postgres_database_writes_nothing_there(tmp_path, postgres_db_url):
+    """A PostgreSQL URL naming another (empty) database: the worker refuses in one line and
+    leaves that database without Optuna's tables; ``--status`` and reports likewise."""
+    import sqlalchemy
+
+    for module, extra in (("search.worker", []), ("search.run", ["--status"])):
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+        refused = subprocess.run(
+            [sys.executable, "-m", module, "study=quickstart", f"storage={postgres_db_url}",
+             f"runs_dir={tmp_path / 'runs'}", *extra],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        line = assert_one_line_error(refused, "storage")
+        assert "no studies in" in line and "no Optuna tables" in line
+    engine = sqlalchemy.create_engine(postgres_db_url)
+    try:
+        assert sqlalchemy.inspect(engine).get_table_names() == []
+    finally:
+        engine.dispose()

@@ -329,3 +329,30 @@ def test_output_piped_into_a_reader_that_stopped_is_not_a_traceback():
     stderr = proc.stderr.read()
     assert proc.wait(timeout=120) == 141
     assert stderr == ""
+
+
+def test_the_storage_gone_is_one_line_and_another_broken_pipe_is_not_hidden(capsys):
+    """Every command: a database that stays away past the retry bound is one line (exit 1,
+    not a usage error); a broken pipe that is not the closed standard output (a socket reset
+    during an upload, say) keeps its traceback."""
+    from search.cli import guarded
+    from search.database import StorageUnavailableError
+
+    @guarded
+    def storage_gone() -> int:
+        raise StorageUnavailableError("storage sqlite:///x.db: get_trials failed for 60 s: locked")
+
+    with pytest.raises(SystemExit) as stopped:
+        storage_gone()
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err == (
+        "error: storage sqlite:///x.db: get_trials failed for 60 s: locked; run the same "
+        "command again once it is back\n"
+    )
+
+    @guarded
+    def socket_reset() -> int:
+        raise BrokenPipeError("upload: connection reset")
+
+    with pytest.raises(BrokenPipeError):
+        socket_reset()

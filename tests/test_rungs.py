@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 from search.config import load_config
 from search.naming import rung_ladder
 from search.objective import CheckpointUnreachableError
-from search.scheduler import promotion_justified
+from search.scheduler import Wait, decide, promotion_justified
 from search.space import suggest
 from search.stages import (
     StageError,
@@ -43,6 +43,7 @@ from search.stages import (
     run_stages,
     scheduler_records,
     scheduler_settings,
+    summarize,
     top_trials,
 )
 
@@ -409,7 +410,10 @@ def test_a_configuration_given_up_fails_its_queued_leg_and_gives_its_place_back(
     runner = TrialRunner(cfg, progress=False)
     with pytest.raises(StageError) as stopped:
         _run_one(studies, "promote", runner, 1)
-    assert "python -m search.give_up study=quickstart configuration=4 " in str(stopped.value)
+    assert (
+        "python -m search.give_up study=quickstart configuration=4 (with the study's storage= or"
+        in str(stopped.value)
+    )
 
     def record_4():
         return next(r for r in scheduler_records(studies, cfg) if r.number == 4)
@@ -423,7 +427,9 @@ def test_a_configuration_given_up_fails_its_queued_leg_and_gives_its_place_back(
         (["configuration=99"], "error: configuration: no configuration #99 in quickstart.screen"),
         (["configuration=four"], "error: configuration: the number a worker's error names"),
         ([], "error: configuration: required"),
-        (["configuration=4", "reason="], "error: reason: one line of text"),
+        (["configuration=4", "reason="], "error: reason: one line of printable text"),
+        (["configuration=4", "reason=a\x1b[31mred"], "error: reason: one line of printable"),
+        (["configuration=²"], "error: configuration: the number a worker's error names"),
     ]:
         refused = give_up(*args)
         assert (refused.returncode, refused.stderr.count("\n")) == (2, 1), refused.stderr
@@ -698,6 +704,8 @@ def test_a_study_stuck_on_a_lost_checkpoint_goes_on_once_the_configuration_is_gi
     assert runner.lost == [lost, lost]  # the third attempt never reached training
     assert legs[-1].user_attrs["fail_reason"] == "given up: its checkpoint is lost"
     assert {r.number: r for r in scheduler_records(studies, cfg)}[lost].failed
+    # Given up on purpose: the study ended, not a configuration lost (search.run exits 0).
+    assert not any(e["without_result"] for e in summarize(studies, cfg)["stages"].values())
     idle = next(r for r in scheduler_records(studies, cfg) if r.reached == 1 and not r.failed)
     said = give_up(studies, cfg, idle.number, "a second thought")
     assert said.endswith(
@@ -706,6 +714,57 @@ def test_a_study_stuck_on_a_lost_checkpoint_goes_on_once_the_configuration_is_gi
     snapshot = records_from_snapshot(best[0].user_attrs["promotion"]["records"])
     settings = scheduler_settings(cfg)
     assert promotion_justified(snapshot, best[0].user_attrs["config"], 9, **settings)
+
+
+class GiveUpWhileTraining(CurveRunner):
+    """:class:`CurveRunner` whose first leg to the long budget is given up while it trains
+    (its checkpoint was readable after all); ``said`` holds what give_up answered and what
+    another worker would decide at that moment."""
+
+    def __init__(self, cfg, studies) -> None:  # noqa: ANN001
+        super().__init__(cfg)
+        self.studies = studies
+        self.said: list = []
+
+    def objective(self, stage: str):  # noqa: ANN201
+        inner = super().objective(stage)
+
+        def run(trial: optuna.Trial) -> float:
+            if (
+                int(trial.user_attrs.get("rung_to", 0)) == rung_ladder(self.cfg)[-1]
+                and not self.said
+            ):
+                config = int(trial.user_attrs["config"])
+                self.said.append(config)
+                self.said.append(give_up(self.studies, self.cfg, config, "a second thought"))
+                records = scheduler_records(self.studies, self.cfg)
+                self.said.append(decide(records, **scheduler_settings(self.cfg)))
+            return inner(trial)
+
+        return run
+
+
+def test_a_configuration_given_up_while_its_leg_trains_keeps_that_leg_and_its_place(
+    tmp_path: Path,
+) -> None:
+    """top_k 1: giving up a configuration whose long leg is training on a healthy worker does
+    not free its place (a second long run would exceed top_k) nor end the study under it."""
+    url = f"sqlite:///{tmp_path / 'training.db'}"
+    cfg = load_config(
+        "quickstart", [*RUNG_STUDY, "name=training", f"storage={url}", "stages.promote.top_k=1"]
+    )
+    studies = open_studies(cfg, url)
+    runner = GiveUpWhileTraining(cfg, studies)
+    run_rungs(studies, runner, cfg)
+    config, said, decided = runner.said
+    assert said.endswith(
+        "given up (a second thought): its leg in training runs to its end, it is not continued "
+        "again; its recorded results stay"
+    )
+    assert decided == Wait()  # not Finished, and no other configuration sent to the long budget
+    best = long_budget_trials(studies, cfg)
+    assert [t.user_attrs["config"] for t in best] == [config]
+    assert not any(e["without_result"] for e in summarize(studies, cfg)["stages"].values())
 
 
 def test_a_killed_leg_awaiting_its_retry_still_counts_as_running(tmp_path: Path) -> None:
