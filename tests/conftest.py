@@ -26,7 +26,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 # Two cores: keep torch from oversubscribing them when pytest runs subprocesses too.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+TORCH_THREADS = max(1, min(2, os.cpu_count() or 1))
+torch.set_num_threads(TORCH_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored() -> Iterator[None]:
+    """A test that runs a benchmark in-process (they set torch's thread count) must not change
+    the numbers of the tests after it: results depend on the thread count."""
+    yield
+    if torch.get_num_threads() != TORCH_THREADS:
+        torch.set_num_threads(TORCH_THREADS)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

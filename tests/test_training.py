@@ -204,9 +204,12 @@ def test_finished_phase_is_not_retrained(digits, tmp_path):
 
 
 def test_diverging_run_raises_nonfinite_loss(digits):
-    # The largest rate validation allows (100) with momentum diverges within a few epochs.
+    # The largest rate validation allows (100) with momentum 0.99 diverges within 3 epochs,
+    # whatever the seed and thread count (10 of 10 seeds each at 1 and 2 threads; with momentum
+    # 0.9 none did at 1 thread, and the test passed or failed with the tests run before it).
+    torch.manual_seed(0)
     train = small_train(
-        epochs=3, max_batches=0, optim=OptimConfig(name="sgd", lr=100.0, momentum=0.9)
+        epochs=3, max_batches=0, optim=OptimConfig(name="sgd", lr=100.0, momentum=0.99)
     )
     with pytest.raises(NonFiniteLossError, match="nan|inf"):
         Run("guided", digits, ModelConfig(channels=4), train).pretrain()
