@@ -86,6 +86,7 @@ _EXPORTS = {
     "device_plan": "search.pool",
     "install_sigterm_as_interrupt": "search.pool",
     "interrupted_exit_code": "search.pool",
+    "load_data": "search.pool",
     "run_workers": "search.pool",
     "worker_loop": "search.pool",
     "WorkersFailed": "search.pool",

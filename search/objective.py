@@ -154,7 +154,8 @@ def configuration_pretrain_curve(
 
 
 class TrialRunner:
-    """Runs trials of one study in this process; loads the data once and reuses it."""
+    """Runs trials of one study in this process; loads the data once (unless given ``splits``,
+    the study's data loaded by the caller) and reuses it."""
 
     def __init__(
         self,
@@ -163,6 +164,7 @@ class TrialRunner:
         progress: bool = True,
         find_trial: TrialLookup | None = None,
         source_curve: CurveLookup | None = None,
+        splits: ImageSplits | None = None,
     ) -> None:
         self.cfg = cfg
         self.device = device or cfg.train.device
@@ -172,7 +174,7 @@ class TrialRunner:
         self.store = checkpoint_store(cfg)
         self.find_trial = find_trial
         self.source_curve = source_curve
-        self._splits: ImageSplits | None = None
+        self._splits = splits  # None: loaded at first use
         # Called before a trial returns (artifacts must be uploaded while it is running).
         self.hooks: list[TrialHook] = []
 

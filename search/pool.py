@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 
 from models.checkpoints import CheckpointError
 from models.config import check_device
+from models.data import ImageSplits, load_splits
 from models.errors import UsageError
 from models.training import NonFiniteLossError, physical_gpu
-from search.config import ConfigError, resolved_paths
+from search.config import ConfigError, resolved_paths, to_dataclasses
 from search.database import WORKER_STORAGE_ENV
 from search.naming import (
     RUNG_FROM_ATTR,
@@ -181,17 +182,20 @@ def worker_loop(
     progress: bool = True,
     seed_offset: int | None = None,
     hooks: Sequence[TrialHook] = (),
+    splits: ImageSplits | None = None,
 ) -> None:
     """Join the study at ``url`` and run trials of every stage until all stages are done.
 
     Each process gets its own sampler seed unless ``seed_offset`` is given (samplers seeded
     alike would propose the very same parameters in every process). ``hooks`` run at the end of each
-    trial (the command line passes the artifact uploader).
+    trial (the command line passes the artifact uploader). ``splits``: the study's data when the
+    caller has loaded it already (``search.run`` with one worker); otherwise it is loaded here.
     """
-    runner = TrialRunner(cfg, device=device, progress=progress)
     # The data first, as start-up, not inside the first trial, and before the study is
     # written: data this machine does not have writes nothing.
-    runner.splits  # noqa: B018
+    if splits is None:
+        splits = load_data(cfg, label)
+    runner = TrialRunner(cfg, device=device, progress=progress, splits=splits)
     studies = open_studies(cfg, url, seed_offset=seed_offset)
     runner.find_trial = studies.find_trial
     runner.source_curve = studies.pretrain_curve
@@ -207,6 +211,23 @@ def worker_loop(
             flush = getattr(hook, "flush", None)
             if flush is not None:
                 flush(60.0)
+
+
+def load_data(cfg: DictConfig, label: str | None = None) -> ImageSplits:
+    """The study's data splits, loaded (and checked) once per process, with a line saying what
+    was loaded and how long it took (decoding a folder of images the first time takes a while)."""
+    started = time.perf_counter()
+    splits = load_splits(to_dataclasses(cfg)[0])
+    sizes = (
+        f"{len(splits.train_y)} train, {len(splits.val_y)} validation, {len(splits.test_y)} test"
+    )
+    prefix = f"[{label}] " if label else ""
+    print(
+        f"{prefix}data {cfg.data.name}: {sizes} images "
+        f"(loaded in {time.perf_counter() - started:.1f}s)",
+        flush=True,
+    )
+    return splits
 
 
 STOP_GRACE_S = 30.0  # how long stopped workers get to re-enqueue their trials
@@ -330,16 +351,30 @@ def remove_orphaned_worker_configs(folder: Path) -> list[Path]:
 
 
 def run_workers(
-    cfg: DictConfig, url: str, *, progress: bool = True, hooks: Sequence[TrialHook] = ()
+    cfg: DictConfig,
+    url: str,
+    *,
+    progress: bool = True,
+    hooks: Sequence[TrialHook] = (),
+    splits: ImageSplits | None = None,
 ) -> None:
     """Run the study with ``cfg.workers`` processes (in this process when it is 1).
 
-    ``hooks`` apply to the in-process worker; spawned ``search.worker`` processes add their own.
+    ``hooks`` and ``splits`` (the data, when the caller has loaded it already) apply to the
+    in-process worker; spawned ``search.worker`` processes load their own and add their hooks.
     """
     plan = device_plan(cfg.devices, int(cfg.workers))
     if int(cfg.workers) == 1:
         device = in_process_device(cfg.devices, cfg.train.device, plan[0])
-        worker_loop(cfg, url, device=device, label="worker 0", progress=progress, hooks=hooks)
+        worker_loop(
+            cfg,
+            url,
+            device=device,
+            label="worker 0",
+            progress=progress,
+            hooks=hooks,
+            splits=splits,
+        )
         return
     masks = cuda_masks(plan, os.environ.get("CUDA_VISIBLE_DEVICES"))
     # Workers read the exact resolved config this process validated, from one file (0600,

@@ -171,19 +171,20 @@ def main() -> int:
     # Heavy imports (torch, optuna) wait until the input is known to be good.
     import optuna
 
-    from models.data import load_splits
     from search import (
         check_devices,
         install_sigterm_as_interrupt,
         interrupted_exit_code,
+        load_data,
         open_studies,
-        to_dataclasses,
     )
 
     # What only this machine can tell (its devices, its copy of the data) is checked before
     # the study is written: bad input writes nothing.
     check_devices(cfg)
-    load_splits(to_dataclasses(cfg)[0])
+    splits = load_data(cfg)
+    if int(cfg.workers) > 1:
+        splits = None  # spawned workers load their own; the launcher keeps no copy
     url = storage_url(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(f"study {cfg.name}: storage {redact(url)}", flush=True)
@@ -191,7 +192,7 @@ def main() -> int:
     studies = open_studies(cfg, url, seed_offset=0)
     install_sigterm_as_interrupt()
     try:  # a signal at any point from here on, the summary included, stops it the same way
-        return _run_and_summarize(cfg, url, studies, not args.no_progress)
+        return _run_and_summarize(cfg, url, studies, not args.no_progress, splits)
     except KeyboardInterrupt:
         print(
             "\ninterrupted: running trials were re-enqueued (if any had started); run the "
@@ -201,8 +202,11 @@ def main() -> int:
         return interrupted_exit_code()
 
 
-def _run_and_summarize(cfg: DictConfig, url: str, studies: Any, progress: bool) -> int:
-    """Run the workers, print the summary; the exit code."""
+def _run_and_summarize(
+    cfg: DictConfig, url: str, studies: Any, progress: bool, splits: Any = None
+) -> int:
+    """Run the workers (one in this process trains on ``splits`` when given), print the
+    summary; the exit code."""
     from reporting.artifacts import make_trial_artifact_hook
     from search import (
         StageError,
@@ -215,7 +219,7 @@ def _run_and_summarize(cfg: DictConfig, url: str, studies: Any, progress: bool) 
 
     try:
         hook = make_trial_artifact_hook(resolved_paths(cfg)["artifacts"])
-        run_workers(cfg, url, progress=progress, hooks=[hook])
+        run_workers(cfg, url, progress=progress, hooks=[hook], splits=splits)
         summary = summarize(studies, cfg)
     except StorageUnavailableError as error:
         # Its running trial is re-enqueued (or retried once its heartbeat is missed).

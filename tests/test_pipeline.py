@@ -76,6 +76,9 @@ def test_quickstart_pipeline_then_the_same_command_adds_nothing(finished_quickst
     assert "accuracy train / val / test" in again.stdout and "lineage:" in again.stdout
     assert {s: len(trials_of(url, "quickstart", s)) for s in counts} == counts
     assert "[worker" not in again.stdout  # no trial ran
+    # One worker trains on the copy of the data the launcher loaded and checked: loaded once.
+    loaded = [line for line in again.stdout.splitlines() if "data digits: " in line]
+    assert len(loaded) == 1 and loaded[0].startswith("data digits: "), again.stdout
 
 
 @pytest.mark.slow
