@@ -50,7 +50,9 @@ def build_optimizer(
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int, key: str = "optim"
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-epoch schedule: ``warmup_epochs`` of LinearLR, then cosine or constant."""
+    """Per-epoch schedule: ``warmup_epochs`` of LinearLR, then cosine or constant. A warm-up as
+    long as ``epochs`` or longer ends one epoch before it (a study file refuses such a fixed
+    value; a searched range may reach it, its top values then train alike)."""
     check_optim(cfg, key)
     warmup = min(max(cfg.warmup_epochs, 0), max(epochs - 1, 0))
     rest = max(epochs - warmup, 1)

@@ -601,6 +601,7 @@ def _validate_fields(cfg: DictConfig) -> None:
         if key not in optional or OmegaConf.select(cfg, key) is not None:
             _within(cfg, key, low, high)
     _validate_budgets(cfg)
+    _validate_warmups(cfg)
     if cfg.grace_period <= cfg.heartbeat_interval:
         raise ConfigError(
             f"grace_period: must exceed heartbeat_interval ({cfg.heartbeat_interval}), "
@@ -639,6 +640,30 @@ def _validate_budgets(cfg: DictConfig) -> None:
             f"search.pruner.min_resource: the first rung, {first}, exceeds stages.screen.epochs "
             f"({screen}); allowed: 1 to {screen}"
         )
+
+
+def _validate_warmups(cfg: DictConfig) -> None:
+    """A warm-up written in the study must end before the shortest schedule it opens (the
+    schedule would cut it to one epoch less). A searched warm-up is cut the same way, so the top
+    values of a range reaching the schedule's length train alike (README "The schedule choice")."""
+    long = long_budget(cfg)
+    long_key = "stages.promote.epochs" if cfg.stages.promote.epochs else "train.epochs"
+    lengths = [  # every schedule the encoder trains under: search.train, the legs, a screen
+        (int(cfg.train.epochs), "train.epochs, as search.train trains it"),
+        (long, f"the long budget, {long_key}"),
+    ]
+    if not uses_rungs(cfg):
+        lengths.append((int(cfg.stages.screen.epochs), "stages.screen.epochs"))
+    for key, (epochs, what) in (
+        ("train.optim.warmup_epochs", min(lengths)),
+        ("train.probe.optim.warmup_epochs", (int(cfg.train.probe.epochs), "train.probe.epochs")),
+    ):
+        warmup = int(OmegaConf.select(cfg, key))
+        if warmup >= epochs:
+            raise ConfigError(
+                f"{key}: a warm-up of {warmup} epoch(s) does not end before its schedule of "
+                f"{epochs} ({what}); allowed: 0 to {epochs - 1}"
+            )
 
 
 def _validate_name(name: Any) -> None:

@@ -206,6 +206,27 @@ def test_messages_say_what_a_setting_takes_in_the_projects_words():
     assert "search.space.NAME.target=..." in assert_refused(["search.space=3"], "search.space")
 
 
+def test_a_warm_up_must_end_before_the_shortest_schedule_it_opens():
+    """The schedule would cut a longer warm-up to one epoch less without a word: written in the
+    study it is refused, naming the schedule that is too short for it. A searched range may
+    reach the long budget (its top values train alike, README "The schedule choice")."""
+    key = "train.optim.warmup_epochs"
+    long = assert_refused([f"{key}=9"], key)
+    assert long.endswith("of 9 (the long budget, stages.promote.epochs); allowed: 0 to 8"), long
+    assert load_config("quickstart", [f"{key}=8"]).train.optim.warmup_epochs == 8
+    single = assert_refused([f"{key}=5", "train.epochs=5"], key)
+    assert single.endswith("of 5 (train.epochs, as search.train trains it); allowed: 0 to 4")
+    screen = assert_refused([f"{key}=3", "search.pruner.name=median"], key)
+    assert screen.endswith("of 3 (stages.screen.epochs); allowed: 0 to 2"), screen
+    load_config("quickstart", [f"{key}=3"])  # under rungs the screen's legs run the long schedule
+    probe = assert_refused(
+        ["train.probe.optim.warmup_epochs=15"], "train.probe.optim.warmup_epochs"
+    )
+    assert probe.endswith("of 15 (train.probe.epochs); allowed: 0 to 14"), probe
+    load_config("quickstart", ["train.probe.optim.warmup_epochs=14"])
+    load_config("quickstart", ["search.space.lars_warmup_epochs.high=12"])
+
+
 def test_boundary_values_are_accepted(tmp_path, monkeypatch):
     monkeypatch.setenv(UNSET.replace("UNSET", "SET"), "from-env")
     images = tmp_path / "images"
