@@ -29,6 +29,7 @@ from models.checkpoints import load_checkpoint
 from models.data import load_splits
 from models.errors import UsageError
 from models.training import Run
+from reporting.tables import full_scale
 from search import (
     BEST_PRETRAIN_FILE,
     PRETRAIN_FILE,
@@ -214,7 +215,9 @@ def same_dataset_finals(
 ) -> dict[str, tuple[DictConfig, FrozenTrial]]:
     """task -> (config, best final trial) of a study on ``cfg``'s dataset in ``storage``.
 
-    The study ``cfg`` itself wins for its own task; otherwise the best final validation accuracy.
+    The study ``cfg`` itself wins for its own task; otherwise a study on all its data
+    (:func:`reporting.tables.full_scale`) before one on subsets, then the best final validation
+    accuracy.
     """
     found: dict[str, tuple[DictConfig, FrozenTrial]] = {}
     for name in study_names(storage):
@@ -235,17 +238,24 @@ def same_dataset_finals(
         task = str(other.task)
         held = found.get(task)
         if name == cfg.name or (
-            held is None or (held[0].name != cfg.name and best[0].value > held[1].value)
+            held is None or (held[0].name != cfg.name and _outranks(other, best[0], held))
         ):
             found[task] = (other, best[0])
     return found
+
+
+def _outranks(cfg: DictConfig, final: FrozenTrial, held: tuple[DictConfig, FrozenTrial]) -> bool:
+    """Whether study ``cfg``'s best final trial should stand for its task and dataset instead of
+    ``held``'s: a study on all its data before one on subsets, then the higher final value."""
+    return (full_scale(cfg), final.value) > (full_scale(held[0]), held[1].value)
 
 
 def finished_finals(
     storage: optuna.storages.BaseStorage, overrides: Sequence[str], url: str
 ) -> dict[tuple[str, str], tuple[DictConfig, FrozenTrial]]:
     """(task, dataset) -> (config, best final trial) over every study in ``storage`` with a
-    completed final stage; where several studies ran the same task and dataset, the best final
+    completed final stage; where several studies ran the same task and dataset, one on all its
+    data (:func:`reporting.tables.full_scale`) before one on subsets, then the best final
     validation accuracy (the study name breaks ties)."""
     found: dict[tuple[str, str], tuple[DictConfig, FrozenTrial]] = {}
     for name in study_names(storage):
@@ -259,7 +269,7 @@ def finished_finals(
             continue
         key = (str(cfg.task), str(cfg.data.name))
         held = found.get(key)
-        if held is None or best[0].value > held[1].value:
+        if held is None or _outranks(cfg, best[0], held):
             found[key] = (cfg, best[0])
     return found
 

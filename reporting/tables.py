@@ -89,6 +89,7 @@ class Budget:
     probe: int | None
     max_batches: int = 0
     best_epoch: int | None = None  # the encoder epoch used, when an earlier one than the last
+    subsets: str = ""  # the data subsets the numbers rest on (:func:`data_subsets`)
 
     def _epochs(self) -> str:
         encoder = str(self.encoder)
@@ -102,6 +103,8 @@ class Budget:
         text = self._epochs()
         if self.max_batches:
             text += f" (at most {self.max_batches} batches per epoch)"
+        if self.subsets:
+            text += f" (on subsets: {self.subsets})"
         return text
 
     @property
@@ -110,7 +113,22 @@ class Budget:
         text = self._epochs()
         single = self.probe is None and self.encoder == 1
         text += " epoch" if single else " epochs"
-        return text + (f" of at most {self.max_batches} batches" if self.max_batches else "")
+        text += f" of at most {self.max_batches} batches" if self.max_batches else ""
+        return text + (f", on subsets: {self.subsets}" if self.subsets else "")
+
+
+def data_subsets(cfg: DictConfig) -> str:
+    """The data subsets a study's numbers rest on, as its settings say them; "" when it used
+    every image: ``"train_subset=1000, test_subset=500"``."""
+    keys = ("train_subset", "val_subset", "test_subset")
+    return ", ".join(f"{key}={int(cfg.data[key])}" for key in keys if int(cfg.data[key]))
+
+
+def full_scale(cfg: DictConfig) -> bool:
+    """Whether a study trained and was tested on all of its data in whole epochs: only such a
+    study's numbers stand beside the report's when one exists (a smoke run on subsets, however
+    high its validation accuracy on its few images, never outranks it)."""
+    return not data_subsets(cfg) and not int(cfg.train.max_batches)
 
 
 # The report's epochs for each published number: spec/report.md, "Training recipes the report
@@ -136,7 +154,11 @@ def search_budget(cfg: DictConfig, final: FrozenTrial) -> Budget:
     tcfg = apply(cfg, final.params)
     probe = None if str(cfg.task) == "guided" else int(tcfg.train.probe.epochs)
     return Budget(
-        long_budget(cfg), probe, int(tcfg.train.max_batches), encoder_epoch(final.user_attrs)
+        long_budget(cfg),
+        probe,
+        int(tcfg.train.max_batches),
+        encoder_epoch(final.user_attrs),
+        data_subsets(cfg),
     )
 
 

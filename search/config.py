@@ -795,6 +795,15 @@ NOT_SEARCHABLE = {
     "train.seed": "each configuration gets its own seed, train.seed + its number",
     "train.device": "each worker trains on its own device",
     "train.progress": "the worker sets it",
+    "train.knn_k": "it defines the kNN metric that ranks every configuration",
+    "train.knn_max_train": "it defines the kNN metric that ranks every configuration",
+    "train.max_batches": "it caps every epoch, the unit the rungs and budgets count",
+    "train.probe.": "the classifier trains in the final stage only, on the chosen encoder, so "
+    "no result of the search ranks its settings",
+    "train.checkpoint_every": "how often a worker saves, not what it trains",
+    "train.amp": "each worker's device decides how it computes",
+    "train.channels_last": "each worker's device decides how it computes",
+    "train.deterministic": "how a worker computes, not what it trains",
 }
 
 

@@ -84,6 +84,15 @@ def format_metric(name: str, value: float) -> str:
 NOTHING_QUEUED = "nothing queued"  # the prune reason of a trial that trained nothing
 SKIPPED = "SKIPPED"  # how summaries and reports count such a trial (Optuna stores it PRUNED)
 GIVEN_UP = "given up"  # how the fail reason of a leg of a configuration the user gave up starts
+# How the fail reason of a trial whose training diverged starts: the name of the error the
+# trainer raises, models.training.NonFiniteLossError (tests/test_naming.py checks they agree).
+DIVERGED = "NonFiniteLossError"
+
+
+def diverged(user_attrs: Mapping[str, Any]) -> bool:
+    """Whether a failed trial with these user attrs failed because its training diverged: a
+    result for a search (the configuration is worse than any that trained), not a fault."""
+    return str(user_attrs.get("fail_reason") or "").startswith(DIVERGED)
 
 
 _GIVEN_UP_ATTR = "given_up:"

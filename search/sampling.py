@@ -30,14 +30,17 @@ Example::
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Container, Sequence
 from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from search.naming import is_continuation, trained_nothing
+from search.naming import diverged, is_continuation, trained_nothing
 
 # TPE's own default number of random configurations before its model takes over.
 TPE_STARTUP_TRIALS = 10
@@ -79,9 +82,20 @@ def first_legs(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     ]
 
 
+def as_worst(trial: FrozenTrial, direction: StudyDirection) -> FrozenTrial:
+    """A copy of failed ``trial`` that reads as COMPLETE with a value worse than any other
+    (-inf when maximizing, +inf when minimizing): how a diverged configuration is shown to the
+    sampler, so its region counts as bad and towards the random start-up."""
+    worst = copy.copy(trial)  # the storage's cached trial stays as it is
+    worst.state = TrialState.COMPLETE
+    worst.value = -math.inf if direction == StudyDirection.MAXIMIZE else math.inf
+    return worst
+
+
 class _FirstLegView:
     """The study as the wrapped sampler sees it: every attribute is the study's, but the trial
-    lists leave out continuations."""
+    lists leave out continuations, and a first leg that diverged reads as the worst result
+    (Optuna's samplers skip failed trials, so TPE would go on proposing its region)."""
 
     def __init__(self, study: optuna.Study) -> None:
         self._study = study
@@ -103,7 +117,14 @@ class _FirstLegView:
     def get_trials(
         self, deepcopy: bool = True, states: Container[TrialState] | None = None
     ) -> list[FrozenTrial]:
-        return first_legs(self._study.get_trials(deepcopy=deepcopy, states=states))
+        asked = None if states is None else (*states, TrialState.FAIL)
+        legs = []
+        for leg in first_legs(self._study.get_trials(deepcopy=deepcopy, states=asked)):
+            if leg.state == TrialState.FAIL and diverged(leg.user_attrs):
+                leg = as_worst(leg, self._study.direction)
+            if states is None or leg.state in states:
+                legs.append(leg)
+        return legs
 
     @property
     def trials(self) -> list[FrozenTrial]:

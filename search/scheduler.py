@@ -18,7 +18,8 @@ rungs
     [1, 3, 10, 29, 91]``.
 ranking
     the results recorded at a rung, best first; ties go to the lower trial number; a NaN result
-    ranks last. Every recorded result counts, also those of trials that went on, are running
+    ranks last (a leg that diverged records NaN at the rung it was training to, so it counts
+    among the rung's ``n`` results as it does in ASHA, and is never continued). Every recorded result counts, also those of trials that went on, are running
     further, or failed later: a result once recorded is never taken back, so a promotion that
     was justified stays justified.
 promotion
@@ -198,9 +199,11 @@ def merge_retries(attempts: Sequence[TrialRecord]) -> TrialRecord:
 
 def holds_long_budget_seat(record: TrialRecord, long_budget: int) -> bool:
     """Whether ``record`` takes one of the ``top_k`` places at the long budget: it has a result
-    there, is on its way, or was sent there; one that failed on its way (no retry pending)
-    gives its place back."""
-    if long_budget in record.results or (record.running and record.running_to == long_budget):
+    there, is on its way, or was sent there; one that failed on its way (diverged there, or
+    no retry pending) gives its place back."""
+    if long_budget in record.results:
+        return not math.isnan(record.results[long_budget])
+    if record.running and record.running_to == long_budget:
         return True
     return record.promoted_to == long_budget and not record.failed
 

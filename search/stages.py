@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -40,7 +41,6 @@ from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from models.errors import UsageError
-from models.training import NonFiniteLossError
 from search.config import (
     ConfigError,
     changed_settings,
@@ -57,6 +57,7 @@ from search.naming import (
     SKIPPED,
     STAGES,
     STUDY_UID_ATTR,
+    diverged,
     given_up_attr,
     given_up_number,
     is_continuation,
@@ -99,7 +100,6 @@ from storage.trial_retry import RetryFailedTrial, retries_spent
 from storage.urls import open_storage
 
 POLL_S = 1.0
-DIVERGED = NonFiniteLossError.__name__  # how the fail reason of a diverged trial starts
 # Called after each trial this process ran: (stage, trial number).
 TrialDone = Callable[[str, int], None]
 
@@ -345,8 +345,8 @@ def _has_result(number: int, trials: list[optuna.trial.FrozenTrial]) -> bool:
     the user gave it up (:func:`give_up`), which ends it on purpose."""
     if any(number in _history(t) for t in trials):
         return True
-    trial = next(t for t in trials if t.number == number)
-    return str(trial.user_attrs.get("fail_reason") or "").startswith((DIVERGED, GIVEN_UP))
+    attrs = next(t for t in trials if t.number == number).user_attrs
+    return diverged(attrs) or str(attrs.get("fail_reason") or "").startswith(GIVEN_UP)
 
 
 def _count(study: optuna.Study) -> dict[str, int]:
@@ -800,6 +800,10 @@ def scheduler_records(studies: Studies, cfg: DictConfig) -> list[TrialRecord]:
             promoted = to if is_continuation(t.user_attrs) else None
             if t.state == TrialState.COMPLETE:
                 record = TrialRecord(0, {to: float(t.value)}, promoted_to=promoted)
+            elif t.state == TrialState.FAIL and diverged(t.user_attrs):
+                # A result at its rung, the worst (NaN ranks last): ASHA's n_k counts every
+                # configuration that trained to the rung, so the survivors' quota stays theirs.
+                record = TrialRecord(0, {to: math.nan}, failed=True, promoted_to=promoted)
             elif t.state == TrialState.FAIL and not _retry_on_its_way(t, retried, cfg, now):
                 record = TrialRecord(0, failed=True, promoted_to=promoted)
             else:  # RUNNING or WAITING (or about to be retried): on its way to its rung
@@ -944,9 +948,16 @@ def _retry_on_its_way(
 
 
 def _snapshot(records: list[TrialRecord]) -> list[list[Any]]:
-    """``records`` as JSON (stored with each promotion, so it can be checked afterwards)."""
+    """``records`` as JSON (stored with each promotion, so it can be checked afterwards); a
+    diverged result (NaN, not JSON) is stored as null."""
     return [
-        [r.number, {str(k): v for k, v in r.results.items()}, r.running_to, r.failed, r.promoted_to]
+        [
+            r.number,
+            {str(k): None if math.isnan(v) else v for k, v in r.results.items()},
+            r.running_to,
+            r.failed,
+            r.promoted_to,
+        ]
         for r in records
     ]
 
@@ -954,7 +965,13 @@ def _snapshot(records: list[TrialRecord]) -> list[list[Any]]:
 def records_from_snapshot(snapshot: list[list[Any]]) -> list[TrialRecord]:
     """The records a promotion was decided on (see :func:`_snapshot`)."""
     return [
-        TrialRecord(int(n), {int(k): float(v) for k, v in res.items()}, run, bool(failed), prom)
+        TrialRecord(
+            int(n),
+            {int(k): math.nan if v is None else float(v) for k, v in res.items()},
+            run,
+            bool(failed),
+            prom,
+        )
         for n, res, run, failed, prom in snapshot
     ]
 

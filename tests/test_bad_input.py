@@ -125,7 +125,7 @@ BAD_OVERRIDES = [
     ),  # 4 and 6 are in the range
     (["search.space.m={target: train.optim.momentum, low: 0.5, high: 1.0}"], "search.space.m"),
     (
-        ["search.space.k={target: train.knn_k, type: int, low: 1, high: 100000000000}"],
+        ["search.space.k={target: train.batch_size, type: int, low: 2, high: 100000000000}"],
         "search.space.k",
     ),
     (["search.space.c={target: model.channels, low: 8, high: 16}"], "search.space.c"),  # floats
@@ -148,6 +148,11 @@ BAD_OVERRIDES = [
     (["search.space.s={target: train.seed, choices: [1, 2]}"], "search.space.s.target"),
     (["search.space.e={target: train.epochs, choices: [2, 3]}"], "search.space.e.target"),
     (["search.space.v={target: train.device, choices: [cpu]}"], "search.space.v.target"),
+    # settings that define the yardstick, the budget or only the final stage: never ranked
+    (["search.space.k={target: train.knn_k, choices: [5, 20]}"], "search.space.k.target"),
+    (["search.space.b={target: train.max_batches, choices: [5, 20]}"], "search.space.b.target"),
+    (["search.space.p={target: train.probe.optim.lr, choices: [0.1]}"], "search.space.p.target"),
+    (["search.space.a={target: train.amp, choices: [off, bf16]}"], "search.space.a.target"),
     # an ImageFolder that is not there
     (["data.name=imagefolder"], "data.path"),
     (["data.name=imagefolder", "data.path=/nonexistent/images"], "data.path"),

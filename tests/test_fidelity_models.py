@@ -193,7 +193,6 @@ SPACE = {
             projection_hidden: {target: model.projection_hidden, choices: [8, 18, 32]}
             projection_dim: {target: model.projection_dim, choices: [8, 16]}
             aug_strength: {target: train.aug_strength, low: 0.0, high: 1.5}
-            probe_aug: {target: train.probe.aug_strength, low: 0.0, high: 2.0}
     """,
     "cifar": """
         search:

@@ -106,3 +106,12 @@ def test_learning_curve_reads_appended_rows_in_order_and_the_legacy_whole_curve(
     assert [r["epoch"] for r in rows] == [1, 2] and rows[1].get("again")
     assert is_curve_attr("curve") and is_curve_attr(curve_attr("probe", 3))
     assert not is_curve_attr("epochs_run")
+
+
+def test_the_diverged_fail_reason_is_the_trainers_error() -> None:
+    from models.training import NonFiniteLossError
+    from search.naming import DIVERGED, diverged
+
+    assert NonFiniteLossError.__name__ == DIVERGED
+    assert diverged({"fail_reason": f"{NonFiniteLossError.__name__}: loss is nan at epoch 2"})
+    assert not diverged({"fail_reason": "KeyboardInterrupt: stopped"}) and not diverged({})

@@ -92,7 +92,11 @@ def test_study_all_writes_one_table_shaped_like_the_reports_with_budgets(finishe
     final = _stage_studies(finished, "fid-contrastive")["final"].trials[0]
     used = final.user_attrs.get("encoder_epoch", 2)  # the final stage's encoder: its best epoch
     encoder = "2" if used == 2 else f"2 (best: epoch {used})"
-    assert f"({encoder} + 1 epochs of at most 2 batches), `fid-contrastive` final #0" in contrastive
+    subsets = "train_subset=200, val_subset=60, test_subset=60"
+    assert (
+        f"({encoder} + 1 epochs of at most 2 batches, on subsets: {subsets}), `fid-contrastive` "
+        "final #0" in contrastive
+    )
     assert "69.64 (200 + 30 epochs)" in contrastive and "98.88 (100 + 20 epochs)" in contrastive
     guided = rows["1.2.2 classification-guided encoder: test accuracy (%)"]
     assert "80.42 (50 epochs)" in guided and "99.14 (10 epochs)" in guided
@@ -100,6 +104,45 @@ def test_study_all_writes_one_table_shaped_like_the_reports_with_budgets(finishe
     mae = rows["1.2.1 self-supervised autoencoder (frozen encoder): reconstruction MAE, test"]
     assert "`fid-autoencoder` final #0" in mae and "0.0160 (15 + 20 epochs)" in mae
     assert "0.295 (20 + 20 epochs)" in mae.replace("0.2950", "0.295")
+
+
+def _finals(path: Path, studies: dict[str, tuple[list[str], float]]) -> str:
+    """A storage at ``path`` holding a quickstart study per entry, each with one final trial of
+    the given value: name -> (its overrides, the value); the storage URL."""
+    url = f"sqlite:///{path}"
+    for name, (extra, value) in studies.items():
+        cfg = search.load_config("quickstart", [f"name={name}", f"storage={url}", *extra])
+        final = search.open_studies(cfg, url).of("final")
+        final.add_trial(
+            optuna.trial.create_trial(value=value, user_attrs={"test_accuracy": value - 0.01})
+        )
+    return url
+
+
+def test_a_study_on_subsets_never_outranks_one_on_all_its_data(tmp_path):
+    """Beside the report's numbers stands a study that trained and was tested on all its data:
+    a smoke run on subsets, however high its final validation accuracy on its few images, only
+    when no such study finished; its subsets are then said with its budget."""
+    from reporting.store import finished_finals, same_dataset_finals
+    from reporting.tables import combined_frame
+
+    smoke = (["data.train_subset=200", "data.test_subset=60"], 0.99)
+    capped = (["train.max_batches=2"], 0.9)
+    url = _finals(tmp_path / "a.db", {"full": ([], 0.8), "smoke": smoke, "capped": capped})
+    storage = optuna.storages.RDBStorage(url)
+    found = finished_finals(storage, [], url)
+    assert found[("contrastive", "digits")][0].name == "full"
+    cfg = search.load_config("quickstart", ["name=other", f"storage={url}", "task=autoencoder"])
+    assert same_dataset_finals(storage, cfg, [], url)["contrastive"][0].name == "full"
+    frame = combined_frame(found)
+    row = frame[(frame.dataset == "digits") & (frame.task == "contrastive")].iloc[0]
+    assert (row.study, row.epochs) == ("full", "9 + 15 epochs")
+
+    url = _finals(tmp_path / "b.db", {"smoke": smoke, "capped": capped})
+    frame = combined_frame(finished_finals(optuna.storages.RDBStorage(url), [], url))
+    row = frame[(frame.dataset == "digits") & (frame.task == "contrastive")].iloc[0]
+    assert row.study == "smoke"  # of two studies that are not full scale, the higher value
+    assert row.epochs == "9 + 15 epochs, on subsets: train_subset=200, test_subset=60"
 
 
 def test_results_table_states_both_budgets_and_says_when_they_differ():

@@ -639,9 +639,12 @@ def test_a_long_run_that_diverges_gives_its_place_to_the_next_in_rank(tmp_path: 
     assert len(best) == 1 and best[0].user_attrs["config"] != runner.diverged[0]
     assert len(studies.claims.taken("diverge.screen/long-budget/")) == 2
     records = {r.number: r for r in scheduler_records(studies, cfg)}
-    assert records[runner.diverged[0]].failed
+    diverged = records[runner.diverged[0]]
+    # Its result at the rung it diverged on to is the worst, NaN: one of the rung's n, last.
+    assert diverged.failed and math.isnan(diverged.results[runner.last])
     settings = scheduler_settings(cfg)
     snapshot = records_from_snapshot(best[0].user_attrs["promotion"]["records"])
+    assert math.isnan({r.number: r for r in snapshot}[runner.diverged[0]].results[runner.last])
     assert promotion_justified(snapshot, best[0].user_attrs["config"], 9, **settings)
 
 

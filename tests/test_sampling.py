@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import math
 import statistics
 from pathlib import Path
 
@@ -96,6 +97,60 @@ def test_the_view_hides_continuations_and_skipped_configurations(tmp_path: Path)
     assert [t.value for t in view._get_trials(deepcopy=False, use_cache=True)] == [1]
     assert [t.value for t in view.trials] == [1]
     assert view.study_name == study.study_name and len(study.trials) == 4
+
+
+def diverging_suggestions(sampler: optuna.samplers.BaseSampler, path: Path) -> list[float]:
+    """Sixty configurations of a learning rate, log-scaled over [1e-4, 10]: training diverges
+    above 1 (failed, with the trainer's reason) and is best just below it. The last fifty lrs
+    proposed, after the random start-up."""
+    study = optuna.create_study(storage=f"sqlite:///{path}", sampler=sampler, direction="maximize")
+    proposed = []
+    for _ in range(60):
+        trial = study.ask()
+        lr = trial.suggest_float("lr", 1e-4, 10.0, log=True)
+        proposed.append(lr)
+        if lr > 1.0:
+            trial.set_user_attr("fail_reason", "NonFiniteLossError: loss is nan at epoch 1")
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(trial, -abs(math.log10(lr)))
+    return proposed[10:]
+
+
+def test_a_diverged_configuration_steers_the_sampler_away_from_its_region(tmp_path: Path) -> None:
+    """Optuna's samplers skip failed trials, so a TPE that saw a diverged run as a failure
+    would go on proposing its region; seen as the worst result, that region counts as bad."""
+    tpe = lambda: sampling.make_tpe(0, 10, conditional=False)  # noqa: E731
+    ours = diverging_suggestions(FirstLegSampler(tpe()), tmp_path / "worst.db")
+    plain = diverging_suggestions(tpe(), tmp_path / "skipped.db")
+    assert sum(lr > 1.0 for lr in plain) >= 40  # all but a few diverge: the best lies next door
+    assert sum(lr > 1.0 for lr in ours) <= 25
+
+
+def test_the_view_shows_a_diverged_first_leg_as_the_worst_result(tmp_path: Path) -> None:
+    """Diverged: COMPLETE at -inf (maximizing) or +inf in the sampler's view, and still FAIL
+    in storage; a leg that failed for another reason (interrupted) stays a failure."""
+    failed = optuna.trial.TrialState.FAIL
+    for direction, worst in (("maximize", -math.inf), ("minimize", math.inf)):
+        study = optuna.create_study(
+            storage=f"sqlite:///{tmp_path / f'{direction}.db'}", direction=direction
+        )
+        reasons = ("NonFiniteLossError: loss is nan at epoch 3", "KeyboardInterrupt: stopped")
+        for reason in reasons:
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params={"x": 0.1},
+                    distributions={"x": X},
+                    state=failed,
+                    user_attrs={"fail_reason": reason},
+                )
+            )
+        view = sampling._FirstLegView(study)
+        complete = view.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        assert [(t.number, t.value) for t in complete] == [(0, worst)]  # not the interrupted one
+        assert [t.state for t in view.get_trials()] == [optuna.trial.TrialState.COMPLETE, failed]
+        assert not view.get_trials(states=(failed,))[0].user_attrs["fail_reason"].startswith("Non")
+        assert [t.state for t in study.get_trials(deepcopy=False)] == [failed, failed]
 
 
 @pytest.mark.parametrize(

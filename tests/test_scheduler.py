@@ -256,6 +256,22 @@ def test_a_dead_long_run_gives_its_place_back_however_it_is_handed_in() -> None:
     assert not holds_long_budget_seat(dead, 100) and not dead.running
 
 
+def test_a_configuration_that_diverged_counts_at_its_rung_and_gives_its_long_place_back() -> None:
+    """A leg that diverged records NaN at the rung it was training to: one of the rung's n
+    results (ASHA's quota floor(n / eta) is over every configuration that trained there), never
+    continued; at the long budget it holds no place, so the next in rank can take it."""
+    good = [at(n, r1=0.9 - n / 10) for n in range(3)]
+    diverged = [replace(at(n, r1=math.nan), failed=True) for n in range(3, 9)]
+    settings = {**SETTINGS, "max_trials": 9}
+    assert ranking(good + diverged, 1, "maximize")[:3] == [0, 1, 2]
+    assert all(promotion_justified(good + diverged, n, 1, **settings) for n in range(3))
+    assert not promotion_justified(good, 2, 1, **settings)  # without them: top 1 of 3 only
+    assert not any(promotion_justified(good + diverged, n, 1, **settings) for n in range(3, 9))
+    at_long = replace(at(0, r1=0.9, r3=0.9, r10=0.9, r32=0.9, r100=math.nan), failed=True)
+    assert not holds_long_budget_seat(replace(at_long, promoted_to=100), 100)
+    assert holds_long_budget_seat(at(1, r1=0.9, r3=0.9, r10=0.9, r32=0.9, r100=0.8), 100)
+
+
 def test_trial_budget_then_wait_then_finished() -> None:
     settings = {**SETTINGS, "max_trials": 3}
     assert decide([], **settings) == StartNew(1)
