@@ -299,8 +299,12 @@ class Asha:
         return _draw(self.configs, number, self.name)
 
     def tell(self, job: Job, epoch: int, value: float) -> bool:
-        if math.isnan(value):  # diverged: the trial fails, without a result at this rung
-            self.trials[job.trial] = replace(self.trials[job.trial], running_to=None, failed=True)
+        if math.isnan(value):
+            # Diverged: failed, with the worst result (NaN) at the rung it was training to, as
+            # the service records it (search.stages.scheduler_records).
+            trial = self.trials[job.trial]
+            results = {**trial.results, job.stop: math.nan}
+            self.trials[job.trial] = replace(trial, results=results, running_to=None, failed=True)
             return False
         if epoch == job.stop:  # the job ends at a rung
             trial = self.trials[job.trial]
@@ -352,8 +356,10 @@ class AshaTpe(Asha):
     ``search.stages.make_sampler``) learns from each configuration's first leg, its value at the
     first rung; continuations are hidden from it. So here: TPE suggests parameters in the
     study's space (:class:`ParamSpace`), the trial trains the nearest tabulated configuration
-    (:class:`Nearest`) with one of its seeds drawn at random, and each first leg's result (or
-    failure) is told to TPE. Needs ``simulate(draws=...)`` keys.
+    (:class:`Nearest`) with one of its seeds drawn at random, and each first leg's result is
+    told to TPE, through the same :class:`search.sampling.FirstLegSampler` (a diverged first
+    leg fails with the trainer's reason, which the sampler reads as the worst value). Needs
+    ``simulate(draws=...)`` keys.
     """
 
     name = "asha"
@@ -365,10 +371,12 @@ class AshaTpe(Asha):
     def start(self, configs: Sequence[str]) -> None:
         import optuna
 
+        from search.sampling import FirstLegSampler
+
         super().start(configs)
         self.rng = random.Random(self.tpe.seed)
         self.study = optuna.create_study(
-            direction=self.settings["direction"], sampler=self.tpe.sampler()
+            direction=self.settings["direction"], sampler=FirstLegSampler(self.tpe.sampler())
         )
         self.first_legs: dict[int, Any] = {}  # trial number -> its open optuna.Trial
 
@@ -384,6 +392,9 @@ class AshaTpe(Asha):
         if job.start == 0 and (math.isnan(value) or epoch == job.stop):
             trial = self.first_legs.pop(job.trial)
             if math.isnan(value):
+                from search.naming import DIVERGED
+
+                trial.set_user_attr("fail_reason", f"{DIVERGED}: loss is nan at epoch {epoch}")
                 self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             else:
                 self.study.tell(trial, value)

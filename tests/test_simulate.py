@@ -236,3 +236,38 @@ def test_a_method_that_waits_on_nothing_is_an_error(table: dict) -> None:
         simulate(table, asha(), workers=2, seed=0, long_budget=LONG + 1)
     with pytest.raises(ValueError, match="only 120 configurations"):
         simulate(table, asha(max_trials=500, top_k=500), workers=2, seed=0, long_budget=LONG)
+
+
+def test_a_diverged_leg_is_recorded_as_the_service_records_it() -> None:
+    """Failed, with NaN (the worst) at the rung it was training to: it counts among that
+    rung's results, as in ``search.stages.scheduler_records``, and is never continued."""
+    method = asha()
+    method.start(["a", "b"])
+    job = method.ask()
+    assert isinstance(job, Job) and job.stop == LADDER[0]
+    assert method.tell(job, 1, float("nan")) is False  # the job ends in the epoch it diverged
+    (record,) = method.records()
+    assert record.failed and not record.running and list(record.results) == [LADDER[0]]
+    assert record.results[LADDER[0]] != record.results[LADDER[0]]  # NaN
+
+
+def test_the_service_tpe_in_the_replay_reads_a_diverged_first_leg_as_the_worst() -> None:
+    """AshaTpe tells TPE a diverged first leg as the service does (failed, with the trainer's
+    reason), through the same FirstLegSampler, which shows it to TPE as the worst value."""
+    import optuna
+
+    from benchmarks.simulate import AshaTpe, ParamSpace, TabulatedTpe
+    from search.naming import diverged
+    from search.sampling import FirstLegSampler, _FirstLegView
+
+    space = ParamSpace.unit_interval()
+    tpe = TabulatedTpe(space, {"a": {"x": 0.2}, "b": {"x": 0.8}}, {"a": 1, "b": 1}, seed=0)
+    method = AshaTpe(tpe=tpe, rungs=LADDER, eta=3, top_k=1, max_trials=4, direction="maximize")
+    method.start(["a", "b"])
+    job = method.ask()
+    method.tell(job, 1, float("nan"))
+    (failed,) = method.study.get_trials()
+    assert failed.state == optuna.trial.TrialState.FAIL and diverged(failed.user_attrs)
+    assert isinstance(method.study.sampler, FirstLegSampler)  # what it shows TPE:
+    shown = _FirstLegView(method.study).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert [t.value for t in shown] == [float("-inf")]
