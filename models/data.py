@@ -90,6 +90,7 @@ class ImageSplits:
     train_idx: Tensor | None = None
     val_idx: Tensor | None = None
     test_idx: Tensor | None = None
+    source: str = ""  # where the images came from, when not the dataset's original distribution
 
     def to(self, device: torch.device | str) -> ImageSplits:
         """A copy with every tensor on ``device`` (tensors already there are shared)."""
@@ -142,7 +143,7 @@ def load_splits(cfg: DataConfig) -> ImageSplits:
         "digits": _load_digits,
         "imagefolder": _load_imagefolder,
     }[cfg.name]
-    family, pool_x, pool_y, test_x, test_y, classes = loader(cfg)
+    family, pool_x, pool_y, test_x, test_y, classes, source = loader(cfg)
 
     n = pool_x.shape[0]
     n_val = round(frac * n)
@@ -176,6 +177,7 @@ def load_splits(cfg: DataConfig) -> ImageSplits:
         train_idx=train_idx,
         val_idx=val_idx,
         test_idx=test_idx,
+        source=source,
     )
 
 
@@ -208,7 +210,9 @@ def _channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
 
 # --------------------------------------------------------------------------- sources
 
-_Loaded = tuple[str, Tensor, Tensor, Tensor, Tensor, list[str]]
+# family, train images, labels, test images, labels, class names, and a note on the source when
+# it is not the dataset's original distribution (ImageSplits.source)
+_Loaded = tuple[str, Tensor, Tensor, Tensor, Tensor, list[str], str]
 
 
 def _root(cfg: DataConfig) -> Path:
@@ -246,7 +250,7 @@ def _load_mnist(cfg: DataConfig) -> _Loaded:
             (ds.data.unsqueeze(1).contiguous(), ds.targets.to(torch.int64), list(ds.classes))
         )
     (tr_x, tr_y, classes), (te_x, te_y, _) = out
-    return "mnist", tr_x, tr_y, te_x, te_y, classes
+    return "mnist", tr_x, tr_y, te_x, te_y, classes, ""
 
 
 def _load_cifar10(cfg: DataConfig) -> _Loaded:
@@ -268,7 +272,11 @@ def _load_cifar10(cfg: DataConfig) -> _Loaded:
         tr_x, tr_y, classes, _ = _load_folder(jpeg / "train", cache, "data.root", "cifar")
         te_x, te_y, te_classes, _ = _load_folder(jpeg / "test", cache, "data.root", "cifar")
         _check_same_classes(classes, te_classes, jpeg, "data.root")
-        return "cifar", tr_x, tr_y, te_x, te_y, classes
+        note = (
+            f"the JPEG copy at {jpeg}, a lossy re-encoding: accuracies can differ slightly from "
+            "the original CIFAR-10's"
+        )
+        return "cifar", tr_x, tr_y, te_x, te_y, classes, note
     raise DataError(
         f"data.root: CIFAR-10 not found: neither torchvision's pickles in {pickles} nor the JPEG copy "
         f"in {jpeg}/{{train,test}}; put one there or set data.download=true when online"
@@ -291,7 +299,7 @@ def _load_cifar_pickles(root: Path, download: bool) -> _Loaded:
         x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         out.append((x, torch.as_tensor(ds.targets, dtype=torch.int64), list(ds.classes)))
     (tr_x, tr_y, classes), (te_x, te_y, _) = out
-    return "cifar", tr_x, tr_y, te_x, te_y, classes
+    return "cifar", tr_x, tr_y, te_x, te_y, classes, ""
 
 
 def _load_digits(cfg: DataConfig) -> _Loaded:
@@ -313,7 +321,8 @@ def _load_digits(cfg: DataConfig) -> _Loaded:
     pool_i = torch.as_tensor(sorted(pool_i), dtype=torch.int64)
     test_i = torch.as_tensor(sorted(test_i), dtype=torch.int64)
     classes = [str(c) for c in range(10)]
-    return "mnist", x[pool_i].contiguous(), y[pool_i], x[test_i].contiguous(), y[test_i], classes
+    pool = x[pool_i].contiguous(), y[pool_i]
+    return "mnist", *pool, x[test_i].contiguous(), y[test_i], classes, ""
 
 
 def _load_imagefolder(cfg: DataConfig) -> _Loaded:
@@ -328,7 +337,7 @@ def _load_imagefolder(cfg: DataConfig) -> _Loaded:
     tr_x, tr_y, classes, family = _load_folder(path / "train", cache, "data.path", cfg.family)
     te_x, te_y, te_classes, _ = _load_folder(path / "test", cache, "data.path", family)
     _check_same_classes(classes, te_classes, path, "data.path")
-    return family, tr_x, tr_y, te_x, te_y, classes
+    return family, tr_x, tr_y, te_x, te_y, classes, ""
 
 
 def _check_same_classes(train: list[str], test: list[str], where: Path, field: str) -> None:

@@ -28,6 +28,7 @@ from reporting.tables import (
     search_budget,
 )
 from search import (
+    DATA_SOURCE_ATTR,
     STAGES,
     STORAGE_ENV,
     format_metric,
@@ -140,6 +141,9 @@ def results_table(cfg: DictConfig, final: FrozenTrial | None) -> list[str]:
             f" Here they differ: this search's numbers come from {ours} epochs, the report's "
             f"from {theirs}."
         )
+    source = final.user_attrs.get(DATA_SOURCE_ATTR)
+    if source:
+        note += f" This search's images came from {source}."
     return [*table(head, rows), "", note]
 
 
@@ -389,12 +393,19 @@ def combined_table(frame: pd.DataFrame) -> list[str]:
                 if dataset in REPORT_DATASETS:
                     row.append(cell(task, dataset, "report", column, fmt))
             rows.append(row)
+    shown = frame[frame["data_source"].notna()].drop_duplicates("study")
+    sources = [
+        f"`{r['study']}` read its images from {r['data_source']}." for _, r in shown.iterrows()
+    ]
+    sources = ["", " ".join(sources)] if sources else []
     return [
         "# All studies: test numbers beside the report's",
         "",
         *table(head, rows),
         "",
         "Each cell of this search is the best final trial (by validation accuracy) of the "
-        "studies in this storage that ran that task on that dataset; '-' where none finished. "
+        "studies in this storage that ran that task on that dataset, one on all its data before "
+        "one on subsets; '-' where none finished. "
         f"{EPOCHS_NOTE} MAE is in pixels in [0, 1] for MNIST and normalized pixels for CIFAR-10.",
+        *sources,
     ]

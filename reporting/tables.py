@@ -30,6 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 from reporting.artifacts import ARTIFACT_ATTR_PREFIX
 from search import (
     BASELINES_ATTR,
+    DATA_SOURCE_ATTR,
     RUNG_FROM_ATTR,
     RUNG_TO_ATTR,
     SKIPPED,
@@ -402,6 +403,7 @@ def rung_savings(cfg: DictConfig, studies: Mapping[str, optuna.Study]) -> RungSa
 
 COMBINED_COLUMNS = (
     "task", "dataset", "source", "study", "final_trial", "test_accuracy", "test_mae", "epochs",
+    "data_source",
 )  # fmt: skip
 
 
@@ -414,7 +416,8 @@ def combined_datasets(found: Mapping[tuple[str, str], Any]) -> list[str]:
 def combined_frame(found: Mapping[tuple[str, str], tuple[DictConfig, FrozenTrial]]) -> pd.DataFrame:
     """Test accuracy (%) and test MAE of each task x dataset: one ``search`` row (the best
     finished study's final trial; NaN where no study finished) and, for the report's datasets,
-    one ``report`` row; ``epochs`` is the :class:`Budget` behind the numbers, as a phrase."""
+    one ``report`` row; ``epochs`` is the :class:`Budget` behind the numbers, as a phrase;
+    ``data_source`` where a final trial's images were not the dataset's original ones."""
     nan = float("nan")
     rows: list[dict[str, Any]] = []
     for task in TASK_ORDER:
@@ -432,6 +435,7 @@ def combined_frame(found: Mapping[tuple[str, str], tuple[DictConfig, FrozenTrial
                 row["test_accuracy"] = nan if accuracy is None else 100 * accuracy
                 row["test_mae"] = attrs.get("test_mae", nan)
                 row["epochs"] = search_budget(cfg, final).phrase
+                row["data_source"] = attrs.get(DATA_SOURCE_ATTR)
             rows.append(row)
             if dataset in REPORT_DATASETS:
                 published = PUBLISHED[(task, dataset)]

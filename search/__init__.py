@@ -37,6 +37,7 @@ _EXPORTS = {
     "FINAL_METRIC": "search.naming",
     "PRETRAIN_FILE": "search.naming",
     "PROBE_FILE": "search.naming",
+    "DATA_SOURCE_ATTR": "search.naming",
     "RUNG_FROM_ATTR": "search.naming",
     "format_metric": "search.naming",
     "RUNG_TO_ATTR": "search.naming",

@@ -70,6 +70,9 @@ STUDY_UID_ATTR = "study_uid"  # the study user attr holding its identity
 # rung it starts from); absent on a configuration's first leg.
 RUNG_FROM_ATTR = "rung_from"
 RUNG_TO_ATTR = "rung_to"  # the trial user attr of every leg under rungs: the rung it ends at
+# The trial user attr saying where its images came from, when not the dataset's original
+# distribution (models.data.ImageSplits.source: a lossy JPEG copy of CIFAR-10, say).
+DATA_SOURCE_ATTR = "data_source"
 
 
 def format_metric(name: str, value: float) -> str:

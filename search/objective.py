@@ -36,6 +36,7 @@ from models.training import EpochReport, Run, describe_device, resolve_device
 from search.config import checkpoint_store, direction_of, metric_of, to_dataclasses
 from search.naming import (
     BEST_PRETRAIN_FILE,
+    DATA_SOURCE_ATTR,
     FINAL_METRIC,
     PRETRAIN_FILE,
     PROBE_FILE,
@@ -273,6 +274,8 @@ class TrialRunner:
         trial.set_user_attr("stage", stage)
         trial.set_user_attr("worker", default_owner())
         trial.set_user_attr("device", describe_device(resolve_device(self.device)))
+        if self.splits.source:  # what the numbers rest on, when not the original images
+            trial.set_user_attr(DATA_SOURCE_ATTR, self.splits.source)
 
     def _fetch(self, relative: Path) -> Path:
         """The local folder of checkpoint folder ``relative``, its files brought up to date

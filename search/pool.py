@@ -222,9 +222,10 @@ def load_data(cfg: DictConfig, label: str | None = None) -> ImageSplits:
         f"{len(splits.train_y)} train, {len(splits.val_y)} validation, {len(splits.test_y)} test"
     )
     prefix = f"[{label}] " if label else ""
+    source = f"; from {splits.source}" if splits.source else ""
     print(
         f"{prefix}data {cfg.data.name}: {sizes} images "
-        f"(loaded in {time.perf_counter() - started:.1f}s)",
+        f"(loaded in {time.perf_counter() - started:.1f}s){source}",
         flush=True,
     )
     return splits

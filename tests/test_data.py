@@ -176,6 +176,8 @@ def test_cifar_jpeg_copy_and_cache(cifar_root: Path, cache_dir: Path, monkeypatc
     assert s.train_x.shape == (2000, 3, 32, 32) and s.val_x.shape == (200, 3, 32, 32)
     assert s.test_x.shape == (500, 3, 32, 32) and s.train_x.dtype == torch.uint8
     assert s.family == "cifar" and s.normalized is True
+    assert s.source.startswith(f"the JPEG copy at {cifar_root / 'cifar10-jpeg'}, a lossy")
+    assert s.to("cpu").source == s.source
     assert s.classes == [
         "airplane",
         "automobile",

@@ -108,14 +108,16 @@ def test_study_all_writes_one_table_shaped_like_the_reports_with_budgets(finishe
 
 def _finals(path: Path, studies: dict[str, tuple[list[str], float]]) -> str:
     """A storage at ``path`` holding a quickstart study per entry, each with one final trial of
-    the given value: name -> (its overrides, the value); the storage URL."""
+    the given value: name -> (its overrides, the value); the storage URL. The smoke study's
+    images came from a copy (user attr ``data_source``)."""
     url = f"sqlite:///{path}"
     for name, (extra, value) in studies.items():
         cfg = search.load_config("quickstart", [f"name={name}", f"storage={url}", *extra])
         final = search.open_studies(cfg, url).of("final")
-        final.add_trial(
-            optuna.trial.create_trial(value=value, user_attrs={"test_accuracy": value - 0.01})
-        )
+        attrs = {"test_accuracy": value - 0.01}
+        if name == "smoke":
+            attrs[search.DATA_SOURCE_ATTR] = "a lossy copy"
+        final.add_trial(optuna.trial.create_trial(value=value, user_attrs=attrs))
     return url
 
 
@@ -123,6 +125,7 @@ def test_a_study_on_subsets_never_outranks_one_on_all_its_data(tmp_path):
     """Beside the report's numbers stands a study that trained and was tested on all its data:
     a smoke run on subsets, however high its final validation accuracy on its few images, only
     when no such study finished; its subsets are then said with its budget."""
+    from reporting.markdown import combined_table
     from reporting.store import finished_finals, same_dataset_finals
     from reporting.tables import combined_frame
 
@@ -137,12 +140,14 @@ def test_a_study_on_subsets_never_outranks_one_on_all_its_data(tmp_path):
     frame = combined_frame(found)
     row = frame[(frame.dataset == "digits") & (frame.task == "contrastive")].iloc[0]
     assert (row.study, row.epochs) == ("full", "9 + 15 epochs")
+    assert combined_table(frame)[-1].startswith("Each cell of this search")  # no copy used
 
     url = _finals(tmp_path / "b.db", {"smoke": smoke, "capped": capped})
     frame = combined_frame(finished_finals(optuna.storages.RDBStorage(url), [], url))
     row = frame[(frame.dataset == "digits") & (frame.task == "contrastive")].iloc[0]
     assert row.study == "smoke"  # of two studies that are not full scale, the higher value
     assert row.epochs == "9 + 15 epochs, on subsets: train_subset=200, test_subset=60"
+    assert combined_table(frame)[-1] == "`smoke` read its images from a lossy copy."
 
 
 def test_results_table_states_both_budgets_and_says_when_they_differ():
@@ -159,6 +164,11 @@ def test_results_table_states_both_budgets_and_says_when_they_differ():
     assert "| report (1.2.3 cifar10) | 200 + 30 |" in text
     assert "| difference | differ |" in text
     assert "from 100 + 30 epochs, the report's from 200 + 30" in text
+    assert "images came from" not in text
+    final.user_attrs[search.DATA_SOURCE_ATTR] = "the JPEG copy at /data/cifar10-jpeg, lossy"
+    assert results_table(cfg, final)[-1].endswith(
+        "This search's images came from the JPEG copy at /data/cifar10-jpeg, lossy."
+    )
 
 
 def test_results_table_names_the_encoder_epoch_the_final_stage_took():
