@@ -521,9 +521,12 @@ def baselines_frame(cfg: DictConfig, studies: Mapping[str, optuna.Study]) -> pd.
         for row, key in BASELINE_KEYS.items()
     ]
     screen = studies["screen"].get_trials(deepcopy=False)
+    # The original and its retries all carry the marker (a retry copies the user attrs): the
+    # attempt that finished (completed or pruned) stands for it, else the last one.
     report = [t for t in screen if t.user_attrs.get("baseline") == "report"]
+    finished = [t for t in report if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     candidates: list[tuple[str, str, FrozenTrial | None]] = [
-        ("report_configuration", *_furthest_leg(cfg, studies, report[0]))
+        ("report_configuration", *_furthest_leg(cfg, studies, (finished or report)[-1]))
         if report
         else ("report_configuration", "screen", None),
     ]

@@ -187,3 +187,23 @@ def test_a_retried_final_does_not_inherit_the_encoder_its_original_took(tmp_path
     TrialRunner(cfg, progress=False)._begin(trial, "final")
     attrs = study.get_trials()[0].user_attrs
     assert attrs.get("encoder_checkpoint") is None and attrs.get("encoder_epoch") is None
+
+
+def test_the_report_rebuilds_from_the_encoder_file_the_final_trial_recorded(tmp_path):
+    """``encoder_checkpoint`` names the file the final trial trained on: the best epoch's, or
+    the last one, also when no best file was kept (a text that names the best file)."""
+    from optuna.trial import create_trial
+
+    from reporting.store import final_checkpoint_paths
+    from search import BEST_PRETRAIN_FILE, PRETRAIN_FILE
+
+    cfg = load_config("quickstart", [f"runs_dir={tmp_path}"])
+    for recorded, used in (
+        (f"best: epoch 3 ({BEST_PRETRAIN_FILE})", BEST_PRETRAIN_FILE),
+        (f"last ({PRETRAIN_FILE})", PRETRAIN_FILE),
+        (f"last: no {BEST_PRETRAIN_FILE} was kept", PRETRAIN_FILE),
+    ):
+        attrs = {"source_checkpoint_dir": "s/t1", "checkpoint_dir": "f/t0"}
+        final = create_trial(value=0.9, user_attrs={**attrs, "encoder_checkpoint": recorded})
+        source, _ = final_checkpoint_paths(cfg, final)
+        assert source == tmp_path / "checkpoints" / "s" / "t1" / used, recorded

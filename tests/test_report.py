@@ -406,3 +406,19 @@ def test_pruning_savings_leave_out_trials_that_trained_nothing(tmp_path):
         )
     saved = pruning_savings(cfg, study)
     assert (saved.trials, saved.pruned, saved.epochs_run, saved.saved) == (1, 0, 3, 0)
+
+
+def test_a_tsne_points_below_five_is_raised_to_five_not_a_crash(tmp_path):
+    """t-SNE needs at least 5 test images: ``--tsne-points 2`` still draws the raw-image panel
+    (of a study that has no trial yet, which needs no trained network)."""
+    from search import open_studies
+
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    open_studies(load_config("quickstart", [f"storage={url}", f"runs_dir={tmp_path}"]), url)
+    out = tmp_path / "report"
+    done = run_module(
+        "search.report", "study=quickstart", f"runs_dir={tmp_path}", "--out", str(out),
+        "--tsne-points", "2", "--device", "cpu",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (out / "quickstart-tsne.png").read_bytes()[:8] == PNG_MAGIC

@@ -17,7 +17,12 @@ from conftest import TINY_STAGES, run_module, tiny_trained_trial
 
 import search
 from reporting import figures
-from reporting.artifacts import make_trial_artifact_hook, placeholder_png, trial_artifacts
+from reporting.artifacts import (
+    make_trial_artifact_hook,
+    placeholder_png,
+    trial_artifacts,
+    trial_drawings,
+)
 from reporting.markdown import results_table, rung_sentences
 from reporting.report import history_plot, intermediate_plot, write_report
 from reporting.tables import PUBLISHED_EPOCHS, Budget, RungSavings
@@ -373,6 +378,29 @@ def test_a_figure_that_cannot_be_drawn_leaves_a_note_not_a_failure(tmp_path, mon
     png = (tmp_path / "artifacts" / found["learning_curves.png"]).read_bytes()
     assert png[:8] == PNG_MAGIC and png != placeholder_png()  # the error, drawn as a note
     assert "artifact_error" not in study.trials[0].user_attrs
+
+
+def test_a_final_trials_learning_curves_join_the_promoted_pretraining_and_its_probe(
+    tmp_path, monkeypatch
+):
+    """A final trial trains only the probe: its figure is the promoted configuration's
+    pretraining (every leg, passed as ``source_curve``), then its own probe epochs."""
+    drawn = []
+    monkeypatch.setattr(figures, "learning_curves", lambda curve, title: drawn.append(curve))
+    study, _, run = _tiny_trial(tmp_path)
+    final = study.ask()
+    final.set_user_attr("stage", "final")
+    probe = {"phase": "probe", "epoch": 1, "epochs": 1, "train_loss": 0.4, "metrics": {}}
+    final.set_user_attr(search.curve_attr("probe", 1), probe)
+    source = [
+        {"phase": "pretrain", "epoch": e, "epochs": 2, "train_loss": 1 / e, "metrics": {}}
+        for e in (1, 2)
+    ]
+    trial_drawings(final, run, {"source_curve": source})["learning_curves.png"]()
+    [curve] = drawn
+    assert [(c["phase"], c["epoch"]) for c in curve] == [
+        ("pretrain", 1), ("pretrain", 2), ("probe", 1),
+    ]  # fmt: skip
 
 
 @pytest.mark.slow
