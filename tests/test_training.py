@@ -258,3 +258,118 @@ def test_unknown_task_and_device_are_clear_errors(digits):
     if not torch.cuda.is_available():
         with pytest.raises(SettingError, match=r"^train\.device: 'cuda' .*no CUDA device"):
             resolve_device("cuda")
+
+
+def test_embed_is_in_eval_mode_so_a_latent_does_not_depend_on_its_batch(digits):
+    torch.manual_seed(0)
+    run = Run("contrastive", digits, ModelConfig(channels=4, latent_dim=8), small_train())
+    encoder = run.nets.encoder
+    assert encoder.training  # a freshly built encoder is in train mode
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    whole = run.embed(digits.val_x[:40])
+    part = run.embed(digits.val_x[:8])
+    # BatchNorm in train mode would use each batch's statistics: the same image would change.
+    torch.testing.assert_close(part, whole[:8])
+    assert encoder.training  # its mode is given back
+    for name, value in encoder.state_dict().items():  # running statistics untouched
+        assert torch.equal(value, before[name]), name
+
+
+def test_configured_temperature_reaches_the_contrastive_loss(digits):
+    def first_epoch_loss(temperature: float) -> float:
+        run = Run(
+            "contrastive",
+            digits,
+            ModelConfig(channels=4, latent_dim=8, projection_dim=8),
+            small_train(epochs=1, max_batches=1, batch_size=16, temperature=temperature),
+        )
+        assert run.temperature == temperature
+        return run.pretrain()[0].train_loss
+
+    # Same seed, same batch and views: only the temperature differs.
+    assert first_epoch_loss(0.1) != pytest.approx(first_epoch_loss(0.5), rel=1e-3)
+
+
+class _RecordViews(torch.nn.Module):
+    """Passes a batch through an augmentation and keeps what it returned."""
+
+    def __init__(self, augment: torch.nn.Module) -> None:
+        super().__init__()
+        self.augment = augment
+        self.outputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.augment(x)
+        self.outputs.append(out.detach().clone())
+        return out
+
+
+def test_contrastive_step_draws_two_independent_views(digits):
+    run = Run(
+        "contrastive",
+        digits,
+        ModelConfig(channels=4, latent_dim=8, projection_dim=8),
+        small_train(epochs=1, max_batches=2, batch_size=16),
+    )
+    recorder = _RecordViews(run.pretrain_aug)
+    run.pretrain_aug = recorder
+    run.pretrain()
+    assert len(recorder.outputs) == 4  # two views for each of the two batches
+    for first, second in zip(recorder.outputs[::2], recorder.outputs[1::2], strict=True):
+        assert first.shape == second.shape
+        # Identical views would make every positive pair trivially similar.
+        differs = (first - second).flatten(1).abs().amax(1) > 0
+        assert differs.float().mean() > 0.5
+
+
+def test_probe_keeps_the_encoder_frozen_in_eval_mode_under_augmentation(digits):
+    torch.manual_seed(0)
+    train = small_train(
+        probe=ProbeConfig(epochs=1, batch_size=32, aug_strength=1.0),
+    )
+    run = Run("autoencoder", digits, ModelConfig(channels=4, latent_dim=8), train)
+    assert run.nets.encoder.training  # as pretraining leaves it
+    before = {k: v.clone() for k, v in run.nets.encoder.state_dict().items()}
+    run.train_probe()
+    # The augmented probe runs the encoder every step: BatchNorm in train mode would move its
+    # running statistics, so the "frozen" encoder would be another network after the probe.
+    for name, value in run.nets.encoder.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_accuracy_is_measured_on_unaugmented_images(digits):
+    torch.manual_seed(0)
+    train = small_train(probe=ProbeConfig(epochs=1, batch_size=32, aug_strength=1.0))
+    run = Run("autoencoder", digits, ModelConfig(channels=4, latent_dim=8), train)
+    nets = run.nets
+    # An untrained network in eval mode predicts one class for every image (BatchNorm's initial
+    # running statistics): set those statistics from one pass over the train split instead.
+    network = torch.nn.Sequential(nets.encoder, nets.classifier)
+    for module in network.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average over the pass
+    with torch.no_grad():
+        network.train()
+        network(run.prepare_images(digits.train_x))
+    with torch.no_grad(), Run.eval_mode(nets.encoder, nets.classifier):
+        predicted = nets.classifier(nets.encoder(run.prepare_images(digits.val_x))).argmax(1)
+    assert predicted.unique().numel() > 1  # a constant prediction would hide a crop
+    # Labels equal to the clean predictions: exactly 1.0, whatever the RNG, unless the
+    # evaluation images are augmented (random crops change some predictions).
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        assert run.accuracy(digits.val_x, predicted) == 1.0
+
+
+def test_knn_accuracy_of_raw_pixels_matches_a_direct_nearest_neighbour_vote(digits):
+    run = Run("contrastive", digits, ModelConfig(channels=4, latent_dim=8), small_train(knn_k=1))
+    bank = torch.nn.functional.normalize(run.pixels(digits.train_x[run.knn_bank]), dim=1)
+    queries = torch.nn.functional.normalize(run.pixels(digits.val_x), dim=1)
+    nearest = (queries @ bank.T).argmax(1)
+    expected = (digits.train_y[run.knn_bank][nearest] == digits.val_y).float().mean().item()
+    assert run.knn_accuracy(run.pixels) == pytest.approx(expected)
+    assert expected > 0.8  # digits are easy for 1-NN on pixels: a wrong vote shows
+    # With k = 5 the similarity-weighted vote still finds the right class for most images.
+    run.cfg = small_train(knn_k=5)
+    assert run.knn_accuracy(run.pixels) > 0.8
