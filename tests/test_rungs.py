@@ -218,11 +218,17 @@ WORKER = textwrap.dedent(
 
 
 def _run_workers(url: str, name: str, count: int) -> None:
-    script = WORKER.format(tests=str(REPO / "tests"))
+    run_scripts(WORKER, [url, name], count)
+
+
+def run_scripts(script: str, args: list[str], count: int) -> None:
+    """Run ``count`` processes of Python ``script`` (``{tests}`` filled in) with ``args``, one
+    thread each, until they all end; each must exit 0."""
+    script = script.format(tests=str(REPO / "tests"))
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", script, url, name],
+            [sys.executable, "-c", script, *args],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

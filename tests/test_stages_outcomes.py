@@ -10,9 +10,6 @@ is a fixed function of its parameters and rung), so these tests take seconds.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -20,7 +17,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from test_rungs import RUNG_STUDY, CurveRunner
+from test_rungs import RUNG_STUDY, CurveRunner, run_scripts
 
 from search.config import load_config
 from search.scheduler import Continue, decide
@@ -36,8 +33,6 @@ from search.stages import (
     scheduler_settings,
     summarize,
 )
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _leg(value: float, **attrs) -> optuna.trial.FrozenTrial:  # noqa: ANN003
@@ -239,26 +234,7 @@ def test_two_workers_of_the_previous_pipeline_promote_once_the_whole_screen_has_
     url = f"sqlite:///{tmp_path / 'pipe.db'}"
     cfg = load_config("quickstart", [*PIPELINE, f"storage={url}"])
     open_studies(cfg, url, seed_offset=0)  # the schema first, as the launcher does
-    script = PIPELINE_WORKER.format(tests=str(REPO / "tests"))
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", script, url],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
+    run_scripts(PIPELINE_WORKER, [url], 2)
     studies = open_studies(cfg, url)
     screen = studies.screen.get_trials()
     assert [t.state for t in screen] == [TrialState.COMPLETE] * 4
