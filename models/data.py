@@ -321,8 +321,8 @@ def _load_digits(cfg: DataConfig) -> _Loaded:
     pool_i = torch.as_tensor(sorted(pool_i), dtype=torch.int64)
     test_i = torch.as_tensor(sorted(test_i), dtype=torch.int64)
     classes = [str(c) for c in range(10)]
-    pool = x[pool_i].contiguous(), y[pool_i]
-    return "mnist", *pool, x[test_i].contiguous(), y[test_i], classes, ""
+    pool_x, pool_y = x[pool_i].contiguous(), y[pool_i]
+    return "mnist", pool_x, pool_y, x[test_i].contiguous(), y[test_i], classes, ""
 
 
 def _load_imagefolder(cfg: DataConfig) -> _Loaded:

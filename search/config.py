@@ -42,7 +42,14 @@ from models.config import (
 )
 from models.errors import UsageError
 from search.database import StorageError, check_url, folder_problem, redact
-from search.naming import NOT_IDENTITY, STAGES, checkpoint_cache_dir, long_budget, uses_rungs
+from search.naming import (
+    NOT_IDENTITY,
+    STAGES,
+    checkpoint_cache_dir,
+    long_budget,
+    long_budget_key,
+    uses_rungs,
+)
 from search.space import check_dependencies
 from storage.checkpoint_store import (
     CheckpointLocationError,
@@ -620,10 +627,9 @@ def _validate_budgets(cfg: DictConfig) -> None:
             "" if cfg.stages.promote.epochs else " (0: train.epochs)"
         )
         if long < 2:
-            key = "stages.promote.epochs" if cfg.stages.promote.epochs else "train.epochs"
             raise ConfigError(
-                f"{key}: the long budget, {long} epoch(s), leaves no room for a first rung below "
-                "it; allowed: at least 2 under search.pruner.name=asha"
+                f"{long_budget_key(cfg)}: the long budget, {long} epoch(s), leaves no room for "
+                "a first rung below it; allowed: at least 2 under search.pruner.name=asha"
             )
         if not first < long:
             raise ConfigError(
@@ -646,11 +652,9 @@ def _validate_warmups(cfg: DictConfig) -> None:
     """A warm-up written in the study must end before the shortest schedule it opens (the
     schedule would cut it to one epoch less). A searched warm-up is cut the same way, so the top
     values of a range reaching the schedule's length train alike (README "The schedule choice")."""
-    long = long_budget(cfg)
-    long_key = "stages.promote.epochs" if cfg.stages.promote.epochs else "train.epochs"
     lengths = [  # every schedule the encoder trains under: search.train, the legs, a screen
         (int(cfg.train.epochs), "train.epochs, as search.train trains it"),
-        (long, f"the long budget, {long_key}"),
+        (long_budget(cfg), f"the long budget, {long_budget_key(cfg)}"),
     ]
     if not uses_rungs(cfg):
         lengths.append((int(cfg.stages.screen.epochs), "stages.screen.epochs"))

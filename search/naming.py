@@ -226,6 +226,11 @@ def long_budget(cfg: DictConfig) -> int:
     return int(cfg.stages.promote.epochs or cfg.train.epochs)
 
 
+def long_budget_key(cfg: DictConfig) -> str:
+    """The setting that gives :func:`long_budget` its value, for messages."""
+    return "stages.promote.epochs" if cfg.stages.promote.epochs else "train.epochs"
+
+
 def uses_rungs(cfg: DictConfig) -> bool:
     """Whether the study is scheduled by rungs over the whole budget (``search.pruner: asha``)
     rather than by the previous screen -> barrier -> retrain pipeline."""

@@ -13,7 +13,7 @@ the study stands (progress, the summary) from storage and trains and writes noth
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,6 +22,9 @@ from search.config import direction_of, metric_of, public_config, storage_url
 from search.database import redact
 from search.naming import RUNG_TO_ATTR, format_metric
 from search.space import apply, baseline_params, distribution, ordered
+
+if TYPE_CHECKING:  # torch loads only once the input is known to be good
+    from models.data import ImageSplits
 
 
 def print_dry_run(cfg: DictConfig) -> None:
@@ -203,7 +206,7 @@ def main() -> int:
 
 
 def _run_and_summarize(
-    cfg: DictConfig, url: str, studies: Any, progress: bool, splits: Any = None
+    cfg: DictConfig, url: str, studies: Any, progress: bool, splits: ImageSplits | None = None
 ) -> int:
     """Run the workers (one in this process trains on ``splits`` when given), print the
     summary; the exit code."""

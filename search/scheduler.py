@@ -19,9 +19,9 @@ rungs
 ranking
     the results recorded at a rung, best first; ties go to the lower trial number; a NaN result
     ranks last (a leg that diverged records NaN at the rung it was training to, so it counts
-    among the rung's ``n`` results as it does in ASHA, and is never continued). Every recorded result counts, also those of trials that went on, are running
-    further, or failed later: a result once recorded is never taken back, so a promotion that
-    was justified stays justified.
+    among the rung's ``n`` results as it does in ASHA, and is never continued). Every recorded
+    result counts, also those of trials that went on, are running further, or failed later: a
+    result once recorded is never taken back, so a promotion that was justified stays justified.
 promotion
     scanning from the highest-but-one rung down, the best-ranked trial that is waiting at rung
     ``k`` (``k`` is its highest result, it is neither running nor failed, nor was it continued)
