@@ -9,8 +9,10 @@ folder's files that changed remotely since this cache last saw them (before a tr
 continues), :meth:`CheckpointStore.push` uploads one file once it is written (under a temporary
 name, then moved into place where the store is not an object store whose uploads appear whole,
 so a reader never sees half a file). Which remote version a cached file is, is kept beside it
-(``.<name>.ukey``, fsspec's ``ukey``); a file the remote has not changed since is kept, even when
-this worker wrote a newer one locally.
+(``.<name>.ukey``: fsspec's ``ukey`` and the local file's size and time); a cached file is trusted
+only while it is that version. One written here that did not reach the store (its upload failed,
+or the worker died first) is replaced by the store's copy, or removed if the store has none: a
+leg never resumes, or completes, from a checkpoint the other workers cannot read.
 
 Example::
 
@@ -77,7 +79,9 @@ def protocol_of(location: str) -> str | None:
 def redact_location(location: str) -> str:
     """The URL with the password of ``user:password@`` and every secret query value (the
     storage URLs' rule, :func:`storage.urls.is_secret_query_key`) replaced by ``***``; a path as
-    it is."""
+    it is. Each link of a chained URL (``simplecache::s3://...``) is redacted the same way."""
+    if "::" in str(location):
+        return "::".join(redact_location(link) for link in str(location).split("::"))
     if not is_url(location):
         return str(location)
     try:
@@ -227,12 +231,16 @@ class CheckpointStore:
             try:
                 entries = self.fs.ls(remote_dir, detail=True)
             except FileNotFoundError:
-                return []
+                entries = []
+            names = [PurePosixPath(str(entry["name"])).name for entry in entries]
+            remote_names = {
+                name
+                for name, entry in zip(names, entries, strict=True)
+                if entry.get("type") == "file" and not name.startswith(".")
+            }  # not a temporary upload in progress, nor a sub-folder
+            self._drop_unshared(self.local(rel), remote_names)
             fetched = []
-            for entry in entries:
-                name = PurePosixPath(str(entry["name"])).name
-                if entry.get("type") != "file" or name.startswith("."):
-                    continue  # a temporary upload in progress, or a sub-folder
+            for name in sorted(remote_names):
                 remote = f"{remote_dir}/{name}"
                 key = str(self.fs.ukey(remote))
                 target = self.local(rel) / name
@@ -264,6 +272,7 @@ class CheckpointStore:
         except ValueError as error:
             raise ValueError(f"{path} is not inside the checkpoint cache {self.root}") from error
         final = self._remote_path(rel, path.name)
+        self._marker(path).unlink(missing_ok=True)  # not the store's version until uploaded
         try:
             fs = self.fs
             if protocol_of(self.location) in OBJECT_STORES:
@@ -303,9 +312,16 @@ class CheckpointStore:
     def _marker(path: Path) -> Path:
         return path.with_name(f".{path.name}.ukey")
 
+    @staticmethod
+    def _stamp(path: Path) -> str:
+        stat = path.stat()
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+
     def _known(self, path: Path) -> str | None:
+        """The remote version cached file ``path`` is; None if unknown or changed here since."""
         try:
-            return self._marker(path).read_text(encoding="utf-8")
+            key, _, stamp = self._marker(path).read_text(encoding="utf-8").rpartition("\n")
+            return key if key and stamp == self._stamp(path) else None
         except OSError:
             return None
 
@@ -313,8 +329,18 @@ class CheckpointStore:
         marker = self._marker(path)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{marker.name}.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(key)
+            handle.write(f"{key}\n{self._stamp(path)}")
         os.replace(tmp, marker)
+
+    def _drop_unshared(self, folder: Path, remote_names: set[str]) -> None:
+        """Remove the checkpoints of ``folder`` that the store does not have: written here and
+        never uploaded, so no other worker could continue from them."""
+        if not folder.is_dir():
+            return
+        for path in folder.glob("*.pt"):
+            if path.name not in remote_names:
+                path.unlink(missing_ok=True)
+                self._marker(path).unlink(missing_ok=True)
 
     def _transfer_error(
         self, what: str, rel: PurePosixPath, name: str | None, error: BaseException

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from storage.retry import retry_call, retry_seconds_for
+from storage.urls import redact
 
 T = TypeVar("T")
 _METADATA = sa.MetaData()
@@ -101,7 +102,8 @@ class Claims:
         self.engine = engine
         self.owner = owner or default_owner()
         self.retry_seconds = retry_seconds_for(engine) if retry_seconds is None else retry_seconds
-        self.target = engine.url.render_as_string(hide_password=True)
+        # Masked by the storage URLs' rule: a ?password= in the query too, not only user:pw@.
+        self.target = redact(engine.url.render_as_string(hide_password=False))
         for attempt in range(10):
             try:
                 self._retry(

@@ -58,7 +58,18 @@ class StorageUnavailableError(RuntimeError):
 # Query parameters that carry a secret (matched case-insensitively): a name containing one of
 # these words, or ending in "key" (``api_key``, ``sslkey``, ``private_key``). libpq reads
 # ``password`` and ``sslpassword`` from the query as readily as from ``user:password@``.
-SECRET_QUERY_WORDS = ("password", "passwd", "passphrase", "pwd", "secret", "token", "credential")
+SECRET_QUERY_WORDS = (
+    "password",
+    "passwd",
+    "passphrase",
+    "pwd",
+    "secret",
+    "token",
+    "credential",
+    "signature",  # X-Amz-Signature of a presigned URL
+)
+# Whole names that carry a secret: an Azure SAS token's signature.
+SECRET_QUERY_NAMES = ("sig",)
 MASK = "***"
 # Rendered in place of a masked query value, then replaced by MASK: SQLAlchemy would otherwise
 # percent-encode the asterisks (``%2A%2A%2A``).
@@ -68,7 +79,11 @@ _MASK_PLACEHOLDER = "MASKED0000000000000000"
 def is_secret_query_key(key: str) -> bool:
     """Whether a URL query parameter named ``key`` holds a secret (its value is masked)."""
     name = key.strip().lower()
-    return any(word in name for word in SECRET_QUERY_WORDS) or name.endswith("key")
+    return (
+        any(word in name for word in SECRET_QUERY_WORDS)
+        or name.endswith("key")
+        or name in SECRET_QUERY_NAMES
+    )
 
 
 def redact(url: str) -> str:

@@ -74,15 +74,34 @@ def test_a_pushed_file_is_pulled_into_another_cache(tmp_path: Path, bucket: str)
     assert writer.pull(RELATIVE) == []
 
 
-def test_a_local_file_the_remote_has_not_changed_since_is_kept(tmp_path: Path, bucket: str) -> None:
+def test_a_cached_file_is_kept_only_while_it_is_the_stores_version(
+    tmp_path: Path, bucket: str
+) -> None:
     store = CheckpointStore(bucket, cache=tmp_path / "a")
     path = write(store.local(RELATIVE) / "pretrain.pt", b"epoch 1")
     store.push(path)
-    path.write_bytes(b"epoch 2, not uploaded yet")
-    assert store.pull(RELATIVE) == []
-    assert path.read_bytes() == b"epoch 2, not uploaded yet"
+    assert store.pull(RELATIVE) == [] and path.read_bytes() == b"epoch 1"  # up to date
+    # Written here after the last upload (the upload failed, or the worker died first): no other
+    # worker can read it, so the store's copy replaces it.
+    path.write_bytes(b"epoch 2, never uploaded")
+    assert store.pull(RELATIVE) == [path] and path.read_bytes() == b"epoch 1"
     path.unlink()  # set aside, say: the remote copy comes back
     assert store.pull(RELATIVE) == [path] and path.read_bytes() == b"epoch 1"
+
+
+def test_a_checkpoint_the_store_never_received_is_not_resumed_from(
+    tmp_path: Path, bucket: str
+) -> None:
+    store = CheckpointStore(bucket, cache=tmp_path / "a")
+    path = write(store.local(RELATIVE) / "pretrain.pt", b"epoch 1, upload refused")
+    kept = write(store.local(RELATIVE) / "pretrain.pt.corrupt", b"set aside")
+    assert store.pull(RELATIVE) == []  # the store has no folder: nothing to fetch
+    assert not path.exists() and kept.exists()  # the unshared checkpoint is gone, evidence kept
+    other = RELATIVE.replace("00004", "00005")
+    best = write(store.local(other) / "pretrain-best.pt", b"best")
+    store.push(write(store.local(other) / "pretrain.pt", b"epoch 3"))
+    assert store.pull(other) == [] and not best.exists()  # never uploaded
+    assert (store.local(other) / "pretrain.pt").read_bytes() == b"epoch 3"
 
 
 def test_folders_outside_the_store_are_refused(tmp_path: Path, bucket: str) -> None:
@@ -143,6 +162,13 @@ def test_a_password_in_the_url_is_masked(tmp_path: Path) -> None:
     ) as e:
         check_location("memory://b/ckpt?token=s3cr3t")
     assert "s3cr3t" not in str(e.value)
+    # A chained URL is refused in a message that masks each link's password.
+    with pytest.raises(CheckpointLocationError, match="chained") as e:
+        check_location("simplecache::ftp://bob:hunter2@host/ckpt")
+    assert "hunter2" not in str(e.value) and "ftp://bob:***@host/ckpt" in str(e.value)
+    # Signed URLs: an Azure SAS signature, an S3 presigned signature.
+    shown = redact_location("az://c/ckpt?sv=2024&sig=s3cr3t&X-Amz-Signature=s3cr3t2")
+    assert "s3cr3t" not in shown and "sv=2024" in shown
 
 
 @pytest.mark.skipif(importlib.util.find_spec("s3fs") is not None, reason="s3fs is installed")
@@ -260,7 +286,8 @@ def test_a_transient_upload_error_retries_the_trial_instead_of_losing_the_config
     tmp_path: Path, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The store refuses one upload (an S3 503, say): the trial fails naming the store and is
-    queued again, like a killed worker's, and its retry completes."""
+    queued again, like a killed worker's, and its retry trains the rung again, uploads it and
+    completes."""
     from search.objective import TrialRunner
     from search.stages import _run_one
 
@@ -275,7 +302,8 @@ def test_a_transient_upload_error_retries_the_trial_instead_of_losing_the_config
     put_file, refused = fs.put_file, []
 
     def put_once_refused(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        if not refused:
+        # The rung's resume checkpoint, written in full here: its upload is the one refused.
+        if not refused and Path(args[0]).name == "pretrain.pt":
             refused.append(args)
             raise OSError("503 Slow Down")
         return put_file(*args, **kwargs)
@@ -290,4 +318,13 @@ def test_a_transient_upload_error_retries_the_trial_instead_of_losing_the_config
     assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == number
     again = _run_one(studies, "screen", runner, max_retries=3)
     assert again == retry.number
-    assert studies.screen.get_trials()[again].state == TrialState.COMPLETE
+    done = studies.screen.get_trials()[again]
+    assert done.state == TrialState.COMPLETE
+    # The retry trained the rung again and uploaded it: the store holds what it completed on,
+    # so another worker can continue the configuration (before, the retry found the local copy
+    # that never reached the store, trained nothing and completed without uploading).
+    assert done.user_attrs.get("resumed_from_epoch") is None
+    remote = f"{bucket}/{done.user_attrs['checkpoint_dir']}/pretrain.pt"
+    with fs.open(remote, "rb") as handle:
+        stored = torch.load(handle, weights_only=True, map_location="cpu")
+    assert stored["epoch"] == done.user_attrs["epochs_run"] == 1

@@ -204,3 +204,16 @@ def test_a_dead_process_of_this_machine_and_namespace_is_gone() -> None:
     owner = f"{host_pid.partition(':')[0]}:{dead.pid}/{namespace}"
     assert owner_gone(owner)
     assert not owner_gone(default_owner())
+
+
+@pytest.mark.postgres
+def test_a_password_in_the_query_stays_out_of_the_claims_messages(postgres_db_url: str) -> None:
+    """The target named in retry warnings and StorageUnavailableError: libpq reads
+    ``?password=`` as readily as ``user:password@`` (the server trusts it and ignores it here)."""
+    engine = sa.create_engine(f"{postgres_db_url}?password=hunter2")
+    try:
+        claims = Claims(engine)
+        assert "hunter2" not in claims.target and "password=***" in claims.target
+        assert claims.take("k")
+    finally:
+        engine.dispose()
