@@ -72,6 +72,8 @@ RUNG_FROM_ATTR = "rung_from"
 RUNG_TO_ATTR = "rung_to"  # the trial user attr of every leg under rungs: the rung it ends at
 # The trial user attr saying where its images came from, when not the dataset's original
 # distribution (models.data.ImageSplits.source: a lossy JPEG copy of CIFAR-10, say).
+# The machine that wrote the checkpoint a leg needs (trial user attr; see search.stages._free_retry).
+WRITTEN_BY_ATTR = "checkpoint_written_on"
 DATA_SOURCE_ATTR = "data_source"
 
 

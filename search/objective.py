@@ -43,6 +43,7 @@ from search.naming import (
     RUNG_FROM_ATTR,
     RUNG_TO_ATTR,
     STUDY_UID_ATTR,
+    WRITTEN_BY_ATTR,
     curve_attr,
     is_continuation,
     learning_curve,
@@ -54,7 +55,7 @@ from search.naming import (
     uses_rungs,
 )
 from search.space import apply, suggest
-from storage.claims import default_owner
+from storage.claims import default_owner, owner_host
 
 # (running trial, its Run, the trial's resolved config, {"history"|"results"|"pruned"|...}).
 TrialHook = Callable[[optuna.Trial, Run, DictConfig, dict[str, Any]], None]
@@ -303,6 +304,36 @@ class TrialRunner:
             f"nothing was retrained{lost}",
         )
 
+    def _check_retry_finds_its_checkpoint(
+        self,
+        trial: optuna.Trial,
+        this: optuna.trial.FrozenTrial,
+        relative: Path,
+        stop: int,
+        worker: str | None,
+    ) -> None:
+        """Raise :class:`CheckpointUnreachableError` when retry ``trial`` finds no checkpoint
+        although its original surely wrote one: never retrain a leg silently from epoch 0.
+
+        Surely: the original reported epoch ``2 * checkpoint_every`` (a second checkpoint
+        write waits for the first, so the first was on disk), or its stop epoch (flushed
+        before it is reported).
+        """
+        original = original_number(this)
+        trained = int(trial.user_attrs.get("epochs_run") or 0)
+        every = int(self.cfg.train.checkpoint_every)
+        if original == trial.number or trained < min(2 * every, stop):
+            return
+        if worker and owner_host(str(worker)):
+            trial.set_user_attr(WRITTEN_BY_ATTR, owner_host(str(worker)))
+        raise self._unreachable(
+            relative,
+            PRETRAIN_FILE,
+            f"trial #{trial.number} retries trial #{original}, which trained {trained} "
+            f"epoch{'s' if trained != 1 else ''}",
+            configuration=config_number(this),
+        )
+
     def _final_encoder(self, trial: optuna.Trial) -> Path:
         """The promoted encoder the final classifier trains on (``stages.final.checkpoint``):
         its best epoch on validation, or its last; recorded as ``encoder_checkpoint``."""
@@ -400,6 +431,7 @@ class TrialRunner:
         run = None
         started = time.perf_counter()
         continued = is_continuation(trial.user_attrs)
+        inherited_worker = trial.user_attrs.get("worker")  # a retry's: its original's machine
         try:
             self._begin(trial, stage)
             params = suggest(trial, self.cfg.search.space)
@@ -437,6 +469,10 @@ class TrialRunner:
                     f"{trial.user_attrs[RUNG_FROM_ATTR]}",
                     configuration=number,
                 )
+            if not continued and not (ckpt_dir / PRETRAIN_FILE).exists():
+                self._check_retry_finds_its_checkpoint(
+                    trial, this, relative, min(stop_at or epochs, epochs), inherited_worker
+                )
 
             reported: list[int] = []  # epochs this trial reported to Optuna
 
@@ -460,6 +496,8 @@ class TrialRunner:
                 previous = self._resumable(trial, ckpt_dir / PRETRAIN_FILE, fingerprint, shown)
                 if previous is not None:
                     trial.set_user_attr("resumed_from_epoch", int(previous["epoch"]))
+                elif trial.user_attrs.get("epochs_run"):  # a retry's, of its original's run
+                    trial.set_user_attr("epochs_run", 0)  # this attempt starts from epoch 0
                 run = self._make_run(tcfg, ckpt_dir, fingerprint)
                 # The final stage may pick the best epoch of the configuration it takes: of
                 # its promoted retrain, or under rungs of all its legs (a continuation resumes

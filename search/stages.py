@@ -57,6 +57,7 @@ from search.naming import (
     SKIPPED,
     STAGES,
     STUDY_UID_ATTR,
+    WRITTEN_BY_ATTR,
     diverged,
     given_up_attr,
     given_up_number,
@@ -1045,9 +1046,6 @@ def _leg_exists(studies: Studies, cfg: DictConfig, decision: Continue) -> bool:
         and t.user_attrs.get(RUNG_TO_ATTR) == decision.to_rung
         for t in studies.of(stage).get_trials(deepcopy=False)
     )
-
-
-WRITTEN_BY_ATTR = "checkpoint_written_on"  # the machine that wrote the checkpoint a leg needs
 
 
 def _host_of(trial: optuna.trial.FrozenTrial | None) -> str | None:

@@ -224,6 +224,54 @@ def test_a_continuation_whose_checkpoint_the_url_lacks_fails_naming_the_url(
     assert not (tmp_path / "remote").exists()
 
 
+def test_a_retry_that_cannot_read_its_originals_checkpoint_fails_instead_of_retraining(
+    tmp_path: Path,
+) -> None:
+    """A first leg failed after its rung checkpoint was written (here by a hook that raised);
+    its retry runs where that checkpoint cannot be read (another machine's local folder, or a
+    changed checkpoints_dir). It fails naming the path and this worker stops; before, it
+    trained the leg again from epoch 0 and said nothing."""
+    from search.objective import TrialRunner
+    from search.stages import StageError, _run_one
+    from storage.trial_retry import RetryFailedTrial
+
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    cfg = load_config("quickstart", [*REAL_RUN, f"storage={url}", f"runs_dir={tmp_path}"])
+    studies = open_studies(cfg, url)
+
+    def fails_after_training(*_: object) -> None:
+        raise RuntimeError("the machine went away")
+
+    failing = TrialRunner(cfg, progress=False)
+    failing.hooks.append(fails_after_training)
+    number = _run_one(studies, "screen", failing, max_retries=3)
+    failed = studies.screen.get_trials()[number]
+    assert failed.state == TrialState.FAIL and failed.user_attrs["epochs_run"] == 1
+    folder = failing.store.local(failed.user_attrs["checkpoint_dir"])
+    assert (folder / "pretrain.pt").is_file()
+    RetryFailedTrial(max_retry=3)(studies.screen, failed)
+    moved = folder.rename(tmp_path / "elsewhere")  # not where this worker looks
+
+    with pytest.raises(StageError, match="this worker stopped"):
+        _run_one(studies, "screen", TrialRunner(cfg, progress=False), max_retries=3)
+    retry = studies.screen.get_trials()[number + 1]
+    assert retry.state == TrialState.FAIL
+    reason = retry.user_attrs["fail_reason"]
+    assert reason.startswith("CheckpointUnreachableError"), reason
+    assert str(folder / "pretrain.pt") in reason and f"retries trial #{number}" in reason
+    assert "nothing was retrained" in reason and "every worker" in reason
+    assert retry.user_attrs.get("resumed_from_epoch") is None  # nothing was trained
+    assert not folder.exists() and (moved / "pretrain.pt").is_file()
+    # Queued again for a worker that can read it (counted: this machine wrote it).
+    [again] = studies.screen.get_trials(states=(TrialState.WAITING,))
+    assert again.params == failed.params
+    # Where the checkpoint is readable, that retry resumes from it and trains nothing more.
+    moved.rename(folder)
+    _run_one(studies, "screen", TrialRunner(cfg, progress=False), max_retries=3)
+    done = studies.screen.get_trials()[again.number]
+    assert done.state == TrialState.COMPLETE and done.user_attrs["resumed_from_epoch"] == 1
+
+
 def _cached_trials(runs: Path) -> dict[str, Path]:
     """``<study>-<uid>/trial-N`` -> its folder, for every trial folder in the cache of ``runs``."""
     return {
