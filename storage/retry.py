@@ -30,7 +30,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from typing import Any, TypeVar
 
 import optuna
@@ -410,18 +409,20 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         the waiting trial meanwhile, this call answers False and Optuna pops the next.
 
         After a doubtful attempt the retry sees a finished trial (``UpdateFinishedTrialError``)
-        or, for WAITING -> RUNNING, a trial no longer waiting (False). If the trial already has
-        exactly the state and values asked for (and, for RUNNING, a start time stamped while a
-        doubtful attempt of this call was in flight: Optuna stamps it inside the attempt), that
-        is this call's success.
+        or, for WAITING -> RUNNING, a trial no longer waiting (False). A finished trial that
+        already has exactly the state and values asked for is this call's success (if another
+        process finished it the same way, :class:`storage.trial_retry.RetryFailedTrial` still
+        queues one retry only). A trial no longer waiting is never taken for this call's pop:
+        another process may have popped it meanwhile, and two workers would train one trial in
+        one folder. If it was this call's pop after all, the trial never beats, and
+        :meth:`_get_stale_trial_ids` fails it after ``grace_period`` so that it is retried.
         """
-        doubtful: list[tuple[datetime, datetime]] = []  # (start, end) of attempts lost in doubt
+        doubtful: list[bool] = []  # an attempt was lost in doubt
         if state == TrialState.FAIL:  # finished already: the state change below answers for it
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                 self.set_trial_system_attr(trial_id, FAILED_AT_ATTR, time.time())
 
         def attempt() -> bool:
-            began = datetime.now()
             try:
                 changed = optuna.storages.RDBStorage.set_trial_state_values(
                     self, trial_id, state, values
@@ -434,16 +435,8 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
                 raise
             except Exception as error:
                 if is_transient(error) and not is_busy(error):
-                    doubtful.append((began, datetime.now()))
+                    doubtful.append(True)
                 raise
-            if not changed and doubtful and state == TrialState.RUNNING:
-                trial = self.get_trial(trial_id)
-                started = trial.datetime_start
-                return (
-                    trial.state == TrialState.RUNNING
-                    and started is not None
-                    and any(a <= started <= b for a, b in doubtful)
-                )
             return changed
 
         return self.retrying("set_trial_state_values", attempt)

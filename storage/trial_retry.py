@@ -7,6 +7,7 @@ or SIGTERM, a preempted job: nothing wrong with the configuration), recorded in 
 system attr :data:`FREE_RETRIES_ATTR`, so a job preempted four times in one long leg keeps its
 configuration. Retries are recorded exactly as Optuna records them (``failed_trial``,
 ``retry_history``), so ``RetryHeartbeatStaleTrialCallback.retry_history`` still reads them.
+A trial already retried is not retried again (one configuration, one queued leg).
 
 Example::
 
@@ -46,6 +47,11 @@ class RetryFailedTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
         spent = len(system_attrs["retry_history"]) - free
         if self._max_retry is not None and spent > self._max_retry:
             return
+        if any(
+            t.system_attrs.get("retry_history", [])[-1:] == [trial.number]
+            for t in study.get_trials(deepcopy=False)
+        ):
+            return  # retried already: two processes that each took the failure for theirs
         study.add_trial(
             optuna.create_trial(
                 state=TrialState.WAITING,

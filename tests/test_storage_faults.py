@@ -201,8 +201,10 @@ def test_non_transient_errors_are_not_retried(tmp_path: Path) -> None:
 
 
 def test_a_retried_state_change_recognises_its_own_lost_commit(tmp_path: Path) -> None:
-    """The connection 'drops' right after the commit: the retry sees the change and succeeds."""
-    storage, _ = _sqlite_storage(tmp_path, retry_seconds=10)
+    """The connection 'drops' right after the commit: a finishing change's retry sees it done
+    and succeeds. A pop's retry answers False (the trial might be another process's, see the
+    next test); the trial it did take never beats and is failed as stale, then retried."""
+    storage, _ = _sqlite_storage(tmp_path, retry_seconds=10, heartbeat_interval=1, grace_period=1)
     study = optuna.create_study(storage=storage, study_name="s")
     study.enqueue_trial({})
     waiting = study.get_trials(states=(TrialState.WAITING,))[0]._trial_id
@@ -211,7 +213,7 @@ def test_a_retried_state_change_recognises_its_own_lost_commit(tmp_path: Path) -
         assert storage.set_trial_state_values(running, TrialState.COMPLETE, [0.5]) is True
         assert lose["next"] is False
         lose["next"] = True
-        assert storage.set_trial_state_values(waiting, TrialState.RUNNING) is True
+        assert storage.set_trial_state_values(waiting, TrialState.RUNNING) is False
         assert lose["next"] is False
     assert storage.get_trial(running).state == TrialState.COMPLETE
     assert storage.get_trial(running).values == [0.5]
@@ -220,6 +222,38 @@ def test_a_retried_state_change_recognises_its_own_lost_commit(tmp_path: Path) -
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
         storage.set_trial_state_values(running, TrialState.COMPLETE, [0.5])
     assert storage.set_trial_state_values(waiting, TrialState.RUNNING) is False
+    # The orphan: no process trains it, so it never beats; past the grace period it is failed
+    # and its retry queued, so the configuration is not lost.
+    assert storage._get_stale_trial_ids(study._study_id) == []  # first seen now
+    time.sleep(1.2)
+    optuna.storages.fail_stale_trials(study)
+    assert storage.get_trial(waiting).state == TrialState.FAIL
+    [retry] = study.get_trials(states=(TrialState.WAITING,))
+    assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == 0
+
+
+def test_a_pop_whose_commit_was_lost_never_takes_another_process_trial(tmp_path: Path) -> None:
+    """The connection dropped during this process's pop and nothing was stored; before the
+    retry, another process popped the trial. The retry must answer False: before, it saw the
+    trial RUNNING with a start time inside its own lost attempt, took it for its own, and two
+    workers trained one trial in one checkpoint folder."""
+    storage, db = _sqlite_storage(tmp_path, retry_seconds=10)
+    study = optuna.create_study(storage=storage, study_name="s")
+    study.enqueue_trial({})
+    waiting = study.get_trials(states=(TrialState.WAITING,))[0]._trial_id
+    other = open_storage(f"sqlite:///{db}")
+
+    def commit(conn) -> None:  # noqa: ANN001
+        sqlalchemy.event.remove(storage.engine, "commit", commit)
+        conn.connection.driver_connection.rollback()  # the lost commit stored nothing ...
+        assert other.set_trial_state_values(waiting, TrialState.RUNNING) is True  # ... B pops
+        raise sqlalchemy.exc.OperationalError(
+            "COMMIT", None, ConnectionResetError("server closed the connection")
+        )
+
+    sqlalchemy.event.listen(storage.engine, "commit", commit)
+    assert storage.set_trial_state_values(waiting, TrialState.RUNNING) is False
+    assert storage.get_trial(waiting).state == TrialState.RUNNING
 
 
 def test_a_pop_that_met_a_locked_database_never_takes_another_process_trial(tmp_path: Path) -> None:

@@ -45,3 +45,18 @@ def test_a_retry_keeps_the_trials_user_attrs(tmp_path: Path) -> None:
     RetryFailedTrial(max_retry=1)(study, study.get_trials()[-1])
     retry = study.get_trials()[-1]
     assert retry.state == TrialState.WAITING and retry.user_attrs == {"config": 4}
+
+
+def test_a_trial_is_retried_once_whoever_asks(tmp_path: Path) -> None:
+    """Two processes each took one failure for theirs (say, one failed the trial as stale while
+    the other's own FAIL was lost in doubt): one retry is queued, not two legs of one
+    configuration that would train in one folder."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'r.db'}")
+    failed = _fail_latest(study)
+    RetryFailedTrial(max_retry=3)(study, failed)
+    RetryFailedTrial(max_retry=3)(study, failed, counted=False)
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.WAITING]
+    again = _fail_latest(study)  # the retry fails in turn: it has a retry of its own
+    RetryFailedTrial(max_retry=3)(study, again)
+    assert [t.state for t in study.get_trials()][-1] == TrialState.WAITING
+    assert len(study.get_trials()) == 3
