@@ -91,6 +91,9 @@ class ImageSplits:
     val_idx: Tensor | None = None
     test_idx: Tensor | None = None
     source: str = ""  # where the images came from, when not the dataset's original distribution
+    # Content hash of every split (images and labels): two workers train on the same images
+    # exactly when their digests agree (a JPEG copy, another split or subset all differ).
+    digest: str = ""
 
     def to(self, device: torch.device | str) -> ImageSplits:
         """A copy with every tensor on ``device`` (tensors already there are shared)."""
@@ -162,7 +165,7 @@ def load_splits(cfg: DataConfig) -> ImageSplits:
 
     train_x = pool_x[train_idx].contiguous()
     mean, std = _channel_stats(train_x)
-    return ImageSplits(
+    splits = ImageSplits(
         family=family,
         train_x=train_x,
         train_y=pool_y[train_idx].contiguous(),
@@ -179,6 +182,19 @@ def load_splits(cfg: DataConfig) -> ImageSplits:
         test_idx=test_idx,
         source=source,
     )
+    splits.digest = content_digest(
+        splits.train_x, splits.train_y, splits.val_x, splits.val_y, splits.test_x, splits.test_y
+    )
+    return splits
+
+
+def content_digest(*tensors: Tensor) -> str:
+    """A short hash of the tensors' shapes, types and bytes (CPU tensors; nothing is copied)."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(f"{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(memoryview(tensor.contiguous().numpy()).cast("B"))
+    return digest.hexdigest()[:16]
 
 
 def _subset(idx: Tensor, k: int, gen: torch.Generator) -> Tensor:

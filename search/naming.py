@@ -75,6 +75,8 @@ RUNG_TO_ATTR = "rung_to"  # the trial user attr of every leg under rungs: the ru
 # The machine that wrote the checkpoint a leg needs (trial user attr; see search.stages._free_retry).
 WRITTEN_BY_ATTR = "checkpoint_written_on"
 DATA_SOURCE_ATTR = "data_source"
+# Study user attr of NAME.screen: models.data.ImageSplits.digest of the images the study trains on.
+DATA_DIGEST_ATTR = "data_digest"
 
 
 def format_metric(name: str, value: float) -> str:
@@ -190,11 +192,14 @@ def learning_curve(user_attrs: Mapping[str, Any], phase: str | None = None) -> l
     return [r for r in rows if phase is None or r["phase"] == phase]
 
 
-def run_fingerprint(cfg: DictConfig) -> str:
-    """Hash of everything that changes the trained weights (task, data, model, train), not of
+def run_fingerprint(cfg: DictConfig, data_digest: str = "") -> str:
+    """Hash of everything that changes the trained weights (task, data, model, train, and
+    ``data_digest``: the images themselves, :attr:`models.data.ImageSplits.digest`), not of
     where the data lives or which device runs it. A checkpoint is resumed only under the same."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     keep = {k: plain[k] for k in ("task", "data", "model", "train")}
+    if data_digest:  # a worker whose data.root holds other images (say, a JPEG copy)
+        keep["images"] = data_digest
     for section, keys in NOT_IDENTITY.items():
         for key in keys:
             keep[section].pop(key, None)

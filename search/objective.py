@@ -239,7 +239,7 @@ class TrialRunner:
             source = self._final_encoder(trial)
             own = self.checkpoint_dir_relative(trial.study, original_number(stored(trial)))
             trial.set_user_attr("checkpoint_dir", own.as_posix())
-            fingerprint = run_fingerprint(tcfg)
+            fingerprint = run_fingerprint(tcfg, self.splits.digest)
             folder = self._fetch(own)
             self._resumable(trial, folder / PROBE_FILE, fingerprint)
             run = self._make_run(tcfg, folder, fingerprint)
@@ -491,7 +491,7 @@ class TrialRunner:
                     raise optuna.TrialPruned(reason)
 
             for _ in range(2):  # a second time only after running out of memory
-                fingerprint = run_fingerprint(tcfg)
+                fingerprint = run_fingerprint(tcfg, self.splits.digest)
                 shown = self.store.where(relative, PRETRAIN_FILE) if continued else None
                 previous = self._resumable(trial, ckpt_dir / PRETRAIN_FILE, fingerprint, shown)
                 if previous is not None:

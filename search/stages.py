@@ -40,7 +40,7 @@ import optuna
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from models.errors import UsageError
+from models.errors import DataError, UsageError
 from search.config import (
     ConfigError,
     changed_settings,
@@ -50,6 +50,7 @@ from search.config import (
 )
 from search.database import StorageUnavailableError, redact
 from search.naming import (
+    DATA_DIGEST_ATTR,
     GIVEN_UP,
     NOTHING_QUEUED,
     RUNG_FROM_ATTR,
@@ -1259,10 +1260,31 @@ def progress(studies: Studies, cfg: DictConfig) -> Progress:
     )
 
 
+def check_same_images(studies: Studies, runner: TrialRunner) -> None:
+    """Raise :class:`DataError` (one line, ``data.root``) when this worker's images are not the
+    ones the study was started on (:attr:`models.data.ImageSplits.digest`, recorded by its
+    first worker): one machine with torchvision's CIFAR-10 pickles and another with the JPEG
+    copy would rank configurations on different validation images. Checked before any trial
+    is taken, so nothing is failed or retried for it."""
+    digest = runner.splits.digest
+    study = studies.screen
+    recorded = study.user_attrs.get(DATA_DIGEST_ATTR)
+    if recorded is None:
+        study.set_user_attr(DATA_DIGEST_ATTR, digest)
+    elif recorded != digest:
+        source = runner.splits.source or f"{runner.cfg.data.name} as data.root holds it"
+        raise DataError(
+            f"data.root: this worker's images (digest {digest}: {source}) are not the ones "
+            f"study {runner.cfg.name} was started on (digest {recorded}); every worker must read "
+            "the same copy of the data (torchvision's CIFAR-10 pickles and the JPEG copy differ)"
+        )
+
+
 def run_stages(
     studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial: TrialDone | None = None
 ) -> None:
     """Run the configured stage, or all three in order."""
+    check_same_images(studies, runner)
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
     if uses_rungs(cfg) and cfg.stage in ("all", "screen", "promote"):
         up_to = int(cfg.stages.screen.epochs) if cfg.stage == "screen" else None

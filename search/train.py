@@ -62,7 +62,7 @@ def main() -> int:
             model_cfg,
             train_cfg,
             checkpoint_dir=ckpt_dir,
-            identity=run_fingerprint(cfg),
+            identity=run_fingerprint(cfg, splits.digest),
             on_checkpoint=store.push if store.remote else None,
         )
         print(

@@ -1,0 +1,74 @@
+"""Every worker of a study trains on the same images: the data's content digest.
+
+A machine with torchvision's CIFAR-10 pickles and another with the JPEG copy (or another
+``data.root`` of an image folder) would rank configurations on different validation images and
+continue each other's checkpoints. The study records its first worker's
+:attr:`models.data.ImageSplits.digest`; a worker whose images differ is refused in one line
+before it takes a trial, and a checkpoint is resumed only on the images it was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import assert_one_line_error, run_module
+
+from models.data import content_digest, load_splits
+from models.errors import DataError
+from search.config import load_config, to_dataclasses
+from search.naming import DATA_DIGEST_ATTR, run_fingerprint
+from search.objective import TrialRunner
+from search.stages import check_same_images, open_studies
+
+
+def test_the_digest_is_the_images_not_where_they_were_read(tmp_path: Path) -> None:
+    cfg = load_config("quickstart", [f"runs_dir={tmp_path}"])
+    first = load_splits(to_dataclasses(cfg)[0])
+    again = load_splits(to_dataclasses(load_config("quickstart", ["data.root=/elsewhere"]))[0])
+    assert first.digest == again.digest and len(first.digest) == 16
+    pixel = first.val_x.clone()
+    pixel.view(-1)[0] ^= 1  # one validation pixel off by one: other images
+    images = (first.train_x, first.train_y, pixel, first.val_y, first.test_x, first.test_y)
+    assert content_digest(*images) != first.digest
+    subset = load_splits(to_dataclasses(load_config("quickstart", ["data.train_subset=100"]))[0])
+    assert subset.digest != first.digest
+    assert run_fingerprint(cfg, first.digest) != run_fingerprint(cfg, content_digest(*images))
+
+
+def test_a_worker_with_other_images_is_refused_before_it_takes_a_trial(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    cfg = load_config("quickstart", [f"storage={url}", f"runs_dir={tmp_path}"])
+    studies = open_studies(cfg, url)
+    runner = TrialRunner(cfg, progress=False)
+    check_same_images(studies, runner)  # the first worker records its images
+    assert studies.screen.user_attrs[DATA_DIGEST_ATTR] == runner.splits.digest
+    check_same_images(open_studies(cfg, url), TrialRunner(cfg, progress=False))  # same: fine
+    pixel = runner.splits.val_x.clone()
+    pixel.view(-1)[0] ^= 1
+    s = runner.splits
+    other = dataclasses.replace(
+        s,
+        val_x=pixel,
+        digest=content_digest(s.train_x, s.train_y, pixel, s.val_y, s.test_x, s.test_y),
+    )
+    with pytest.raises(DataError, match=r"^data\.root: this worker's images") as error:
+        check_same_images(studies, TrialRunner(cfg, progress=False, splits=other))
+    assert other.digest in str(error.value) and runner.splits.digest in str(error.value)
+    assert studies.screen.user_attrs[DATA_DIGEST_ATTR] == runner.splits.digest  # kept
+    assert studies.screen.get_trials() == []  # nothing taken, failed or retried
+
+
+def test_search_run_refuses_other_images_in_one_line(tmp_path: Path) -> None:
+    """The real command, on a study whose recorded images are not the ones this machine has."""
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    cfg = load_config("quickstart", [f"storage={url}", f"runs_dir={tmp_path}"])
+    studies = open_studies(cfg, url)
+    studies.screen.set_user_attr(DATA_DIGEST_ATTR, "0123456789abcdef")  # another machine's
+    result = run_module("search.run", "study=quickstart", f"storage={url}", f"runs_dir={tmp_path}")
+    line = assert_one_line_error(result, "data.root")
+    assert "0123456789abcdef" in line and "same copy of the data" in line
+    screen = optuna.load_study(study_name=studies.screen.study_name, storage=url)
+    assert screen.get_trials() == []
