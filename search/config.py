@@ -285,6 +285,46 @@ def _settings_of(key: str) -> str:
     return ", ".join(leaves[:6]) + (", ..." if len(leaves) > 6 else "")
 
 
+def _shape_mismatch(loaded: Any) -> tuple[str, str, str] | None:
+    """The first key of ``loaded`` (a study file or override, as plain containers) whose kind
+    is not the schema's: (key, the kind wanted, the kind given); None if every kind fits."""
+    schema: Any = OmegaConf.to_container(OmegaConf.structured(StudyConfig), throw_on_missing=False)
+
+    def kind(value: Any) -> str:
+        if isinstance(value, dict):
+            return "a mapping"
+        return "a list" if isinstance(value, list) else f"the single value {value!r}"
+
+    def walk(want: Any, given: Any, key: str) -> tuple[str, str, str] | None:
+        if key == "search.space" and isinstance(given, dict):  # NAME -> one parameter each
+            for name, spec in given.items():
+                if not isinstance(spec, dict):
+                    return f"{key}.{name}", "a mapping of target, low, high, ...", kind(spec)
+                if "when" in spec and not isinstance(spec["when"], dict | None):
+                    return (
+                        f"{key}.{name}.when",
+                        "a mapping such as {optimizer: [sgd]}",
+                        kind(spec["when"]),
+                    )
+                if isinstance(spec.get("choices"), dict):
+                    return f"{key}.{name}.choices", "a list", "a mapping"
+            return None
+        if isinstance(want, dict):
+            if not isinstance(given, dict):
+                return key, f"a section ({_settings_of(key)})", kind(given)
+            for name, value in given.items():
+                if name in want:
+                    found = walk(want[name], value, f"{key}.{name}" if key else str(name))
+                    if found:
+                        return found
+            return None
+        if isinstance(want, list) and isinstance(given, dict):
+            return key, "a list", "a mapping"
+        return None
+
+    return walk(schema, loaded, "")
+
+
 def _section_like(key: str) -> str:
     """'; did you mean stages?' when ``key`` looks like a section of the schema (a typo that
     put a whole section under a plain setting's name), else ''."""
@@ -443,6 +483,11 @@ def _merge_override(cfg: DictConfig, item: str) -> DictConfig:
             return updated
         return OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
     except TypeError as error:  # e.g. an item of a list that is null: nothing to index
+        given = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
+        found = _shape_mismatch(given)
+        if found is not None:
+            where, wanted, kind = found
+            raise ConfigError(printable(f"{where}: must be {wanted}, got {kind}")) from None
         parent = key.rsplit(".", 1)[0]
         raise ConfigError(
             printable(f"{key}: cannot be set ({error}); give the whole {parent}=[...] instead")
@@ -468,7 +513,11 @@ def load_config(study: str, overrides: list[str] | tuple[str, ...] = ()) -> Dict
         cfg = OmegaConf.merge(OmegaConf.structured(StudyConfig), loaded)
         if OmegaConf.is_missing(cfg, "name"):
             cfg.name = path.stem
-    except OmegaConfBaseException as error:
+    except (OmegaConfBaseException, TypeError) as error:
+        found = _shape_mismatch(OmegaConf.to_container(loaded, resolve=False))
+        if found is not None:  # OmegaConf's message names no key for these
+            key, wanted, given = found
+            raise ConfigError(printable(f"{key}: must be {wanted}, got {given}")) from None
         raise ConfigError(_one_line(error)) from None
     for item in overrides:
         cfg = _merge_override(cfg, item)
@@ -646,6 +695,19 @@ def _validate_budgets(cfg: DictConfig) -> None:
             f"search.pruner.min_resource: the first rung, {first}, exceeds stages.screen.epochs "
             f"({screen}); allowed: 1 to {screen}"
         )
+    if cfg.search.pruner.name == "median" and first >= screen:
+        raise ConfigError(
+            f"search.pruner.min_resource: the median pruner waits {first} epoch(s) "
+            f"(n_warmup_steps) before pruning, so it would never prune a screen of {screen}; "
+            + (f"allowed: 1 to {screen - 1}" if screen > 1 else "use search.pruner.name=none")
+        )
+    long = long_budget(cfg)
+    if not uses_rungs(cfg) and cfg.stages.promote.top_k and long < screen:
+        raise ConfigError(
+            f"{long_budget_key(cfg)}: the long run of the promoted configurations, {long} "
+            f"epoch(s), is shorter than the screen, stages.screen.epochs = {screen}; allowed: "
+            f"{screen} or more"
+        )
 
 
 def _validate_warmups(cfg: DictConfig) -> None:
@@ -727,6 +789,22 @@ def _validate_space(cfg: DictConfig) -> None:
                         f"{key}.choices: each choice must be a number, string, boolean or "
                         f"null, got {OmegaConf.to_container(value)!r}"
                     )
+            seen: dict[str, Any] = {}
+            for value in values:  # 8 and "8" write the same setting: one would weigh double
+                if str(value) in seen:
+                    raise ConfigError(
+                        f"{key}.choices: {value!r} is given twice (as {seen[str(value)]!r}); "
+                        "each choice must be distinct"
+                    )
+                seen[str(value)] = value
+            ranged = [f for f in ("low", "high", "step") if spec[f] is not None]
+            if ranged or spec.log:
+                fields_ = ", ".join([*ranged, *(["log"] if spec.log else [])])
+                raise ConfigError(
+                    f"{key}: has choices and {fields_}; give one or the other (to search these "
+                    f"choices instead of the range, also set {key}.low=null {key}.high=null, "
+                    "and log=false, step=null if set)"
+                )
         else:
             if spec.type not in ("float", "int"):
                 raise ConfigError(
@@ -758,16 +836,29 @@ def _validate_space(cfg: DictConfig) -> None:
                 )
             if spec.type == "int" and spec.step is not None and not float(spec.step).is_integer():
                 raise ConfigError(f"{key}.step: int parameters need a whole-number step")
+            if spec.step is not None:
+                steps = (spec.high - spec.low) / spec.step
+                if abs(steps - round(steps)) > 1e-9 * max(1.0, abs(steps)):
+                    top = spec.low + math.floor(steps) * spec.step
+                    raise ConfigError(
+                        f"{key}.step: {spec.step:g} does not divide high - low = "
+                        f"{spec.high - spec.low:g}, so high {spec.high:g} would never be "
+                        f"sampled; allowed: a step that divides it, or high {top:g}"
+                    )
             values = _range_values(spec)
         for dep, wanted in spec.when.items():  # check_dependencies: dep is another parameter
             wanted_list = list(wanted) if OmegaConf.is_list(wanted) else [wanted]
             dep_spec = space[dep]
-            if dep_spec.choices is not None:
-                unknown = [w for w in wanted_list if w not in list(dep_spec.choices)]
-                if unknown:
-                    raise ConfigError(
-                        f"{key}.when.{dep}: {unknown[0]!r} is not one of {dep}'s choices"
-                    )
+            if dep_spec.choices is None:
+                raise ConfigError(
+                    f"{key}.when.{dep}: {dep} is a range, so no value would ever match; a "
+                    "condition names a parameter with choices"
+                )
+            if not wanted_list:
+                raise ConfigError(f"{key}.when.{dep}: empty; give at least one of {dep}'s choices")
+            unknown = [w for w in wanted_list if w not in list(dep_spec.choices)]
+            if unknown:
+                raise ConfigError(f"{key}.when.{dep}: {unknown[0]!r} is not one of {dep}'s choices")
         # Every value the space can produce must fit the target's type and pass the training
         # code's rules (models.config.check_run), as if it were written in the study file.
         section, _, rest = spec.target.partition(".")
@@ -787,6 +878,33 @@ def _validate_space(cfg: DictConfig) -> None:
                 ) from error
             except UsageError as error:
                 raise ConfigError(f"{key}: value {value!r} is not usable: {error}") from error
+    _check_shared_targets(space)
+
+
+def _check_shared_targets(space: DictConfig) -> None:
+    """Two parameters may write one setting only when their ``when`` conditions exclude each
+    other (``adam_lr`` and ``sgd_lr`` on ``optimizer``); else the later one silently overwrites
+    the earlier, which the sampler still models."""
+    names = list(space.keys())
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            a, b = space[first], space[second]
+            if a.target != b.target:
+                continue
+            exclusive = any(
+                dep in b.when and not set(_listed(a.when[dep])) & set(_listed(b.when[dep]))
+                for dep in a.when
+            )
+            if not exclusive:
+                raise ConfigError(
+                    f"search.space.{second}.target: {b.target!r} is also written by "
+                    f"search.space.{first}; two parameters may share a target only when their "
+                    "`when` conditions exclude each other (as adam_lr and sgd_lr do on optimizer)"
+                )
+
+
+def _listed(value: Any) -> list[Any]:
+    return list(value) if OmegaConf.is_list(value) else [value]
 
 
 _ABSENT = object()

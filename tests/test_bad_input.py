@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 from conftest import assert_one_line_error as one_line_error
 from omegaconf import OmegaConf
 
@@ -491,3 +492,94 @@ def test_a_worker_on_a_mistyped_postgres_database_writes_nothing_there(tmp_path,
         assert sqlalchemy.inspect(engine).get_table_names() == []
     finally:
         engine.dispose()
+
+
+# ---- a search space that would not search what it says ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides,key,says",
+    [
+        # a second parameter on temperature's setting: one of the two would do nothing
+        (
+            ["search.space.t2.target=train.temperature", "search.space.t2.low=0.2",
+             "search.space.t2.high=0.9"],
+            "search.space.t2.target", "also written by search.space.temperature",
+        ),
+        # a condition on a range never matches: the parameter would never be sampled
+        (
+            ["search.space.wd.target=train.optim.weight_decay", "search.space.wd.low=0.0",
+             "search.space.wd.high=0.1", "search.space.wd.when.temperature=0.5"],
+            "search.space.wd.when.temperature", "temperature is a range",
+        ),
+        (["search.space.adam_lr.when.optimizer=[]"], "search.space.adam_lr.when.optimizer",
+         "empty"),
+        # a choice twice weighs double (8 and "8" write the same setting)
+        (["search.space.channels.choices=[8,8,16]"], "search.space.channels.choices",
+         "given twice"),
+        (['search.space.channels.choices=[8,"8"]'], "search.space.channels.choices",
+         "given twice"),
+        # choices and a range: one of them would be dropped without a word
+        (["search.space.adam_lr.choices=[0.001,0.01]"], "search.space.adam_lr",
+         "has choices and low, high, log"),
+        # a step that does not divide the range: its high end is never sampled
+        (["search.space.lars_warmup_epochs.high=3", "search.space.lars_warmup_epochs.step=2"],
+         "search.space.lars_warmup_epochs.step", "or high 2"),
+        # the previous pipeline: a long run shorter than the screen, a median never pruning
+        (["search.pruner.name=hyperband", "stages.promote.epochs=2"], "stages.promote.epochs",
+         "shorter than the screen"),
+        (["search.pruner.name=median", "search.pruner.min_resource=50"],
+         "search.pruner.min_resource", "would never prune a screen of 3; allowed: 1 to 2"),
+        # a list where a mapping belongs: OmegaConf's error named no key (or the wrong advice)
+        (["search.space=[1]"], "search.space", "must be a section"),
+        (["search.space.adam_lr.when=[optimizer]"], "search.space.adam_lr.when",
+         "must be a mapping"),
+    ],
+)  # fmt: skip
+def test_a_space_that_would_not_search_what_it_says_is_refused(overrides, key, says):
+    message = assert_refused(overrides, key)
+    assert says in message, message
+
+
+def test_search_space_shared_targets_and_ranges_that_are_fine_pass():
+    load_config("quickstart", ["search.space.lars_warmup_epochs.step=1"])  # divides 0..2
+    load_config(  # choices in place of a range, when the range is unset
+        "quickstart",
+        ["search.space.adam_lr.choices=[0.001,0.01]", "search.space.adam_lr.low=null",
+         "search.space.adam_lr.high=null", "search.space.adam_lr.log=false"],
+    )  # fmt: skip
+    load_config("quickstart", ["search.pruner.name=median", "search.pruner.min_resource=2"])
+
+
+def _with_section(text: str, header: str, replacement: str) -> str:
+    """``text`` with the block that starts at line ``header`` (and its indented lines) replaced."""
+    lines = text.splitlines()
+    start = lines.index(header)
+    indent = len(header) - len(header.lstrip())
+    end = start + 1
+    while end < len(lines) and (len(lines[end]) - len(lines[end].lstrip()) > indent):
+        end += 1
+    return "\n".join([*lines[:start], replacement, *lines[end:]]) + "\n"
+
+
+@pytest.mark.parametrize(
+    "header,replacement,key,says",
+    [
+        ("  space:", "  space:\n    - {target: model.channels, choices: [8]}", "search.space",
+         "must be a section"),
+        ("stages:", "stages: [1, 2]", "stages", "must be a section"),
+        ("data: {name: digits}", "data: [digits]", "data", "must be a section"),
+    ],
+)  # fmt: skip
+def test_a_study_file_with_a_list_for_a_section_names_the_key(
+    tmp_path, header, replacement, key, says
+):
+    """Before: a traceback (TypeError, exit 1), or an error naming ``config``."""
+    text = (REPO_ROOT / "studies" / "quickstart.yaml").read_text()
+    study = tmp_path / "study.yaml"
+    study.write_text(_with_section(text, header, replacement))
+    message = assert_refused([], key, study=str(study))
+    assert says in message, message
+    study.write_text(text.replace("when: {optimizer: adam}", "when: [optimizer]", 1))
+    message = assert_refused([], "search.space.adam_lr.when", study=str(study))
+    assert "must be a mapping" in message, message

@@ -209,6 +209,7 @@ def test_pruner_prunes_at_the_configured_rungs(
             f"search.pruner.min_resource={min_resource}",
             f"search.pruner.reduction_factor={reduction_factor}",
             f"stages.screen.epochs={epochs}",
+            f"stages.promote.epochs={epochs}",
         ],
     )
     steps = _prune_steps(make_pruner(cfg), epochs)

@@ -280,6 +280,7 @@ def test_sigterm_to_the_launcher_stops_its_workers_and_requeues(tmp_path, backgr
         "workers=2",
         "stages.screen.trials=4",
         "stages.screen.epochs=50",
+        "stages.promote.epochs=50",  # the long run is at least the screen
         "search.pruner.name=none",
         "search.space.channels.choices=[8]",
         "--no-progress",
