@@ -20,7 +20,9 @@ recognised on the retry (see :meth:`RetryingRDBStorage.set_trial_state_values`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import json
 import logging
 import math
 import random
@@ -28,12 +30,14 @@ import sqlite3
 import sys
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy
+from optuna.storages._rdb import models as rdb_models
 from optuna.trial import TrialState
 from sqlalchemy import exc as sa_exc
 
@@ -54,6 +58,9 @@ RETRY_SECONDS = 60.0
 FAILED_AT_ATTR = "failed_at"
 """Trial system attr: when (``time.time()``, comparable across time zones, unlike Optuna's naive
 local ``datetime_complete``) the trial was failed; set just before its state becomes FAIL."""
+CREATION_MARK_ATTR = "ssl_search_creation"
+"""Trial system attr: a one-off mark of the call that created the trial from a template (see
+:meth:`RetryingRDBStorage._create_new_trial`)."""
 FIRST_DELAY_S = 0.1
 MAX_DELAY_S = 5.0
 
@@ -226,9 +233,8 @@ RETRIED_METHODS = (
     "get_study_user_attrs",
     "get_study_system_attrs",
     "get_all_studies",
-    # trials
+    # trials (_create_new_trial: see RetryingRDBStorage._create_new_trial)
     "create_new_trial",
-    "_create_new_trial",
     "set_trial_param",
     "_set_trial_param",
     "get_trial_id_from_study_id_trial_number",
@@ -396,6 +402,52 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
             t for t in silent if now - self._never_beat.setdefault((study_id, t), now) > grace
         ]
         return [*stale, *(t for t in orphaned if t not in stale)]
+
+    def _create_new_trial(
+        self, study_id: int, template_trial: optuna.trial.FrozenTrial | None = None
+    ) -> optuna.trial.FrozenTrial:
+        """As Optuna's, retried; a trial made from a template (enqueued, or a failed trial's
+        retry) is created once even when a lost commit leaves its first attempt in doubt.
+
+        Such a trial carries a one-off mark (system attr :data:`CREATION_MARK_ATTR`); every
+        attempt, Optuna's own deadlock retries included, first looks in the study for a trial
+        with that mark (:meth:`_get_prepared_new_trial`, inside the attempt's transaction,
+        which holds the study's row lock). Without it, a second copy of a continuation leg
+        would train the same configuration in the same folder. A fresh trial (``ask``) has no
+        template: a copy made that way never beats and is failed as stale.
+        """
+        if template_trial is not None:
+            template_trial = copy.copy(template_trial)
+            template_trial.system_attrs = {
+                **template_trial.system_attrs,
+                CREATION_MARK_ATTR: uuid.uuid4().hex,
+            }
+        return self.retrying(
+            "_create_new_trial",
+            lambda: optuna.storages.RDBStorage._create_new_trial(self, study_id, template_trial),
+        )
+
+    def _get_prepared_new_trial(
+        self, study_id: int, template_trial: optuna.trial.FrozenTrial | None, session: Any
+    ) -> Any:
+        mark = (
+            None if template_trial is None else template_trial.system_attrs.get(CREATION_MARK_ATTR)
+        )
+        if mark is not None:
+            attrs = rdb_models.TrialSystemAttributeModel
+            made = (
+                session.query(rdb_models.TrialModel)
+                .join(attrs, attrs.trial_id == rdb_models.TrialModel.trial_id)
+                .filter(
+                    rdb_models.TrialModel.study_id == study_id,
+                    attrs.key == CREATION_MARK_ATTR,
+                    attrs.value_json == json.dumps(mark),
+                )
+                .one_or_none()
+            )
+            if made is not None:  # an attempt whose answer was lost had made it
+                return made
+        return super()._get_prepared_new_trial(study_id, template_trial, session)
 
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None

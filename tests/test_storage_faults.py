@@ -144,7 +144,11 @@ def test_every_storage_method_optuna_calls_is_retried() -> None:
     needed |= set(re.findall(r"self\._backend\.(\w+)\(", inspect.getsource(_CachedStorage)))
     needed -= no_database
     needed |= {"set_trial_state_values", "_get_stale_trial_ids"}
-    wrapped = set(RETRIED_METHODS) | {"set_trial_state_values", "_get_stale_trial_ids"}
+    wrapped = set(RETRIED_METHODS) | {
+        "set_trial_state_values",
+        "_get_stale_trial_ids",
+        "_create_new_trial",
+    }
     assert needed <= wrapped, f"not retried: {sorted(needed - wrapped)}"
     for name in wrapped:
         assert getattr(RetryingRDBStorage, name) is not getattr(optuna.storages.RDBStorage, name), (
@@ -254,6 +258,24 @@ def test_a_pop_whose_commit_was_lost_never_takes_another_process_trial(tmp_path:
     sqlalchemy.event.listen(storage.engine, "commit", commit)
     assert storage.set_trial_state_values(waiting, TrialState.RUNNING) is False
     assert storage.get_trial(waiting).state == TrialState.RUNNING
+
+
+def test_a_trial_enqueued_while_its_commit_answer_is_lost_is_created_once(tmp_path: Path) -> None:
+    """An enqueued leg (or a retry) whose insert was stored but whose answer was lost: the
+    retry finds it by its creation mark instead of inserting a second copy (two legs of one
+    configuration would train in one folder)."""
+    storage, _ = _sqlite_storage(tmp_path, retry_seconds=10)
+    study = optuna.create_study(storage=storage, study_name="s")
+    with _losing_commit_answers(storage.engine) as lose:
+        study.enqueue_trial({"x": 0.5}, user_attrs={"config": 3})
+        assert lose["next"] is False  # an answer was lost
+    [trial] = study.get_trials()
+    assert trial.state == TrialState.WAITING and trial.system_attrs["fixed_params"] == {"x": 0.5}
+    assert trial.user_attrs == {"config": 3}
+    # Without a lost answer, each enqueue is its own trial (the mark is one-off).
+    study.enqueue_trial({"x": 0.5}, user_attrs={"config": 3})
+    study.enqueue_trial({"x": 0.5}, user_attrs={"config": 3})
+    assert len(study.get_trials()) == 3
 
 
 def test_a_pop_that_met_a_locked_database_never_takes_another_process_trial(tmp_path: Path) -> None:
