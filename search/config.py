@@ -182,7 +182,10 @@ class StudyConfig:
     workers: int = 1  # worker processes started by search.run
     devices: str = "auto"  # auto | cpu | comma-separated CUDA indices, e.g. 0,1,3
     heartbeat_interval: int = 10  # seconds between a running trial's heartbeats
-    grace_period: int = 60  # seconds without heartbeat before a trial counts as dead
+    # Seconds without heartbeat before a trial counts as dead: above the storage retry bound
+    # (storage.retry.RETRY_SECONDS, 60) plus heartbeat_interval, so that a storage outage the
+    # workers ride out does not also fail their trials as dead when it ends.
+    grace_period: int = 90
     max_retries: int = 3  # times a dead worker's trial is retried
     # A trial that runs out of CUDA memory is trained again once at half its batch size (a
     # different configuration: recorded as oom_batch_size); false: it fails with the reason.

@@ -494,3 +494,14 @@ def test_postgres_restart_mid_trial_is_ridden_out(
     states = [t.state for t in opt.get_trials()]
     assert len(states) >= 5 and set(states) == {TrialState.COMPLETE}
     storage.engine.dispose()
+
+
+def test_the_default_grace_period_outlasts_an_outage_the_workers_ride_out() -> None:
+    """A trial's last heartbeat can be heartbeat_interval old when the storage goes away; the
+    workers retry for RETRY_SECONDS. A grace period within that would have the first worker
+    back fail the others' healthy trials as dead (it was 60, the retry bound itself)."""
+    from search.config import load_config
+    from storage.retry import RETRY_SECONDS
+
+    cfg = load_config("quickstart")
+    assert cfg.grace_period > RETRY_SECONDS + cfg.heartbeat_interval
