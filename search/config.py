@@ -637,6 +637,11 @@ def _validate_fields(cfg: DictConfig) -> None:
         raise ConfigError(str(error)) from error
     # The rest is the search service's own.
     _allowed(cfg, "stage", RUN_STAGES)
+    if cfg.stage == "final" and not cfg.stages.final.enabled:
+        raise ConfigError(
+            "stage: final would run nothing, since stages.final.enabled is false; set "
+            "stages.final.enabled=true, or run another stage"
+        )
     _allowed(cfg, "stages.final.checkpoint", FINAL_CHECKPOINTS)
     _allowed(cfg, "search.sampler.name", SAMPLERS)
     _allowed(cfg, "search.pruner.name", PRUNERS)

@@ -534,9 +534,11 @@ def test_a_worker_on_a_mistyped_postgres_database_writes_nothing_there(tmp_path,
         (["search.space=[1]"], "search.space", "must be a section"),
         (["search.space.adam_lr.when=[optimizer]"], "search.space.adam_lr.when",
          "must be a mapping"),
+        # a stage that would do nothing and say it succeeded
+        (["stage=final", "stages.final.enabled=false"], "stage", "would run nothing"),
     ],
 )  # fmt: skip
-def test_a_space_that_would_not_search_what_it_says_is_refused(overrides, key, says):
+def test_settings_that_would_not_do_what_they_say_are_refused(overrides, key, says):
     message = assert_refused(overrides, key)
     assert says in message, message
 
