@@ -237,6 +237,11 @@ def _one_line(error: Exception, key: str | None = None) -> str:
     if converted:
         value, wanted = converted.groups()
         message = f"must be {_WANTED.get(wanted, wanted)}, got {value!r}"
+    elif _NO_VALUE.match(message):  # ``name=`` or ``channels:`` with nothing after it
+        wanted = _NO_VALUE.match(message).group(1)
+        message = (
+            f"needs a value{f' ({_TYPE_WORDS.get(wanted, wanted)})' if wanted else ''}, got nothing"
+        )
     elif _NOT_A_BOOL.match(message):
         message = f"must be true or false, got {_NOT_A_BOOL.match(message).group(1)!r}"
     elif _NOT_A_LIST.match(message):
@@ -255,6 +260,10 @@ _WANTED = {"Integer": "an integer", "Float": "a number", "Boolean": "true or fal
 _NOT_A_SECTION = re.compile(r"Merge error: \w+ is not a subclass of \w+\. value: ")
 _NOT_A_MAPPING = re.compile(r"Cannot assign \w+ to Dict\[")
 _NOT_A_BOOL = re.compile(r"Value '(.*)' is not a valid bool")
+_NO_VALUE = re.compile(
+    r"(?:Incompatible value 'None' for field of type '(\w+)'|field '[^']*' is not Optional)"
+)
+_TYPE_WORDS = {"str": "a text", "int": "an integer", "float": "a number", "bool": "true or false"}
 _NOT_A_LIST = re.compile(r"Invalid value assigned: \w+ is not a ListConfig")
 _NOT_A_KEY = re.compile(r"Key '[^']*' not in '\w+'")
 
@@ -296,6 +305,8 @@ def _shape_mismatch(loaded: Any) -> tuple[str, str, str] | None:
     def kind(value: Any) -> str:
         if isinstance(value, dict):
             return "a mapping"
+        if value is None:
+            return "nothing"
         return "a list" if isinstance(value, list) else f"the single value {value!r}"
 
     def walk(want: Any, given: Any, key: str) -> tuple[str, str, str] | None:

@@ -534,6 +534,9 @@ def test_a_worker_on_a_mistyped_postgres_database_writes_nothing_there(tmp_path,
         (["search.space=[1]"], "search.space", "must be a section"),
         (["search.space.adam_lr.when=[optimizer]"], "search.space.adam_lr.when",
          "must be a mapping"),
+        # nothing after the = : OmegaConf's words named a Python type
+        (["name="], "name", "needs a value (a text), got nothing"),
+        (["train.epochs="], "train.epochs", "needs a value (an integer), got nothing"),
         # a stage that would do nothing and say it succeeded
         (["stage=final", "stages.final.enabled=false"], "stage", "would run nothing"),
     ],
