@@ -27,6 +27,8 @@ from search import redact, resolved_paths, storage_url
 from search.cli import guarded, parser, split_study
 from search.database import folder_problem
 
+MIN_TSNE_POINTS = 5
+
 
 @guarded
 def main() -> int:
@@ -47,6 +49,11 @@ def main() -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     args: argparse.Namespace = p.parse_args()
     check_device(args.device, "--device")
+    if args.tsne_points < MIN_TSNE_POINTS:
+        raise UsageError(
+            f"--tsne-points: must be at least {MIN_TSNE_POINTS} (a t-SNE of fewer points is "
+            f"noise), got {args.tsne_points}"
+        )
     if args.out and (problem := folder_problem(args.out)) is not None:
         raise UsageError(f"--out: cannot make the folder {args.out}: {problem}")
     import matplotlib
@@ -63,9 +70,7 @@ def main() -> int:
     folders = []
     for each in names:
         started = time.perf_counter()
-        doc = write_report(
-            each, storage, url, rest, args.out, max(args.tsne_points, 5), args.device
-        )
+        doc = write_report(each, storage, url, rest, args.out, args.tsne_points, args.device)
         folders.append(doc.out_dir)
         print(f"{each}: wrote {len(doc.files)} files in {time.perf_counter() - started:.1f}s")
         for path in doc.files:

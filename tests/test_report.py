@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-from conftest import run_module, tiny_trained_trial
+from conftest import assert_one_line_error, run_module, tiny_trained_trial
 from optuna.trial import TrialState
 
 from reporting.artifacts import make_trial_artifact_hook, trial_artifacts
@@ -408,17 +408,24 @@ def test_pruning_savings_leave_out_trials_that_trained_nothing(tmp_path):
     assert (saved.trials, saved.pruned, saved.epochs_run, saved.saved) == (1, 0, 3, 0)
 
 
-def test_a_tsne_points_below_five_is_raised_to_five_not_a_crash(tmp_path):
-    """t-SNE needs at least 5 test images: ``--tsne-points 2`` still draws the raw-image panel
+def test_tsne_points_below_five_are_refused_and_five_draw(tmp_path):
+    """t-SNE needs at least 5 test images: ``--tsne-points 2`` is refused in one line, before
+    anything is written (it used to be raised to 5 without a word); 5 draw the raw-image panel
     (of a study that has no trial yet, which needs no trained network)."""
     from search import open_studies
 
     url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
     open_studies(load_config("quickstart", [f"storage={url}", f"runs_dir={tmp_path}"]), url)
     out = tmp_path / "report"
-    done = run_module(
+    refused = run_module(
         "search.report", "study=quickstart", f"runs_dir={tmp_path}", "--out", str(out),
         "--tsne-points", "2", "--device", "cpu",
+    )  # fmt: skip
+    assert "at least 5" in assert_one_line_error(refused, "--tsne-points")
+    assert not out.exists()
+    done = run_module(
+        "search.report", "study=quickstart", f"runs_dir={tmp_path}", "--out", str(out),
+        "--tsne-points", "5", "--device", "cpu",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert (out / "quickstart-tsne.png").read_bytes()[:8] == PNG_MAGIC
