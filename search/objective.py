@@ -494,6 +494,15 @@ class TrialRunner:
                 fingerprint = run_fingerprint(tcfg, self.splits.digest)
                 shown = self.store.where(relative, PRETRAIN_FILE) if continued else None
                 previous = self._resumable(trial, ckpt_dir / PRETRAIN_FILE, fingerprint, shown)
+                reached = int(trial.user_attrs.get(RUNG_FROM_ATTR) or 0) if continued else 0
+                if previous is not None and int(previous["epoch"]) < reached:
+                    raise CheckpointError(
+                        str(shown),
+                        f"holds epoch {int(previous['epoch'])}, but configuration #{number} "
+                        f"reached epoch {reached}, the rung it continues from: a newer checkpoint "
+                        "was lost; this leg fails instead of training those epochs again (the "
+                        "file is left in place)",
+                    )
                 if previous is not None:
                     trial.set_user_attr("resumed_from_epoch", int(previous["epoch"]))
                 elif trial.user_attrs.get("epochs_run"):  # a retry's, of its original's run

@@ -272,6 +272,31 @@ def test_a_retry_that_cannot_read_its_originals_checkpoint_fails_instead_of_retr
     assert done.state == TrialState.COMPLETE and done.user_attrs["resumed_from_epoch"] == 1
 
 
+def test_a_continuation_whose_checkpoint_is_older_than_its_rung_fails(tmp_path: Path) -> None:
+    """The rung checkpoint a leg continues from was lost and an older one is there (a shared
+    store rolled back, say): the leg fails naming both epochs instead of resuming earlier."""
+    from search.objective import TrialRunner
+    from search.stages import _run_one
+
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    cfg = load_config("quickstart", [*REAL_RUN, f"storage={url}", f"runs_dir={tmp_path}"])
+    studies = open_studies(cfg, url)
+    number = _run_one(studies, "screen", TrialRunner(cfg, progress=False), max_retries=3)
+    first = studies.screen.get_trials()[number]
+    assert first.state == TrialState.COMPLETE and first.user_attrs["epochs_run"] == 1
+    studies.promote.enqueue_trial(
+        first.params,
+        user_attrs={"config": number, "rung_from": 3, "rung_to": 9, "seed": first.user_attrs["seed"],
+                    "checkpoint_dir": first.user_attrs["checkpoint_dir"]},
+    )  # fmt: skip
+    _run_one(studies, "promote", TrialRunner(cfg, progress=False), max_retries=0)
+    [leg] = studies.promote.get_trials()
+    assert leg.state == TrialState.FAIL
+    reason = leg.user_attrs["fail_reason"]
+    assert "holds epoch 1, but configuration" in reason and "reached epoch 3" in reason, reason
+    assert leg.user_attrs.get("resumed_from_epoch") is None  # nothing was trained
+
+
 def _cached_trials(runs: Path) -> dict[str, Path]:
     """``<study>-<uid>/trial-N`` -> its folder, for every trial folder in the cache of ``runs``."""
     return {
