@@ -148,6 +148,16 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     return state
 
 
+def written_identity(path: str | os.PathLike[str]) -> str | None:
+    """The identity checkpoint ``path`` was written under; None if there is none, or no file,
+    or it cannot be read (what to do about that is :func:`load_checkpoint`'s caller's to say)."""
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError:
+        return None
+    return None if state is None else state.get("identity")
+
+
 def check_identity(
     path: str | os.PathLike[str], state: dict[str, Any], identity: str | None
 ) -> None:

@@ -70,10 +70,13 @@ STUDY_UID_ATTR = "study_uid"  # the study user attr holding its identity
 # rung it starts from); absent on a configuration's first leg.
 RUNG_FROM_ATTR = "rung_from"
 RUNG_TO_ATTR = "rung_to"  # the trial user attr of every leg under rungs: the rung it ends at
-# The trial user attr saying where its images came from, when not the dataset's original
-# distribution (models.data.ImageSplits.source: a lossy JPEG copy of CIFAR-10, say).
 # The machine that wrote the checkpoint a leg needs (trial user attr; see search.stages._free_retry).
 WRITTEN_BY_ATTR = "checkpoint_written_on"
+# The trial user attr of the train.checkpoint_every a trial ran with (a retry's original's may
+# differ from its own: it is a per-run setting).
+CHECKPOINT_EVERY_ATTR = "checkpoint_every"
+# The trial user attr saying where its images came from, when not the dataset's original
+# distribution (models.data.ImageSplits.source: a lossy JPEG copy of CIFAR-10, say).
 DATA_SOURCE_ATTR = "data_source"
 # Study user attr of NAME.screen: models.data.ImageSplits.digest of the images the study trains on.
 DATA_DIGEST_ATTR = "data_digest"
@@ -205,6 +208,16 @@ def run_fingerprint(cfg: DictConfig, data_digest: str = "") -> str:
             keep[section].pop(key, None)
     text = json.dumps(keep, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def checkpoint_identity(cfg: DictConfig, data_digest: str, written: str | None) -> str:
+    """The fingerprint a run resumes and writes its checkpoints under: :func:`run_fingerprint`
+    with the images' digest; but for a folder whose checkpoint (identity ``written``) was made
+    before the digest was part of it, the fingerprint without, so the run resumes it. (That
+    the images are the study's is checked when a worker joins: search.stages.check_same_images.)
+    """
+    legacy = run_fingerprint(cfg)
+    return legacy if written == legacy else run_fingerprint(cfg, data_digest)
 
 
 def standalone_run_relative(cfg: DictConfig) -> Path:

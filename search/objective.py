@@ -30,12 +30,19 @@ from omegaconf import DictConfig
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from models.checkpoints import CheckpointError, check_identity, load_checkpoint, set_aside
+from models.checkpoints import (
+    CheckpointError,
+    check_identity,
+    load_checkpoint,
+    set_aside,
+    written_identity,
+)
 from models.data import ImageSplits, load_splits
 from models.training import EpochReport, Run, describe_device, resolve_device
 from search.config import checkpoint_store, direction_of, metric_of, to_dataclasses
 from search.naming import (
     BEST_PRETRAIN_FILE,
+    CHECKPOINT_EVERY_ATTR,
     DATA_SOURCE_ATTR,
     FINAL_METRIC,
     PRETRAIN_FILE,
@@ -44,12 +51,12 @@ from search.naming import (
     RUNG_TO_ATTR,
     STUDY_UID_ATTR,
     WRITTEN_BY_ATTR,
+    checkpoint_identity,
     curve_attr,
     is_continuation,
     learning_curve,
     long_budget,
     new_study_uid,
-    run_fingerprint,
     rung_ladder,
     trial_dir_relative,
     uses_rungs,
@@ -239,8 +246,8 @@ class TrialRunner:
             source = self._final_encoder(trial)
             own = self.checkpoint_dir_relative(trial.study, original_number(stored(trial)))
             trial.set_user_attr("checkpoint_dir", own.as_posix())
-            fingerprint = run_fingerprint(tcfg, self.splits.digest)
             folder = self._fetch(own)
+            fingerprint = self._fingerprint(tcfg, folder / PROBE_FILE)
             self._resumable(trial, folder / PROBE_FILE, fingerprint)
             run = self._make_run(tcfg, folder, fingerprint)
             run.load_pretrained(source)
@@ -278,6 +285,11 @@ class TrialRunner:
         if self.splits.source:  # what the numbers rest on, when not the original images
             trial.set_user_attr(DATA_SOURCE_ATTR, self.splits.source)
 
+    def _fingerprint(self, tcfg: DictConfig, path: Path) -> str:
+        """The identity a run on these settings resumes ``path`` under and writes
+        (:func:`search.naming.checkpoint_identity`)."""
+        return checkpoint_identity(tcfg, self.splits.digest, written_identity(path))
+
     def _fetch(self, relative: Path) -> Path:
         """The local folder of checkpoint folder ``relative``, its files brought up to date
         from ``checkpoints_dir`` first when that is a URL."""
@@ -311,18 +323,19 @@ class TrialRunner:
         relative: Path,
         stop: int,
         worker: str | None,
+        every: int | None,
     ) -> None:
         """Raise :class:`CheckpointUnreachableError` when retry ``trial`` finds no checkpoint
         although its original surely wrote one: never retrain a leg silently from epoch 0.
 
-        Surely: the original reported epoch ``2 * checkpoint_every`` (a second checkpoint
-        write waits for the first, so the first was on disk), or its stop epoch (flushed
-        before it is reported).
+        Surely: the original reported epoch ``2 * every`` (its ``checkpoint_every``; a second
+        checkpoint write waits for the first, so the first was on disk), or its stop epoch
+        (flushed before it is reported). Not known (an original from before it was recorded):
+        not checked.
         """
         original = original_number(this)
         trained = int(trial.user_attrs.get("epochs_run") or 0)
-        every = int(self.cfg.train.checkpoint_every)
-        if original == trial.number or trained < min(2 * every, stop):
+        if original == trial.number or every is None or trained < min(2 * int(every), stop):
             return
         if worker and owner_host(str(worker)):
             trial.set_user_attr(WRITTEN_BY_ATTR, owner_host(str(worker)))
@@ -431,7 +444,9 @@ class TrialRunner:
         run = None
         started = time.perf_counter()
         continued = is_continuation(trial.user_attrs)
-        inherited_worker = trial.user_attrs.get("worker")  # a retry's: its original's machine
+        # A retry's: its original's machine and how often it saved (both per worker).
+        inherited_worker = trial.user_attrs.get("worker")
+        inherited_every = trial.user_attrs.get(CHECKPOINT_EVERY_ATTR)
         try:
             self._begin(trial, stage)
             params = suggest(trial, self.cfg.search.space)
@@ -471,8 +486,14 @@ class TrialRunner:
                 )
             if not continued and not (ckpt_dir / PRETRAIN_FILE).exists():
                 self._check_retry_finds_its_checkpoint(
-                    trial, this, relative, min(stop_at or epochs, epochs), inherited_worker
+                    trial,
+                    this,
+                    relative,
+                    min(stop_at or epochs, epochs),
+                    inherited_worker,
+                    inherited_every,
                 )
+            trial.set_user_attr(CHECKPOINT_EVERY_ATTR, int(tcfg.train.checkpoint_every))
 
             reported: list[int] = []  # epochs this trial reported to Optuna
 
@@ -491,7 +512,7 @@ class TrialRunner:
                     raise optuna.TrialPruned(reason)
 
             for _ in range(2):  # a second time only after running out of memory
-                fingerprint = run_fingerprint(tcfg, self.splits.digest)
+                fingerprint = self._fingerprint(tcfg, ckpt_dir / PRETRAIN_FILE)
                 shown = self.store.where(relative, PRETRAIN_FILE) if continued else None
                 previous = self._resumable(trial, ckpt_dir / PRETRAIN_FILE, fingerprint, shown)
                 reached = int(trial.user_attrs.get(RUNG_FROM_ATTR) or 0) if continued else 0

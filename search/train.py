@@ -12,11 +12,18 @@ import sys
 
 from tqdm.auto import tqdm
 
+from models.checkpoints import CheckpointError, written_identity
 from models.data import load_splits
+from models.errors import UsageError
 from models.training import EpochReport, Run
 from search.cli import config_from_args, guarded, parser
 from search.config import checkpoint_store, to_dataclasses
-from search.naming import PRETRAIN_FILE, format_metric, run_fingerprint, standalone_run_relative
+from search.naming import (
+    PRETRAIN_FILE,
+    checkpoint_identity,
+    format_metric,
+    standalone_run_relative,
+)
 from search.pool import install_sigterm_as_interrupt, interrupted_exit_code
 
 
@@ -62,7 +69,9 @@ def main() -> int:
             model_cfg,
             train_cfg,
             checkpoint_dir=ckpt_dir,
-            identity=run_fingerprint(cfg, splits.digest),
+            identity=checkpoint_identity(
+                cfg, splits.digest, written_identity(ckpt_dir / PRETRAIN_FILE)
+            ),
             on_checkpoint=store.push if store.remote else None,
         )
         print(
@@ -79,6 +88,10 @@ def main() -> int:
                 flush=True,
             )
         results = run.fit(on_epoch=print_epoch)
+    except CheckpointError as error:  # unreadable, or written for other settings
+        raise UsageError(
+            f"{error}; run again with --fresh to train from epoch 0 in its place"
+        ) from None
     except KeyboardInterrupt:  # a checkpoint being written is finished first (Run.fit)
         print(
             f"\ninterrupted: run the same command again to resume from the last checkpoint in "

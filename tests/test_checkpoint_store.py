@@ -7,6 +7,7 @@ test), ``file://`` for the workers, which run as real processes with caches of t
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import uuid
 from pathlib import Path, PurePosixPath
 
@@ -270,6 +271,49 @@ def test_a_retry_that_cannot_read_its_originals_checkpoint_fails_instead_of_retr
     _run_one(studies, "screen", TrialRunner(cfg, progress=False), max_retries=3)
     done = studies.screen.get_trials()[again.number]
     assert done.state == TrialState.COMPLETE and done.user_attrs["resumed_from_epoch"] == 1
+
+
+@pytest.mark.parametrize(("every", "refused"), [(1, True), (5, False)])
+def test_a_retry_is_held_to_its_originals_checkpoint_every(
+    tmp_path: Path, every: int, refused: bool
+) -> None:
+    """An original that reported 3 of 4 epochs had surely written a checkpoint when it saved
+    every epoch, not when it saved every 5 (a per-run setting, so a retry's worker may save
+    more often than the original did): then no checkpoint is no sign of an unshared folder."""
+    from search.objective import TrialRunner
+    from search.stages import StageError, _run_one
+    from storage.trial_retry import RetryFailedTrial
+
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    cfg = load_config(
+        "quickstart",
+        [f"storage={url}", f"runs_dir={tmp_path}", "search.pruner.name=none",
+         "stages.screen.epochs=4", "train.max_batches=2", "stage=screen"],
+    )  # fmt: skip
+    studies = open_studies(cfg, url)
+
+    def fails_after_training(*_: object) -> None:
+        raise RuntimeError("the machine went away")
+
+    failing = TrialRunner(cfg, progress=False)
+    failing.hooks.append(fails_after_training)
+    number = _run_one(studies, "screen", failing, max_retries=3)
+    failed = studies.screen.get_trials()[number]
+    shutil.rmtree(failing.store.local(failed.user_attrs["checkpoint_dir"]))
+    failed.user_attrs = {**failed.user_attrs, "epochs_run": 3, "checkpoint_every": every}
+    RetryFailedTrial(max_retry=3)(studies.screen, failed)
+    if refused:
+        with pytest.raises(StageError, match="this worker stopped"):
+            _run_one(studies, "screen", TrialRunner(cfg, progress=False), max_retries=3)
+    else:
+        _run_one(studies, "screen", TrialRunner(cfg, progress=False), max_retries=3)
+    retry = studies.screen.get_trials()[number + 1]
+    if refused:
+        assert retry.state == TrialState.FAIL
+        assert retry.user_attrs["fail_reason"].startswith("CheckpointUnreachableError")
+    else:  # trained again from epoch 0: nothing said that a checkpoint had to be there
+        assert retry.state == TrialState.COMPLETE and retry.user_attrs["epochs_run"] == 4
+        assert retry.user_attrs.get("resumed_from_epoch") is None
 
 
 def test_a_continuation_whose_checkpoint_is_older_than_its_rung_fails(tmp_path: Path) -> None:

@@ -72,3 +72,42 @@ def test_search_run_refuses_other_images_in_one_line(tmp_path: Path) -> None:
     assert "0123456789abcdef" in line and "same copy of the data" in line
     screen = optuna.load_study(study_name=studies.screen.study_name, storage=url)
     assert screen.get_trials() == []
+
+
+def test_a_checkpoint_from_before_the_digest_is_resumed_and_a_strangers_is_not(
+    tmp_path: Path,
+) -> None:
+    """Checkpoints written before the images' digest was part of their identity still resume
+    (a study upgraded mid-way loses nothing); one written for other settings is refused."""
+    import torch
+
+    from search.naming import checkpoint_identity, standalone_run_relative
+
+    args = ["study=quickstart", f"runs_dir={tmp_path}", "train.epochs=1", "train.max_batches=2",
+            "train.probe.epochs=1"]  # fmt: skip
+    first = run_module("search.train", *args)
+    assert first.returncode == 0, first.stderr
+    cfg = load_config("quickstart", args[1:])
+    path = tmp_path / "checkpoints" / standalone_run_relative(cfg) / "pretrain.pt"
+    state = torch.load(path, weights_only=True)
+    digest = load_splits(to_dataclasses(cfg)[0]).digest
+    assert state["identity"] == run_fingerprint(cfg, digest) != run_fingerprint(cfg)
+    assert checkpoint_identity(cfg, digest, state["identity"]) == state["identity"]
+    assert checkpoint_identity(cfg, digest, None) == state["identity"]
+
+    def written_under(identity: str) -> None:
+        for each in path.parent.glob("*.pt"):  # every checkpoint of the run's folder
+            saved = torch.load(each, weights_only=True)
+            saved["identity"] = identity
+            torch.save(saved, each)
+
+    written_under(run_fingerprint(cfg))  # as the previous version wrote them
+    assert checkpoint_identity(cfg, digest, run_fingerprint(cfg)) == run_fingerprint(cfg)
+    again = run_module("search.train", *args)
+    assert again.returncode == 0, again.stderr
+    assert "other settings" not in again.stdout + again.stderr
+
+    written_under("0123456789abcdef")  # another configuration's
+    refused = run_module("search.train", *args)
+    line = assert_one_line_error(refused, "checkpoint")
+    assert "written for other settings" in line and "--fresh" in line
