@@ -721,7 +721,7 @@ def _validate_budgets(cfg: DictConfig) -> None:
             + (f"allowed: 1 to {screen - 1}" if screen > 1 else "use search.pruner.name=none")
         )
     long = long_budget(cfg)
-    if not uses_rungs(cfg) and cfg.stages.promote.top_k and long < screen:
+    if not uses_rungs(cfg) and long < screen:
         raise ConfigError(
             f"{long_budget_key(cfg)}: the long run of the promoted configurations, {long} "
             f"epoch(s), is shorter than the screen, stages.screen.epochs = {screen}; allowed: "

@@ -520,8 +520,19 @@ def _drain(
     while True:
         _fail_stale(study)
         claimed = _claim_waiting(studies, stage, float(cfg.grace_period))
-        if claimed is not None or _claim_slot(studies, study, new_slots) is not None:
-            number = _run_one(studies, stage, runner, int(cfg.max_retries), claimed)
+        slot = None if claimed is not None else _claim_slot(studies, study, new_slots)
+        if claimed is not None or slot is not None:
+            # A waiting trial can be gone by the time Optuna pops (another worker's, or this
+            # one's own pop lost in doubt): Optuna then samples a new one, which only a slot
+            # may train (promote and final have none: an unscreened configuration there).
+            number = _run_one(
+                studies,
+                stage,
+                runner,
+                int(cfg.max_retries),
+                claimed,
+                on_fresh=lambda _number, slot=slot: slot is not None,
+            )
             if on_trial and number is not None:
                 on_trial(stage, number)
             continue
@@ -1271,7 +1282,9 @@ def check_same_images(studies: Studies, runner: TrialRunner) -> None:
     recorded = study.user_attrs.get(DATA_DIGEST_ATTR)
     if recorded is None:
         study.set_user_attr(DATA_DIGEST_ATTR, digest)
-    elif recorded != digest:
+        # Two first workers at once: the later write stands, and the other one sees it here.
+        recorded = study.user_attrs.get(DATA_DIGEST_ATTR)
+    if recorded != digest:
         source = runner.splits.source or f"{runner.cfg.data.name} as data.root holds it"
         raise DataError(
             f"data.root: this worker's images (digest {digest}: {source}) are not the ones "

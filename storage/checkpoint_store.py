@@ -11,8 +11,9 @@ name, then moved into place where the store is not an object store whose uploads
 so a reader never sees half a file). Which remote version a cached file is, is kept beside it
 (``.<name>.ukey``: fsspec's ``ukey`` and the local file's size and time); a cached file is trusted
 only while it is that version. One written here that did not reach the store (its upload failed,
-or the worker died first) is replaced by the store's copy, or removed if the store has none: a
-leg never resumes, or completes, from a checkpoint the other workers cannot read.
+or the worker died first) is replaced by the store's copy, or set aside (``<name>.unshared``) if
+the store has none: a leg never resumes, or completes, from a checkpoint the other workers cannot
+read.
 
 Example::
 
@@ -333,13 +334,14 @@ class CheckpointStore:
         os.replace(tmp, marker)
 
     def _drop_unshared(self, folder: Path, remote_names: set[str]) -> None:
-        """Remove the checkpoints of ``folder`` that the store does not have: written here and
-        never uploaded, so no other worker could continue from them."""
+        """Set aside (as ``<name>.unshared``) the checkpoints of ``folder`` that the store does
+        not have: written here and never uploaded, so no other worker could continue from
+        them; kept, not deleted, in case the store lost them and this is the only copy."""
         if not folder.is_dir():
             return
         for path in folder.glob("*.pt"):
             if path.name not in remote_names:
-                path.unlink(missing_ok=True)
+                os.replace(path, path.with_name(f"{path.name}.unshared"))
                 self._marker(path).unlink(missing_ok=True)
 
     def _transfer_error(

@@ -233,8 +233,7 @@ RETRIED_METHODS = (
     "get_study_user_attrs",
     "get_study_system_attrs",
     "get_all_studies",
-    # trials (_create_new_trial: see RetryingRDBStorage._create_new_trial)
-    "create_new_trial",
+    # trials (creating one: see RetryingRDBStorage._create_new_trial)
     "set_trial_param",
     "_set_trial_param",
     "get_trial_id_from_study_id_trial_number",
@@ -402,6 +401,11 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
             t for t in silent if now - self._never_beat.setdefault((study_id, t), now) > grace
         ]
         return [*stale, *(t for t in orphaned if t not in stale)]
+
+    def create_new_trial(
+        self, study_id: int, template_trial: optuna.trial.FrozenTrial | None = None
+    ) -> int:
+        return self._create_new_trial(study_id, template_trial)._trial_id
 
     def _create_new_trial(
         self, study_id: int, template_trial: optuna.trial.FrozenTrial | None = None

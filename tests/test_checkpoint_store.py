@@ -97,11 +97,14 @@ def test_a_checkpoint_the_store_never_received_is_not_resumed_from(
     path = write(store.local(RELATIVE) / "pretrain.pt", b"epoch 1, upload refused")
     kept = write(store.local(RELATIVE) / "pretrain.pt.corrupt", b"set aside")
     assert store.pull(RELATIVE) == []  # the store has no folder: nothing to fetch
-    assert not path.exists() and kept.exists()  # the unshared checkpoint is gone, evidence kept
+    assert not path.exists() and kept.exists()  # not resumed from; older evidence kept
+    aside = path.with_name("pretrain.pt.unshared")
+    assert aside.read_bytes() == b"epoch 1, upload refused"  # kept, in case it is the only copy
     other = RELATIVE.replace("00004", "00005")
     best = write(store.local(other) / "pretrain-best.pt", b"best")
     store.push(write(store.local(other) / "pretrain.pt", b"epoch 3"))
-    assert store.pull(other) == [] and not best.exists()  # never uploaded
+    assert store.pull(other) == [] and not best.exists()  # never uploaded: set aside
+    assert best.with_name("pretrain-best.pt.unshared").exists()
     assert (store.local(other) / "pretrain.pt").read_bytes() == b"epoch 3"
 
 

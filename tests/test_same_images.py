@@ -24,11 +24,25 @@ from search.objective import TrialRunner
 from search.stages import check_same_images, open_studies
 
 
-def test_the_digest_is_the_images_not_where_they_were_read(tmp_path: Path) -> None:
+def test_the_digest_is_the_images_not_where_they_were_read(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """The real MNIST read from two places (another machine's mount, say) is the same images;
+    one pixel, or another subset, is not."""
+    elsewhere = tmp_path / "mount"
+    (elsewhere / "MNIST").mkdir(parents=True)
+    (elsewhere / "MNIST" / "raw").symlink_to(shared_data / "MNIST" / "raw")
+    subset = ["data.train_subset=2000", "data.val_subset=500", "data.test_subset=500"]
+
+    def mnist(root: Path, *more: str) -> object:
+        cfg = load_config("mnist_guided", [f"data.root={root}", *subset, *more])
+        return load_splits(to_dataclasses(cfg)[0])
+
+    here, there = mnist(shared_data), mnist(elsewhere)
+    assert here.digest == there.digest and len(here.digest) == 16
+    assert mnist(shared_data, "data.split_seed=1").digest != here.digest
     cfg = load_config("quickstart", [f"runs_dir={tmp_path}"])
     first = load_splits(to_dataclasses(cfg)[0])
-    again = load_splits(to_dataclasses(load_config("quickstart", ["data.root=/elsewhere"]))[0])
-    assert first.digest == again.digest and len(first.digest) == 16
     pixel = first.val_x.clone()
     pixel.view(-1)[0] ^= 1  # one validation pixel off by one: other images
     images = (first.train_x, first.train_y, pixel, first.val_y, first.test_x, first.test_y)

@@ -298,3 +298,39 @@ def test_a_diverged_trial_is_a_result_not_a_configuration_lost(tmp_path: Path) -
     screen = summarize(studies, cfg)["stages"]["screen"]
     assert sorted(screen["failures"]) == [0, 1]
     assert screen["without_result"] == {1: "ValueError: a bug"}
+
+
+def test_a_promoted_trial_another_worker_popped_first_is_not_replaced_by_a_new_sample(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The previous pipeline's promote stage: this worker claimed the one waiting trial, but by
+    the time Optuna popped, it was gone (another worker's pop, or this worker's own pop whose
+    commit answer was lost). Optuna then samples a new configuration; before, it trained that
+    unscreened configuration for the whole long budget. Now it is pruned as nothing queued."""
+    import search.stages as stages
+    from search.naming import NOTHING_QUEUED
+
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    cfg = load_config(
+        "quickstart",
+        [f"storage={url}", f"runs_dir={tmp_path}", "search.pruner.name=none",
+         "search.sampler.name=random"],
+    )  # fmt: skip
+    studies = open_studies(cfg, url)
+    studies.promote.enqueue_trial({"channels": 8}, user_attrs={"source_trial": 0})
+    other = optuna.load_study(study_name=studies.promote.study_name, storage=url)
+    real_claim = stages._claim_waiting
+
+    def claim_then_lose_it(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        claimed = real_claim(*args, **kwargs)
+        if claimed is not None:  # another process pops it and finishes it meanwhile
+            taken = other.ask()
+            assert taken.number == claimed
+            other.tell(taken, 0.5)
+        return claimed
+
+    monkeypatch.setattr(stages, "_claim_waiting", claim_then_lose_it)
+    stages._drain(studies, "promote", CurveRunner(cfg), cfg)
+    trials = studies.promote.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED]
+    assert trials[1].user_attrs["prune_reason"].startswith(NOTHING_QUEUED)

@@ -148,6 +148,7 @@ def test_every_storage_method_optuna_calls_is_retried() -> None:
         "set_trial_state_values",
         "_get_stale_trial_ids",
         "_create_new_trial",
+        "create_new_trial",
     }
     assert needed <= wrapped, f"not retried: {sorted(needed - wrapped)}"
     for name in wrapped:
@@ -272,10 +273,35 @@ def test_a_trial_enqueued_while_its_commit_answer_is_lost_is_created_once(tmp_pa
     [trial] = study.get_trials()
     assert trial.state == TrialState.WAITING and trial.system_attrs["fixed_params"] == {"x": 0.5}
     assert trial.user_attrs == {"config": 3}
+    # The same through the storage's own API (no Study, no cache in between), with the
+    # connection down long enough (5 more commits refused) that Optuna's own retries give up
+    # and this storage's retry makes a fresh call.
+    template = optuna.trial.create_trial(state=TrialState.WAITING, params={}, distributions={})
+    commits = []
+
+    def commit(conn) -> None:  # noqa: ANN001
+        commits.append(1)
+        if len(commits) == 1:
+            conn.connection.driver_connection.commit()  # stored, and the answer lost
+        elif len(commits) <= 6:
+            conn.connection.driver_connection.rollback()  # refused
+        else:
+            return
+        raise sqlalchemy.exc.OperationalError(
+            "COMMIT", None, ConnectionResetError("server closed the connection")
+        )
+
+    sqlalchemy.event.listen(storage.engine, "commit", commit)
+    try:
+        made = storage.create_new_trial(study._study_id, template)
+    finally:
+        sqlalchemy.event.remove(storage.engine, "commit", commit)
+    assert len(commits) > 6
+    assert len(study.get_trials()) == 2 and storage.get_trial(made).state == TrialState.WAITING
     # Without a lost answer, each enqueue is its own trial (the mark is one-off).
     study.enqueue_trial({"x": 0.5}, user_attrs={"config": 3})
     study.enqueue_trial({"x": 0.5}, user_attrs={"config": 3})
-    assert len(study.get_trials()) == 3
+    assert len(study.get_trials()) == 4
 
 
 def test_a_pop_that_met_a_locked_database_never_takes_another_process_trial(tmp_path: Path) -> None:
