@@ -95,7 +95,8 @@ class ParamSpec:
     """One searched parameter. Its Optuna name is its key under ``search.space``.
 
     Either ``choices`` (categorical) or ``low``/``high`` (``type`` float or int, optionally
-    ``log`` or ``step``). ``when`` makes it conditional: ``{optimizer: [sgd, lars]}`` samples
+    ``log`` or ``step``); ``choices`` win over a range, so ``search.space.NAME.choices=[v]``
+    pins a parameter of the study file to one value (``--dry-run`` prints what is searched). ``when`` makes it conditional: ``{optimizer: [sgd, lars]}`` samples
     it only when the parameter named ``optimizer`` took one of those values.
     """
 
@@ -816,14 +817,6 @@ def _validate_space(cfg: DictConfig) -> None:
                         "each choice must be distinct"
                     )
                 seen[str(value)] = value
-            ranged = [f for f in ("low", "high", "step") if spec[f] is not None]
-            if ranged or spec.log:
-                fields_ = ", ".join([*ranged, *(["log"] if spec.log else [])])
-                raise ConfigError(
-                    f"{key}: has choices and {fields_}; give one or the other (to search these "
-                    f"choices instead of the range, also set {key}.low=null {key}.high=null, "
-                    "and log=false, step=null if set)"
-                )
         else:
             if spec.type not in ("float", "int"):
                 raise ConfigError(

@@ -519,9 +519,6 @@ def test_a_worker_on_a_mistyped_postgres_database_writes_nothing_there(tmp_path,
          "given twice"),
         (['search.space.channels.choices=[8,"8"]'], "search.space.channels.choices",
          "given twice"),
-        # choices and a range: one of them would be dropped without a word
-        (["search.space.adam_lr.choices=[0.001,0.01]"], "search.space.adam_lr",
-         "has choices and low, high, log"),
         # a step that does not divide the range: its high end is never sampled
         (["search.space.lars_warmup_epochs.high=3", "search.space.lars_warmup_epochs.step=2"],
          "search.space.lars_warmup_epochs.step", "or high 2"),
@@ -548,11 +545,9 @@ def test_settings_that_would_not_do_what_they_say_are_refused(overrides, key, sa
 
 def test_search_space_shared_targets_and_ranges_that_are_fine_pass():
     load_config("quickstart", ["search.space.lars_warmup_epochs.step=1"])  # divides 0..2
-    load_config(  # choices in place of a range, when the range is unset
-        "quickstart",
-        ["search.space.adam_lr.choices=[0.001,0.01]", "search.space.adam_lr.low=null",
-         "search.space.adam_lr.high=null", "search.space.adam_lr.log=false"],
-    )  # fmt: skip
+    # choices win over the file's range: the way to pin a parameter from the command line
+    cfg = load_config("quickstart", ["search.space.adam_lr.choices=[0.003]"])
+    assert list(cfg.search.space.adam_lr.choices) == [0.003]
     load_config("quickstart", ["search.pruner.name=median", "search.pruner.min_resource=2"])
 
 

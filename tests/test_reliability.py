@@ -151,7 +151,7 @@ def test_a_garbage_promoted_checkpoint_fails_the_final_with_a_reason_and_exit_1(
         *[o for o in TINY if not o.startswith("stage=")],
         "stages.screen.trials=1",
         "stages.promote.top_k=1",
-        "stages.promote.epochs=1",
+        "stages.promote.epochs=2",  # the long run is at least the screen
         "train.probe.epochs=1",
     ]
     done = run_module(
