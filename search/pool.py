@@ -44,7 +44,13 @@ from search.naming import (
     trained_nothing,
 )
 from search.objective import TrialHook, TrialRunner
-from search.stages import ConfigurationGivenUp, open_studies, progress, run_stages
+from search.stages import (
+    ConfigurationGivenUp,
+    check_same_images,
+    open_studies,
+    progress,
+    run_stages,
+)
 from storage.checkpoint_store import CheckpointTransferError
 from storage.claims import process_alive, this_machine
 
@@ -197,6 +203,7 @@ def worker_loop(
         splits = load_data(cfg, label)
     runner = TrialRunner(cfg, device=device, progress=progress, splits=splits)
     studies = open_studies(cfg, url, seed_offset=seed_offset)
+    check_same_images(studies, splits)  # before any trial is taken
     runner.find_trial = studies.find_trial
     runner.source_curve = studies.pretrain_curve
     runner.hooks.extend(hooks)

@@ -40,6 +40,7 @@ import optuna
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
+from models.data import ImageSplits
 from models.errors import DataError, UsageError
 from search.config import (
     ConfigError,
@@ -1271,13 +1272,13 @@ def progress(studies: Studies, cfg: DictConfig) -> Progress:
     )
 
 
-def check_same_images(studies: Studies, runner: TrialRunner) -> None:
+def check_same_images(studies: Studies, splits: ImageSplits) -> None:
     """Raise :class:`DataError` (one line, ``data.root``) when this worker's images are not the
     ones the study was started on (:attr:`models.data.ImageSplits.digest`, recorded by its
     first worker): one machine with torchvision's CIFAR-10 pickles and another with the JPEG
     copy would rank configurations on different validation images. Checked before any trial
     is taken, so nothing is failed or retried for it."""
-    digest = runner.splits.digest
+    digest = splits.digest
     study = studies.screen
     recorded = study.user_attrs.get(DATA_DIGEST_ATTR)
     if recorded is None:
@@ -1285,10 +1286,11 @@ def check_same_images(studies: Studies, runner: TrialRunner) -> None:
         # Two first workers at once: the later write stands, and the other one sees it here.
         recorded = study.user_attrs.get(DATA_DIGEST_ATTR)
     if recorded != digest:
-        source = runner.splits.source or f"{runner.cfg.data.name} as data.root holds it"
+        source = splits.source or "as this machine's data.root holds them"
         raise DataError(
             f"data.root: this worker's images (digest {digest}: {source}) are not the ones "
-            f"study {runner.cfg.name} was started on (digest {recorded}); every worker must read "
+            f"study {study.study_name.rsplit('.', 1)[0]} was started on (digest {recorded}); "
+            "every worker must read "
             "the same copy of the data (torchvision's CIFAR-10 pickles and the JPEG copy differ)"
         )
 
@@ -1297,7 +1299,6 @@ def run_stages(
     studies: Studies, runner: TrialRunner, cfg: DictConfig, on_trial: TrialDone | None = None
 ) -> None:
     """Run the configured stage, or all three in order."""
-    check_same_images(studies, runner)
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
     if uses_rungs(cfg) and cfg.stage in ("all", "screen", "promote"):
         up_to = int(cfg.stages.screen.epochs) if cfg.stage == "screen" else None

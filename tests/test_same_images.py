@@ -57,9 +57,9 @@ def test_a_worker_with_other_images_is_refused_before_it_takes_a_trial(tmp_path:
     cfg = load_config("quickstart", [f"storage={url}", f"runs_dir={tmp_path}"])
     studies = open_studies(cfg, url)
     runner = TrialRunner(cfg, progress=False)
-    check_same_images(studies, runner)  # the first worker records its images
+    check_same_images(studies, runner.splits)  # the first worker records its images
     assert studies.screen.user_attrs[DATA_DIGEST_ATTR] == runner.splits.digest
-    check_same_images(open_studies(cfg, url), TrialRunner(cfg, progress=False))  # same: fine
+    check_same_images(open_studies(cfg, url), TrialRunner(cfg, progress=False).splits)  # same
     pixel = runner.splits.val_x.clone()
     pixel.view(-1)[0] ^= 1
     s = runner.splits
@@ -69,7 +69,7 @@ def test_a_worker_with_other_images_is_refused_before_it_takes_a_trial(tmp_path:
         digest=content_digest(s.train_x, s.train_y, pixel, s.val_y, s.test_x, s.test_y),
     )
     with pytest.raises(DataError, match=r"^data\.root: this worker's images") as error:
-        check_same_images(studies, TrialRunner(cfg, progress=False, splits=other))
+        check_same_images(studies, other)
     assert other.digest in str(error.value) and runner.splits.digest in str(error.value)
     assert studies.screen.user_attrs[DATA_DIGEST_ATTR] == runner.splits.digest  # kept
     assert studies.screen.get_trials() == []  # nothing taken, failed or retried
