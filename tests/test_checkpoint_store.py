@@ -228,6 +228,24 @@ def test_a_continuation_whose_checkpoint_the_url_lacks_fails_naming_the_url(
     assert not (tmp_path / "remote").exists()
 
 
+def _a_leg_failed_after_training(
+    cfg: object, studies: object
+) -> tuple[optuna.trial.FrozenTrial, Path]:
+    """Run one screen leg that trains, writes its checkpoints and then fails (a hook raises, as
+    a worker's machine going away would): the failed trial and its checkpoint folder."""
+    from search.objective import TrialRunner
+    from search.stages import _run_one
+
+    def fails_after_training(*_: object) -> None:
+        raise RuntimeError("the machine went away")
+
+    failing = TrialRunner(cfg, progress=False)
+    failing.hooks.append(fails_after_training)
+    number = _run_one(studies, "screen", failing, max_retries=3)
+    failed = studies.screen.get_trials()[number]
+    return failed, failing.store.local(failed.user_attrs["checkpoint_dir"])
+
+
 def test_a_retry_that_cannot_read_its_originals_checkpoint_fails_instead_of_retraining(
     tmp_path: Path,
 ) -> None:
@@ -242,16 +260,9 @@ def test_a_retry_that_cannot_read_its_originals_checkpoint_fails_instead_of_retr
     url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
     cfg = load_config("quickstart", [*REAL_RUN, f"storage={url}", f"runs_dir={tmp_path}"])
     studies = open_studies(cfg, url)
-
-    def fails_after_training(*_: object) -> None:
-        raise RuntimeError("the machine went away")
-
-    failing = TrialRunner(cfg, progress=False)
-    failing.hooks.append(fails_after_training)
-    number = _run_one(studies, "screen", failing, max_retries=3)
-    failed = studies.screen.get_trials()[number]
+    failed, folder = _a_leg_failed_after_training(cfg, studies)
+    number = failed.number
     assert failed.state == TrialState.FAIL and failed.user_attrs["epochs_run"] == 1
-    folder = failing.store.local(failed.user_attrs["checkpoint_dir"])
     assert (folder / "pretrain.pt").is_file()
     RetryFailedTrial(max_retry=3)(studies.screen, failed)
     moved = folder.rename(tmp_path / "elsewhere")  # not where this worker looks
@@ -294,15 +305,9 @@ def test_a_retry_is_held_to_its_originals_checkpoint_every(
          "stages.screen.epochs=4", "train.max_batches=2", "stage=screen"],
     )  # fmt: skip
     studies = open_studies(cfg, url)
-
-    def fails_after_training(*_: object) -> None:
-        raise RuntimeError("the machine went away")
-
-    failing = TrialRunner(cfg, progress=False)
-    failing.hooks.append(fails_after_training)
-    number = _run_one(studies, "screen", failing, max_retries=3)
-    failed = studies.screen.get_trials()[number]
-    shutil.rmtree(failing.store.local(failed.user_attrs["checkpoint_dir"]))
+    failed, folder = _a_leg_failed_after_training(cfg, studies)
+    number = failed.number
+    shutil.rmtree(folder)
     failed.user_attrs = {**failed.user_attrs, "epochs_run": 3, "checkpoint_every": every}
     RetryFailedTrial(max_retry=3)(studies.screen, failed)
     if refused:

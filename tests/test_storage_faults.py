@@ -237,30 +237,6 @@ def test_a_retried_state_change_recognises_its_own_lost_commit(tmp_path: Path) -
     assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == 0
 
 
-def test_a_pop_whose_commit_was_lost_never_takes_another_process_trial(tmp_path: Path) -> None:
-    """The connection dropped during this process's pop and nothing was stored; before the
-    retry, another process popped the trial. The retry must answer False: before, it saw the
-    trial RUNNING with a start time inside its own lost attempt, took it for its own, and two
-    workers trained one trial in one checkpoint folder."""
-    storage, db = _sqlite_storage(tmp_path, retry_seconds=10)
-    study = optuna.create_study(storage=storage, study_name="s")
-    study.enqueue_trial({})
-    waiting = study.get_trials(states=(TrialState.WAITING,))[0]._trial_id
-    other = open_storage(f"sqlite:///{db}")
-
-    def commit(conn) -> None:  # noqa: ANN001
-        sqlalchemy.event.remove(storage.engine, "commit", commit)
-        conn.connection.driver_connection.rollback()  # the lost commit stored nothing ...
-        assert other.set_trial_state_values(waiting, TrialState.RUNNING) is True  # ... B pops
-        raise sqlalchemy.exc.OperationalError(
-            "COMMIT", None, ConnectionResetError("server closed the connection")
-        )
-
-    sqlalchemy.event.listen(storage.engine, "commit", commit)
-    assert storage.set_trial_state_values(waiting, TrialState.RUNNING) is False
-    assert storage.get_trial(waiting).state == TrialState.RUNNING
-
-
 def test_a_trial_enqueued_while_its_commit_answer_is_lost_is_created_once(tmp_path: Path) -> None:
     """An enqueued leg (or a retry) whose insert was stored but whose answer was lost: the
     retry finds it by its creation mark instead of inserting a second copy (two legs of one
@@ -304,11 +280,23 @@ def test_a_trial_enqueued_while_its_commit_answer_is_lost_is_created_once(tmp_pa
     assert len(study.get_trials()) == 4
 
 
-def test_a_pop_that_met_a_locked_database_never_takes_another_process_trial(tmp_path: Path) -> None:
-    """SQLite answered "database is locked": nothing was committed, and while this process
-    backed off another one popped the waiting trial. The retry must answer False (Optuna then
-    pops the next one), not take the other process's trial as its own (two workers would run
-    one trial and the second would crash on "Cannot tell a COMPLETE trial")."""
+@pytest.mark.parametrize(
+    "lost",
+    [
+        sqlite3.OperationalError("database is locked"),
+        ConnectionResetError("server closed the connection"),
+    ],
+    ids=["locked", "connection-lost"],
+)
+def test_a_pop_that_stored_nothing_never_takes_another_process_trial(
+    tmp_path: Path, lost: Exception
+) -> None:
+    """This process's pop stored nothing, and before its retry another process popped the
+    waiting trial. The retry must answer False (Optuna then pops the next one), not take the
+    other process's trial as its own: two workers would train one trial in one folder, and the
+    second would crash on "Cannot tell a COMPLETE trial". "database is locked" (SQLite busy)
+    says nothing was stored; a dropped connection leaves it in doubt, and before, a retry that
+    then saw the trial RUNNING with a start inside its own lost attempt took it."""
     storage, db = _sqlite_storage(tmp_path, retry_seconds=10)
     study = optuna.create_study(storage=storage, study_name="s")
     study.enqueue_trial({})
@@ -317,11 +305,9 @@ def test_a_pop_that_met_a_locked_database_never_takes_another_process_trial(tmp_
 
     def commit(conn) -> None:  # noqa: ANN001
         sqlalchemy.event.remove(storage.engine, "commit", commit)
-        conn.connection.driver_connection.rollback()  # the busy commit stored nothing ...
+        conn.connection.driver_connection.rollback()  # the commit stored nothing ...
         assert other.set_trial_state_values(waiting, TrialState.RUNNING) is True  # ... B pops
-        raise sqlalchemy.exc.OperationalError(
-            "COMMIT", None, sqlite3.OperationalError("database is locked")
-        )
+        raise sqlalchemy.exc.OperationalError("COMMIT", None, lost)
 
     sqlalchemy.event.listen(storage.engine, "commit", commit)
     assert storage.set_trial_state_values(waiting, TrialState.RUNNING) is False
