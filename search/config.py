@@ -859,7 +859,7 @@ def _validate_space(cfg: DictConfig) -> None:
                     )
             values = _range_values(spec)
         for dep, wanted in spec.when.items():  # check_dependencies: dep is another parameter
-            wanted_list = list(wanted) if OmegaConf.is_list(wanted) else [wanted]
+            wanted_list = _listed(wanted)
             dep_spec = space[dep]
             if dep_spec.choices is None:
                 raise ConfigError(

@@ -337,8 +337,9 @@ class TrialRunner:
         trained = int(trial.user_attrs.get("epochs_run") or 0)
         if original == trial.number or every is None or trained < min(2 * int(every), stop):
             return
-        if worker and owner_host(str(worker)):
-            trial.set_user_attr(WRITTEN_BY_ATTR, owner_host(str(worker)))
+        host = owner_host(str(worker)) if worker else None
+        if host:
+            trial.set_user_attr(WRITTEN_BY_ATTR, host)
         raise self._unreachable(
             relative,
             PRETRAIN_FILE,

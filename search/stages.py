@@ -1289,8 +1289,7 @@ def check_same_images(studies: Studies, splits: ImageSplits) -> None:
         source = splits.source or "as this machine's data.root holds them"
         raise DataError(
             f"data.root: this worker's images (digest {digest}: {source}) are not the ones "
-            f"study {study.study_name.rsplit('.', 1)[0]} was started on (digest {recorded}); "
-            "every worker must read "
+            f"{study.study_name} was started on (digest {recorded}); every worker must read "
             "the same copy of the data (torchvision's CIFAR-10 pickles and the JPEG copy differ)"
         )
 

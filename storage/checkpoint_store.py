@@ -233,12 +233,9 @@ class CheckpointStore:
                 entries = self.fs.ls(remote_dir, detail=True)
             except FileNotFoundError:
                 entries = []
-            names = [PurePosixPath(str(entry["name"])).name for entry in entries]
-            remote_names = {
-                name
-                for name, entry in zip(names, entries, strict=True)
-                if entry.get("type") == "file" and not name.startswith(".")
-            }  # not a temporary upload in progress, nor a sub-folder
+            files = [PurePosixPath(str(e["name"])).name for e in entries if e.get("type") == "file"]
+            # not a temporary upload in progress (nor a sub-folder)
+            remote_names = {name for name in files if not name.startswith(".")}
             self._drop_unshared(self.local(rel), remote_names)
             fetched = []
             for name in sorted(remote_names):
