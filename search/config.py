@@ -340,6 +340,50 @@ def _shape_mismatch(loaded: Any) -> tuple[str, str, str] | None:
     return walk(schema, loaded, "")
 
 
+# What OmegaConf reads as a boolean, besides true/false themselves (a quoted "yes", say).
+_BOOL_WORDS = {"true", "false", "yes", "no", "on", "off"}
+
+
+def _loose_bool(given: Any) -> tuple[str, Any] | None:
+    """The first setting of ``given`` (a study file or override, as plain containers) that the
+    schema types as true/false but is given as a number or a numeric text: (key, value).
+
+    OmegaConf reads any integer as a boolean (``log: 7`` is true, ``enabled: 0`` false), which
+    hides a value meant for another setting; refused instead. None if there is none."""
+    schema: Any = OmegaConf.to_container(OmegaConf.structured(StudyConfig), throw_on_missing=False)
+    param: Any = OmegaConf.to_container(OmegaConf.structured(ParamSpec), throw_on_missing=False)
+
+    def loose(value: Any) -> bool:
+        if isinstance(value, bool) or value is None:
+            return False
+        if isinstance(value, str):  # an interpolation is checked once it is resolved
+            return "${" not in value and value.strip().lower() not in _BOOL_WORDS
+        return isinstance(value, int | float)
+
+    def walk(want: Any, value: Any, key: str) -> tuple[str, Any] | None:
+        if key == "search.space" and isinstance(value, dict):
+            wants = dict.fromkeys(value, param)
+        elif isinstance(want, dict) and isinstance(value, dict):
+            wants = want
+        else:
+            return (key, value) if isinstance(want, bool) and loose(value) else None
+        for name, child in value.items():
+            if name in wants:
+                found = walk(wants[name], child, f"{key}.{name}" if key else str(name))
+                if found:
+                    return found
+        return None
+
+    return walk(schema, given, "")
+
+
+def _refuse_loose_bool(given: Any) -> None:
+    found = _loose_bool(given)
+    if found is not None:
+        key, value = found
+        raise ConfigError(printable(f"{key}: must be true or false, got {value!r}"))
+
+
 def _section_like(key: str) -> str:
     """'; did you mean stages?' when ``key`` looks like a section of the schema (a typo that
     put a whole section under a plain setting's name), else ''."""
@@ -496,7 +540,9 @@ def _merge_override(cfg: DictConfig, item: str) -> DictConfig:
                     printable(f"{key}: not an item of a list here (give its index): {error}")
                 ) from None
             return updated
-        return OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        given = OmegaConf.from_dotlist([item])
+        _refuse_loose_bool(OmegaConf.to_container(given, resolve=False))
+        return OmegaConf.merge(cfg, given)
     except TypeError as error:  # e.g. an item of a list that is null: nothing to index
         given = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
         found = _shape_mismatch(given)
@@ -524,6 +570,7 @@ def load_config(study: str, overrides: list[str] | tuple[str, ...] = ()) -> Dict
     loaded = _read_study(path)
     for item in overrides:
         _split_override(item)
+    _refuse_loose_bool(OmegaConf.to_container(loaded, resolve=False))
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(StudyConfig), loaded)
         if OmegaConf.is_missing(cfg, "name"):

@@ -583,3 +583,29 @@ def test_a_study_file_with_a_list_for_a_section_names_the_key(
     study.write_text(text.replace("when: {optimizer: adam}", "when: [optimizer]", 1))
     message = assert_refused([], "search.space.adam_lr.when", study=str(study))
     assert "must be a mapping" in message, message
+
+
+@pytest.mark.parametrize(
+    "override,key,value",
+    [
+        ("oom_half_batch=7", "oom_half_batch", "7"),
+        ("stages.final.enabled=0", "stages.final.enabled", "0"),
+        ("stages.final.enabled='1'", "stages.final.enabled", "'1'"),
+        ("search.space.adam_lr.log=2.5e-3", "search.space.adam_lr.log", "0.0025"),
+    ],
+)
+def test_a_number_for_true_or_false_is_refused(override, key, value):
+    """OmegaConf reads any number as a boolean (``log: 7`` was true, ``enabled: 0`` false);
+    a value meant for another setting hid that way."""
+    assert assert_refused([override], key).endswith(f"must be true or false, got {value}")
+
+
+def test_a_number_for_true_or_false_in_a_study_file_is_refused(tmp_path):
+    text = (REPO_ROOT / "studies" / "quickstart.yaml").read_text()
+    study = tmp_path / "study.yaml"
+    study.write_text(text.replace("log: true", "log: 7", 1))
+    assert "log: true" in text
+    message = assert_refused([], "search.space.adam_lr.log", study=str(study))
+    assert message.endswith("must be true or false, got 7"), message
+    study.write_text(text.replace("log: true", "log: 'yes'", 1))
+    assert load_config(str(study)).search.space.adam_lr.log is True  # a word is fine
