@@ -412,7 +412,7 @@ def _run_one(
     try:
         study.optimize(tracked, n_trials=1, catch=(Exception,))
     except KeyboardInterrupt:  # stopped on purpose: the retry is not counted
-        _requeue(study, started, max_retries, counted=False)
+        _requeue(studies, study, started, max_retries, counted=False)
         if not started and claimed is not None:  # stopped before it had popped a trial
             studies.claims.release(_waiting_key(study, claimed))
         raise
@@ -425,7 +425,7 @@ def _run_one(
             # The shared checkpoint store failed (a network error, say), not the
             # configuration: retried like a killed worker's trial (up to max_retries), from its
             # last checkpoint that did reach the store.
-            _requeue(study, started, max_retries)
+            _requeue(studies, study, started, max_retries)
         if trial.state == TrialState.FAIL and reason.startswith(
             CheckpointUnreachableError.__name__
         ):
@@ -435,19 +435,23 @@ def _run_one(
             # machine wrote the checkpoint (this machine's setup is at fault, and its other
             # workers would otherwise spend the retries in seconds); counted when this machine
             # wrote it, or it is not known who did: then the checkpoint is gone, not unshared.
-            _requeue(study, started, max_retries, counted=not _free_retry(trial))
+            _requeue(studies, study, started, max_retries, counted=not _free_retry(trial))
             raise StageError(reason.split(": ", 1)[-1] + "; this worker stopped")
         if trial.state == TrialState.FAIL and reason.startswith(StorageUnavailableError.__name__):
             # The storage went away past the retry bound and came back in time to record it:
             # the configuration is not at fault, so it runs again, later (not counted as one of
             # its retries). This process stops.
-            _requeue(study, started, max_retries, counted=False)
+            _requeue(studies, study, started, max_retries, counted=False)
             raise StorageUnavailableError(reason.split(": ", 1)[-1])
     return started[0] if started else None
 
 
 def _requeue(
-    study: optuna.Study, started: list[int], max_retries: int, counted: bool = True
+    studies: Studies,
+    study: optuna.Study,
+    started: list[int],
+    max_retries: int,
+    counted: bool = True,
 ) -> None:
     """Re-enqueue the failed trial this process started, to resume from its checkpoint; a
     retry not ``counted`` does not spend one of ``max_retries`` (see storage.trial_retry)."""
@@ -456,7 +460,8 @@ def _requeue(
     trial = next(t for t in study.get_trials(deepcopy=True) if t.number == started[0])
     if trial.state == TrialState.FAIL:
         trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}
-        RetryFailedTrial(max_retry=max_retries)(study, trial, counted=counted)
+        retry = RetryFailedTrial(max_retry=max_retries, engine=studies.claims.engine)
+        retry(study, trial, counted=counted)
 
 
 def _was_queued(trial: optuna.trial.FrozenTrial) -> bool:

@@ -7,11 +7,13 @@ or SIGTERM, a preempted job: nothing wrong with the configuration), recorded in 
 system attr :data:`FREE_RETRIES_ATTR`, so a job preempted four times in one long leg keeps its
 configuration. Retries are recorded exactly as Optuna records them (``failed_trial``,
 ``retry_history``), so ``RetryHeartbeatStaleTrialCallback.retry_history`` still reads them.
-A trial already retried is not retried again (one configuration, one queued leg).
+A trial is retried once, however many processes ask at the same moment (one configuration, one
+queued leg): the retry of trial N is a claim (:mod:`storage.claims`) on ``engine``, the study
+database, taken before the retry is queued.
 
 Example::
 
-    retry = RetryFailedTrial(max_retry=3)
+    retry = RetryFailedTrial(max_retry=3, engine=storage.engine)
     retry(study, failed_trial)                  # a dead worker's trial: spends one of 3
     retry(study, stopped_trial, counted=False)  # interrupted on purpose: free
 """
@@ -21,9 +23,17 @@ from __future__ import annotations
 from typing import Any
 
 import optuna
+import sqlalchemy as sa
 from optuna.trial import FrozenTrial, TrialState
 
+from storage.claims import Claims
+
 FREE_RETRIES_ATTR = "free_retries"  # system attr: the retries of the chain that were not counted
+
+
+def retry_claim_key(study_name: str, number: int) -> str:
+    """The claim taken by the one process that queues the retry of trial ``number``."""
+    return f"{study_name}/retry-of/{number}"
 
 
 def retries_spent(trial: FrozenTrial) -> int:
@@ -34,7 +44,29 @@ def retries_spent(trial: FrozenTrial) -> int:
 
 class RetryFailedTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
     """Optuna's retry callback (usable as RDBStorage's ``heartbeat_stale_trial_callback``),
-    where a retry asked for with ``counted=False`` does not spend one of ``max_retry``."""
+    where a retry asked for with ``counted=False`` does not spend one of ``max_retry``.
+
+    ``engine``: the study database's, where the claim that makes a retry once-only is taken
+    (set it after the storage is made, when the callback is the storage's own). Without one,
+    two processes asking at the very same moment may both queue a retry.
+    """
+
+    def __init__(
+        self,
+        max_retry: int | None = None,
+        inherit_intermediate_values: bool = False,
+        engine: sa.Engine | None = None,
+    ) -> None:
+        super().__init__(max_retry, inherit_intermediate_values)
+        self.engine = engine
+        self._claims: Claims | None = None
+
+    def _claims_of_engine(self) -> Claims | None:
+        if self.engine is None:
+            return None
+        if self._claims is None or self._claims.engine is not self.engine:
+            self._claims = Claims(self.engine)
+        return self._claims
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial, counted: bool = True) -> None:
         free = int(trial.system_attrs.get(FREE_RETRIES_ATTR, 0)) + (0 if counted else 1)
@@ -52,15 +84,26 @@ class RetryFailedTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
             for t in study.get_trials(deepcopy=False)
         ):
             return  # retried already: two processes that each took the failure for theirs
-        study.add_trial(
-            optuna.create_trial(
-                state=TrialState.WAITING,
-                params=trial.params,
-                distributions=trial.distributions,
-                user_attrs=trial.user_attrs,
-                system_attrs=system_attrs,
-                intermediate_values=(
-                    trial.intermediate_values if self._inherit_intermediate_values else None
-                ),
+        # The look above and the insert below are two steps: two processes asking at once
+        # would both pass the look. The claim lets one through.
+        claims = self._claims_of_engine()
+        key = retry_claim_key(study.study_name, trial.number)
+        if claims is not None and not claims.take(key):
+            return  # another process is queueing this retry, or has
+        try:
+            study.add_trial(
+                optuna.create_trial(
+                    state=TrialState.WAITING,
+                    params=trial.params,
+                    distributions=trial.distributions,
+                    user_attrs=trial.user_attrs,
+                    system_attrs=system_attrs,
+                    intermediate_values=(
+                        trial.intermediate_values if self._inherit_intermediate_values else None
+                    ),
+                )
             )
-        )
+        except BaseException:
+            if claims is not None:  # no retry was queued: let the next process that asks
+                claims.release(key, own_only=True)
+            raise

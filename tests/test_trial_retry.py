@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
+import pytest
+from conftest import REPO_ROOT
 from optuna.trial import TrialState
 
 from storage.trial_retry import FREE_RETRIES_ATTR, RetryFailedTrial, retries_spent
@@ -60,3 +64,54 @@ def test_a_trial_is_retried_once_whoever_asks(tmp_path: Path) -> None:
     RetryFailedTrial(max_retry=3)(study, again)
     assert [t.state for t in study.get_trials()][-1] == TrialState.WAITING
     assert len(study.get_trials()) == 3
+
+
+_RACER = """
+import sys, optuna
+from storage.trial_retry import RetryFailedTrial
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+storage = optuna.storages.RDBStorage(sys.argv[1])
+study = optuna.load_study(study_name="race", storage=storage)
+failed = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.FAIL]
+retry = RetryFailedTrial(max_retry=3, engine=storage.engine)
+print("ready", flush=True)
+sys.stdin.readline()  # all start together
+for trial in failed:
+    retry(study, trial)
+"""
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_processes_asking_at_the_same_moment_queue_one_retry(tmp_path, backend, request):
+    """Each failure asked for by four processes at once (a stale trial failed by one worker's
+    heartbeat check while its own worker requeues it, say): the look for a retry and its insert
+    are two steps, so before the claim several passed the look and queued two or three legs
+    of one configuration."""
+    if backend == "postgres":
+        url = request.getfixturevalue("postgres_db_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'r.db'}"
+    study = optuna.create_study(storage=url, study_name="race")
+    for _ in range(8):
+        study.tell(study.ask(), state=TrialState.FAIL)
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, url],
+            cwd=REPO_ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    for racer in racers:
+        assert racer.stdout.readline().strip() == "ready"
+    for racer in racers:
+        racer.stdin.write("go\n")
+        racer.stdin.flush()
+    for racer in racers:
+        racer.stdin.close()
+        assert racer.wait(timeout=120) == 0
+    retries = [t for t in study.get_trials() if t.state == TrialState.WAITING]
+    retried = sorted(t.system_attrs["failed_trial"] for t in retries)
+    assert retried == list(range(8)), retried
