@@ -35,7 +35,6 @@ from models.checkpoints import (
     check_identity,
     load_checkpoint,
     set_aside,
-    written_identity,
 )
 from models.data import ImageSplits, load_splits
 from models.training import EpochReport, Run, describe_device, resolve_device
@@ -247,8 +246,7 @@ class TrialRunner:
             own = self.checkpoint_dir_relative(trial.study, original_number(stored(trial)))
             trial.set_user_attr("checkpoint_dir", own.as_posix())
             folder = self._fetch(own)
-            fingerprint = self._fingerprint(tcfg, folder / PROBE_FILE)
-            self._resumable(trial, folder / PROBE_FILE, fingerprint)
+            _, fingerprint = self._resumable(trial, tcfg, folder / PROBE_FILE)
             run = self._make_run(tcfg, folder, fingerprint)
             run.load_pretrained(source)
             if run.needs_probe:
@@ -284,11 +282,6 @@ class TrialRunner:
         trial.set_user_attr("device", describe_device(resolve_device(self.device)))
         if self.splits.source:  # what the numbers rest on, when not the original images
             trial.set_user_attr(DATA_SOURCE_ATTR, self.splits.source)
-
-    def _fingerprint(self, tcfg: DictConfig, path: Path) -> str:
-        """The identity a run on these settings resumes ``path`` under and writes
-        (:func:`search.naming.checkpoint_identity`)."""
-        return checkpoint_identity(tcfg, self.splits.digest, written_identity(path))
 
     def _fetch(self, relative: Path) -> Path:
         """The local folder of checkpoint folder ``relative``, its files brought up to date
@@ -389,11 +382,13 @@ class TrialRunner:
             on_checkpoint=self.store.push if self.store.remote else None,
         )
 
-    @staticmethod
     def _resumable(
-        trial: optuna.Trial, path: Path, fingerprint: str, shown: str | None = None
-    ) -> dict[str, Any] | None:
-        """The checkpoint at ``path`` if this trial may resume from it, else None.
+        self, trial: optuna.Trial, tcfg: DictConfig, path: Path, shown: str | None = None
+    ) -> tuple[dict[str, Any] | None, str]:
+        """The checkpoint at ``path`` if this trial may resume from it (else None), and the
+        identity a run on settings ``tcfg`` resumes and writes it under
+        (:func:`search.naming.checkpoint_identity`: that of a checkpoint written before the
+        image digest, else the current one). The file is read once.
 
         An unreadable file is kept as ``<name>.corrupt``, one written for other settings (another
         study's, or changed settings under the same name) as ``<name>.mismatch``; either way
@@ -401,11 +396,13 @@ class TrialRunner:
         continues a configuration (``shown``: where its checkpoint lives, for the message)
         must resume: there the error is raised, the file left in place, nothing retrained.
         """
+        fingerprint = checkpoint_identity(tcfg, self.splits.digest, None)
         try:
             state = load_checkpoint(path)
             if state is not None:
+                fingerprint = checkpoint_identity(tcfg, self.splits.digest, state.get("identity"))
                 check_identity(path, state, fingerprint)
-            return state
+            return state, fingerprint
         except CheckpointError as error:
             if shown is not None:
                 raise CheckpointError(
@@ -418,7 +415,7 @@ class TrialRunner:
             note = f"{error}; kept as {kept.name}, trained from epoch 0"
             trial.set_user_attr("checkpoint_discarded", note[:1000])
             tqdm.write(f"trial #{trial.number}: {note}")
-            return None
+            return None, fingerprint
 
     @staticmethod
     def _duplicate_of(
@@ -513,9 +510,10 @@ class TrialRunner:
                     raise optuna.TrialPruned(reason)
 
             for _ in range(2):  # a second time only after running out of memory
-                fingerprint = self._fingerprint(tcfg, ckpt_dir / PRETRAIN_FILE)
                 shown = self.store.where(relative, PRETRAIN_FILE) if continued else None
-                previous = self._resumable(trial, ckpt_dir / PRETRAIN_FILE, fingerprint, shown)
+                previous, fingerprint = self._resumable(
+                    trial, tcfg, ckpt_dir / PRETRAIN_FILE, shown
+                )
                 reached = int(trial.user_attrs.get(RUNG_FROM_ATTR) or 0) if continued else 0
                 if previous is not None and int(previous["epoch"]) < reached:
                     raise CheckpointError(
