@@ -1277,6 +1277,9 @@ def progress(studies: Studies, cfg: DictConfig) -> Progress:
     )
 
 
+_DIGEST_OWNER = "images:"  # the owner of a study's data-digest claim: "images:<digest>"
+
+
 def check_same_images(studies: Studies, splits: ImageSplits) -> None:
     """Raise :class:`DataError` (one line, ``data.root``) when this worker's images are not the
     ones the study was started on (:attr:`models.data.ImageSplits.digest`, recorded by its
@@ -1287,9 +1290,20 @@ def check_same_images(studies: Studies, splits: ImageSplits) -> None:
     study = studies.screen
     recorded = study.user_attrs.get(DATA_DIGEST_ATTR)
     if recorded is None:
-        study.set_user_attr(DATA_DIGEST_ATTR, digest)
-        # Two first workers at once: the later write stands, and the other one sees it here.
-        recorded = study.user_attrs.get(DATA_DIGEST_ATTR)
+        # The first worker's images are a claim, taken by one of however many first workers
+        # start at once; its owner field holds their digest for the others to compare.
+        key = f"{study.study_name}/data-digest"
+        first = Claims(studies.claims.engine, owner=f"{_DIGEST_OWNER}{digest}")
+        if first.take(key):
+            study.set_user_attr(DATA_DIGEST_ATTR, digest)  # shown with the study
+            recorded = digest
+        else:
+            holder = studies.claims.holder(key)
+            recorded = (
+                holder[0].removeprefix(_DIGEST_OWNER)
+                if holder is not None
+                else study.user_attrs.get(DATA_DIGEST_ATTR)
+            )
     if recorded != digest:
         source = splits.source or "as this machine's data.root holds them"
         raise DataError(

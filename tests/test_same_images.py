@@ -10,11 +10,13 @@ before it takes a trial, and a checkpoint is resumed only on the images it was t
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import assert_one_line_error, run_module
+from conftest import REPO_ROOT, assert_one_line_error, run_module
 
 from models.data import content_digest, load_splits
 from models.errors import DataError
@@ -125,3 +127,63 @@ def test_a_checkpoint_from_before_the_digest_is_resumed_and_a_strangers_is_not(
     refused = run_module("search.train", *args)
     line = assert_one_line_error(refused, "checkpoint")
     assert "written for other settings" in line and "--fresh" in line
+
+
+_FIRST_WORKERS = """
+import sys, types
+from models.errors import DataError
+from search.config import load_config
+from search.stages import check_same_images, open_studies
+url, runs, digest, names = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+studies = [
+    open_studies(load_config("quickstart", [f"name={n}", f"storage={url}", f"runs_dir={runs}"]), url)
+    for n in names
+]
+print("ready", flush=True)
+sys.stdin.readline()  # all start together
+for name, one in zip(names, studies):
+    try:
+        check_same_images(one, types.SimpleNamespace(digest=digest, source="test images"))
+        print(name, "took", flush=True)
+    except DataError:
+        print(name, "refused", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_first_workers_starting_together_agree_on_one_set_of_images(tmp_path: Path) -> None:
+    """Four first workers, two with other images, start at once on each of six new studies:
+    before, each wrote its digest and read one back, so one that read before another wrote
+    went on with its own images; now the first images are a claim, and the others refused."""
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    names = [f"race{i}" for i in range(6)]
+    configs = {n: load_config("quickstart", [f"name={n}", f"storage={url}"]) for n in names}
+    for cfg in configs.values():
+        open_studies(cfg, url)  # the schema and the studies, as search.run makes them first
+    digests = ["a" * 16, "b" * 16] * 2
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _FIRST_WORKERS, url, str(tmp_path), digest, *names],
+            cwd=REPO_ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for digest in digests
+    ]
+    for worker in workers:
+        assert worker.stdout.readline().strip() == "ready"
+    for worker in workers:
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+    outcomes: dict[str, list[tuple[str, str]]] = {n: [] for n in names}
+    for worker, digest in zip(workers, digests, strict=True):
+        worker.stdin.close()
+        for line in worker.stdout.read().splitlines():
+            name, outcome = line.split()
+            outcomes[name].append((outcome, digest))
+        assert worker.wait(timeout=120) == 0
+    for name, cfg in configs.items():
+        recorded = open_studies(cfg, url).screen.user_attrs[DATA_DIGEST_ATTR]
+        expected = sorted(("took" if d == recorded else "refused", d) for d in digests)
+        assert sorted(outcomes[name]) == expected, (name, recorded, outcomes[name])
