@@ -235,7 +235,26 @@ def load_data(cfg: DictConfig, label: str | None = None) -> ImageSplits:
         f"(loaded in {time.perf_counter() - started:.1f}s){source}",
         flush=True,
     )
+    whole = _batches_over(cfg, len(splits.train_y))
+    if whole:
+        print(
+            f"{prefix}note: batch size {', '.join(map(str, whole))} exceeds the "
+            f"{len(splits.train_y)} training images: one batch of all of them per epoch, the "
+            f"same training as batch size {len(splits.train_y)}",
+            flush=True,
+        )
     return splits
+
+
+def _batches_over(cfg: DictConfig, images: int) -> list[int]:
+    """The batch sizes the study can train with (its own, and those its space can draw) that
+    are larger than its ``images`` training images."""
+    sizes = {int(cfg.train.batch_size)}
+    for spec in cfg.search.space.values():
+        if spec.target == "train.batch_size":
+            values = spec.choices if spec.choices else [spec.high]
+            sizes.update(int(v) for v in values if v is not None)
+    return sorted(size for size in sizes if size > images)
 
 
 STOP_GRACE_S = 30.0  # how long stopped workers get to re-enqueue their trials

@@ -643,3 +643,19 @@ def test_a_worker_logs_a_skipped_trial_as_skipped_not_pruned(tmp_path, capsys):
         "[w] s.promote #1 SKIPPED (skipped: same configuration as trial #3)",
     ]
     assert lines[2].startswith("[w] s.promote #2 PRUNED knn_accuracy - (2 epochs")
+
+
+def test_the_data_line_says_when_a_batch_would_hold_every_training_image(capsys) -> None:
+    """On a subset smaller than a batch the space can draw, those batch sizes train alike (one
+    batch of all the images): said once, where the data is loaded."""
+    from search.pool import load_data
+
+    load_data(load_config("quickstart", ["data.train_subset=100", "train.batch_size=32"]))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("data digits: 100 train,")
+    assert lines[1] == (
+        "note: batch size 128 exceeds the 100 training images: one batch of all of them per "
+        "epoch, the same training as batch size 100"
+    )
+    load_data(load_config("quickstart"))  # 128 images, batches up to 128: nothing to say
+    assert len(capsys.readouterr().out.splitlines()) == 1
