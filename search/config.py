@@ -341,7 +341,7 @@ def _shape_mismatch(loaded: Any) -> tuple[str, str, str] | None:
 
 
 # What OmegaConf reads as a boolean, besides true/false themselves (a quoted "yes", say).
-_BOOL_WORDS = {"true", "false", "yes", "no", "on", "off"}
+_BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "y", "n"}
 
 
 def _loose_bool(given: Any) -> tuple[str, Any] | None:
@@ -356,7 +356,7 @@ def _loose_bool(given: Any) -> tuple[str, Any] | None:
     def loose(value: Any) -> bool:
         if isinstance(value, bool) or value is None:
             return False
-        if isinstance(value, str):  # an interpolation is checked once it is resolved
+        if isinstance(value, str):  # an interpolation is not (OmegaConf converts its result)
             return "${" not in value and value.strip().lower() not in _BOOL_WORDS
         return isinstance(value, int | float)
 

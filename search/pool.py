@@ -249,11 +249,12 @@ def load_data(cfg: DictConfig, label: str | None = None) -> ImageSplits:
 def _batches_over(cfg: DictConfig, images: int) -> list[int]:
     """The batch sizes the study can train with (its own, and those its space can draw) that
     are larger than its ``images`` training images."""
-    sizes = {int(cfg.train.batch_size)}
-    for spec in cfg.search.space.values():
-        if spec.target == "train.batch_size":
-            values = spec.choices if spec.choices else [spec.high]
-            sizes.update(int(v) for v in values if v is not None)
+    drawn = [spec for spec in cfg.search.space.values() if spec.target == "train.batch_size"]
+    # The study's own size trains only where no parameter always sets it.
+    sizes = set() if any(not spec.when for spec in drawn) else {int(cfg.train.batch_size)}
+    for spec in drawn:
+        values = spec.choices if spec.choices else [spec.high]
+        sizes.update(int(v) for v in values if v is not None)
     return sorted(size for size in sizes if size > images)
 
 

@@ -206,15 +206,16 @@ def open_studies(cfg: DictConfig, url: str, seed_offset: int | None = None) -> S
                 direction=direction if stage != "final" else "maximize",
                 load_if_exists=False,
             )
-            study.set_user_attr(STUDY_UID_ATTR, new_study_uid())
             # Claims left by a study of this name that was deleted (from the dashboard, say)
-            # would hold this new one up: they belong to no study now.
+            # would hold this new one up: they belong to no study now. Released before the
+            # identity is set, which other workers wait for: theirs are never released here.
             stale = claims.release_all(f"{name}/")
             if stale:
                 warnings.warn(
                     f"{name}: released {stale} claim(s) left by a deleted study of this name",
                     stacklevel=2,
                 )
+            study.set_user_attr(STUDY_UID_ATTR, new_study_uid())
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(study_name=name, storage=storage)
             _wait_for_identity(study)

@@ -332,6 +332,14 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         _ENGINE_RETRY_SECONDS[self.engine] = retry_seconds
         if self.engine.dialect.name == "sqlite":
             _transactional_reads(self.engine)
+        self._bind_retry_callback()
+
+    def _bind_retry_callback(self) -> None:
+        """Give the heartbeat's retry callback this database, where its once-only claims are
+        taken (:class:`storage.trial_retry.RetryFailedTrial`; it is not pickled with it)."""
+        callback = self.get_heartbeat_stale_trial_callback()
+        if callback is not None and hasattr(callback, "engine"):
+            callback.engine = self.engine
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
@@ -343,6 +351,7 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         self._never_beat = {}
         super().__setstate__(state)
         _ENGINE_RETRY_SECONDS[self.engine] = self.retry_seconds
+        self._bind_retry_callback()
 
     def _drop_session(self) -> None:
         # The thread's session may hold a connection that died; start the retry afresh.

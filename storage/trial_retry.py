@@ -26,7 +26,7 @@ import optuna
 import sqlalchemy as sa
 from optuna.trial import FrozenTrial, TrialState
 
-from storage.claims import Claims
+from storage.claims import Claims, owner_gone
 
 FREE_RETRIES_ATTR = "free_retries"  # system attr: the retries of the chain that were not counted
 
@@ -34,6 +34,14 @@ FREE_RETRIES_ATTR = "free_retries"  # system attr: the retries of the chain that
 def retry_claim_key(study_name: str, number: int) -> str:
     """The claim taken by the one process that queues the retry of trial ``number``."""
     return f"{study_name}/retry-of/{number}"
+
+
+def _retried(study: optuna.Study, number: int) -> bool:
+    """Whether a retry of trial ``number`` is in the study already."""
+    return any(
+        t.system_attrs.get("retry_history", [])[-1:] == [number]
+        for t in study.get_trials(deepcopy=False)
+    )
 
 
 def retries_spent(trial: FrozenTrial) -> int:
@@ -47,8 +55,8 @@ class RetryFailedTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
     where a retry asked for with ``counted=False`` does not spend one of ``max_retry``.
 
     ``engine``: the study database's, where the claim that makes a retry once-only is taken
-    (set it after the storage is made, when the callback is the storage's own). Without one,
-    two processes asking at the very same moment may both queue a retry.
+    (:class:`storage.retry.RetryingRDBStorage` sets it on its own heartbeat callback). Without
+    one, two processes asking at the very same moment may both queue a retry.
     """
 
     def __init__(
@@ -60,6 +68,10 @@ class RetryFailedTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
         super().__init__(max_retry, inherit_intermediate_values)
         self.engine = engine
         self._claims: Claims | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # An engine does not pickle; the storage that holds this callback sets it again.
+        return {**self.__dict__, "engine": None, "_claims": None}
 
     def _claims_of_engine(self) -> Claims | None:
         if self.engine is None:
@@ -79,17 +91,22 @@ class RetryFailedTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
         spent = len(system_attrs["retry_history"]) - free
         if self._max_retry is not None and spent > self._max_retry:
             return
-        if any(
-            t.system_attrs.get("retry_history", [])[-1:] == [trial.number]
-            for t in study.get_trials(deepcopy=False)
-        ):
+        if _retried(study, trial.number):
             return  # retried already: two processes that each took the failure for theirs
         # The look above and the insert below are two steps: two processes asking at once
         # would both pass the look. The claim lets one through.
         claims = self._claims_of_engine()
         key = retry_claim_key(study.study_name, trial.number)
         if claims is not None and not claims.take(key):
-            return  # another process is queueing this retry, or has
+            holder = claims.holder(key)
+            if holder is None or not owner_gone(holder[0]):
+                return  # another process is queueing this retry, or has
+            # Its taker died before queueing it (this machine's process, known gone): the
+            # retry is taken over, once, unless that process queued it after all.
+            if not claims.release_if_taken_at(key, holder[1]) or not claims.take(key):
+                return
+            if _retried(study, trial.number):
+                return
         try:
             study.add_trial(
                 optuna.create_trial(

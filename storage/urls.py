@@ -257,12 +257,9 @@ def open_storage(
     retry = RETRY_SECONDS if retry_seconds is None else retry_seconds
     for attempt in range(attempts):
         try:
-            storage = RetryingRDBStorage(
+            return RetryingRDBStorage(
                 url, engine_kwargs=engine_kwargs, retry_seconds=retry, **heartbeat
             )
-            if heartbeat:  # its retries are claimed in this database (once-only)
-                heartbeat["heartbeat_stale_trial_callback"].engine = storage.engine
-            return storage
         except SQLAlchemyError:
             # Another process is creating the same tables right now: wait and look again.
             if attempt == attempts - 1:

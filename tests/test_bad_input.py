@@ -609,3 +609,4 @@ def test_a_number_for_true_or_false_in_a_study_file_is_refused(tmp_path):
     assert message.endswith("must be true or false, got 7"), message
     study.write_text(text.replace("log: true", "log: 'yes'", 1))
     assert load_config(str(study)).search.space.adam_lr.log is True  # a word is fine
+    assert load_config(str(study), ["oom_half_batch=n"]).oom_half_batch is False

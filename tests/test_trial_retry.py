@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,9 @@ import pytest
 from conftest import REPO_ROOT
 from optuna.trial import TrialState
 
-from storage.trial_retry import FREE_RETRIES_ATTR, RetryFailedTrial, retries_spent
+from storage.claims import Claims
+from storage.trial_retry import FREE_RETRIES_ATTR, RetryFailedTrial, retries_spent, retry_claim_key
+from storage.urls import open_storage
 
 
 def _fail_latest(study: optuna.Study) -> optuna.trial.FrozenTrial:
@@ -115,3 +118,41 @@ def test_processes_asking_at_the_same_moment_queue_one_retry(tmp_path, backend, 
     retries = [t for t in study.get_trials() if t.state == TrialState.WAITING]
     retried = sorted(t.system_attrs["failed_trial"] for t in retries)
     assert retried == list(range(8)), retried
+
+
+def test_a_retry_whose_taker_died_before_queueing_it_is_taken_over(tmp_path: Path) -> None:
+    """The claim of a retry held by a process of this machine that is gone (killed between its
+    claim and its insert) does not keep the configuration from its retry."""
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    study = optuna.create_study(storage=url, study_name="taken")
+    failed = _fail_latest(study)
+    key = retry_claim_key("taken", failed.number)
+    took = subprocess.run(
+        [sys.executable, "-c", _TAKE_AND_DIE, url, key], cwd=REPO_ROOT, capture_output=True
+    )
+    assert took.returncode == 0, took.stderr
+    storage = optuna.storages.RDBStorage(url)
+    assert Claims(storage.engine).holder(key) is not None  # held by a process now gone
+    RetryFailedTrial(max_retry=3, engine=storage.engine)(study, failed)
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.WAITING]
+    RetryFailedTrial(max_retry=3, engine=storage.engine)(study, failed)  # and only once
+    assert len(study.get_trials()) == 2
+
+
+_TAKE_AND_DIE = """
+import sys, sqlalchemy
+from storage.claims import Claims
+assert Claims(sqlalchemy.create_engine(sys.argv[1])).take(sys.argv[2])
+"""
+
+
+def test_the_storages_heartbeat_retry_claims_in_its_database_and_still_pickles(
+    tmp_path: Path,
+) -> None:
+    """The callback Optuna calls for a stale trial is the once-only one, on the study database,
+    also in a storage unpickled in another process (an engine does not pickle)."""
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=5, grace_period=30)
+    callback = storage.get_heartbeat_stale_trial_callback()
+    assert isinstance(callback, RetryFailedTrial) and callback.engine is storage.engine
+    again = pickle.loads(pickle.dumps(storage))
+    assert again.get_heartbeat_stale_trial_callback().engine is again.engine

@@ -650,7 +650,8 @@ def test_the_data_line_says_when_a_batch_would_hold_every_training_image(capsys)
     batch of all the images): said once, where the data is loaded."""
     from search.pool import load_data
 
-    load_data(load_config("quickstart", ["data.train_subset=100", "train.batch_size=32"]))
+    # 256 is the study's own size, never trained: the space's batch_size always sets it.
+    load_data(load_config("quickstart", ["data.train_subset=100", "train.batch_size=256"]))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("data digits: 100 train,")
     assert lines[1] == (
