@@ -24,6 +24,7 @@ import json
 import math
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,6 +299,17 @@ def _settings_of(key: str) -> str:
     return ", ".join(leaves[:6]) + (", ..." if len(leaves) > 6 else "")
 
 
+def _first_found(walk: Callable[[Any, Any, str], Any], want: dict, given: dict, key: str) -> Any:
+    """The first ``walk(want[name], given[name], "key.name")`` that finds something, over the
+    settings of ``given`` that the schema section ``want`` has; None if none does."""
+    for name, value in given.items():
+        if name in want:
+            found = walk(want[name], value, f"{key}.{name}" if key else str(name))
+            if found:
+                return found
+    return None
+
+
 def _shape_mismatch(loaded: Any) -> tuple[str, str, str] | None:
     """The first key of ``loaded`` (a study file or override, as plain containers) whose kind
     is not the schema's: (key, the kind wanted, the kind given); None if every kind fits."""
@@ -327,12 +339,7 @@ def _shape_mismatch(loaded: Any) -> tuple[str, str, str] | None:
         if isinstance(want, dict):
             if not isinstance(given, dict):
                 return key, f"a section ({_settings_of(key)})", kind(given)
-            for name, value in given.items():
-                if name in want:
-                    found = walk(want[name], value, f"{key}.{name}" if key else str(name))
-                    if found:
-                        return found
-            return None
+            return _first_found(walk, want, given, key)
         if isinstance(want, list) and isinstance(given, dict):
             return key, "a list", "a mapping"
         return None
@@ -367,12 +374,7 @@ def _loose_bool(given: Any) -> tuple[str, Any] | None:
             wants = want
         else:
             return (key, value) if isinstance(want, bool) and loose(value) else None
-        for name, child in value.items():
-            if name in wants:
-                found = walk(wants[name], child, f"{key}.{name}" if key else str(name))
-                if found:
-                    return found
-        return None
+        return _first_found(walk, wants, value, key)
 
     return walk(schema, given, "")
 
