@@ -38,7 +38,7 @@ from typing import Any
 
 import optuna
 from omegaconf import DictConfig
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from models.data import ImageSplits
 from models.errors import DataError, UsageError
@@ -99,7 +99,7 @@ from search.space import baseline_params
 from storage.checkpoint_store import CheckpointTransferError
 from storage.claims import Claims, owner_gone, owner_host
 from storage.retry import FAILED_AT_ATTR
-from storage.trial_retry import RetryFailedTrial, retries_spent
+from storage.trial_retry import RetryFailedTrial, retries_spent, retry_claim_key
 from storage.urls import open_storage
 
 POLL_S = 1.0
@@ -456,13 +456,67 @@ def _requeue(
 ) -> None:
     """Re-enqueue the failed trial this process started, to resume from its checkpoint; a
     retry not ``counted`` does not spend one of ``max_retries`` (see storage.trial_retry)."""
-    if not started:
-        return
-    trial = next(t for t in study.get_trials(deepcopy=True) if t.number == started[0])
+    if started:
+        _queue_retry(studies, study, started[0], max_retries, counted)
+
+
+def _queue_retry(
+    studies: Studies, study: optuna.Study, number: int, max_retries: int, counted: bool
+) -> None:
+    """Queue failed trial ``number`` again (once, whoever asks: storage.trial_retry), without
+    its ``fail_reason``: the retry is a fresh attempt at the same leg."""
+    trial = next(t for t in study.get_trials(deepcopy=True) if t.number == number)
     if trial.state == TrialState.FAIL:
         trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}
         retry = RetryFailedTrial(max_retry=max_retries, engine=studies.claims.engine)
         retry(study, trial, counted=counted)
+
+
+def _owed_retries(studies: Studies, cfg: DictConfig, stage: str) -> list[FrozenTrial]:
+    """``stage``'s failed trials whose retry is owed and not queued yet (see
+    :func:`_retry_on_its_way`), leaving out configurations the user gave up."""
+    study = studies.of(stage)
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in _history(t)}
+    given_up = given_up_configurations(studies) if uses_rungs(cfg) else {}
+    return [
+        t
+        for t in trials
+        if t.state == TrialState.FAIL
+        and _retry_on_its_way(t, retried, cfg)
+        and config_number(t) not in given_up
+    ]
+
+
+def _retry_late(studies: Studies, cfg: DictConfig, stage: str) -> None:
+    """Queue the retries a dead process owed: it failed a trial (a killed worker's, by
+    heartbeat; or its own, stopped on purpose) and died before queueing the retry, or after
+    claiming it (storage.trial_retry). After ``grace_period`` (the silence that makes a worker
+    dead to the heartbeats; clocks in step, as heartbeats need) whoever sees it queues the retry,
+    once. Until then the configuration counts as on its way, never as given up."""
+    study = studies.of(stage)
+    grace, now = float(cfg.grace_period), time.time()
+    owed = [t for t in _owed_retries(studies, cfg, stage) if now - _failed_at(t) >= grace]
+    if not owed:
+        return
+    held = studies.claims.taken_at(f"{study.study_name}/retry-of/")
+    for t in owed:
+        key = retry_claim_key(study.study_name, t.number)
+        if key in held:
+            if now - held[key] < grace:
+                continue  # its taker may still be queueing it
+            if not studies.claims.release_if_taken_at(key, held[key]):
+                continue  # taken again meanwhile: that taker queues it
+        _queue_retry(studies, study, t.number, int(cfg.max_retries), not _free_retry(t))
+
+
+def _failed_at(trial: FrozenTrial) -> float:
+    """When ``trial`` failed (``time.time()``, any machine); 0 when not known."""
+    stamp = trial.system_attrs.get(FAILED_AT_ATTR)
+    if stamp is None:  # failed before the stamp existed: Optuna's naive local time
+        ended = trial.datetime_complete
+        return 0.0 if ended is None else ended.timestamp()
+    return float(stamp)
 
 
 def _was_queued(trial: optuna.trial.FrozenTrial) -> bool:
@@ -526,6 +580,7 @@ def _drain(
     study = studies.of(stage)
     while True:
         _fail_stale(study)
+        _retry_late(studies, cfg, stage)
         claimed = _claim_waiting(studies, stage, float(cfg.grace_period))
         slot = None if claimed is not None else _claim_slot(studies, study, new_slots)
         if claimed is not None or slot is not None:
@@ -544,7 +599,8 @@ def _drain(
                 on_trial(stage, number)
             continue
         counts = _count(study)
-        if counts["RUNNING"] == 0 and counts["WAITING"] == 0:
+        idle = counts["RUNNING"] == 0 and counts["WAITING"] == 0
+        if idle and not _owed_retries(studies, cfg, stage):
             return
         time.sleep(POLL_S)  # others are still training; their trials may yet need a retry
 
@@ -805,7 +861,6 @@ def scheduler_records(studies: Studies, cfg: DictConfig) -> list[TrialRecord]:
     Retries and continuations carry the configuration's number (``config``).
     """
     first = rung_ladder(cfg)[0]
-    now = time.time()
     attempts: dict[int, list[TrialRecord]] = {}
     training: set[int] = set()  # configurations with a leg in state RUNNING
     for stage in ("screen", "promote"):
@@ -824,7 +879,7 @@ def scheduler_records(studies: Studies, cfg: DictConfig) -> list[TrialRecord]:
                 # A result at its rung, the worst (NaN ranks last): ASHA's n_k counts every
                 # configuration that trained to the rung, so the survivors' quota stays theirs.
                 record = TrialRecord(0, {to: math.nan}, failed=True, promoted_to=promoted)
-            elif t.state == TrialState.FAIL and not _retry_on_its_way(t, retried, cfg, now):
+            elif t.state == TrialState.FAIL and not _retry_on_its_way(t, retried, cfg):
                 record = TrialRecord(0, failed=True, promoted_to=promoted)
             else:  # RUNNING or WAITING (or about to be retried): on its way to its rung
                 record = TrialRecord(0, running_to=to, promoted_to=promoted)
@@ -834,14 +889,13 @@ def scheduler_records(studies: Studies, cfg: DictConfig) -> list[TrialRecord]:
         for config, legs in sorted(attempts.items())
     ]
     # A continuation claimed but not (yet) queued counts as sent, so nobody decides it again,
-    # and as running while its claimer may still be queueing it (for grace_period, as for
-    # heartbeats), so nobody takes the study for finished meanwhile; after that it is given up
-    # (failed: a place at the long budget it held goes back).
-    claimed: dict[int, tuple[int, float]] = {}  # config -> (highest claimed rung, when)
-    for key, at in studies.claims.taken_at(f"{studies.screen.study_name}/continue/").items():
-        config, rung = (int(part) for part in key.rsplit("/", 2)[1:])
-        if rung >= claimed.get(config, (0, 0.0))[0]:
-            claimed[config] = (rung, at)
+    # and as running, so nobody takes the study for finished meanwhile. If its claimer died
+    # before queueing it, a worker gives the claim back after grace_period
+    # (:func:`_take_back_unqueued`) and the promotion is decided again.
+    claimed: dict[int, int] = {}  # config -> highest claimed rung
+    for key in studies.claims.taken(_continue_prefix(studies)):
+        config, rung = _continue_of(key)
+        claimed[config] = max(claimed.get(config, 0), rung)
     given_up = given_up_configurations(studies)
     out = []
     for r in records:
@@ -851,13 +905,10 @@ def scheduler_records(studies: Studies, cfg: DictConfig) -> list[TrialRecord]:
             out.append(dataclasses.replace(r, running_to=None, failed=True))
             continue
         if r.number in claimed:
-            rung, at = claimed[r.number]
+            rung = claimed[r.number]
             queued = (r.promoted_to or 0) >= rung  # its leg is a trial by now
             if not queued and not r.running:
-                if abs(now - at) < float(cfg.grace_period):
-                    r = dataclasses.replace(r, running_to=rung)
-                else:  # its claimer died before queueing it: given up, a place given back
-                    r = dataclasses.replace(r, failed=True)
+                r = dataclasses.replace(r, running_to=rung)
             r = dataclasses.replace(r, promoted_to=max(r.promoted_to or 0, rung))
         out.append(r)
     return out
@@ -938,14 +989,13 @@ def _free_retry(trial: optuna.trial.FrozenTrial) -> bool:
     return False
 
 
-def _retry_on_its_way(
-    trial: optuna.trial.FrozenTrial, retried: set[Any], cfg: DictConfig, now: float
-) -> bool:
-    """Whether failed ``trial`` is about to be queued again: a killed worker's trial (Optuna
+def _retry_on_its_way(trial: FrozenTrial, retried: set[Any], cfg: DictConfig) -> bool:
+    """Whether failed ``trial`` is owed a retry not yet queued: a killed worker's trial (Optuna
     fails a stale trial and queues its retry in two steps), or one its own process stopped
-    (Ctrl-C, the storage gone: see :func:`_requeue`). Between the two steps the
-    configuration must not look given up (its place at the long budget freed, the study taken
-    for finished). One whose retry never came within grace_period is given up."""
+    (Ctrl-C, the storage gone: see :func:`_requeue`). Meanwhile the configuration must not look
+    given up (its place at the long budget freed, the study taken for finished); if the process
+    died between the two steps, another queues the retry after grace_period
+    (:func:`_retry_late`)."""
     reason = str(trial.user_attrs.get("fail_reason") or "")
     free = _free_retry(trial)
     requeued = reason.startswith(
@@ -958,13 +1008,7 @@ def _retry_on_its_way(
     )
     if (reason and not requeued) or trial.number in retried:
         return False  # failed on its own merits (never retried), or retried already
-    if not free and retries_spent(trial) >= int(cfg.max_retries):
-        return False  # its retries are spent
-    failed_at = trial.system_attrs.get(FAILED_AT_ATTR)
-    if failed_at is None:  # failed before the stamp existed: Optuna's naive local time
-        ended = trial.datetime_complete
-        failed_at = None if ended is None else ended.timestamp()
-    return failed_at is not None and abs(now - float(failed_at)) < float(cfg.grace_period)
+    return free or retries_spent(trial) < int(cfg.max_retries)  # else its retries are spent
 
 
 def _snapshot(records: list[TrialRecord]) -> list[list[Any]]:
@@ -1016,7 +1060,7 @@ def _enqueue_continuation(
     ``seats_taken``: the long budget's seat claims, counted *before* ``records`` were read.
     """
     screen = studies.screen
-    key = f"{screen.study_name}/continue/{decision.number}/{decision.to_rung}"
+    key = _continue_key(studies, decision.number, decision.to_rung)
     if not studies.claims.take(key):
         return False  # another process promoted it first
     seat = None
@@ -1044,11 +1088,37 @@ def _enqueue_continuation(
         # Not queued (the storage failed, or this process is stopping): give the claims back,
         # so the promotion is decided again rather than lost; not if the leg is stored anyway.
         with contextlib.suppress(Exception):
-            if not _leg_exists(studies, cfg, decision):
+            if not _leg_exists(studies, cfg, decision.number, decision.to_rung):
                 if seat is not None:
                     studies.claims.release(seat, own_only=True)
                 studies.claims.release(key)
         raise
+
+
+def _continue_prefix(studies: Studies) -> str:
+    return f"{studies.screen.study_name}/continue/"
+
+
+def _continue_key(studies: Studies, number: int, to_rung: int) -> str:
+    """The claim of the one process that queues configuration ``number``'s leg to ``to_rung``."""
+    return f"{_continue_prefix(studies)}{number}/{to_rung}"
+
+
+def _continue_of(key: str) -> tuple[int, int]:
+    """(configuration, rung) of a continuation claim's key (:func:`_continue_key`)."""
+    config, rung = key.rsplit("/", 2)[1:]
+    return int(config), int(rung)
+
+
+def _take_back_unqueued(studies: Studies, cfg: DictConfig) -> None:
+    """Give back a continuation claim whose leg was never queued, ``grace_period`` after it was
+    taken (its claimer died between the two steps; clocks in step, as heartbeats need): the
+    promotion is then decided again on the records as they are, instead of the configuration
+    being lost. Only that very claim goes: one taken again meanwhile is left alone."""
+    grace, now = float(cfg.grace_period), time.time()
+    for key, at in studies.claims.taken_at(_continue_prefix(studies)).items():
+        if now - at >= grace and not _leg_exists(studies, cfg, *_continue_of(key)):
+            studies.claims.release_if_taken_at(key, at)
 
 
 def _leg_stage(cfg: DictConfig, to_rung: int) -> str:
@@ -1057,13 +1127,11 @@ def _leg_stage(cfg: DictConfig, to_rung: int) -> str:
     return "screen" if to_rung <= int(cfg.stages.screen.epochs) else "promote"
 
 
-def _leg_exists(studies: Studies, cfg: DictConfig, decision: Continue) -> bool:
-    """Whether configuration ``decision.number``'s leg to ``decision.to_rung`` is a trial."""
-    stage = _leg_stage(cfg, decision.to_rung)
+def _leg_exists(studies: Studies, cfg: DictConfig, number: int, to_rung: int) -> bool:
+    """Whether configuration ``number``'s leg to ``to_rung`` is a trial."""
     return any(
-        t.user_attrs.get("config") == decision.number
-        and t.user_attrs.get(RUNG_TO_ATTR) == decision.to_rung
-        for t in studies.of(stage).get_trials(deepcopy=False)
+        t.user_attrs.get("config") == number and t.user_attrs.get(RUNG_TO_ATTR) == to_rung
+        for t in studies.of(_leg_stage(cfg, to_rung)).get_trials(deepcopy=False)
     )
 
 
@@ -1150,6 +1218,8 @@ def run_rungs(
     while True:
         for stage in ("screen", "promote"):
             _fail_stale(studies.of(stage))
+            _retry_late(studies, cfg, stage)
+        _take_back_unqueued(studies, cfg)
         # Queued legs first, deepest stage first: any process may pop them.
         queued = next(
             (

@@ -46,6 +46,7 @@ from search.stages import (
     summarize,
     top_trials,
 )
+from storage.claims import Claims
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -141,11 +142,11 @@ def check_rung_study(url: str, cfg) -> list[optuna.trial.FrozenTrial]:  # noqa: 
     return legs
 
 
-def run_rungs_in_time(studies, runner, cfg, timeout: float = 120) -> None:  # noqa: ANN001
+def run_rungs_in_time(studies, runner, cfg, timeout: float = 120, on_trial=None) -> None:  # noqa: ANN001
     """:func:`run_rungs` in a thread; fails the test if it has not ended within ``timeout``."""
     import threading
 
-    loop = threading.Thread(target=run_rungs, args=(studies, runner, cfg), daemon=True)
+    loop = threading.Thread(target=run_rungs, args=(studies, runner, cfg, on_trial), daemon=True)
     loop.start()
     loop.join(timeout=timeout)
     assert not loop.is_alive(), "run_rungs did not end"
@@ -388,8 +389,8 @@ def test_a_leg_whose_checkpoint_this_worker_cannot_read_fails_and_says_how_to_sh
     assert "checkpoint_written_on" not in here.user_attrs
     for max_retries, counted_left in ((0, False), (1, False), (2, True)):
         limit = load_config("quickstart", [*REAL_RUN, f"max_retries={max_retries}"])
-        assert _retry_on_its_way(elsewhere, set(), limit, time.time())
-        assert _retry_on_its_way(here, set(), limit, time.time()) == counted_left
+        assert _retry_on_its_way(elsewhere, set(), limit)
+        assert _retry_on_its_way(here, set(), limit) == counted_left
 
 
 def test_a_configuration_given_up_fails_its_queued_leg_and_gives_its_place_back(
@@ -585,13 +586,15 @@ def test_a_space_smaller_than_the_trial_budget_still_ends_with_a_long_budget_res
     assert len(long_budget_trials(studies, cfg)) == 1
 
 
-def test_a_claimed_continuation_not_yet_queued_counts_as_running_until_the_grace_period(
+def test_a_claimed_continuation_not_yet_queued_counts_as_running_until_taken_back(
     tmp_path: Path,
 ) -> None:
     """Between a worker's claim of a promotion and its enqueue, the others must not take the
     study for finished (a worker that did would start the final stage without the long-budget
-    result); a claim whose taker went silent for grace_period is given up."""
+    result). A claim whose taker went silent for grace_period (it died between the two steps)
+    is given back by a worker and the promotion decided again: never given up for it."""
     from search.scheduler import Finished, Wait, decide
+    from search.stages import _take_back_unqueued
 
     cfg, studies, settings, waiting = finished_study_with_a_short_grace(tmp_path, "pending")
     assert decide(scheduler_records(studies, cfg), **settings) == Finished()
@@ -600,11 +603,61 @@ def test_a_claimed_continuation_not_yet_queued_counts_as_running_until_the_grace
     pending = {r.number: r for r in scheduler_records(studies, cfg)}[waiting.number]
     assert pending.running_to == settings["rungs"][1] and pending.running
     assert decide(scheduler_records(studies, cfg), **settings) == Wait()
-    time.sleep(2.2)  # the claimer is silent past grace_period: given up, not waited for
-    given_up = {r.number: r for r in scheduler_records(studies, cfg)}[waiting.number]
-    assert not given_up.running and given_up.promoted_to == settings["rungs"][1]
-    assert given_up.failed  # not continued by anyone; a long-budget place would go back
+    _take_back_unqueued(studies, cfg)  # within grace_period: its taker may be queueing it
+    assert key in studies.claims.taken("pending.screen/continue/")
+    time.sleep(2.2)  # the claimer is silent past grace_period
+    silent = {r.number: r for r in scheduler_records(studies, cfg)}[waiting.number]
+    assert silent.running and not silent.failed  # on its way until a worker takes it back
+    _take_back_unqueued(studies, cfg)
+    assert key not in studies.claims.taken("pending.screen/continue/")
+    back = {r.number: r for r in scheduler_records(studies, cfg)}[waiting.number]
+    assert not back.running and not back.failed and back.promoted_to is None
+    # Decided again on the records as they are: it does not rank for the rung it was claimed
+    # for (it was planted there), so the study is finished, without it failed.
     assert decide(scheduler_records(studies, cfg), **settings) == Finished()
+
+
+def test_a_promotion_whose_claimer_died_before_queueing_it_is_decided_again(
+    tmp_path: Path,
+) -> None:
+    """A worker on another machine claims a promotion and dies before queueing the leg. The
+    study goes on, and after grace_period the claim goes back and the promotion is decided
+    again: the configuration is not lost (it used to be recorded failed, its place given to
+    the next in rank), and every promotion made is still justified by rank."""
+    from search.scheduler import Continue, decide
+
+    url = f"sqlite:///{tmp_path / 'orphan.db'}"
+    cfg = load_config(
+        "quickstart",
+        [*RUNG_STUDY, "name=orphan", f"storage={url}", "heartbeat_interval=1", "grace_period=2"],
+    )
+    studies = open_studies(cfg, url)
+    settings = scheduler_settings(cfg)
+    dead = Claims(studies.claims.engine, owner="another-host:4242/4026531836")
+    planted: list[tuple[Continue, str]] = []
+
+    def on_trial(_stage: str, _number: int) -> None:
+        decision = decide(scheduler_records(studies, cfg), **settings)
+        if not planted and isinstance(decision, Continue):
+            key = f"orphan.screen/continue/{decision.number}/{decision.to_rung}"
+            assert dead.take(key)  # the other machine's worker claims it, then dies
+            planted.append((decision, key))
+
+    run_rungs_in_time(studies, CurveRunner(cfg), cfg, on_trial=on_trial)
+    check_rung_study(url, cfg)
+    ((decision, key),) = planted
+    holder = studies.claims.holder(key)
+    assert holder is None or holder[0] != dead.owner  # taken back
+    record = {r.number: r for r in scheduler_records(studies, cfg)}[decision.number]
+    assert not record.failed and not record.running
+    continued = [
+        t
+        for t in studies.screen.get_trials() + studies.promote.get_trials()
+        if t.user_attrs.get("config") == decision.number
+        and t.user_attrs.get("rung_to") == decision.to_rung
+    ]
+    # Continued after all when it still ranked once the claim was back; then by a live worker.
+    assert len(continued) == (0 if holder is None else 1)
 
 
 class DivergingRunner(CurveRunner):
@@ -778,10 +831,14 @@ def test_a_configuration_given_up_while_its_leg_trains_keeps_that_leg_and_its_pl
 
 def test_a_killed_leg_awaiting_its_retry_still_counts_as_running(tmp_path: Path) -> None:
     """Optuna fails a dead worker's trial and queues its retry in two steps: in between the
-    configuration is on its way (its place kept, the study not finished); if no retry came
-    within grace_period (counted from its ``failed_at`` stamp) it is given up."""
+    configuration is on its way (its place kept, the study not finished). If the process that
+    failed it died before queueing the retry (here: after claiming it, on another machine), a
+    worker queues the retry once grace_period has passed (counted from ``failed_at``), and the
+    configuration goes on; it used to be given up."""
     from search.scheduler import Finished, Wait, decide
+    from search.stages import _retry_late
     from storage.retry import FAILED_AT_ATTR
+    from storage.trial_retry import retry_claim_key
 
     cfg, studies, settings, waiting = finished_study_with_a_short_grace(tmp_path, "window")
     source = next(t for t in studies.screen.get_trials() if t.number == waiting.number)
@@ -795,12 +852,30 @@ def test_a_killed_leg_awaiting_its_retry_still_counts_as_running(tmp_path: Path)
             system_attrs={FAILED_AT_ATTR: time.time()},  # as the storage stamps a failure
         )
     )
+    failed = studies.screen.get_trials()[-1]
+    dead = Claims(studies.claims.engine, owner="another-host:4242/4026531836")
+    assert dead.take(retry_claim_key("window.screen", failed.number))
     record = {r.number: r for r in scheduler_records(studies, cfg)}[waiting.number]
     assert record.running and not record.failed
     assert decide(scheduler_records(studies, cfg), **settings) == Wait()
+    _retry_late(studies, cfg, "screen")  # within grace_period: its taker may be queueing it
+    assert len(studies.screen.get_trials()) == failed.number + 1
     time.sleep(2.2)
     record = {r.number: r for r in scheduler_records(studies, cfg)}[waiting.number]
-    assert record.failed and not record.running
+    assert record.running and not record.failed  # never given up for a dead process
+    _retry_late(studies, cfg, "screen")
+    _retry_late(studies, cfg, "screen")  # once, however often it is looked at
+    retry = studies.screen.get_trials()[failed.number + 1 :]
+    assert [(t.state, t.system_attrs["retry_history"]) for t in retry] == [
+        (TrialState.WAITING, [failed.number])
+    ]
+    assert {k: retry[0].user_attrs[k] for k in ("config", "rung_from", "rung_to")} == {
+        "config": waiting.number,
+        "rung_from": 1,
+        "rung_to": 3,
+    }
+    run_rungs_in_time(studies, CurveRunner(cfg), cfg)
+    assert studies.screen.get_trials()[failed.number + 1].state == TrialState.COMPLETE
     assert decide(scheduler_records(studies, cfg), **settings) == Finished()
 
 
