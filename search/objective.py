@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -37,7 +38,13 @@ from models.checkpoints import (
     set_aside,
 )
 from models.data import ImageSplits, load_splits
-from models.training import EpochReport, Run, describe_device, resolve_device
+from models.training import (
+    EpochReport,
+    NonFiniteLossError,
+    Run,
+    describe_device,
+    resolve_device,
+)
 from search.config import checkpoint_store, direction_of, metric_of, to_dataclasses
 from search.naming import (
     BEST_PRETRAIN_FILE,
@@ -549,7 +556,14 @@ class TrialRunner:
                 trial.set_user_attr("epochs_added", max(0, min(stop_at, epochs) - first))
                 history = [h for h in history if h.epoch <= stop_at]
             self._run_hooks(trial, run, tcfg, {"history": history})
-            return float(history[-1].metrics[self.metric])
+            value = float(history[-1].metrics[self.metric])
+            if not math.isfinite(value):
+                # The configuration broke (a result for the search, ranked last), not a fault:
+                # Optuna would fail it without a reason, and a failure without one is retried.
+                raise NonFiniteLossError(
+                    f"{self.metric} became {value} in epoch {history[-1].epoch}"
+                )
+            return value
         except optuna.TrialPruned:
             trial.set_user_attr("wall_time_s", time.perf_counter() - started)
             if run is not None:  # a pruned trial's curves explain why it stopped

@@ -97,9 +97,9 @@ from search.scheduler import (
 )
 from search.space import baseline_params
 from storage.checkpoint_store import CheckpointTransferError
-from storage.claims import Claims, owner_gone, owner_host
+from storage.claims import Claims, owner_alive, owner_gone, owner_host
 from storage.retry import FAILED_AT_ATTR
-from storage.trial_retry import RetryFailedTrial, retries_spent, retry_claim_key
+from storage.trial_retry import RetryFailedTrial, retry_allowed, retry_claim_key
 from storage.urls import open_storage
 
 POLL_S = 1.0
@@ -478,7 +478,8 @@ def _owed_retries(studies: Studies, cfg: DictConfig, stage: str) -> list[FrozenT
     study = studies.of(stage)
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in _history(t)}
-    given_up = given_up_configurations(studies) if uses_rungs(cfg) else {}
+    # Final trials carry no configuration number: the given-up ones are the search's.
+    given_up = given_up_configurations(studies) if uses_rungs(cfg) and stage != "final" else {}
     return [
         t
         for t in trials
@@ -503,7 +504,7 @@ def _retry_late(studies: Studies, cfg: DictConfig, stage: str) -> None:
     for t in owed:
         key = retry_claim_key(study.study_name, t.number)
         if key in held:
-            if now - held[key] < grace:
+            if now - held[key] < grace or _claimer_at_work(studies.claims, key):
                 continue  # its taker may still be queueing it
             if not studies.claims.release_if_taken_at(key, held[key]):
                 continue  # taken again meanwhile: that taker queues it
@@ -1008,7 +1009,7 @@ def _retry_on_its_way(trial: FrozenTrial, retried: set[Any], cfg: DictConfig) ->
     )
     if (reason and not requeued) or trial.number in retried:
         return False  # failed on its own merits (never retried), or retried already
-    return free or retries_spent(trial) < int(cfg.max_retries)  # else its retries are spent
+    return retry_allowed(trial, int(cfg.max_retries), counted=not free)  # or retries spent
 
 
 def _snapshot(records: list[TrialRecord]) -> list[list[Any]]:
@@ -1082,6 +1083,12 @@ def _enqueue_continuation(
             if seat is None:  # the long budget filled meanwhile: not promoted
                 studies.claims.release(key)
                 return False
+        if (studies.claims.holder(key) or ("",))[0] != studies.claims.owner:
+            # Taken back meanwhile (this process stalled past grace_period, and another took
+            # it for dead: _take_back_unqueued): the promotion is that one's to decide again.
+            if seat is not None:
+                studies.claims.release(seat, own_only=True)
+            return False
         _queue_leg(studies, cfg, decision, records, settings)
         return True
     except BaseException:
@@ -1117,8 +1124,19 @@ def _take_back_unqueued(studies: Studies, cfg: DictConfig) -> None:
     being lost. Only that very claim goes: one taken again meanwhile is left alone."""
     grace, now = float(cfg.grace_period), time.time()
     for key, at in studies.claims.taken_at(_continue_prefix(studies)).items():
-        if now - at >= grace and not _leg_exists(studies, cfg, *_continue_of(key)):
+        if now - at < grace or _leg_exists(studies, cfg, *_continue_of(key)):
+            continue
+        if not _claimer_at_work(studies.claims, key):
             studies.claims.release_if_taken_at(key, at)
+
+
+def _claimer_at_work(claims: Claims, key: str) -> bool:
+    """Whether claim ``key`` is held by another process known to run (one of this machine):
+    it is slow (a storage outage it rides out), not dead, and still does what it claimed. Any
+    other silent past grace_period is taken for dead; one that was only slow finds its claim
+    gone before it queues anything (see :func:`_enqueue_continuation`)."""
+    holder = claims.holder(key)
+    return holder is not None and holder[0] != claims.owner and owner_alive(holder[0])
 
 
 def _leg_stage(cfg: DictConfig, to_rung: int) -> str:

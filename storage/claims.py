@@ -74,18 +74,27 @@ def owner_pid(owner: str) -> int | None:
     return int(pid) if pid.isdigit() else None
 
 
+def _pid_here(owner: str) -> int | None:
+    """The process id named by ``owner`` if it names a process of this machine and PID
+    namespace (where a pid means a process we can look at); None otherwise."""
+    pid, here = owner_pid(owner), _pid_namespace()
+    local = owner_host(owner) == socket.gethostname() and bool(here)
+    return pid if local and owner.partition("/")[2] == here else None
+
+
 def owner_gone(owner: str) -> bool:
     """Whether the process named by a claim's ``owner`` (:func:`default_owner`) is known to be
     gone: it ran on this machine, in this PID namespace, and no longer runs. One on another
     machine or in another container, or named without its namespace: not known."""
-    pid, here = owner_pid(owner), _pid_namespace()
-    return (
-        owner_host(owner) == socket.gethostname()
-        and bool(here)
-        and owner.partition("/")[2] == here
-        and pid is not None
-        and not process_alive(pid)
-    )
+    pid = _pid_here(owner)
+    return pid is not None and not process_alive(pid)
+
+
+def owner_alive(owner: str) -> bool:
+    """Whether the process named by ``owner`` is known to run: one of this machine, in this
+    PID namespace, that still runs (not known for any other)."""
+    pid = _pid_here(owner)
+    return pid is not None and process_alive(pid)
 
 
 class Claims:

@@ -50,6 +50,14 @@ def retries_spent(trial: FrozenTrial) -> int:
     return len(history) - int(trial.system_attrs.get(FREE_RETRIES_ATTR, 0))
 
 
+def retry_allowed(trial: FrozenTrial, max_retry: int | None, counted: bool = True) -> bool:
+    """Whether failed ``trial`` may be queued once more: a ``counted`` retry spends one of
+    ``max_retry``; a free one spends none, and is still refused to a chain that has spent more
+    than ``max_retry`` (a later run lowered it). The one rule :class:`RetryFailedTrial` and
+    whoever waits for its retry both follow."""
+    return max_retry is None or retries_spent(trial) + int(counted) <= max_retry
+
+
 class RetryFailedTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
     """Optuna's retry callback (usable as RDBStorage's ``heartbeat_stale_trial_callback``),
     where a retry asked for with ``counted=False`` does not spend one of ``max_retry``.
@@ -88,8 +96,7 @@ class RetryFailedTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
             "retry_history": [*trial.system_attrs.get("retry_history", []), trial.number],
             FREE_RETRIES_ATTR: free,
         }
-        spent = len(system_attrs["retry_history"]) - free
-        if self._max_retry is not None and spent > self._max_retry:
+        if not retry_allowed(trial, self._max_retry, counted):
             return
         if _retried(study, trial.number):
             return  # retried already: two processes that each took the failure for theirs
@@ -108,6 +115,10 @@ class RetryFailedTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
             if _retried(study, trial.number):
                 return
         try:
+            # Taken back meanwhile (this process stalled past grace_period, and another took
+            # it for dead and queues the retry): leave it to that one.
+            if claims is not None and (claims.holder(key) or ("",))[0] != claims.owner:
+                return
             study.add_trial(
                 optuna.create_trial(
                     state=TrialState.WAITING,

@@ -292,3 +292,27 @@ def test_stored_config_hides_the_storage_password(postgres_db_with_password, tmp
                 assert "s3cr3t-pw" not in repr(rows), f"password stored in table {table}"
     finally:
         engine.dispose()
+
+
+# ---- a metric that is not a number ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_metric_that_is_not_a_number_fails_the_trial_as_diverged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A configuration whose metric is NaN is a result (diverged, ranked last), not a fault:
+    returned as is, Optuna would fail it without a reason, and a failure without a reason is
+    retried as a dead worker's."""
+    from search.naming import diverged
+
+    monkeypatch.setattr(Run, "knn_accuracy", lambda self, features=None: float("nan"))
+    cfg = load_config("quickstart", [*TINY, f"runs_dir={tmp_path / 'runs'}"])
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'nan.db'}", study_name="nan.screen", direction="maximize"
+    )
+    runner = TrialRunner(cfg, device="cpu", progress=False)
+    study.optimize(runner.screen, n_trials=1, catch=(RuntimeError,))
+    (trial,) = study.get_trials()
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert diverged(trial.user_attrs), trial.user_attrs.get("fail_reason")

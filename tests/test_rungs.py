@@ -9,6 +9,7 @@ these tests take seconds and their outcome does not depend on timing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -615,6 +616,91 @@ def test_a_claimed_continuation_not_yet_queued_counts_as_running_until_taken_bac
     # Decided again on the records as they are: it does not rank for the rung it was claimed
     # for (it was planted there), so the study is finished, without it failed.
     assert decide(scheduler_records(studies, cfg), **settings) == Finished()
+
+
+def test_a_promotion_claimed_by_a_live_but_slow_process_is_left_to_it(tmp_path: Path) -> None:
+    """A claimer on this machine still running past grace_period is slow (riding out a storage
+    outage, say), not dead: its claim stays until it is gone. One on another machine cannot be
+    looked at and is taken back; if it was only slow, it finds its claim gone and queues
+    nothing (the leg is queued once, by whoever decides the promotion again)."""
+    from search.scheduler import Continue
+    from search.stages import _enqueue_continuation, _take_back_unqueued
+
+    cfg, studies, settings, waiting = finished_study_with_a_short_grace(tmp_path, "slow")
+    to = settings["rungs"][1]
+    key = f"slow.screen/continue/{waiting.number}/{to}"
+    slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert Claims(studies.claims.engine, owner=_owner_of(slow.pid)).take(key)
+        time.sleep(2.2)
+        _take_back_unqueued(studies, cfg)
+        assert studies.claims.holder(key)[0] == _owner_of(slow.pid)  # alive: left to it
+    finally:
+        slow.kill()
+        slow.wait(timeout=30)
+    _take_back_unqueued(studies, cfg)
+    assert studies.claims.holder(key) is None  # gone: taken back
+
+    class TakenBackMeanwhile(Claims):
+        """This process's claims, where another worker takes a promotion back right after
+        this one claims it (this one stalled past grace_period)."""
+
+        def take(self, key: str) -> bool:
+            taken = super().take(key)
+            if taken and "/continue/" in key:
+                Claims(self.engine, owner="another-host:7/1").release(key)
+            return taken
+
+    stalled = dataclasses.replace(studies, claims=TakenBackMeanwhile(studies.claims.engine))
+    decision = Continue(number=waiting.number, from_rung=settings["rungs"][0], to_rung=to)
+    records = scheduler_records(studies, cfg)
+    assert not _enqueue_continuation(stalled, cfg, decision, records, settings, 0)
+    assert not any(
+        t.user_attrs.get("config") == waiting.number and t.user_attrs.get("rung_to") == to
+        for t in studies.screen.get_trials()
+    )
+
+
+def test_a_retry_the_retry_rule_refuses_is_not_waited_for(tmp_path: Path) -> None:
+    """A chain that spent more retries than a later run's lower max_retries, interrupted
+    (a free retry) and its retry never queued: the retry is refused, and nobody waits for it
+    (the study used to wait for it forever); under the old limit it is queued, once."""
+    from search.objective import INTERRUPTED_REASON
+    from search.scheduler import Finished
+    from search.stages import _owed_retries, _retry_late
+    from storage.retry import FAILED_AT_ATTR
+
+    cfg, studies, settings, waiting = finished_study_with_a_short_grace(tmp_path, "lowered")
+    source = next(t for t in studies.screen.get_trials() if t.number == waiting.number)
+    studies.screen.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.FAIL,
+            params=source.params,
+            distributions=source.distributions,
+            user_attrs={
+                "config": waiting.number,
+                "rung_from": 1,
+                "rung_to": 3,
+                "fail_reason": INTERRUPTED_REASON,
+            },
+            system_attrs={FAILED_AT_ATTR: time.time() - 10, "retry_history": [90, 91, 92]},
+        )
+    )
+    failed = studies.screen.get_trials()[-1]
+    lowered = load_config(
+        "quickstart",
+        [*RUNG_STUDY, "name=lowered", f"storage={cfg.storage}", "heartbeat_interval=1"]
+        + ["grace_period=2", "max_retries=1"],
+    )
+    assert _owed_retries(studies, lowered, "screen") == []
+    _retry_late(studies, lowered, "screen")
+    assert len(studies.screen.get_trials()) == failed.number + 1
+    assert decide(scheduler_records(studies, lowered), **settings) == Finished()
+    assert [t.number for t in _owed_retries(studies, cfg, "screen")] == [failed.number]
+    _retry_late(studies, cfg, "screen")
+    _retry_late(studies, cfg, "screen")
+    (retry,) = studies.screen.get_trials()[failed.number + 1 :]
+    assert retry.system_attrs["retry_history"] == [90, 91, 92, failed.number]
 
 
 def test_a_promotion_whose_claimer_died_before_queueing_it_is_decided_again(
