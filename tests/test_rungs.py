@@ -168,6 +168,21 @@ def finished_study_with_a_short_grace(tmp_path: Path, name: str):  # noqa: ANN20
     return cfg, studies, settings, waiting
 
 
+def add_failed_leg(studies, config: int, user_attrs: dict, system_attrs: dict):  # noqa: ANN001, ANN201
+    """Add configuration ``config``'s leg 1 -> 3 to the screen as a failed trial; returns it."""
+    source = next(t for t in studies.screen.get_trials() if t.number == config)
+    studies.screen.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.FAIL,
+            params=source.params,
+            distributions=source.distributions,
+            user_attrs={"config": config, "rung_from": 1, "rung_to": 3, **user_attrs},
+            system_attrs=system_attrs,
+        )
+    )
+    return studies.screen.get_trials()[-1]
+
+
 def _run_in_process(tmp_path: Path, name: str) -> list[tuple]:
     url = f"sqlite:///{tmp_path / (name + '.db')}"
     cfg = load_config("quickstart", [*RUNG_STUDY, f"name={name}", f"storage={url}"])
@@ -671,22 +686,12 @@ def test_a_retry_the_retry_rule_refuses_is_not_waited_for(tmp_path: Path) -> Non
     from storage.retry import FAILED_AT_ATTR
 
     cfg, studies, settings, waiting = finished_study_with_a_short_grace(tmp_path, "lowered")
-    source = next(t for t in studies.screen.get_trials() if t.number == waiting.number)
-    studies.screen.add_trial(
-        optuna.trial.create_trial(
-            state=TrialState.FAIL,
-            params=source.params,
-            distributions=source.distributions,
-            user_attrs={
-                "config": waiting.number,
-                "rung_from": 1,
-                "rung_to": 3,
-                "fail_reason": INTERRUPTED_REASON,
-            },
-            system_attrs={FAILED_AT_ATTR: time.time() - 10, "retry_history": [90, 91, 92]},
-        )
+    failed = add_failed_leg(
+        studies,
+        waiting.number,
+        {"fail_reason": INTERRUPTED_REASON},
+        {FAILED_AT_ATTR: time.time() - 10, "retry_history": [90, 91, 92]},
     )
-    failed = studies.screen.get_trials()[-1]
     lowered = load_config(
         "quickstart",
         [*RUNG_STUDY, "name=lowered", f"storage={cfg.storage}", "heartbeat_interval=1"]
@@ -927,18 +932,9 @@ def test_a_killed_leg_awaiting_its_retry_still_counts_as_running(tmp_path: Path)
     from storage.trial_retry import retry_claim_key
 
     cfg, studies, settings, waiting = finished_study_with_a_short_grace(tmp_path, "window")
-    source = next(t for t in studies.screen.get_trials() if t.number == waiting.number)
-    # the leg 1 -> 3 of that configuration, failed by heartbeat, its retry not yet queued
-    studies.screen.add_trial(
-        optuna.trial.create_trial(
-            state=TrialState.FAIL,
-            params=source.params,
-            distributions=source.distributions,
-            user_attrs={"config": waiting.number, "rung_from": 1, "rung_to": 3},
-            system_attrs={FAILED_AT_ATTR: time.time()},  # as the storage stamps a failure
-        )
-    )
-    failed = studies.screen.get_trials()[-1]
+    # the leg 1 -> 3 of that configuration, failed by heartbeat (stamped as the storage does),
+    # its retry not yet queued
+    failed = add_failed_leg(studies, waiting.number, {}, {FAILED_AT_ATTR: time.time()})
     dead = Claims(studies.claims.engine, owner="another-host:4242/4026531836")
     assert dead.take(retry_claim_key("window.screen", failed.number))
     record = {r.number: r for r in scheduler_records(studies, cfg)}[waiting.number]
