@@ -555,7 +555,6 @@ class TrialRunner:
                 first = int(trial.user_attrs.get(RUNG_FROM_ATTR, 0))
                 trial.set_user_attr("epochs_added", max(0, min(stop_at, epochs) - first))
                 history = [h for h in history if h.epoch <= stop_at]
-            self._run_hooks(trial, run, tcfg, {"history": history})
             value = float(history[-1].metrics[self.metric])
             if not math.isfinite(value):
                 # The configuration broke (a result for the search, ranked last), not a fault:
@@ -563,6 +562,7 @@ class TrialRunner:
                 raise NonFiniteLossError(
                     f"{self.metric} became {value} in epoch {history[-1].epoch}"
                 )
+            self._run_hooks(trial, run, tcfg, {"history": history})
             return value
         except optuna.TrialPruned:
             trial.set_user_attr("wall_time_s", time.perf_counter() - started)

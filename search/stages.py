@@ -643,7 +643,7 @@ def _enqueue_once(
         if f"enqueued:{key}" in done_study.user_attrs:
             return
         holder = studies.claims.holder(key)
-        if holder is not None and owner_gone(holder[0]):
+        if holder is not None and owner_gone(*holder):
             studies.claims.release_if_taken_at(key, holder[1])
             continue
         if time.monotonic() > deadline:
@@ -675,7 +675,7 @@ def record_baselines(studies: Studies, runner: TrialRunner) -> None:
     holder = studies.claims.holder(key)
     if holder is not None:
         owner, taken_at = holder
-        if owner_gone(owner) or time.time() - taken_at > BASELINES_CLAIM_STALE_S:
+        if owner_gone(owner, taken_at) or time.time() - taken_at > BASELINES_CLAIM_STALE_S:
             studies.claims.release_if_taken_at(key, taken_at)
     if studies.claims.take(key):
         try:
@@ -1098,7 +1098,7 @@ def _enqueue_continuation(
             if not _leg_exists(studies, cfg, decision.number, decision.to_rung):
                 if seat is not None:
                     studies.claims.release(seat, own_only=True)
-                studies.claims.release(key)
+                studies.claims.release(key, own_only=True)  # not one taken back and again
         raise
 
 
@@ -1136,7 +1136,7 @@ def _claimer_at_work(claims: Claims, key: str) -> bool:
     other silent past grace_period is taken for dead; one that was only slow finds its claim
     gone before it queues anything (see :func:`_enqueue_continuation`)."""
     holder = claims.holder(key)
-    return holder is not None and holder[0] != claims.owner and owner_alive(holder[0])
+    return holder is not None and holder[0] != claims.owner and owner_alive(*holder)
 
 
 def _leg_stage(cfg: DictConfig, to_rung: int) -> str:

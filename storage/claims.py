@@ -13,6 +13,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import sqlalchemy as sa
@@ -57,15 +58,47 @@ def owner_host(owner: str) -> str:
     return owner.partition(":")[0]
 
 
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` of this machine runs (another user's counts as running)."""
+def process_alive(pid: int, started_by: float | None = None) -> bool:
+    """Whether process ``pid`` of this machine runs (another user's counts as running). An
+    exited process its parent has not reaped yet (a zombie) does not; with ``started_by`` (a
+    ``time.time()``), neither does one that started after it: the pid was reused since, by
+    another process (a reboot, a busy machine)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    fields = _proc_stat(pid)
+    if fields is None:
+        return True  # no /proc here: the signal's word
+    if fields[0] == "Z":
+        return False
+    started = _started_at(fields)
+    return started_by is None or started is None or started <= started_by + _START_SLACK_S
+
+
+_START_SLACK_S = 1.0  # /proc/stat's boot time is in whole seconds
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name, from the state on; None
+    where there is none."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rpartition(")")[2].split()
+
+
+def _started_at(fields: list[str]) -> float | None:
+    """When the process of these ``/proc/<pid>/stat`` fields started (``time.time()``)."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+        boot = next(float(line.split()[1]) for line in lines if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
 
 
 def owner_pid(owner: str) -> int | None:
@@ -82,19 +115,21 @@ def _pid_here(owner: str) -> int | None:
     return pid if local and owner.partition("/")[2] == here else None
 
 
-def owner_gone(owner: str) -> bool:
+def owner_gone(owner: str, taken_at: float | None = None) -> bool:
     """Whether the process named by a claim's ``owner`` (:func:`default_owner`) is known to be
-    gone: it ran on this machine, in this PID namespace, and no longer runs. One on another
+    gone: it ran on this machine, in this PID namespace, and no longer runs (or its pid is
+    another process's, started after the claim was taken at ``taken_at``). One on another
     machine or in another container, or named without its namespace: not known."""
     pid = _pid_here(owner)
-    return pid is not None and not process_alive(pid)
+    return pid is not None and not process_alive(pid, taken_at)
 
 
-def owner_alive(owner: str) -> bool:
+def owner_alive(owner: str, taken_at: float | None = None) -> bool:
     """Whether the process named by ``owner`` is known to run: one of this machine, in this
-    PID namespace, that still runs (not known for any other)."""
+    PID namespace, that still runs (and started before its claim was taken at ``taken_at``);
+    not known for any other."""
     pid = _pid_here(owner)
-    return pid is not None and process_alive(pid)
+    return pid is not None and process_alive(pid, taken_at)
 
 
 class Claims:

@@ -106,7 +106,7 @@ class RetryFailedTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
         key = retry_claim_key(study.study_name, trial.number)
         if claims is not None and not claims.take(key):
             holder = claims.holder(key)
-            if holder is None or not owner_gone(holder[0]):
+            if holder is None or not owner_gone(*holder):
                 return  # another process is queueing this retry, or has
             # Its taker died before queueing it (this machine's process, known gone): the
             # retry is taken over, once, unless that process queued it after all.

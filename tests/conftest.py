@@ -304,3 +304,11 @@ def finished_quickstart(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
             f"quickstart failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         )
     return runs_dir, overrides
+
+
+def wait_until_a_zombie(pid: int) -> None:
+    """Wait until child ``pid`` has exited and is not reaped yet (state Z in /proc)."""
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+        assert time.monotonic() < deadline, f"process {pid} did not exit"
+        time.sleep(0.05)

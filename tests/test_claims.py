@@ -12,13 +12,22 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from conftest import wait_until_a_zombie
 
-from storage.claims import CLAIMS, Claims, default_owner, owner_gone, owner_host
+from storage.claims import (
+    CLAIMS,
+    Claims,
+    default_owner,
+    owner_alive,
+    owner_gone,
+    owner_host,
+)
 from storage.urls import SQLITE_TIMEOUT_S
 
 THREADS = 16
@@ -204,6 +213,33 @@ def test_a_dead_process_of_this_machine_and_namespace_is_gone() -> None:
     owner = f"{host_pid.partition(':')[0]}:{dead.pid}/{namespace}"
     assert owner_gone(owner)
     assert not owner_gone(default_owner())
+
+
+def test_a_zombie_or_a_process_started_after_the_claim_is_not_its_taker() -> None:
+    """An exited process not reaped yet (its parent, a launcher, waits on another worker) is
+    gone; so is the process behind a pid that started after the claim was taken (the pid was
+    reused). Either taken for alive would keep a dead taker's claim forever."""
+    host_pid, _, namespace = default_owner().partition("/")
+
+    def owner_of(pid: int) -> str:
+        return f"{host_pid.partition(':')[0]}:{pid}/{namespace}"
+
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        wait_until_a_zombie(zombie.pid)
+        assert owner_gone(owner_of(zombie.pid)) and not owner_alive(owner_of(zombie.pid))
+    finally:
+        zombie.wait(timeout=30)
+    later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        before_it = time.time() - 60  # a claim taken before this process started
+        assert owner_gone(owner_of(later.pid), before_it)
+        assert not owner_alive(owner_of(later.pid), before_it)
+        assert owner_alive(owner_of(later.pid), time.time())  # started before: its taker
+        assert not owner_gone(owner_of(later.pid), time.time())
+    finally:
+        later.kill()
+        later.wait(timeout=30)
 
 
 @pytest.mark.postgres

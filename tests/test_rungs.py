@@ -25,7 +25,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-from conftest import run_module
+from conftest import run_module, wait_until_a_zombie
 from optuna.trial import TrialState
 
 from search.config import load_config
@@ -650,11 +650,13 @@ def test_a_promotion_claimed_by_a_live_but_slow_process_is_left_to_it(tmp_path: 
         time.sleep(2.2)
         _take_back_unqueued(studies, cfg)
         assert studies.claims.holder(key)[0] == _owner_of(slow.pid)  # alive: left to it
+        slow.kill()
+        wait_until_a_zombie(slow.pid)  # dead, not yet reaped (its parent waits on another)
+        _take_back_unqueued(studies, cfg)
+        assert studies.claims.holder(key) is None  # gone: taken back
     finally:
         slow.kill()
         slow.wait(timeout=30)
-    _take_back_unqueued(studies, cfg)
-    assert studies.claims.holder(key) is None  # gone: taken back
 
     class TakenBackMeanwhile(Claims):
         """This process's claims, where another worker takes a promotion back right after
