@@ -503,11 +503,8 @@ def _retry_late(studies: Studies, cfg: DictConfig, stage: str) -> None:
     held = studies.claims.taken_at(f"{study.study_name}/retry-of/")
     for t in owed:
         key = retry_claim_key(study.study_name, t.number)
-        if key in held:
-            if now - held[key] < grace or _claimer_at_work(studies.claims, key):
-                continue  # its taker may still be queueing it
-            if not studies.claims.release_if_taken_at(key, held[key]):
-                continue  # taken again meanwhile: that taker queues it
+        if key in held and not _take_back_if_abandoned(studies.claims, key, held[key], grace):
+            continue  # its taker may still be queueing it, or took it again meanwhile
         _queue_retry(studies, study, t.number, int(cfg.max_retries), not _free_retry(t))
 
 
@@ -1083,7 +1080,7 @@ def _enqueue_continuation(
             if seat is None:  # the long budget filled meanwhile: not promoted
                 studies.claims.release(key)
                 return False
-        if (studies.claims.holder(key) or ("",))[0] != studies.claims.owner:
+        if not studies.claims.holds(key):
             # Taken back meanwhile (this process stalled past grace_period, and another took
             # it for dead: _take_back_unqueued): the promotion is that one's to decide again.
             if seat is not None:
@@ -1124,19 +1121,21 @@ def _take_back_unqueued(studies: Studies, cfg: DictConfig) -> None:
     being lost. Only that very claim goes: one taken again meanwhile is left alone."""
     grace, now = float(cfg.grace_period), time.time()
     for key, at in studies.claims.taken_at(_continue_prefix(studies)).items():
-        if now - at < grace or _leg_exists(studies, cfg, *_continue_of(key)):
-            continue
-        if not _claimer_at_work(studies.claims, key):
-            studies.claims.release_if_taken_at(key, at)
+        if now - at >= grace and not _leg_exists(studies, cfg, *_continue_of(key)):
+            _take_back_if_abandoned(studies.claims, key, at, grace)
 
 
-def _claimer_at_work(claims: Claims, key: str) -> bool:
-    """Whether claim ``key`` is held by another process known to run (one of this machine):
-    it is slow (a storage outage it rides out), not dead, and still does what it claimed. Any
-    other silent past grace_period is taken for dead; one that was only slow finds its claim
-    gone before it queues anything (see :func:`_enqueue_continuation`)."""
+def _take_back_if_abandoned(claims: Claims, key: str, taken_at: float, grace: float) -> bool:
+    """Release claim ``key`` (as taken at ``taken_at``) if its taker abandoned it: silent for
+    ``grace`` seconds and not another process known to run (one of this machine: slow, riding
+    out a storage outage, not dead). A taker elsewhere that was only slow finds its claim gone
+    before it queues anything (:meth:`storage.claims.Claims.holds`). Whether it was released."""
+    if time.time() - taken_at < grace:
+        return False
     holder = claims.holder(key)
-    return holder is not None and holder[0] != claims.owner and owner_alive(*holder)
+    if holder is not None and holder[0] != claims.owner and owner_alive(*holder):
+        return False
+    return claims.release_if_taken_at(key, taken_at)
 
 
 def _leg_stage(cfg: DictConfig, to_rung: int) -> str:

@@ -245,6 +245,11 @@ class Claims:
 
         return self._retry("read claim", attempt)
 
+    def holds(self, key: str) -> bool:
+        """Whether this owner holds claim ``key`` (not someone who took it back meanwhile)."""
+        holder = self.holder(key)
+        return holder is not None and holder[0] == self.owner
+
     def taken(self, prefix: str) -> list[str]:
         """Keys already taken that start with ``prefix``."""
         return list(self.taken_at(prefix))

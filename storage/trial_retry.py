@@ -117,7 +117,7 @@ class RetryFailedTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
         try:
             # Taken back meanwhile (this process stalled past grace_period, and another took
             # it for dead and queues the retry): leave it to that one.
-            if claims is not None and (claims.holder(key) or ("",))[0] != claims.owner:
+            if claims is not None and not claims.holds(key):
                 return
             study.add_trial(
                 optuna.create_trial(
