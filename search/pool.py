@@ -53,6 +53,7 @@ from search.stages import (
 )
 from storage.checkpoint_store import CheckpointTransferError
 from storage.claims import process_alive, this_machine
+from storage.retry import RETRY_SECONDS
 
 
 def device_plan(devices: str, workers: int, device_count: int | None = None) -> list[str]:
@@ -258,7 +259,11 @@ def _batches_over(cfg: DictConfig, images: int) -> list[int]:
     return sorted(size for size in sizes if size > images)
 
 
-STOP_GRACE_S = 30.0  # how long stopped workers get to re-enqueue their trials
+STOP_GRACE_S = 30.0  # after the first stop signal, later ones within this are ignored
+# How long a launcher waits for its stopped workers before it kills them: a worker's re-enqueue
+# may ride out a storage outage for the whole retry bound (a worker killed mid-outage leaves its
+# trial to the heartbeat, which retries it as a counted retry, not a free one).
+STOP_WAIT_S = RETRY_SECONDS + STOP_GRACE_S
 
 
 _stopped_by: list[int] = []  # the signal that stopped this process, once one did
@@ -305,8 +310,9 @@ def install_sigterm_as_interrupt() -> None:
 
     Only the first signal interrupts. Later ones within ``STOP_GRACE_S`` are ignored while the
     process stops: Ctrl-C reaches a launcher and its workers at once, and the launcher then sends
-    its workers SIGTERM, which must not cut short the re-enqueueing of their trials (a launcher
-    kills a worker that has not stopped by then; a signal after it interrupts a stuck clean-up).
+    its workers SIGTERM, which must not cut short the re-enqueueing of their trials (a signal
+    after it interrupts a stuck clean-up; a launcher kills a worker that has not stopped within
+    ``STOP_WAIT_S``).
     SIGINT is set too, because a process started from a background job inherits it ignored.
     """
 
@@ -444,7 +450,7 @@ def run_workers(
         # worker re-enqueues its running trial and exits.
         for w in workers:
             w.stop()
-        deadline = time.monotonic() + STOP_GRACE_S
+        deadline = time.monotonic() + STOP_WAIT_S
         for w in workers:
             w.wait(max(deadline - time.monotonic(), 0.1))
         raise

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from collections.abc import Iterator
@@ -312,3 +313,33 @@ def wait_until_a_zombie(pid: int) -> None:
     while Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
         assert time.monotonic() < deadline, f"process {pid} did not exit"
         time.sleep(0.05)
+
+
+_HOLD_LOCK = textwrap.dedent(
+    """
+    import sqlite3, sys, time
+    from pathlib import Path
+    db, marker, seconds = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("BEGIN EXCLUSIVE")
+    marker.write_text("locked")
+    time.sleep(seconds)
+    conn.execute("COMMIT")
+    conn.close()
+    """
+)
+
+
+def hold_sqlite_lock(db: Path, seconds: float, tmp_path: Path) -> subprocess.Popen:
+    """Another process holding ``db``'s write lock for ``seconds``; returns once it has it."""
+    marker = tmp_path / f"locked-{uuid.uuid4().hex[:8]}"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(db), str(marker), str(seconds)]
+    )
+    deadline = time.monotonic() + 20
+    while not marker.exists():
+        if holder.poll() is not None or time.monotonic() > deadline:
+            holder.kill()
+            raise AssertionError("the lock-holding process did not start")
+        time.sleep(0.02)
+    return holder

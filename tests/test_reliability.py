@@ -26,7 +26,8 @@ from search import (
     summarize,
 )
 from search.database import WORKER_STORAGE_ENV
-from tests.conftest import REPO_ROOT, interrupt_and_collect, run_module
+from search.pool import STOP_GRACE_S, STOP_WAIT_S
+from tests.conftest import REPO_ROOT, hold_sqlite_lock, interrupt_and_collect, run_module
 
 # Every test here trains or starts search.run processes.
 pytestmark = pytest.mark.slow
@@ -271,8 +272,9 @@ def _children(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
-@pytest.mark.parametrize("background", [False, True])
-def test_sigterm_to_the_launcher_stops_its_workers_and_requeues(tmp_path, background):
+def _launch_two_workers(tmp_path: Path, background: bool = False) -> subprocess.Popen:
+    """``search.run`` with two worker processes on a long screen, returned once a trial has
+    trained an epoch (its checkpoint is the marker)."""
     args = [
         "study=quickstart",
         f"runs_dir={tmp_path}",
@@ -298,16 +300,14 @@ def test_sigterm_to_the_launcher_stops_its_workers_and_requeues(tmp_path, backgr
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
     deadline = time.monotonic() + 300
-    # The marker: a checkpoint written by a running trial (it has trained an epoch).
     while not list((tmp_path / "checkpoints").glob(f"*/trial-*/{PRETRAIN_FILE}")):
         assert time.monotonic() < deadline and launcher.poll() is None, "no trial got going"
         time.sleep(0.5)
-    workers = _children(launcher.pid)
-    assert len(workers) == 2
-    launcher.send_signal(signal.SIGTERM)
-    assert launcher.wait(timeout=60) == 128 + signal.SIGTERM  # 143: a TERM, not a Ctrl-C
+    return launcher
+
+
+def _assert_stopped_and_requeued(workers: list[int], url: str) -> None:
     for pid in workers:
         assert (
             not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
@@ -316,6 +316,39 @@ def test_sigterm_to_the_launcher_stops_its_workers_and_requeues(tmp_path, backgr
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     waiting = [t for t in trials if t.state == TrialState.WAITING]
     assert waiting, [(t.number, t.state) for t in trials]  # re-enqueued to resume
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_sigterm_to_the_launcher_stops_its_workers_and_requeues(tmp_path, background):
+    launcher = _launch_two_workers(tmp_path, background)
+    workers = _children(launcher.pid)
+    assert len(workers) == 2
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=60) == 128 + signal.SIGTERM  # 143: a TERM, not a Ctrl-C
+    _assert_stopped_and_requeued(workers, f"sqlite:///{tmp_path / 'ssl-search.db'}")
+
+
+def test_workers_stopped_during_a_storage_outage_requeue_once_it_ends(tmp_path):
+    """The launcher waits for its stopped workers as long as their re-enqueue may retry a
+    storage call (the retry bound), not less: a worker killed mid-outage would leave its trial
+    RUNNING, to be retried by the heartbeat as a counted retry. Here the database is locked for
+    longer than the signal grace (``STOP_GRACE_S``), within the retry bound."""
+    launcher = _launch_two_workers(tmp_path)
+    workers = _children(launcher.pid)
+    assert len(workers) == 2
+    db = tmp_path / "ssl-search.db"
+    locked_s = STOP_GRACE_S + 15
+    assert locked_s < STOP_WAIT_S
+    holder = hold_sqlite_lock(db, locked_s, tmp_path)
+    stopped_at = time.monotonic()
+    launcher.send_signal(signal.SIGTERM)
+    try:
+        assert launcher.wait(timeout=STOP_WAIT_S + 60) == 128 + signal.SIGTERM
+    finally:
+        holder.wait(timeout=locked_s + 30)
+    # The workers could not re-enqueue before the lock was released: the outage was real.
+    assert time.monotonic() - stopped_at >= locked_s - 1
+    _assert_stopped_and_requeued(workers, f"sqlite:///{db}")
 
 
 # ---- 3: a storage fault is ridden out, not a crash or a lost trial -----------------------------

@@ -13,11 +13,8 @@ import re
 import shutil
 import sqlite3
 import subprocess
-import sys
-import textwrap
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +27,7 @@ from optuna.trial import TrialState
 from storage.claims import Claims
 from storage.retry import RETRIED_METHODS, RetryingRDBStorage, is_transient
 from storage.urls import StorageUnavailableError, open_storage
+from tests.conftest import hold_sqlite_lock
 
 # ---- helpers ---------------------------------------------------------------------------------
 
@@ -72,34 +70,6 @@ def pg_fault_url(postgres_db_url: str) -> Iterator[str]:
         yield postgres_db_url
     finally:
         _wait_for_postgres()
-
-
-HOLD_LOCK = textwrap.dedent(
-    """
-    import sqlite3, sys, time
-    from pathlib import Path
-    db, marker, seconds = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
-    conn = sqlite3.connect(db, isolation_level=None)
-    conn.execute("BEGIN EXCLUSIVE")
-    marker.write_text("locked")
-    time.sleep(seconds)
-    conn.execute("COMMIT")
-    conn.close()
-    """
-)
-
-
-def _hold_sqlite_lock(db: Path, seconds: float, tmp_path: Path) -> subprocess.Popen:
-    """Another process holding ``db``'s write lock for ``seconds``; returns once it has it."""
-    marker = tmp_path / f"locked-{uuid.uuid4().hex[:8]}"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(db), str(marker), str(seconds)])
-    deadline = time.monotonic() + 20
-    while not marker.exists():
-        if holder.poll() is not None or time.monotonic() > deadline:
-            holder.kill()
-            raise AssertionError("the lock-holding process did not start")
-        time.sleep(0.02)
-    return holder
 
 
 @contextlib.contextmanager
@@ -361,7 +331,7 @@ def test_sqlite_lock_longer_than_the_busy_timeout_is_ridden_out(tmp_path: Path) 
     trial_id = storage.create_new_trial(study._study_id)
     claims = Claims(storage.engine)
 
-    holder = _hold_sqlite_lock(db, 2.5, tmp_path)
+    holder = hold_sqlite_lock(db, 2.5, tmp_path)
     started = time.monotonic()
     with ThreadPoolExecutor(3) as pool:
         futures = [
@@ -375,7 +345,7 @@ def test_sqlite_lock_longer_than_the_busy_timeout_is_ridden_out(tmp_path: Path) 
     assert results == [None, None, True]
     assert waited > 1.5, "the calls should have waited for the lock"
 
-    holder = _hold_sqlite_lock(db, 2.0, tmp_path)
+    holder = hold_sqlite_lock(db, 2.0, tmp_path)
     assert storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [0.25]) is True
     assert holder.wait(timeout=10) == 0
     trial = storage.get_trial(trial_id)
@@ -393,7 +363,7 @@ def test_sqlite_lock_past_the_bound_raises_one_line(tmp_path: Path) -> None:
     study = optuna.create_study(storage=storage, study_name="s")
     trial_id = storage.create_new_trial(study._study_id)
 
-    holder = _hold_sqlite_lock(db, 30, tmp_path)
+    holder = hold_sqlite_lock(db, 30, tmp_path)
     try:
         started = time.monotonic()
         with pytest.raises(StorageUnavailableError) as raised:
