@@ -1397,7 +1397,8 @@ def check_same_images(studies: Studies, splits: ImageSplits) -> None:
         raise DataError(
             f"data.root: this worker's images (digest {digest}: {source}) are not the ones "
             f"{study.study_name} was started on (digest {recorded}); every worker must read "
-            "the same copy of the data (torchvision's CIFAR-10 pickles and the JPEG copy differ)"
+            "the same copy of the data (torchvision's CIFAR-10 pickles and the JPEG copy differ), "
+            "and image files decoded by the same Pillow version on every machine"
         )
 
 
