@@ -24,6 +24,7 @@ _EXPORTS = {
     "ConfigError": "search.config",
     "StudyConfig": "search.config",
     "available_studies": "search.config",
+    "check_checkpoints_reachable": "search.config",
     "checkpoint_store": "search.config",
     "direction_of": "search.config",
     "load_config": "search.config",

@@ -57,6 +57,7 @@ from storage.checkpoint_store import (
     CheckpointStore,
     check_location,
     is_url,
+    probe_location,
     redact_location,
 )
 
@@ -676,6 +677,14 @@ _FOLDER_SETTINGS = {
 def _validate_folders(cfg: DictConfig) -> None:
     """Every folder the study writes to is a folder, or can be made: a path through a file
     (``/etc/hostname/ck``) would fail every trial of the study, each after it started."""
+    for setting in ("runs_dir", "artifacts_dir"):
+        if is_url(str(cfg[setting])):  # Path() would make a local folder named "s3:"
+            raise ConfigError(
+                printable(
+                    f"{setting}: a folder (a local path or a shared mount), got the URL "
+                    f"{redact_location(str(cfg[setting]))!r}; only checkpoints_dir takes URLs"
+                )
+            )
     for kind, folder in resolved_paths(cfg).items():
         setting = _FOLDER_SETTINGS[kind]
         if kind == "checkpoints" and is_url(str(cfg.checkpoints_dir)):
@@ -1039,6 +1048,16 @@ def checkpoint_store(cfg: DictConfig) -> CheckpointStore:
     if is_url(str(cfg.checkpoints_dir)):
         return CheckpointStore(str(cfg.checkpoints_dir), cache=folder)
     return CheckpointStore(str(folder))
+
+
+def check_checkpoints_reachable(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` (one line, ``checkpoints_dir``) when its URL cannot be
+    reached from this machine. Not part of :func:`validate`, which contacts nothing: a command
+    calls it before it writes anything, so a typo in a host fails once, not every trial in turn."""
+    try:
+        probe_location(str(cfg.checkpoints_dir))
+    except CheckpointLocationError as error:
+        raise ConfigError(printable(f"checkpoints_dir: {error}")) from None
 
 
 def public_config(cfg: DictConfig) -> dict[str, Any]:

@@ -175,6 +175,7 @@ def main() -> int:
     import optuna
 
     from search import (
+        check_checkpoints_reachable,
         check_devices,
         install_sigterm_as_interrupt,
         interrupted_exit_code,
@@ -182,9 +183,10 @@ def main() -> int:
         open_studies,
     )
 
-    # What only this machine can tell (its devices, its copy of the data) is checked before
-    # the study is written: bad input writes nothing.
+    # What only this machine can tell (its devices, the checkpoints URL, its copy of the data)
+    # is checked before the study is written: bad input writes nothing.
     check_devices(cfg)
+    check_checkpoints_reachable(cfg)
     splits = load_data(cfg)
     if int(cfg.workers) > 1:
         splits = None  # spawned workers load their own; the launcher keeps no copy

@@ -17,7 +17,7 @@ from models.data import load_splits
 from models.errors import UsageError
 from models.training import EpochReport, Run
 from search.cli import config_from_args, guarded, parser
-from search.config import checkpoint_store, to_dataclasses
+from search.config import check_checkpoints_reachable, checkpoint_store, to_dataclasses
 from search.naming import (
     PRETRAIN_FILE,
     checkpoint_identity,
@@ -53,6 +53,7 @@ def main() -> int:
     args = p.parse_intermixed_args()
     cfg = config_from_args(args.overrides)
     data_cfg, model_cfg, train_cfg = to_dataclasses(cfg)
+    check_checkpoints_reachable(cfg)
     store = checkpoint_store(cfg)  # a folder, or a URL mirrored in a local cache
     relative = standalone_run_relative(cfg)
     install_sigterm_as_interrupt()

@@ -20,6 +20,7 @@ from reporting.store import open_existing_storage, require_study
 from search import (
     StageError,
     StorageUnavailableError,
+    check_checkpoints_reachable,
     check_devices,
     install_sigterm_as_interrupt,
     interrupted_exit_code,
@@ -59,6 +60,7 @@ def main() -> int:
     # Its devices and whether the study is there to join are checked before anything is
     # written (worker_loop loads the data before it opens the study): bad input writes nothing.
     check_devices(cfg)
+    check_checkpoints_reachable(cfg)
     if not args.create:
         require_study(
             open_existing_storage(url),

@@ -18,6 +18,7 @@ read.
 Example::
 
     check_location("s3://bucket/ckpt")          # raises CheckpointLocationError, one line
+    probe_location("s3://bucket/ckpt")          # the same, when it cannot be reached from here
     store = CheckpointStore("memory://ckpt", cache=Path("runs/checkpoint-cache/memory-1"))
     store.pull("study.screen-uid/trial-00003")
     folder = store.local("study.screen-uid/trial-00003")   # train here
@@ -153,6 +154,28 @@ def check_location(location: str) -> None:
         ) from None
 
 
+def probe_location(location: str) -> None:
+    """Raise :class:`CheckpointLocationError` when ``location`` is a URL that cannot be reached
+    from here: its filesystem does not open, or cannot tell whether the folder exists (an
+    unknown host, a refused port, missing credentials). Reads only; a path is not looked at
+    (:func:`check_location` has checked it)."""
+    if protocol_of(location) is None:
+        return
+    shown = redact_location(location)
+    try:
+        from fsspec.core import url_to_fs
+
+        fs, root = url_to_fs(str(location))
+        fs.exists(root)
+    except Exception as error:  # whatever the backend raises: the location is not usable
+        reason = str(error).splitlines()[0] if str(error) else ""
+        if shown != str(location):
+            reason = "(details withheld: the URL holds a password)"
+        raise CheckpointLocationError(
+            f"cannot reach {shown}: {type(error).__name__}: {reason}".rstrip(": ")
+        ) from None
+
+
 def _relative(relative: str | os.PathLike[str]) -> PurePosixPath:
     """``relative`` as a folder inside the store; refuses absolute paths and ``..``."""
     path = PurePosixPath(Path(relative).as_posix())
@@ -226,8 +249,8 @@ class CheckpointStore:
         if not self.remote:
             return []
         rel = _relative(relative)
-        remote_dir = self._remote_path(rel)
         try:
+            remote_dir = self._remote_path(rel)  # opens the filesystem: may connect, and fail
             self.fs.invalidate_cache(remote_dir)
             try:
                 entries = self.fs.ls(remote_dir, detail=True)
@@ -269,9 +292,9 @@ class CheckpointStore:
             rel = _relative(path.parent.relative_to(self.root))
         except ValueError as error:
             raise ValueError(f"{path} is not inside the checkpoint cache {self.root}") from error
-        final = self._remote_path(rel, path.name)
         self._marker(path).unlink(missing_ok=True)  # not the store's version until uploaded
         try:
+            final = self._remote_path(rel, path.name)  # opens the filesystem: may connect
             fs = self.fs
             if protocol_of(self.location) in OBJECT_STORES:
                 fs.put_file(str(path), final)

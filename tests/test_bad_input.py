@@ -84,6 +84,8 @@ BAD_OVERRIDES = [
     (["checkpoints_dir=nosuchproto://bucket/ckpt"], "checkpoints_dir"),
     (["checkpoints_dir=https://example.org/ckpt"], "checkpoints_dir"),
     (["checkpoints_dir=memory://"], "checkpoints_dir"),
+    (["artifacts_dir=s3://bucket/figures"], "artifacts_dir"),  # not a folder named "s3:"
+    (["runs_dir=gs://bucket/runs"], "runs_dir"),
     # a folder under a file: every trial would fail, each after it started
     ([f"checkpoints_dir={__file__}/ck"], "checkpoints_dir"),
     ([f"artifacts_dir={__file__}/a"], "artifacts_dir"),
@@ -354,6 +356,9 @@ def assert_one_line_error(result: subprocess.CompletedProcess, key: str) -> str:
         (["name=${oc.decode:'[1,'}"], "name"),
         (["train.epochs=3\x1b[31m"], "train.epochs"),
         (["data.name=imagefolder", "data.path=/nonexistent/images"], "data.path"),
+        # A URL no one answers at (a refused port): probed before the study is written, not
+        # found out by every configuration failing in turn.
+        (["checkpoints_dir=ftp://127.0.0.1:1/ckpt"], "checkpoints_dir"),
     ],
     ids=lambda v: repr(v)[:40],
 )

@@ -25,6 +25,7 @@ from storage.checkpoint_store import (
     CheckpointStore,
     CheckpointTransferError,
     check_location,
+    probe_location,
     redact_location,
 )
 
@@ -145,6 +146,28 @@ def test_unusable_locations_are_refused_in_one_line(location: str, words: str) -
 def test_folders_and_usable_urls_pass(tmp_path: Path) -> None:
     for location in ("", "runs/checkpoints", str(tmp_path), "memory://b/x", tmp_path.as_uri()):
         check_location(location)
+
+
+UNREACHABLE = "ftp://127.0.0.1:1/ckpt"  # a refused port: the filesystem fails as it opens
+
+
+def test_an_unreachable_url_is_refused_in_one_line_and_a_reachable_one_passes(bucket: str) -> None:
+    with pytest.raises(CheckpointLocationError) as caught:
+        probe_location(UNREACHABLE)
+    assert f"cannot reach {UNREACHABLE}: ConnectionRefusedError" in str(caught.value)
+    assert "\n" not in str(caught.value)
+    probe_location(bucket)  # a folder not made yet is fine
+    probe_location("/nonexistent/folder")  # paths are check_location's
+
+
+def test_a_transfer_whose_filesystem_fails_to_open_is_a_transfer_error(tmp_path: Path) -> None:
+    """Opening the filesystem (which connects, for ftp:// or sftp://) is part of the transfer:
+    its failure fails the trial as a transfer, retried, naming the URL."""
+    store = CheckpointStore(UNREACHABLE, cache=tmp_path)
+    with pytest.raises(CheckpointTransferError, match=f"cannot download {UNREACHABLE}/{RELATIVE}"):
+        store.pull(RELATIVE)
+    with pytest.raises(CheckpointTransferError, match=f"cannot upload {UNREACHABLE}/{RELATIVE}"):
+        store.push(write(store.local(RELATIVE) / "pretrain.pt", b"x"))
 
 
 def test_a_password_in_the_url_is_masked(tmp_path: Path) -> None:
