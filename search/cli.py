@@ -41,8 +41,19 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(EXIT_USAGE)
 
 
+class _Parser(argparse.ArgumentParser):
+    """``key=value`` arguments may come before, between or after the options, as users write
+    them (``search.report study=q --out x runs_dir=y``); plain argparse refuses those after."""
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        return self.parse_intermixed_args(args, namespace)
+
+
 def parser(prog: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    """Every command's parser: ``key=value`` overrides, anywhere among its options."""
+    p = _Parser(
         prog=prog,
         description=description,
         epilog=epilog,

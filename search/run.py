@@ -163,7 +163,7 @@ def main() -> int:
         action="store_true",
         help="print where the study stands (progress, summary); trains and writes nothing",
     )
-    args = p.parse_intermixed_args()
+    args = p.parse_args()
     cfg = config_from_args(args.overrides)
     if args.dry_run:
         print_dry_run(cfg)

@@ -50,7 +50,7 @@ def main() -> int:
         "model.channels=32 train.epochs=3",
     )
     p.add_argument("--fresh", action="store_true", help="ignore and replace earlier checkpoints")
-    args = p.parse_intermixed_args()
+    args = p.parse_args()
     cfg = config_from_args(args.overrides)
     data_cfg, model_cfg, train_cfg = to_dataclasses(cfg)
     check_checkpoints_reachable(cfg)

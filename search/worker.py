@@ -44,7 +44,7 @@ def main() -> int:
         "once on an empty database); without it a worker only joins a study that exists, so a "
         "typo in name= or storage= is an error, not a new study nobody watches",
     )
-    args = p.parse_intermixed_args()
+    args = p.parse_args()
     label, rest = "worker", []
     for item in args.overrides:
         if item.startswith("device="):  # validated like train.device, on this machine

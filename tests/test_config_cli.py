@@ -356,3 +356,22 @@ def test_the_storage_gone_is_one_line_and_another_broken_pipe_is_not_hidden(caps
 
     with pytest.raises(BrokenPipeError):
         socket_reset()
+
+
+@pytest.mark.parametrize(
+    "command,option",
+    [
+        ("search.report", ["--out", "report-here"]),
+        ("search.dashboard", ["--print-command"]),
+        ("search.give_up", []),
+        ("search.run", ["--status"]),
+    ],
+)
+def test_key_value_arguments_may_follow_an_option(tmp_path, command, option):
+    """``python -m search.report study=quickstart --out x runs_dir=y``: every command reads
+    ``runs_dir=`` after its options as before them (argparse alone would refuse it)."""
+    runs = tmp_path / "elsewhere"
+    extra = ["configuration=1"] if command == "search.give_up" else []
+    result = cli(command, "study=quickstart", *option, f"runs_dir={runs}", *extra, cwd=tmp_path)
+    assert "unrecognized arguments" not in result.stderr, result.stderr
+    assert str(runs) in result.stdout + result.stderr, (result.stdout, result.stderr)
