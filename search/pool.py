@@ -36,6 +36,7 @@ from models.training import NonFiniteLossError, physical_gpu
 from search.config import ConfigError, resolved_paths, to_dataclasses
 from search.database import WORKER_STORAGE_ENV
 from search.naming import (
+    GIVEN_UP,
     RUNG_FROM_ATTR,
     SKIPPED,
     format_metric,
@@ -165,7 +166,9 @@ def _announce(label: str, study: optuna.Study, number: int, metric: str) -> None
         else ""
     )
     probe = len(learning_curve(attrs, "probe"))
-    if "epochs_run" in attrs and attrs.get(RUNG_FROM_ATTR) is not None:  # a continued leg
+    if str(attrs.get("fail_reason", "")).startswith(GIVEN_UP):  # failed at once, on purpose
+        epochs, resumed = "trained nothing", ""
+    elif "epochs_run" in attrs and attrs.get(RUNG_FROM_ATTR) is not None:  # a continued leg
         epochs = f"epochs {attrs[RUNG_FROM_ATTR]} -> {attrs['epochs_run']}"
         resumed = ""  # from its rung's checkpoint: said by the arrow
     elif "epochs_run" in attrs:
@@ -174,9 +177,12 @@ def _announce(label: str, study: optuna.Study, number: int, metric: str) -> None
         epochs = f"classifier {probe} epochs"
     else:
         epochs = "- epochs"
+    seconds = attrs.get("wall_time_s")  # set when training ends; a failed trial has its times
+    if seconds is None and trial.datetime_start and trial.datetime_complete:
+        seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
     tqdm.write(
         f"[{label}] {study.study_name} #{number} {trial.state.name} {metric} {value} "
-        f"({epochs}, {attrs.get('wall_time_s', 0):.1f}s{resumed}) {extra}".rstrip()
+        f"({epochs}, {seconds or 0:.1f}s{resumed}) {extra}".rstrip()
     )
 
 

@@ -645,6 +645,37 @@ def test_a_worker_logs_a_skipped_trial_as_skipped_not_pruned(tmp_path, capsys):
     assert lines[2].startswith("[w] s.promote #2 PRUNED knn_accuracy - (2 epochs")
 
 
+def test_a_failed_trials_line_gives_its_real_time_and_a_given_up_leg_trains_nothing(
+    tmp_path, capsys
+) -> None:
+    """A trial that failed mid-run has no ``wall_time_s`` (set when training ends): its line
+    gives the time it ran, not 0.0 s; a given-up leg says it trained nothing, not that it
+    resumed."""
+    from datetime import datetime, timedelta
+
+    from search.pool import _announce
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'log.db'}", study_name="s.screen")
+    start = datetime(2026, 12, 2, 12, 0, 0)
+    for attrs in (
+        {"fail_reason": "CheckpointTransferError: checkpoints_dir: cannot upload x"},
+        {"fail_reason": "given up: disk died", "resumed_from_epoch": 1},
+    ):
+        trial = optuna.trial.create_trial(state=TrialState.FAIL, user_attrs=attrs)
+        trial.datetime_start, trial.datetime_complete = start, start + timedelta(seconds=2.5)
+        study.add_trial(trial)
+    for number in range(2):
+        _announce("w", study, number, "knn_accuracy")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (
+        "[w] s.screen #0 FAIL knn_accuracy - (- epochs, 2.5s) CheckpointTransferError: "
+        "checkpoints_dir: cannot upload x"
+    )
+    assert lines[1] == (
+        "[w] s.screen #1 FAIL knn_accuracy - (trained nothing, 2.5s) given up: disk died"
+    )
+
+
 def test_the_data_line_says_when_a_batch_would_hold_every_training_image(capsys) -> None:
     """On a subset smaller than a batch the space can draw, those batch sizes train alike (one
     batch of all the images): said once, where the data is loaded."""
