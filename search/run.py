@@ -68,16 +68,20 @@ def _fmt(metric: str, value: float | None) -> str:
     return "-" if value is None else format_metric(metric, value)
 
 
-def _leg(best: dict[str, Any]) -> str:
+def _leg(best: dict[str, Any], stage: str) -> str:
     """Under rungs, which configuration a stage's best trial trains and to how many epochs:
-    its value is taken there (the deepest rung ranks first, see search.stages.top_trials)."""
+    its value is taken there (the deepest rung ranks first, see search.stages.top_trials).
+    A configuration is numbered by its first trial in the screen study, so only there does a
+    trial's own number say which configuration it is."""
     attrs = best["user_attrs"]
     if RUNG_TO_ATTR not in attrs:
         return ""
     epochs = int(attrs[RUNG_TO_ATTR])
     at = f"at {epochs} epoch{'' if epochs == 1 else 's'}"
     config = int(attrs.get("config", best["number"]))
-    return f" ({at})" if config == best["number"] else f" (configuration #{config}, {at})"
+    if stage == "screen" and config == best["number"]:
+        return f" ({at})"
+    return f" (configuration #{config}, {at})"
 
 
 def print_summary(cfg: DictConfig, summary: dict[str, Any]) -> None:
@@ -90,7 +94,7 @@ def print_summary(cfg: DictConfig, summary: dict[str, Any]) -> None:
         best = entry.get("best")
         if best and stage != "final":
             value = _fmt(metric, best["value"])
-            print(f"         best #{best['number']}{_leg(best)}: {metric} {value}")
+            print(f"         best #{best['number']}{_leg(best, stage)}: {metric} {value}")
             shown = apply(cfg, best["params"])
             params = ", ".join(
                 f"{n}={OmegaConf.select(shown, cfg.search.space[n].target)}" for n in best["params"]

@@ -1281,6 +1281,10 @@ def test_the_summary_says_at_which_rung_a_stage_best_was_measured(capsys) -> Non
     out = capsys.readouterr().out
     assert "best #15 (at 1 epoch): knn_accuracy 96.53%" in out
     assert "best #1 (configuration #14, at 9 epochs): knn_accuracy 96.53%" in out
+    # A promote trial numbered like its configuration is still a promote trial: named in full.
+    summary["stages"]["promote"] = stage(14, {"rung_to": 9, "config": 14})
+    print_summary(cfg, summary)
+    assert "best #14 (configuration #14, at 9 epochs)" in capsys.readouterr().out
 
 
 def test_status_tells_where_a_study_stands_and_writes_nothing(tmp_path: Path) -> None:
