@@ -181,16 +181,20 @@ KEY_COLUMNS = ("stage", "number", "state", "value")
 # rung it continued from (empty: started from scratch), the rung it trained to, epochs added.
 RUNG_COLUMNS = ("config", RUNG_FROM_ATTR, RUNG_TO_ATTR, "epochs_added")
 # oom_batch_size: the batch size a configuration trained with after running out of memory
-# (its params keep the sampled one).
+# (its params keep the sampled one). worker: host:pid/namespace; resumed_from_epoch: the
+# checkpoint a retry resumed from; checkpoint_discarded: why one was not resumed from.
 ATTR_COLUMNS = (
     "epochs_run", "wall_time_s", "images_per_second", "seed", "device", "oom_batch_size",
+    "worker", "checkpoint_dir", "resumed_from_epoch", "checkpoint_discarded",
 )  # fmt: skip
 # source_study, source_trial: the promoted trial a final (or a retrained promote trial) starts
 # from; a rung leg's configuration is its ``config``.
 LINK_COLUMNS = (
     "reason", "source_study", "source_trial", "baseline", "datetime_start", "datetime_complete",
 )  # fmt: skip
-INT_COLUMNS = ("epochs_run", "seed", "source_trial", "oom_batch_size", *RUNG_COLUMNS)
+INT_COLUMNS = (
+    "epochs_run", "seed", "source_trial", "oom_batch_size", "resumed_from_epoch", *RUNG_COLUMNS,
+)  # fmt: skip
 _DATAFRAME_ATTRS = (
     "number", "value", "datetime_start", "datetime_complete", "params", "user_attrs", "state",
 )  # fmt: skip

@@ -83,6 +83,10 @@ def test_report_writes_markdown_csv_and_figures(finished_quickstart, tmp_path):
         assert column in frame.columns
     for column in ("images_per_second", "seed", "device", "reason"):
         assert column in frame.columns
+    # The user attrs docs/operations.md says the CSV has, beside the dashboard.
+    for column in ("worker", "checkpoint_dir", "resumed_from_epoch", "checkpoint_discarded"):
+        assert column in frame.columns
+    assert frame["worker"].notna().all() and frame["checkpoint_dir"].notna().any()
     assert set(frame["stage"]) == {"screen", "promote", "final"}
     assert any(c.startswith("params_") for c in frame.columns)
     pruned = frame[frame["state"] == "PRUNED"]
