@@ -178,6 +178,7 @@ def main() -> int:
     # Heavy imports (torch, optuna) wait until the input is known to be good.
     import optuna
 
+    from reporting.store import open_existing_storage, require_study
     from search import (
         check_checkpoints_reachable,
         check_devices,
@@ -191,10 +192,17 @@ def main() -> int:
     # is checked before the study is written: bad input writes nothing.
     check_devices(cfg)
     check_checkpoints_reachable(cfg)
+    url = storage_url(cfg)
+    if cfg.stage == "final":  # evaluates a search that ran; on a new name it made empty studies
+        require_study(
+            open_existing_storage(url),
+            str(cfg.name),
+            url,
+            "; stage=final evaluates a search that ran: run it without stage=final first",
+        )
     splits = load_data(cfg)
     if int(cfg.workers) > 1:
         splits = None  # spawned workers load their own; the launcher keeps no copy
-    url = storage_url(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(f"study {cfg.name}: storage {redact(url)}", flush=True)
     # Schema and studies exist before any worker starts; this process samples nothing itself.

@@ -375,3 +375,31 @@ def test_key_value_arguments_may_follow_an_option(tmp_path, command, option):
     result = cli(command, "study=quickstart", *option, f"runs_dir={runs}", *extra, cwd=tmp_path)
     assert "unrecognized arguments" not in result.stderr, result.stderr
     assert str(runs) in result.stdout + result.stderr, (result.stdout, result.stderr)
+
+
+@pytest.mark.parametrize("database", [False, True])
+def test_stage_final_of_a_study_that_never_ran_writes_nothing(tmp_path, database):
+    """``stage=final`` evaluates a search that ran: on a new name (a typo) it is one line,
+    exit 2, and the database, if there is one, is left as it was (no empty studies)."""
+    runs = tmp_path / "runs"
+    db = runs / "ssl-search.db"
+    if database:
+        runs.mkdir()
+        import optuna
+
+        optuna.create_study(storage=f"sqlite:///{db}", study_name="other.screen")
+        before = db.read_bytes()
+    result = cli(
+        "search.run",
+        "study=quickstart",
+        "name=typo",
+        "stage=final",
+        f"runs_dir={runs}",
+        cwd=tmp_path,
+    )
+    line = assert_one_line_error(result, "storage" if not database else "study")
+    if database:
+        assert "'typo'" in line and "found: other" in line and "stage=final" in line
+        assert db.read_bytes() == before
+    else:
+        assert not runs.exists()
