@@ -16,6 +16,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 
@@ -67,6 +68,25 @@ def main() -> int:
     names = [name] if name else study_names(storage)
     if not names:
         raise UsageError(f"study: no study in {redact(url)}; run python -m search.run first")
+    try:
+        _write(name, names, storage, url, rest, base, args)
+    except OSError as error:  # the folder could not be made or written (a full disk, /proc)
+        where = error.filename or args.out or "the report folder"
+        print(f"error: report: cannot write {where}: {error.strerror or error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _write(
+    name: str | None,
+    names: list[str],
+    storage: optuna.storages.BaseStorage,
+    url: str,
+    rest: list[str],
+    base: Any,
+    args: argparse.Namespace,
+) -> None:
+    """Each study's report, and for ``study=all`` the table of every finished study."""
     folders = []
     for each in names:
         started = time.perf_counter()
@@ -86,7 +106,6 @@ def main() -> int:
         combined = write_combined(storage, url, rest, out)
         if combined is not None:
             print(f"all studies: wrote {combined}")
-    return 0
 
 
 if __name__ == "__main__":

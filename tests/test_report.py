@@ -165,6 +165,13 @@ def test_report_errors_are_one_line_with_exit_code_2(finished_quickstart, tmp_pa
     done = run_module("search.report", "study=quickstart", f"runs_dir={tmp_path / 'empty'}")
     assert done.returncode == 2 and "no database" in done.stderr
     assert not (tmp_path / "empty" / "ssl-search.db").exists()
+    # A folder that cannot be made although its parent looks writable (/proc, as root): one
+    # line naming it, no traceback; refused up front (2) where the parent is not writable.
+    out = "/proc/ssl-search-report"
+    done = run_module("search.report", "study=quickstart", f"runs_dir={runs_dir}", "--out", out)
+    assert done.returncode in (1, 2), done.stderr
+    assert done.stderr.startswith("error: ") and out in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 def test_results_table_sits_beside_the_published_numbers():
