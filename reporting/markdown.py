@@ -58,15 +58,22 @@ def table(head: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
-def heading(name: str, cfg: DictConfig, url: str) -> list[str]:
-    """Title, description, and the storage, metric and stage budgets the study ran with."""
+def heading(name: str, cfg: DictConfig, url: str, savings: RungSavings | None = None) -> list[str]:
+    """Title, description, the storage, metric and stage budgets of the study's last run, and
+    (under rungs, ``savings``) what the study holds: a rerun may have changed the budgets."""
+    held = ""
+    if savings is not None:
+        held = (
+            f" It holds {_count(savings.configurations, 'configuration')}, "
+            f"{savings.at_long_budget} of them trained to {savings.long_budget} epochs."
+        )
     return [
         f"# {name}: {TASK_LABELS[cfg.task]} on {cfg.data.name}",
         "",
         f"{cfg.description}".strip() or "",
         "",
-        f"Storage `{redact(url)}`, metric `{metric_of(cfg)}`; {_budgets(cfg)}. "
-        f"Generated {time.strftime('%Y-%m-%d %H:%M')}.",
+        f"Storage `{redact(url)}`, metric `{metric_of(cfg)}`; {_budgets(cfg)} (the settings of "
+        f"its last run).{held} Generated {time.strftime('%Y-%m-%d %H:%M')}.",
     ]
 
 

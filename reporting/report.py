@@ -424,7 +424,8 @@ def write_report(
     frame = trials_frame(studies)
     frame.to_csv(csv_path, index=False)
 
-    doc.add(*markdown.heading(name, cfg, url), "")
+    savings = rung_savings(cfg, studies) if uses_rungs(cfg) else None
+    doc.add(*markdown.heading(name, cfg, url, savings), "")
     doc.add("## Results of the configuration found", "")
     doc.add(*markdown.results_table(cfg, final), "")
     if final is not None:
@@ -435,7 +436,7 @@ def write_report(
     doc.add("## Trials", "", *markdown.state_counts_table(state_counts(frame)), "")
     doc.add(*markdown.csv_pointer(csv_path.name), "")
     if uses_rungs(cfg):
-        said = markdown.rung_sentences(rung_savings(cfg, studies))
+        said = markdown.rung_sentences(savings)
     else:
         said = markdown.pruning_sentences(pruning_savings(cfg, studies["screen"]))
     doc.add(markdown.savings_heading(cfg), "", *said, "")

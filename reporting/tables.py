@@ -368,6 +368,7 @@ class RungSavings:
     configurations: int  # distinct configurations with a completed leg
     legs: int  # completed legs (a new configuration's first, and each continuation)
     long_budget: int
+    at_long_budget: int  # distinct configurations with a completed leg to the long budget
     epochs_run: int  # each completed leg's epochs_added: a continuation adds only its own
     failed_legs: int  # their epochs are not counted
     finished: bool  # no leg is running or queued
@@ -397,6 +398,9 @@ def rung_savings(cfg: DictConfig, studies: Mapping[str, optuna.Study]) -> RungSa
         configurations=len({config_number(t) for t in legs}),
         legs=len(legs),
         long_budget=last,
+        at_long_budget=len(
+            {config_number(t) for t in legs if int(t.user_attrs.get(RUNG_TO_ATTR, 0)) == last}
+        ),
         epochs_run=sum(int(t.user_attrs.get("epochs_added", 0)) for t in legs),
         failed_legs=sum(t.state == TrialState.FAIL for t in trials),
         finished=not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials),

@@ -1328,7 +1328,11 @@ class Progress:
     final_planned: int  # 1 when this run has a final stage, else 0
 
     def __str__(self) -> str:
-        said = f"legs {self.legs}, long budget {self.long_budget}/{self.top_k}"
+        # A rerun with a smaller top_k than an earlier run's may find more there than it allows.
+        long = f"{self.long_budget}/{self.top_k}"
+        if self.long_budget > self.top_k:
+            long = f"{self.long_budget} (top_k now {self.top_k})"
+        said = f"legs {self.legs}, long budget {long}"
         return said + (f", final {self.final}/{self.final_planned}" if self.final_planned else "")
 
 

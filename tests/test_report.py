@@ -276,6 +276,13 @@ def test_the_heading_says_how_the_study_spends_its_epochs():
         "up to 12 configurations on rungs of 1, 3, 9 epochs (eta 3), at most 2 continued to 9"
         in rungs
     )
+    # What the study holds may differ from its last run's settings (a rerun changed them).
+    from reporting.tables import RungSavings
+
+    held = RungSavings(13, 20, 9, at_long_budget=3, epochs_run=40, failed_legs=0, finished=True)
+    said = " ".join(heading("quickstart", load_config("quickstart"), "sqlite:///x.db", held))
+    assert "at most 2 continued to 9 (the settings of its last run)" in said
+    assert "It holds 13 configurations, 3 of them trained to 9 epochs." in said
     pipeline = load_config("quickstart", ["search.pruner.name=hyperband"])
     assert "promote top 2 for 9 epochs" in " ".join(
         heading("quickstart", pipeline, "sqlite:///x.db")

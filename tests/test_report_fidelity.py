@@ -262,12 +262,26 @@ def test_each_study_report_counts_what_the_rungs_saved_from_its_legs(finished, r
         said = f"The rungs trained {len(configs)} configurations in {len(legs)} completed legs"
         assert f"{said} for **{added} epochs** (a continued" in section
         assert f"{len(configs)} x 2 = **{2 * len(configs)} epochs**" in section  # long budget 2
+        # The heading says what the study holds, beside the settings of its last run.
+        at_long = {
+            int(t.user_attrs.get("config", t.number)) for t in legs if t.user_attrs["rung_to"] == 2
+        }
+        held = (
+            f"It holds {len(configs)} configurations, {len(at_long)} of them trained to 2 epochs."
+        )
+        assert held in md.split("\n## ", 1)[0]
         assert "What pruning saved" not in md
 
 
 def test_rung_savings_say_so_far_and_what_they_leave_out():
     unfinished = RungSavings(
-        configurations=4, legs=6, long_budget=9, epochs_run=14, failed_legs=2, finished=False
+        configurations=4,
+        legs=6,
+        long_budget=9,
+        at_long_budget=1,
+        epochs_run=14,
+        failed_legs=2,
+        finished=False,
     )
     (text,) = rung_sentences(unfinished)
     assert text.startswith("So far (the study is not finished), the rungs trained 4")

@@ -1324,3 +1324,15 @@ def test_status_tells_where_a_study_stands_and_writes_nothing(tmp_path: Path) ->
     )
     assert missing.returncode == 2 and "no study 'nothing'" in missing.stderr
     assert dump() == before
+
+
+def test_progress_says_when_the_long_budget_holds_more_than_top_k_now_allows() -> None:
+    """A rerun with a smaller ``top_k`` than an earlier run's: not "3/2"."""
+    from search.stages import Progress
+
+    fits = Progress(configurations=12, planned=12, legs=20, long_budget=2, top_k=2, final=1,
+                    final_planned=1)  # fmt: skip
+    assert str(fits) == "legs 20, long budget 2/2, final 1/1"
+    more = Progress(configurations=13, planned=12, legs=24, long_budget=3, top_k=2, final=0,
+                    final_planned=0)  # fmt: skip
+    assert str(more) == "legs 24, long budget 3 (top_k now 2)"
