@@ -400,6 +400,12 @@ def _run_one(
         if given_up is not None:  # see give_up: fails at once, trains nothing, not retried
             trial.set_user_attr("fail_reason", f"{GIVEN_UP}: {given_up}")
             raise ConfigurationGivenUp(f"configuration #{config} {GIVEN_UP}")
+        twin = _twin_of(stored(trial), study.get_trials(deepcopy=False)) if queued_leg else None
+        if twin is not None:  # trains nothing, like a duplicate configuration; not retried
+            trial.set_user_attr("duplicate_of", twin)
+            reason = f"skipped: the same leg as trial #{twin}, queued twice"
+            trial.set_user_attr("prune_reason", reason)
+            raise optuna.TrialPruned(reason)
         if on_fresh is not None and not _was_queued(stored(trial)) and not on_fresh(trial.number):
             reason = f"{NOTHING_QUEUED}: another worker took the queued trial first"
             trial.set_user_attr("prune_reason", reason)
@@ -515,6 +521,31 @@ def _failed_at(trial: FrozenTrial) -> float:
         ended = trial.datetime_complete
         return 0.0 if ended is None else ended.timestamp()
     return float(stamp)
+
+
+def _twin_of(trial: FrozenTrial, trials: list[FrozenTrial]) -> int | None:
+    """The earlier trial that is the very same queued leg as ``trial`` (None if none): the same
+    configuration, rungs and retry history. Claims queue each leg once; only a claimer frozen
+    (SIGSTOP, a paused VM) for ``grace_period`` between re-reading its claim and inserting the
+    leg, while another process took the claim back and queued it, could queue it twice. The
+    later copy then trains nothing: two copies would continue one checkpoint side by side and
+    count twice at their rung."""
+
+    def identity(t: FrozenTrial) -> tuple:
+        attrs = t.user_attrs
+        return config_number(t), attrs.get(RUNG_FROM_ATTR), attrs.get(RUNG_TO_ATTR), _history(t)
+
+    mine = identity(trial)
+    return next(
+        (
+            t.number
+            for t in trials
+            if t.number < trial.number
+            and "duplicate_of" not in t.user_attrs
+            and identity(t) == mine
+        ),
+        None,
+    )
 
 
 def _was_queued(trial: optuna.trial.FrozenTrial) -> bool:

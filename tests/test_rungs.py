@@ -29,7 +29,7 @@ from conftest import run_module, wait_until_a_zombie
 from optuna.trial import TrialState
 
 from search.config import load_config
-from search.naming import rung_ladder
+from search.naming import rung_ladder, trained_nothing
 from search.objective import CheckpointUnreachableError
 from search.scheduler import Wait, decide, promotion_justified
 from search.space import suggest
@@ -97,12 +97,9 @@ def check_rung_study(url: str, cfg) -> list[optuna.trial.FrozenTrial]:  # noqa: 
     """Finished, every leg once, every promotion justified when made, the cap kept."""
     screen = optuna.load_study(study_name=f"{cfg.name}.screen", storage=url).get_trials()
     promote = optuna.load_study(study_name=f"{cfg.name}.promote", storage=url).get_trials()
-    # A worker that found the queue emptied under it prunes the trial Optuna sampled instead.
-    legs = [
-        t
-        for t in screen + promote
-        if not str(t.user_attrs.get("prune_reason", "")).startswith("nothing queued")
-    ]
+    # A worker that found the queue emptied under it prunes the trial Optuna sampled instead;
+    # a leg queued twice trains once (search.stages._twin_of): both train nothing.
+    legs = [t for t in screen + promote if not trained_nothing(t.user_attrs)]
     assert all(t.state == TrialState.COMPLETE for t in legs), [t.state for t in legs]
     screen = [t for t in screen if t in legs]
     settings = scheduler_settings(cfg)
@@ -751,6 +748,47 @@ def test_a_promotion_whose_claimer_died_before_queueing_it_is_decided_again(
     ]
     # Continued after all when it still ranked once the claim was back; then by a live worker.
     assert len(continued) == (0 if holder is None else 1)
+
+
+def test_a_leg_queued_twice_trains_once(tmp_path: Path, monkeypatch) -> None:
+    """The one race claims leave open (a claimer frozen past grace_period between re-reading
+    its claim and inserting the leg, while another process took the claim back and queued
+    it) queues a leg twice. Here every leg is queued twice: each later copy trains nothing
+    (SKIPPED, ``duplicate_of``), so each configuration is continued once, counts once at its
+    rung, and the study ends as it would have."""
+    from search import stages
+
+    url = f"sqlite:///{tmp_path / 'twice.db'}"
+    cfg = load_config("quickstart", [*RUNG_STUDY, "name=twice", f"storage={url}"])
+    studies = open_studies(cfg, url)
+    queue_once = stages._queue_leg
+
+    def queue_twice(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        queue_once(*args, **kwargs)
+        queue_once(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "_queue_leg", queue_twice)
+    run_rungs_in_time(studies, CurveRunner(cfg), cfg)
+    check_rung_study(url, cfg)
+    legs = [
+        t
+        for t in studies.screen.get_trials() + studies.promote.get_trials()
+        if t.user_attrs.get("rung_from") is not None
+    ]
+    copies = [t for t in legs if "duplicate_of" in t.user_attrs]
+    trained = [t for t in legs if "duplicate_of" not in t.user_attrs]
+    assert trained and len(copies) == len(trained)
+    assert {t.state for t in copies} == {TrialState.PRUNED}
+    assert {t.state for t in trained} == {TrialState.COMPLETE}
+    continued = [(t.user_attrs["config"], t.user_attrs["rung_to"]) for t in trained]
+    assert len(continued) == len(set(continued))  # each leg trained once
+    for study in (studies.screen, studies.promote):  # each copy names its twin in its study
+        trials = {t.number: t for t in study.get_trials()}
+        for copy in (t for t in trials.values() if "duplicate_of" in t.user_attrs):
+            twin = trials[copy.user_attrs["duplicate_of"]]
+            assert twin.number < copy.number and "duplicate_of" not in twin.user_attrs
+            for attr in ("config", "rung_from", "rung_to"):
+                assert twin.user_attrs[attr] == copy.user_attrs[attr]
 
 
 class DivergingRunner(CurveRunner):
