@@ -154,6 +154,14 @@ def check_location(location: str) -> None:
         ) from None
 
 
+def _backend_reason(location: str, error: BaseException) -> str:
+    """The first line of a backend's error, or a note that it is withheld when ``location``
+    holds a password: the backend's message may quote the raw URL or its root."""
+    if redact_location(location) != location:
+        return "(details withheld: the URL holds a password)"
+    return str(error).splitlines()[0] if str(error) else ""
+
+
 def probe_location(location: str) -> None:
     """Raise :class:`CheckpointLocationError` when ``location`` is a URL that cannot be reached
     from here: its filesystem does not open, or cannot tell whether the folder exists (an
@@ -168,9 +176,7 @@ def probe_location(location: str) -> None:
         fs, root = url_to_fs(str(location))
         fs.exists(root)
     except Exception as error:  # whatever the backend raises: the location is not usable
-        reason = str(error).splitlines()[0] if str(error) else ""
-        if shown != str(location):
-            reason = "(details withheld: the URL holds a password)"
+        reason = _backend_reason(str(location), error)
         raise CheckpointLocationError(
             f"cannot reach {shown}: {type(error).__name__}: {reason}".rstrip(": ")
         ) from None
@@ -367,10 +373,7 @@ class CheckpointStore:
     def _transfer_error(
         self, what: str, rel: PurePosixPath, name: str | None, error: BaseException
     ) -> CheckpointTransferError:
-        reason = str(error).splitlines()[0] if str(error) else ""
-        if redact_location(self.location) != self.location:
-            # The backend's message may quote the raw URL or its root, password included.
-            reason = "(details withheld: the URL holds a password)"
+        reason = _backend_reason(self.location, error)
         return CheckpointTransferError(
             f"checkpoints_dir: {what} {self.where(rel, name)}: {type(error).__name__}: {reason}"
         )
