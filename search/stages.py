@@ -624,6 +624,8 @@ def _drain(
                 claimed,
                 on_fresh=lambda _number, slot=slot: slot is not None,
             )
+            if slot is not None:
+                _give_back_unused_slot(studies, study, number, slot)
             if on_trial and number is not None:
                 on_trial(stage, number)
             continue
@@ -648,6 +650,22 @@ def _claim_slot(studies: Studies, study: optuna.Study, slots: int) -> str | None
         if key not in taken and studies.claims.take(key):
             return key
     return None
+
+
+def _give_back_unused_slot(
+    studies: Studies, study: optuna.Study, number: int | None, slot: str
+) -> None:
+    """Release ``slot`` unless trial ``number`` was the new configuration it was taken for.
+
+    Between the slot's claim and Optuna's pop, a trial can join the queue: Optuna's
+    ``optimize`` itself fails a dead worker's trial by heartbeat and its retry callback queues
+    the copy, which that very pop then takes. The slot's holder ran the retry, not a new
+    configuration; kept, the slot would be lost and the study would end one configuration
+    short.
+    """
+    ran = studies.find_trial(study.study_name, number) if number is not None else None
+    if ran is None or _was_queued(ran):
+        studies.claims.release(slot)
 
 
 def _enqueue_once(
@@ -1304,9 +1322,7 @@ def run_rungs(
             slot = _claim_slot(studies, screen, new_configs)
             if slot is not None:
                 number = _run_one(studies, "screen", runner, retries)
-                ran = studies.find_trial(screen.study_name, number) if number is not None else None
-                if ran is not None and _was_queued(ran):
-                    studies.claims.release(slot)  # it ran a queued leg instead: slot unused
+                _give_back_unused_slot(studies, screen, number, slot)
                 if on_trial and number is not None:
                     on_trial("screen", number)
                 continue

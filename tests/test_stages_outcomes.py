@@ -334,3 +334,49 @@ def test_a_promoted_trial_another_worker_popped_first_is_not_replaced_by_a_new_s
     trials = studies.promote.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED]
     assert trials[1].user_attrs["prune_reason"].startswith(NOTHING_QUEUED)
+
+
+def test_a_slot_whose_holder_popped_a_dead_workers_retry_goes_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker claims a slot for a new configuration; before it pops, a dead worker's trial
+    goes stale, and Optuna's own ``optimize`` fails it and queues its retry, which that very
+    pop takes. The slot was not used: it goes back, and the stage still starts every new
+    configuration it planned. Before, the slot was lost, and the screen ended one short (the
+    kill test in test_workers saw 5 of 6 now and then)."""
+    import search.stages as stages
+
+    url = f"sqlite:///{tmp_path / 'slot.db'}"
+    cfg = load_config(
+        "quickstart",
+        [f"storage={url}", f"runs_dir={tmp_path}", "search.pruner.name=none",
+         "search.sampler.name=random", "heartbeat_interval=1", "grace_period=2"],
+    )  # fmt: skip
+    studies = open_studies(cfg, url)
+    real_claim = stages._claim_slot
+    dead: list[int] = []
+
+    def claim_then_a_worker_dies(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        slot = real_claim(*args, **kwargs)
+        if slot is not None and not dead:  # a worker's trial, whose worker died: silent
+            storage = optuna.storages.RDBStorage(url)
+            other = optuna.load_study(study_name=studies.screen.study_name, storage=storage)
+            trial = other.ask()
+            study_id = storage.get_study_id_from_name(other.study_name)
+            storage.record_heartbeat(
+                storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            )
+            dead.append(trial.number)
+            time.sleep(3.5)  # past grace_period (SQLite keeps whole seconds): optimize fails it
+        return slot
+
+    monkeypatch.setattr(stages, "_claim_slot", claim_then_a_worker_dies)
+    stages._drain(studies, "screen", CurveRunner(cfg), cfg, new_slots=2)
+    trials = studies.screen.get_trials()
+    (killed,) = [t for t in trials if t.number in dead]
+    assert killed.state == TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert [t.state for t in retries] == [TrialState.COMPLETE]
+    assert retries[0].number == killed.number + 1  # the slot holder's pop took the retry
+    new = [t for t in trials if t.number not in dead and t not in retries]
+    assert [t.state for t in new] == [TrialState.COMPLETE] * 2
