@@ -613,19 +613,21 @@ def _drain(
         claimed = _claim_waiting(studies, stage, float(cfg.grace_period))
         slot = None if claimed is not None else _claim_slot(studies, study, new_slots)
         if claimed is not None or slot is not None:
-            # A waiting trial can be gone by the time Optuna pops (another worker's, or this
-            # one's own pop lost in doubt): Optuna then samples a new one, which only a slot
-            # may train (promote and final have none: an unscreened configuration there).
-            number = _run_one(
-                studies,
-                stage,
-                runner,
-                int(cfg.max_retries),
-                claimed,
-                on_fresh=lambda _number, slot=slot: slot is not None,
-            )
+            # A waiting trial claimed can be gone by the time Optuna pops (another worker's, or
+            # this one's own pop lost in doubt): the new configuration Optuna then samples is
+            # pruned, as only a slot may start one (promote and final have none: it would be
+            # unscreened there).
             if slot is not None:
-                _give_back_unused_slot(studies, study, number, slot)
+                number = _run_on_slot(studies, stage, runner, int(cfg.max_retries), slot)
+            else:
+                number = _run_one(
+                    studies,
+                    stage,
+                    runner,
+                    int(cfg.max_retries),
+                    claimed,
+                    on_fresh=lambda _number: False,
+                )
             if on_trial and number is not None:
                 on_trial(stage, number)
             continue
@@ -652,20 +654,28 @@ def _claim_slot(studies: Studies, study: optuna.Study, slots: int) -> str | None
     return None
 
 
-def _give_back_unused_slot(
-    studies: Studies, study: optuna.Study, number: int | None, slot: str
-) -> None:
-    """Release ``slot`` unless trial ``number`` was the new configuration it was taken for.
+def _run_on_slot(
+    studies: Studies, stage: str, runner: TrialRunner, max_retries: int, slot: str
+) -> int | None:
+    """Run one trial of ``stage`` on ``slot``, a claim for one new configuration; its number.
 
-    Between the slot's claim and Optuna's pop, a trial can join the queue: Optuna's
-    ``optimize`` itself fails a dead worker's trial by heartbeat and its retry callback queues
-    the copy, which that very pop then takes. The slot's holder ran the retry, not a new
-    configuration; kept, the slot would be lost and the study would end one configuration
-    short.
+    The slot is spent only if Optuna sampled the new configuration it was taken for. Between
+    the claim and Optuna's pop a trial can join the queue: ``optimize`` itself fails a dead
+    worker's trial by heartbeat, and its retry callback queues the copy that this very pop
+    then takes. A slot whose holder ran a queued trial instead (or stopped before sampling)
+    is released; kept, it would be lost and the study would end one configuration short.
     """
-    ran = studies.find_trial(study.study_name, number) if number is not None else None
-    if ran is None or _was_queued(ran):
-        studies.claims.release(slot)
+    spent: list[int] = []
+
+    def spend(number: int) -> bool:
+        spent.append(number)
+        return True
+
+    try:
+        return _run_one(studies, stage, runner, max_retries, on_fresh=spend)
+    finally:
+        if not spent:
+            studies.claims.release(slot)
 
 
 def _enqueue_once(
@@ -1321,8 +1331,7 @@ def run_rungs(
         if isinstance(decision, StartNew):
             slot = _claim_slot(studies, screen, new_configs)
             if slot is not None:
-                number = _run_one(studies, "screen", runner, retries)
-                _give_back_unused_slot(studies, screen, number, slot)
+                number = _run_on_slot(studies, "screen", runner, retries, slot)
                 if on_trial and number is not None:
                     on_trial("screen", number)
                 continue

@@ -33,6 +33,7 @@ from search.stages import (
     scheduler_settings,
     summarize,
 )
+from storage.claims import Claims
 
 
 def _leg(value: float, **attrs) -> optuna.trial.FrozenTrial:  # noqa: ANN003
@@ -380,3 +381,35 @@ def test_a_slot_whose_holder_popped_a_dead_workers_retry_goes_back(
     assert retries[0].number == killed.number + 1  # the slot holder's pop took the retry
     new = [t for t in trials if t.number not in dead and t not in retries]
     assert [t.state for t in new] == [TrialState.COMPLETE] * 2
+
+
+def test_a_slot_whose_holder_was_stopped_in_a_queued_trial_goes_back(tmp_path: Path) -> None:
+    """A worker on a slot pops a queued trial (one another process claimed, here) and is
+    stopped in it (Ctrl-C): the trial goes back to the queue, and so does the slot, which
+    started no configuration. Before, the slot stayed taken: the next run of the stage started
+    one configuration fewer."""
+    import search.stages as stages
+
+    url = f"sqlite:///{tmp_path / 'stop.db'}"
+    cfg = load_config(
+        "quickstart",
+        [f"storage={url}", f"runs_dir={tmp_path}", "search.pruner.name=none",
+         "search.sampler.name=random"],
+    )  # fmt: skip
+    studies = open_studies(cfg, url)
+    studies.screen.enqueue_trial({"channels": 8})
+    other = Claims(studies.claims.engine, owner="another-host:7/1")
+    assert other.take(stages._waiting_key(studies.screen, 0))  # within its grace period
+
+    class StoppedRunner(CurveRunner):
+        def objective(self, stage: str):  # noqa: ANN201
+            def run(trial: optuna.Trial) -> float:
+                raise KeyboardInterrupt
+
+            return run
+
+    with pytest.raises(KeyboardInterrupt):
+        stages._drain(studies, "screen", StoppedRunner(cfg), cfg, new_slots=1)
+    trials = studies.screen.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]  # requeued
+    assert studies.claims.taken(f"{studies.screen.study_name}/slot/") == []
