@@ -301,6 +301,18 @@ def test_a_diverged_trial_is_a_result_not_a_configuration_lost(tmp_path: Path) -
     assert screen["without_result"] == {1: "ValueError: a bug"}
 
 
+def _pipeline_study(tmp_path: Path, name: str, *overrides: str):  # noqa: ANN202
+    """The quickstart as the previous pipeline (search.pruner none, random sampling) in a new
+    SQLite file ``name``.db; (its URL, cfg, studies)."""
+    url = f"sqlite:///{tmp_path / (name + '.db')}"
+    cfg = load_config(
+        "quickstart",
+        [f"storage={url}", f"runs_dir={tmp_path}", "search.pruner.name=none",
+         "search.sampler.name=random", *overrides],
+    )  # fmt: skip
+    return url, cfg, open_studies(cfg, url)
+
+
 def test_a_promoted_trial_another_worker_popped_first_is_not_replaced_by_a_new_sample(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -311,13 +323,7 @@ def test_a_promoted_trial_another_worker_popped_first_is_not_replaced_by_a_new_s
     import search.stages as stages
     from search.naming import NOTHING_QUEUED
 
-    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
-    cfg = load_config(
-        "quickstart",
-        [f"storage={url}", f"runs_dir={tmp_path}", "search.pruner.name=none",
-         "search.sampler.name=random"],
-    )  # fmt: skip
-    studies = open_studies(cfg, url)
+    url, cfg, studies = _pipeline_study(tmp_path, "ssl-search")
     studies.promote.enqueue_trial({"channels": 8}, user_attrs={"source_trial": 0})
     other = optuna.load_study(study_name=studies.promote.study_name, storage=url)
     real_claim = stages._claim_waiting
@@ -347,13 +353,7 @@ def test_a_slot_whose_holder_popped_a_dead_workers_retry_goes_back(
     kill test in test_workers saw 5 of 6 now and then)."""
     import search.stages as stages
 
-    url = f"sqlite:///{tmp_path / 'slot.db'}"
-    cfg = load_config(
-        "quickstart",
-        [f"storage={url}", f"runs_dir={tmp_path}", "search.pruner.name=none",
-         "search.sampler.name=random", "heartbeat_interval=1", "grace_period=2"],
-    )  # fmt: skip
-    studies = open_studies(cfg, url)
+    url, cfg, studies = _pipeline_study(tmp_path, "slot", "heartbeat_interval=1", "grace_period=2")
     real_claim = stages._claim_slot
     dead: list[int] = []
 
@@ -390,13 +390,7 @@ def test_a_slot_whose_holder_was_stopped_in_a_queued_trial_goes_back(tmp_path: P
     one configuration fewer."""
     import search.stages as stages
 
-    url = f"sqlite:///{tmp_path / 'stop.db'}"
-    cfg = load_config(
-        "quickstart",
-        [f"storage={url}", f"runs_dir={tmp_path}", "search.pruner.name=none",
-         "search.sampler.name=random"],
-    )  # fmt: skip
-    studies = open_studies(cfg, url)
+    _, cfg, studies = _pipeline_study(tmp_path, "stop")
     studies.screen.enqueue_trial({"channels": 8})
     other = Claims(studies.claims.engine, owner="another-host:7/1")
     assert other.take(stages._waiting_key(studies.screen, 0))  # within its grace period
