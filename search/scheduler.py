@@ -208,17 +208,25 @@ def holds_long_budget_seat(record: TrialRecord, long_budget: int) -> bool:
     return record.promoted_to == long_budget and not record.failed
 
 
+def rank_key(value: float, number: int, direction: Direction) -> tuple[bool, float, int]:
+    """Sort key of configuration ``number``'s result ``value`` at one rung: the best first,
+    NaN (diverged) last, ties to the lower configuration number. The one rule every ranking
+    of results follows: promotions, the long budget's best for the final stage, the summary.
+
+    >>> sorted([(0.5, 3), (0.7, 1), (0.5, 2)], key=lambda r: rank_key(*r, "maximize"))
+    [(0.7, 1), (0.5, 2), (0.5, 3)]
+    """
+    nan = math.isnan(value)
+    return (nan, 0.0 if nan else (-value if direction == "maximize" else value), number)
+
+
 def ranking(records: Sequence[TrialRecord], rung: int, direction: Direction) -> list[int]:
-    """Numbers of the trials with a result at ``rung``, best first (ties: lower number first;
-    NaN last)."""
-    sign = -1.0 if direction == "maximize" else 1.0
-
-    def key(record: TrialRecord) -> tuple[bool, float, int]:
-        value = float(record.results[rung])
-        nan = math.isnan(value)
-        return (nan, 0.0 if nan else sign * value, record.number)
-
-    return [r.number for r in sorted((r for r in records if rung in r.results), key=key)]
+    """Numbers of the trials with a result at ``rung``, best first (:func:`rank_key`)."""
+    ranked = (r for r in records if rung in r.results)
+    return [
+        r.number
+        for r in sorted(ranked, key=lambda r: rank_key(float(r.results[rung]), r.number, direction))
+    ]
 
 
 def decide(

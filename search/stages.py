@@ -93,6 +93,7 @@ from search.scheduler import (
     holds_long_budget_seat,
     may_start_new,
     merge_retries,
+    rank_key,
     ranking,
 )
 from search.space import baseline_params
@@ -771,19 +772,26 @@ def run_screen(
 
 
 def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
-    """``study``'s ``k`` best COMPLETE trials, best first (ties in trial order).
+    """``study``'s ``k`` best COMPLETE trials, best first.
 
     Under rungs a stage study holds legs ending at different rungs, whose values are taken
-    at different budgets and do not compare: the deepest rung's come first, then by value
-    (Optuna's own rule for pruned trials). Trials without rungs rank by value alone.
+    at different budgets and do not compare: the deepest rung's come first (Optuna's own rule
+    for pruned trials), then as the scheduler ranks (:func:`_rank_of`). Trials without rungs
+    rank by value alone, ties to the lower configuration.
     """
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+    direction = (
+        "maximize" if study.direction == optuna.study.StudyDirection.MAXIMIZE else "minimize"
+    )
+    return sorted(
+        done, key=lambda t: (-int(t.user_attrs.get(RUNG_TO_ATTR, 0)), _rank_of(t, direction))
+    )[:k]
 
-    def rank(t: optuna.trial.FrozenTrial) -> tuple[int, float]:
-        return -int(t.user_attrs.get(RUNG_TO_ATTR, 0)), sign * float(t.value)
 
-    return sorted(done, key=rank)[:k]
+def _rank_of(trial: FrozenTrial, direction: str) -> tuple[tuple[bool, float, int], int]:
+    """Sort key of a COMPLETE trial among results at its rung: the scheduler's
+    (:func:`search.scheduler.rank_key`: ties to the lower configuration), then trial order."""
+    return rank_key(float(trial.value), config_number(trial), direction), trial.number
 
 
 def run_promote(
@@ -1367,8 +1375,7 @@ def long_budget_trials(studies: Studies, cfg: DictConfig) -> list[optuna.trial.F
         for t in studies.of(stage).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if int(t.user_attrs.get(RUNG_TO_ATTR, 0)) == last
     ]
-    reverse = direction_of(cfg) == "maximize"
-    return sorted(done, key=lambda t: t.value, reverse=reverse)
+    return sorted(done, key=lambda t: _rank_of(t, direction_of(cfg)))
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from search.stages import (
     scheduler_records,
     scheduler_settings,
     summarize,
+    top_trials,
 )
 from storage.claims import Claims
 
@@ -62,6 +63,33 @@ def test_a_minimized_metric_evaluates_its_lowest_long_budget_run_in_the_final(
     assert final.user_attrs["source_value"] == 0.10
     assert final.user_attrs["source_checkpoint_dir"] == "c/5"
     assert progress(studies, cfg).final == 1
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_a_tie_at_the_long_budget_goes_to_the_configuration_the_scheduler_ranks_first(
+    tmp_path: Path, direction: str
+) -> None:
+    """kNN accuracy is k / n_val, so ties are common on small validation sets. Two
+    configurations tie at the long budget; the later one's leg was stored first. The final
+    stage evaluates the one the scheduler ranks first (ties: the lower configuration), and
+    ``top_trials`` (the summary's best) names the same one, not whichever leg came first."""
+    metric = "knn_accuracy" if direction == "maximize" else "val_mae"
+    url = f"sqlite:///{tmp_path / 'tie.db'}"
+    cfg = load_config(
+        "mnist_autoencoder", [*RUNG_STUDY, f"search.metric={metric}", "name=tie", f"storage={url}"]
+    )
+    studies = open_studies(cfg, url)
+    worse = 0.5 if direction == "maximize" else 0.9
+    for config, value in [(5, 0.8125), (2, 0.8125), (1, worse)]:
+        studies.promote.add_trial(
+            _leg(value, config=config, rung_from=9, rung_to=27, checkpoint_dir=f"c/{config}")
+        )
+    ranked = [t.user_attrs["config"] for t in long_budget_trials(studies, cfg)]
+    assert ranked == [2, 5, 1]
+    assert top_trials(studies.promote, 1)[0].user_attrs["config"] == 2
+    run_final(studies, CurveRunner(cfg), cfg)
+    (final,) = studies.final.get_trials()
+    assert final.user_attrs["source_checkpoint_dir"] == "c/2"
 
 
 def _three_first_legs(tmp_path: Path, name: str):  # noqa: ANN202
