@@ -655,6 +655,23 @@ def _claim_slot(studies: Studies, study: optuna.Study, slots: int) -> str | None
     return None
 
 
+def _slot_starting(studies: Studies, study: optuna.Study, grace: float) -> bool:
+    """Whether a slot of ``study`` was taken for a new configuration that Optuna has not yet
+    sampled, less than ``grace`` seconds ago: its taker is between the claim and Optuna's ask
+    (which first fails stale trials), or died there (then, after ``grace``, it is not waited
+    for). Slots are counted against the trials sampled anew that were let train or skipped
+    as duplicates (:func:`_run_on_slot` releases every other)."""
+    taken = studies.claims.taken_at(f"{study.study_name}/slot/")
+    if not taken or time.time() - max(taken.values()) >= grace:
+        return False
+    spent = sum(
+        not _was_queued(t)
+        and not str(t.user_attrs.get("prune_reason", "")).startswith(NOTHING_QUEUED)
+        for t in study.get_trials(deepcopy=False)
+    )
+    return len(taken) > spent
+
+
 def _run_on_slot(
     studies: Studies, stage: str, runner: TrialRunner, max_retries: int, slot: str
 ) -> int | None:
@@ -1343,9 +1360,15 @@ def run_rungs(
                 if on_trial and number is not None:
                     on_trial("screen", number)
                 continue
-            # Every slot is held: by configurations about to start, or spent on duplicates in a
-            # space too small for stages.screen.trials. Decide as if the trial budget were spent,
-            # so the study still promotes and ends.
+            if _slot_starting(studies, screen, float(cfg.grace_period)):
+                # Another worker's configuration is about to exist: decided without it, the
+                # endgame could promote on fewer results than the rule allows.
+                time.sleep(POLL_S)
+                continue
+            # Every slot is spent: on duplicates in a space too small for
+            # stages.screen.trials, or held past grace_period by a worker that died before
+            # starting its configuration. Decide as if the trial budget were spent, so the
+            # study still promotes and ends.
             decision = decide(records, **{**settings, "max_trials": len(records)})
             if isinstance(decision, Continue):
                 if not _enqueue_continuation(

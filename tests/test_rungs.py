@@ -35,6 +35,7 @@ from search.scheduler import Wait, decide, promotion_justified
 from search.space import suggest
 from search.stages import (
     StageError,
+    _start_screen,
     give_up,
     long_budget_trials,
     open_studies,
@@ -596,6 +597,73 @@ def test_a_space_smaller_than_the_trial_budget_still_ends_with_a_long_budget_res
     records = scheduler_records(studies, cfg)
     assert len(records) <= 4  # the baseline and three sampled: the space holds no more
     assert any("duplicate_of" in t.user_attrs for t in studies.screen.get_trials())
+    assert len(long_budget_trials(studies, cfg)) == 1
+
+
+def _study_whose_last_slot_another_worker_took(tmp_path: Path, name: str, grace: int):  # noqa: ANN202
+    """A rung study (five configurations, top_k 1) where four have their first-rung result,
+    nothing runs, and another worker has just taken the last slot for the fifth without
+    having created its trial yet; (cfg, studies, the slot's key)."""
+    url = f"sqlite:///{tmp_path / (name + '.db')}"
+    cfg = load_config(
+        "quickstart",
+        [*RUNG_STUDY, f"name={name}", f"storage={url}", "stages.screen.trials=5",
+         "stages.promote.top_k=1", "heartbeat_interval=1", f"grace_period={grace}"],
+    )  # fmt: skip
+    studies = open_studies(cfg, url)
+    runner = CurveRunner(cfg)
+    _start_screen(studies, runner, cfg)  # the report's configuration, queued
+    studies.screen.optimize(runner.objective("screen"), n_trials=4)  # it and three new ones
+    for slot in range(3):  # the three new ones' slots, as run_rungs takes them
+        assert studies.claims.take(f"{name}.screen/slot/{slot}")
+    assert len(scheduler_records(studies, cfg)) == 4
+    key = f"{name}.screen/slot/3"  # the last one
+    assert Claims(studies.claims.engine, owner="another-machine:4242").take(key)
+    return cfg, studies, key
+
+
+def test_a_configuration_another_worker_is_starting_is_waited_for_not_decided_without(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between its slot claim and Optuna's ask another worker's new configuration does not
+    exist yet. A worker that finds every slot taken must not decide as if the trial budget were
+    spent: the endgame would then promote on fewer results than the rule allows (here the best
+    at rung 3 out of one result). It waits; once that configuration is in (or its slot comes
+    back), every promotion is justified by rank."""
+    import threading
+
+    import search.stages as stages
+
+    monkeypatch.setattr(stages, "POLL_S", 0.05)
+    cfg, studies, key = _study_whose_last_slot_another_worker_took(tmp_path, "starting", 20)
+    loop = threading.Thread(target=run_rungs, args=(studies, CurveRunner(cfg), cfg), daemon=True)
+    loop.start()
+    time.sleep(2.0)  # forty polls
+    legs = studies.screen.get_trials() + studies.promote.get_trials()
+    beyond = [t.number for t in legs if t.user_attrs.get("rung_to", 1) > 3]
+    assert beyond == [], "promoted past rung 3 while a configuration was still starting"
+    assert loop.is_alive()
+    studies.claims.release(key)  # the other worker was stopped before it sampled
+    loop.join(timeout=60)
+    assert not loop.is_alive(), "run_rungs did not end"
+    assert len(scheduler_records(studies, cfg)) == 5
+    check_rung_study(str(cfg.storage), cfg)
+
+
+def test_a_slot_whose_taker_died_before_starting_its_configuration_is_not_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other side of the wait: a slot held past grace_period with no trial is a taker that
+    died between its claim and Optuna's ask. The study then decides as if the budget were
+    spent and still ends with a long-budget result."""
+    import search.stages as stages
+
+    monkeypatch.setattr(stages, "POLL_S", 0.05)
+    cfg, studies, _ = _study_whose_last_slot_another_worker_took(tmp_path, "lost", 2)
+    started = time.monotonic()
+    run_rungs_in_time(studies, CurveRunner(cfg), cfg, timeout=60)
+    assert time.monotonic() - started >= 1.5  # it waited out the grace period first
+    assert len(scheduler_records(studies, cfg)) == 4
     assert len(long_budget_trials(studies, cfg)) == 1
 
 
