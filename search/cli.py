@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from models.errors import UsageError
 from search import StorageError
 from search.config import ConfigError, load_config
-from search.database import StorageUnavailableError
+from search.database import StorageUnavailableError, mask_secrets
 
 EXIT_USAGE = 2
 
@@ -37,7 +37,8 @@ __all__ = [
 
 
 def fail(message: str) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
+    """Print ``message`` as the one-line error (any password in it masked), exit code 2."""
+    print(f"error: {mask_secrets(message)}", file=sys.stderr)
     raise SystemExit(EXIT_USAGE)
 
 
@@ -118,7 +119,10 @@ def guarded(main: Callable[[], int | None]) -> Callable[[], int | None]:
         except (UsageError, StorageError) as error:
             fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
         except StorageUnavailableError as error:  # not the input: the database went away
-            print(f"error: {error}; run the same command again once it is back", file=sys.stderr)
+            print(
+                f"error: {mask_secrets(str(error))}; run the same command again once it is back",
+                file=sys.stderr,
+            )
             raise SystemExit(1) from None
         except BrokenPipeError:
             if not _stdout_closed():

@@ -42,7 +42,7 @@ from models.config import (
     check_run,
 )
 from models.errors import UsageError
-from search.database import StorageError, check_url, folder_problem, redact
+from search.database import StorageError, check_url, folder_problem, mask_secrets, redact
 from search.naming import (
     NOT_IDENTITY,
     STAGES,
@@ -505,10 +505,10 @@ def _split_override(item: str) -> tuple[str, str]:
     if _has_control(item):
         raise ConfigError(
             f"{printable(key) if eq and key else 'override'}: control characters are not "
-            f"allowed in overrides, got {item!r}"
+            f"allowed in overrides, got {mask_secrets(repr(item))}"
         )
     if not eq or not key.strip():
-        raise ConfigError(f"{item}: overrides take the form key=value")
+        raise ConfigError(f"{mask_secrets(item)}: overrides take the form key=value")
     return key, value
 
 
@@ -623,10 +623,13 @@ def _check_text(value: Any, key: str = "") -> None:
         for i, child in enumerate(value):
             _check_text(child, f"{key}.{i}")
     elif isinstance(value, str) and _has_control(value):
-        raise ConfigError(f"{key}: control characters are not allowed, got {value!r}")
+        raise ConfigError(
+            f"{key}: control characters are not allowed, got {mask_secrets(repr(value))}"
+        )
     elif isinstance(value, str) and "${" in value:
         raise ConfigError(
-            f"{key}: resolves to another interpolation {value!r}; give the value itself"
+            f"{key}: resolves to another interpolation {mask_secrets(repr(value))}; give the value "
+            "itself"
         )
 
 

@@ -14,6 +14,7 @@ from storage.urls import (
     folder_problem,
     has_secret,
     is_secret_query_key,
+    mask_secrets,
     open_storage,
     redact,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "folder_problem",
     "has_secret",
     "is_secret_query_key",
+    "mask_secrets",
     "open_storage",
     "redact",
 ]

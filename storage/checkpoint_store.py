@@ -37,7 +37,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from storage.urls import is_secret_query_key
+from storage.urls import is_secret_query_key, mask_secrets, password_spans
 
 # ``protocol://...``; anything else is a path (``C:\\...`` included).
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -81,7 +81,9 @@ def protocol_of(location: str) -> str | None:
 def redact_location(location: str) -> str:
     """The URL with the password of ``user:password@`` and every secret query value (the
     storage URLs' rule, :func:`storage.urls.is_secret_query_key`) replaced by ``***``; a path as
-    it is. Each link of a chained URL (``simplecache::s3://...``) is redacted the same way."""
+    it is. Each link of a chained URL (``simplecache::s3://...``) is redacted the same way. A
+    password holding an unencoded ``/`` or ``@`` is masked whole
+    (:func:`storage.urls.password_spans`), where urllib would end it at the ``/``."""
     if "::" in str(location):
         return "::".join(redact_location(link) for link in str(location).split("::"))
     if not is_url(location):
@@ -91,7 +93,7 @@ def redact_location(location: str) -> str:
         pairs = parse_qsl(parts.query, keep_blank_values=True)
         secret_keys = [k for k, _ in pairs if is_secret_query_key(k)]
         if parts.password is None and not secret_keys:
-            return str(location)
+            return mask_secrets(str(location))
         netloc = parts.netloc
         if parts.password is not None:
             netloc = f"{parts.username or ''}:{MASK}@{parts.netloc.rpartition('@')[2]}"
@@ -100,7 +102,7 @@ def redact_location(location: str) -> str:
             query = urlencode(
                 [(k, MASK if is_secret_query_key(k) else v) for k, v in pairs], safe="*"
             )
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        return mask_secrets(urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment)))
     except ValueError:
         return "<unparsable checkpoints URL>"
 
@@ -117,6 +119,16 @@ def check_location(location: str) -> None:
             )
         return
     shown = redact_location(location)
+    try:
+        query = urlsplit(str(location)).query
+    except ValueError as error:  # a stray "[" or "]": urllib takes it for an IPv6 host
+        raise CheckpointLocationError(f"cannot parse {shown!r} as a URL: {error}") from None
+    if any(c in str(location)[a:b] for a, b in password_spans(str(location)) for c in "/@#"):
+        raise CheckpointLocationError(
+            f"the password in {shown!r} holds an unencoded '/', '@' or '#', which ends it early; "
+            "percent-encode it (%2F, %40, %23) or give credentials through the backend's usual "
+            "environment variables or config files"
+        )
     rest = str(location).split("://", 1)[1]
     if "::" in rest or protocol in WRAPPERS:
         raise CheckpointLocationError(
@@ -130,7 +142,7 @@ def check_location(location: str) -> None:
         )
     if not rest.strip("/"):
         raise CheckpointLocationError(f"{shown!r} names no bucket or folder")
-    if urlsplit(str(location)).query:
+    if query:
         # Backends would take it for part of the path (folders named ``ck?token=...``).
         raise CheckpointLocationError(
             f"a query (?...) is not supported, got {shown!r}; give credentials through the "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -86,6 +87,54 @@ def is_secret_query_key(key: str) -> bool:
     )
 
 
+# "scheme://user:" where a password may follow: the user part holds no "/", "@" or "?", so a
+# path such as sqlite:///runs/a:b.db never reads as one.
+_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/@?:\s]*:")
+
+
+def password_spans(text: str) -> list[tuple[int, int]]:
+    """Where the passwords of the URLs in ``text`` lie (start, end), read the cautious way:
+    a password runs to the last ``@`` of its URL (before any ``?`` or blank), so one holding an
+    unencoded ``@`` or ``/`` is covered whole. URL parsers end it at the first ``@`` (SQLAlchemy)
+    or ``/`` (urllib) and show the rest as the host or the path.
+
+    >>> url = "postgresql+psycopg://me:p@ss/w0rd@db/studies"
+    >>> [url[a:b] for a, b in password_spans(url)]
+    ['p@ss/w0rd']
+    """
+    spans = []
+    for match in _USERINFO.finditer(text):
+        end = len(text)
+        for stop in ("?", " ", "\n", "'", '"'):
+            found = text.find(stop, match.end())
+            end = min(end, found) if found >= 0 else end
+        at = text.rfind("@", match.end(), end)
+        if at >= 0:
+            spans.append((match.end(), at))
+    return spans
+
+
+_SECRET_QUERY_VALUE = re.compile(r"([?&])([^=&?#\s'\"]+)=([^&#\s'\"]*)")
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` (a URL, or a message that quotes one) with every password of
+    ``user:password@`` and every secret query value (:func:`is_secret_query_key`) replaced by
+    ``***``, read the cautious way of :func:`password_spans`.
+
+    >>> mask_secrets("got 'storage=postgresql://me:p@ss@db/x?sslpassword=k&port=1'")
+    "got 'storage=postgresql://me:***@db/x?sslpassword=***&port=1'"
+    """
+    for start, end in reversed(password_spans(text)):
+        text = text[:start] + MASK + text[end:]
+
+    def query(match: re.Match[str]) -> str:
+        sep, key, _ = match.groups()
+        return f"{sep}{key}={MASK}" if is_secret_query_key(key) else match.group(0)
+
+    return _SECRET_QUERY_VALUE.sub(query, text)
+
+
 def redact(url: str) -> str:
     """The URL with every secret replaced by ``***``.
 
@@ -107,7 +156,7 @@ def redact(url: str) -> str:
     if secret:
         parsed = parsed.update_query_dict(secret)
     shown = parsed.render_as_string(hide_password=True)
-    return shown.replace(_MASK_PLACEHOLDER, MASK) if secret else shown
+    return mask_secrets(shown.replace(_MASK_PLACEHOLDER, MASK) if secret else shown)
 
 
 def folder_problem(folder: str | os.PathLike[str]) -> str | None:
@@ -137,7 +186,7 @@ def has_secret(url: str) -> bool:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
         return True  # cannot tell: treat it as secret
-    return parsed.password is not None or any(is_secret_query_key(k) for k in parsed.query)
+    return mask_secrets(url) != url or parsed.password is not None
 
 
 def check_url(url: str) -> sqlalchemy.engine.URL:
@@ -155,11 +204,21 @@ def check_url(url: str) -> sqlalchemy.engine.URL:
             "allowed: sqlite, postgresql (postgresql+psycopg)"
         )
     try:
-        parsed.get_dialect()
+        parsed.get_dialect().import_dbapi()
     except NoSuchModuleError as error:
         raise StorageError(
             f"storage: no driver for {parsed.drivername!r} in {redact(url)}"
         ) from error
+    except ImportError as error:  # a dialect SQLAlchemy knows, its driver package not installed
+        raise StorageError(
+            f"storage: the driver of {parsed.drivername!r} is not installed ({error}); "
+            "use postgresql+psycopg://, which ssl-search installs"
+        ) from None
+    if any("@" in url[a:b] for a, b in password_spans(url)):
+        raise StorageError(
+            f"storage: the password in {redact(url)} holds an unencoded '@', which ends it "
+            "early; percent-encode it (%40)"
+        )
     if parsed.get_backend_name() == "sqlite":
         if not parsed.database or parsed.database == ":memory:":
             raise StorageError(

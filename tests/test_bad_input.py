@@ -156,6 +156,11 @@ BAD_OVERRIDES = [
     (["search.space.b={target: train.max_batches, choices: [5, 20]}"], "search.space.b.target"),
     (["search.space.p={target: train.probe.optim.lr, choices: [0.1]}"], "search.space.p.target"),
     (["search.space.a={target: train.amp, choices: [off, bf16]}"], "search.space.a.target"),
+    # storage and checkpoints_dir URLs that would fail later, with a traceback or elsewhere
+    (["storage=postgresql+pg8000://u:pw@h/db"], "storage"),  # its driver is not installed
+    (["storage=postgresql+psycopg://u:p@ss@127.0.0.1:1/db"], "storage"),  # '@' unencoded
+    (["checkpoints_dir=gs://my-bucket]/ckpt"], "checkpoints_dir"),  # urllib: "invalid IPv6"
+    (["checkpoints_dir=ftp://user:pa/ss@127.0.0.1:1/ckpt"], "checkpoints_dir"),  # '/' unencoded
     # an ImageFolder that is not there
     (["data.name=imagefolder"], "data.path"),
     (["data.name=imagefolder", "data.path=/nonexistent/images"], "data.path"),

@@ -156,6 +156,67 @@ def test_run_header_masks_the_password(tmp_path):
     assert "alice:***@db.example" in done.stdout and "password=***" in done.stdout
 
 
+@pytest.mark.parametrize(
+    "text,shown",
+    [
+        # SQLAlchemy ends a password at its first '@' and shows the rest as the host
+        (f"postgresql+psycopg://alice:p@{SECRET}@db/x", "postgresql+psycopg://alice:***@db/x"),
+        # urllib ends it at the first '/' and shows the rest as the path
+        (f"s3://key:ab/{SECRET}@bucket/ckpt", "s3://key:***@bucket/ckpt"),
+        # quoted in a message, several URLs, a query secret beside an ordinary value
+        (
+            f"got 'postgresql://a:{SECRET}@h/x\\n' and ftp://b:c/{SECRET}@h/p?token={SECRET}&n=1",
+            "got 'postgresql://a:***@h/x\\n' and ftp://b:***@h/p?token=***&n=1",
+        ),
+        # a path with ':' and '@' is no password: nothing to mask
+        (
+            "sqlite:///runs/a:b@c.db and s3://bucket/v:2@x",
+            "sqlite:///runs/a:b@c.db and s3://bucket/v:2@x",
+        ),
+    ],
+)
+def test_a_password_holding_an_unencoded_at_or_slash_is_masked_whole(text, shown):
+    from search.database import mask_secrets
+    from storage.checkpoint_store import redact_location
+
+    assert mask_secrets(text) == shown
+    url = text.split()[0]
+    if "postgresql" in url:
+        assert SECRET not in redact(url) and has_secret(url)
+    if url.startswith("s3://key"):
+        assert redact_location(url) == shown
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        f"storage=postgresql+psycopg://alice:p@{SECRET}@127.0.0.1:1/x",  # refused: '@' in it
+        f"checkpoints_dir=s3://key:ab/{SECRET}@bucket/ckpt",  # refused: '/' in it
+        f"storage:postgresql+psycopg://alice:{SECRET}@127.0.0.1:1/x",  # ':' for '='
+        f"storage=postgresql+psycopg://alice:{SECRET}@127.0.0.1:1/x\n",  # a control character
+        "storage=${oc.env:SSL_SEARCH_TEST_URL}",  # the same, from an environment variable
+        "storage=${oc.env:SSL_SEARCH_TEST_URL_2}",  # '${' in it: it resolves to an interpolation
+    ],
+)
+def test_a_refused_url_is_quoted_without_its_password(override):
+    """Each is refused with one line (exit 2) that quotes the URL, its password masked."""
+    done = run_env(
+        "search.run",
+        "study=quickstart",
+        override,
+        "--dry-run",
+        env={
+            "SSL_SEARCH_TEST_URL": f"postgresql+psycopg://alice:{SECRET}@127.0.0.1:1/x\n",
+            "SSL_SEARCH_TEST_URL_2": f"postgresql+psycopg://alice:{SECRET}${{x}}@127.0.0.1:1/x",
+        },
+        print_command=False,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert SECRET not in done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(("error: storage", "error: checkpoints_dir")) and "***" in line, line
+
+
 def test_a_checkpoints_url_password_is_masked_where_the_config_is_stored_and_printed(tmp_path):
     """The study keeps its resolved config (a user attr the dashboard shows) and --dry-run
     prints it: the checkpoints_dir URL's password appears in neither."""
