@@ -6,6 +6,7 @@ through these names, so a password never leaves :func:`redact` unmasked.
 
 from __future__ import annotations
 
+from storage.checkpoint_store import CheckpointTransferError
 from storage.urls import (
     MASK,
     StorageError,
@@ -29,6 +30,7 @@ WORKER_STORAGE_ENV = "SSL_SEARCH_WORKER_STORAGE"
 STORAGE_ENV = "SSL_SEARCH_STORAGE"
 
 __all__ = [
+    "CheckpointTransferError",
     "MASK",
     "STORAGE_ENV",
     "WORKER_STORAGE_ENV",

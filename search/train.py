@@ -18,6 +18,7 @@ from models.errors import UsageError
 from models.training import EpochReport, Run
 from search.cli import config_from_args, guarded, parser
 from search.config import check_checkpoints_reachable, checkpoint_store, to_dataclasses
+from search.database import CheckpointTransferError, mask_secrets
 from search.naming import (
     PRETRAIN_FILE,
     checkpoint_identity,
@@ -93,6 +94,13 @@ def main() -> int:
         raise UsageError(
             f"{error}; run again with --fresh to train from epoch 0 in its place"
         ) from None
+    except CheckpointTransferError as error:  # the shared store failed: not the input
+        print(
+            f"error: {mask_secrets(str(error).splitlines()[0])}; run the same command again to "
+            "resume from the last checkpoint once it can be reached",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:  # a checkpoint being written is finished first (Run.fit)
         print(
             f"\ninterrupted: run the same command again to resume from the last checkpoint in "

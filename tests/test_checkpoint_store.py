@@ -476,3 +476,27 @@ def test_a_transient_upload_error_retries_the_trial_instead_of_losing_the_config
     with fs.open(remote, "rb") as handle:
         stored = torch.load(handle, weights_only=True, map_location="cpu")
     assert stored["epoch"] == done.user_attrs["epochs_run"] == 1
+
+
+def test_search_train_says_in_one_line_when_the_shared_store_fails(tmp_path: Path) -> None:
+    """``python -m search.train`` on a store it cannot read (here its ``train`` folder is a
+    file): one line naming the store and how to go on, exit 1 (not the input's fault), no
+    traceback."""
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "train").write_text("not a folder")
+    done = run_module(
+        "search.train",
+        "study=quickstart",
+        f"checkpoints_dir=file://{store}",
+        f"runs_dir={tmp_path / 'runs'}",
+        "train.epochs=1",
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: checkpoints_dir: cannot download file://{store}/train/"), line
+    assert line.endswith(
+        "run the same command again to resume from the last checkpoint once it can be reached"
+    ), line
