@@ -47,7 +47,6 @@ from search.naming import (
 from search.objective import TrialHook, TrialRunner
 from search.stages import (
     ConfigurationGivenUp,
-    check_same_images,
     open_studies,
     progress,
     run_stages,
@@ -209,8 +208,8 @@ def worker_loop(
     if splits is None:
         splits = load_data(cfg, label)
     runner = TrialRunner(cfg, device=device, progress=progress, splits=splits)
-    studies = open_studies(cfg, url, seed_offset=seed_offset)
-    check_same_images(studies, splits)  # before any trial is taken
+    # The images are checked before this run writes anything to a study that exists.
+    studies = open_studies(cfg, url, seed_offset=seed_offset, splits=splits)
     runner.find_trial = studies.find_trial
     runner.source_curve = studies.pretrain_curve
     runner.hooks.extend(hooks)

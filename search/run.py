@@ -201,12 +201,13 @@ def main() -> int:
             "; stage=final evaluates a search that ran: run it without stage=final first",
         )
     splits = load_data(cfg)
-    if int(cfg.workers) > 1:
-        splits = None  # spawned workers load their own; the launcher keeps no copy
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(f"study {cfg.name}: storage {redact(url)}", flush=True)
     # Schema and studies exist before any worker starts; this process samples nothing itself.
-    studies = open_studies(cfg, url, seed_offset=0)
+    # Images other than the study's are refused before this run writes to it.
+    studies = open_studies(cfg, url, seed_offset=0, splits=splits)
+    if int(cfg.workers) > 1:
+        splits = None  # spawned workers load their own; the launcher keeps no copy
     install_sigterm_as_interrupt()
     try:  # a signal at any point from here on, the summary included, stops it the same way
         return _run_and_summarize(cfg, url, studies, not args.no_progress, splits)

@@ -182,11 +182,19 @@ def make_pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_studies(cfg: DictConfig, url: str, seed_offset: int | None = None) -> Studies:
+def open_studies(
+    cfg: DictConfig,
+    url: str,
+    seed_offset: int | None = None,
+    splits: ImageSplits | None = None,
+) -> Studies:
     """Create (or load) the schema and the three studies; store the resolved config once.
 
     Each stage study gets its identity (``study_uid``) from the process that creates it.
     ``seed_offset`` None gives this process its own sampler seed (see :func:`sampler_offset`).
+    ``splits``: this worker's images, checked against the study's (:func:`check_same_images`)
+    before this run writes its budgets into the stored config or claims a seed, so a worker
+    refused for its data changes nothing in an existing study.
     """
     storage = open_storage(
         url,
@@ -221,6 +229,8 @@ def open_studies(cfg: DictConfig, url: str, seed_offset: int | None = None) -> S
             study = optuna.load_study(study_name=name, storage=storage)
             _wait_for_identity(study)
         studies[stage] = study
+    if splits is not None:
+        check_same_images(Studies(**studies, claims=claims), splits)
     # Samplers and pruners are this process's own (Study.sampler is public and settable).
     if seed_offset is None:
         seed_offset = sampler_offset(claims, cfg.name)

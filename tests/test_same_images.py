@@ -77,17 +77,46 @@ def test_a_worker_with_other_images_is_refused_before_it_takes_a_trial(tmp_path:
     assert studies.screen.get_trials() == []  # nothing taken, failed or retried
 
 
+def test_a_worker_refused_for_its_images_changes_nothing_in_the_study(tmp_path: Path) -> None:
+    """Opening the study with other images and a larger budget raises before the run writes
+    its budgets into the stored config or claims a sampler seed."""
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    cfg = load_config("quickstart", [f"storage={url}", f"runs_dir={tmp_path}"])
+    splits = TrialRunner(cfg, progress=False).splits
+    studies = open_studies(cfg, url, splits=splits)  # the first worker records its images
+    stored = [studies.of(stage).user_attrs["config"] for stage in ("screen", "promote", "final")]
+    claims = sorted(studies.claims.taken(""))
+    other = dataclasses.replace(splits, digest="0" * 16)
+    bigger = load_config("quickstart", [f"storage={url}", f"runs_dir={tmp_path}",
+                                        "stages.screen.trials=99"])  # fmt: skip
+    with pytest.raises(DataError, match=r"^data\.root: this worker's images"):
+        open_studies(bigger, url, splits=other)
+    assert [studies.of(stage).user_attrs["config"] for stage in ("screen", "promote", "final")] == (
+        stored
+    )
+    assert stored[0]["stages"]["screen"]["trials"] == 12
+    assert sorted(studies.claims.taken("")) == claims  # no sampler seed taken either
+
+
 def test_search_run_refuses_other_images_in_one_line(tmp_path: Path) -> None:
     """The real command, on a study whose recorded images are not the ones this machine has."""
     url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
     cfg = load_config("quickstart", [f"storage={url}", f"runs_dir={tmp_path}"])
     studies = open_studies(cfg, url)
     studies.screen.set_user_attr(DATA_DIGEST_ATTR, "0123456789abcdef")  # another machine's
-    result = run_module("search.run", "study=quickstart", f"storage={url}", f"runs_dir={tmp_path}")
+    stored = studies.screen.user_attrs["config"]
+    result = run_module(
+        "search.run",
+        "study=quickstart",
+        f"storage={url}",
+        f"runs_dir={tmp_path}",
+        "stages.screen.trials=99",  # a budget the stored config would take on, were it run
+    )
     line = assert_one_line_error(result, "data.root")
     assert "0123456789abcdef" in line and "same copy of the data" in line
     screen = optuna.load_study(study_name=studies.screen.study_name, storage=url)
     assert screen.get_trials() == []
+    assert screen.user_attrs["config"] == stored  # refused before anything was written
 
 
 def test_a_checkpoint_from_before_the_digest_is_resumed_and_a_strangers_is_not(
