@@ -38,7 +38,9 @@ def best_checkpoint(folder: str | os.PathLike[str]) -> Path:
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically, creating parent folders."""
+    """Write ``state`` to ``path`` atomically and durably, creating parent folders: the file
+    is synced before it replaces the old one, and the folder after, so that a power loss
+    cannot roll the checkpoint back behind a rung result already stored in the database."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -51,6 +53,21 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows, or a filesystem that does not allow it
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some network filesystems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def detached_copy(value: Any) -> Any:

@@ -73,3 +73,27 @@ def test_flush_raises_the_error_of_the_last_write(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="store down"):
         writer.flush()  # the phase must not be reported finished
     writer.flush()  # reported once
+
+
+def test_a_checkpoint_is_synced_and_so_is_its_folder_after_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Durable, not only atomic: the file is synced before it replaces the old one and the
+    folder after, else a power loss could undo the rename while the database keeps the rung
+    result that came after it. (The calls are recorded; the real fsync still runs.)"""
+    import os
+    import stat
+
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        is_folder = stat.S_ISDIR(os.fstat(fd).st_mode)
+        synced.append(
+            ("folder" if is_folder else "file", (tmp_path / "run" / "pretrain.pt").exists())
+        )
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    save_checkpoint(tmp_path / "run" / "pretrain.pt", {"epoch": 1})
+    assert synced == [("file", False), ("folder", True)]
