@@ -45,6 +45,7 @@ from storage.urls import StorageUnavailableError, redact
 
 __all__ = [
     "FAILED_AT_ATTR",
+    "RETRY_LIMIT_ATTR",
     "RETRY_SECONDS",
     "RetryingRDBStorage",
     "StorageUnavailableError",
@@ -56,6 +57,10 @@ __all__ = [
 RETRY_SECONDS = 60.0
 """How long a failing storage call is retried, counted from its first transient failure."""
 FAILED_AT_ATTR = "failed_at"
+# System attr of a failed trial: the max_retries of the process that failed it. A failure is
+# retried under the limit in force when it happened (storage.trial_retry.retry_allowed): a later
+# run that raises the limit does not revive a failure whose place was given to another.
+RETRY_LIMIT_ATTR = "max_retries_when_failed"
 """Trial system attr: when (``time.time()``, comparable across time zones, unlike Optuna's naive
 local ``datetime_complete``) the trial was failed; set just before its state becomes FAIL."""
 CREATION_MARK_ATTR = "ssl_search_creation"
@@ -475,7 +480,7 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
     ) -> bool:
         """As Optuna's, retried; a retry finds out whether a lost attempt had committed. A trial
-        being failed is stamped first (:data:`FAILED_AT_ATTR`).
+        being failed is stamped first (:data:`FAILED_AT_ATTR`, :data:`RETRY_LIMIT_ATTR`).
 
         Only a connection lost during the commit leaves that in doubt: the change may be
         stored although the call failed. A "database is locked" (SQLite busy) error means the
@@ -493,8 +498,11 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
         """
         doubtful: list[bool] = []  # an attempt was lost in doubt
         if state == TrialState.FAIL:  # finished already: the state change below answers for it
+            limit = getattr(self.get_heartbeat_stale_trial_callback(), "max_retry", None)
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                 self.set_trial_system_attr(trial_id, FAILED_AT_ATTR, time.time())
+                if limit is not None:
+                    self.set_trial_system_attr(trial_id, RETRY_LIMIT_ATTR, int(limit))
 
         def attempt() -> bool:
             try:

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from optuna.trial import FrozenTrial, TrialState
 
 from storage.claims import Claims, owner_gone
+from storage.retry import RETRY_LIMIT_ATTR
 
 FREE_RETRIES_ATTR = "free_retries"  # system attr: the retries of the chain that were not counted
 
@@ -53,8 +54,13 @@ def retries_spent(trial: FrozenTrial) -> int:
 def retry_allowed(trial: FrozenTrial, max_retry: int | None, counted: bool = True) -> bool:
     """Whether failed ``trial`` may be queued once more: a ``counted`` retry spends one of
     ``max_retry``; a free one spends none, and is still refused to a chain that has spent more
-    than ``max_retry`` (a later run lowered it). The one rule :class:`RetryFailedTrial` and
+    than ``max_retry`` (a later run lowered it). A failure is retried under the limit in force
+    when it happened (:data:`storage.retry.RETRY_LIMIT_ATTR`) when that was lower: raising
+    ``max_retries`` later does not revive it. The one rule :class:`RetryFailedTrial` and
     whoever waits for its retry both follow."""
+    stamped = trial.system_attrs.get(RETRY_LIMIT_ATTR)
+    if stamped is not None:
+        max_retry = int(stamped) if max_retry is None else min(max_retry, int(stamped))
     return max_retry is None or retries_spent(trial) + int(counted) <= max_retry
 
 
@@ -76,6 +82,11 @@ class RetryFailedTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
         super().__init__(max_retry, inherit_intermediate_values)
         self.engine = engine
         self._claims: Claims | None = None
+
+    @property
+    def max_retry(self) -> int | None:
+        """The retries a failed trial's chain may spend (None: no limit)."""
+        return self._max_retry
 
     def __getstate__(self) -> dict[str, Any]:
         # An engine does not pickle; the storage that holds this callback sets it again.

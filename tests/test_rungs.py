@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 from search.config import load_config
 from search.naming import rung_ladder, trained_nothing
 from search.objective import CheckpointUnreachableError
-from search.scheduler import Wait, decide, promotion_justified
+from search.scheduler import Finished, Wait, decide, promotion_justified
 from search.space import suggest
 from search.stages import (
     StageError,
@@ -1067,6 +1067,52 @@ def test_a_killed_leg_awaiting_its_retry_still_counts_as_running(tmp_path: Path)
     run_rungs_in_time(studies, CurveRunner(cfg), cfg)
     assert studies.screen.get_trials()[failed.number + 1].state == TrialState.COMPLETE
     assert decide(scheduler_records(studies, cfg), **settings) == Finished()
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_a_failure_under_a_lower_max_retries_stays_failed_when_a_later_run_raises_it(
+    tmp_path: Path,
+) -> None:
+    """A leg to the long budget failed with no reason (as a killed worker's is, by heartbeat)
+    under max_retries=0: not retried, its place free for the next in rank. A later run with
+    max_retries=3 must not revive it, which would put a second configuration at a long budget
+    of top_k 1: a failure is retried under the limit in force when it happened."""
+    from search.stages import _retry_late
+    from storage.retry import RETRY_LIMIT_ATTR
+
+    url = f"sqlite:///{tmp_path / 'raised.db'}"
+    base = [*RUNG_STUDY, "name=raised", f"storage={url}", "stages.promote.top_k=1",
+            "max_retries=0", "heartbeat_interval=1", "grace_period=2"]  # fmt: skip
+    cfg = load_config("quickstart", base)
+    studies = open_studies(cfg, url)
+    run_rungs_in_time(studies, CurveRunner(cfg), cfg)
+    *_, below, last = scheduler_settings(cfg)["rungs"]
+    (holder,) = long_budget_trials(studies, cfg)
+    source = next(
+        t
+        for t in studies.promote.get_trials()
+        if t.user_attrs.get("rung_to") == below
+        and t.user_attrs["config"] != holder.user_attrs["config"]
+    )
+    other = source.user_attrs["config"]
+    studies.promote.enqueue_trial(
+        source.params,
+        user_attrs={"config": other, "rung_from": below, "rung_to": last,
+                    "checkpoint_dir": source.user_attrs.get("checkpoint_dir")},
+    )  # fmt: skip
+    studies.promote.tell(studies.promote.ask(), state=TrialState.FAIL)  # through the storage
+    failed = studies.promote.get_trials()[-1]
+    assert failed.system_attrs[RETRY_LIMIT_ATTR] == 0
+
+    raised = load_config("quickstart", [*base, "max_retries=3"])
+    again = open_studies(raised, url)
+    record = {r.number: r for r in scheduler_records(again, raised)}[other]
+    assert record.failed and not record.running
+    assert decide(scheduler_records(again, raised), **scheduler_settings(raised)) == Finished()
+    time.sleep(2.2)  # past grace_period: a retry a dead process owed would be queued now
+    _retry_late(again, raised, "promote")
+    assert [t.state for t in again.promote.get_trials()][-1] == TrialState.FAIL  # none queued
+    assert len(long_budget_trials(again, raised)) == 1
 
 
 def test_a_seat_no_configuration_holds_is_free_again(tmp_path: Path) -> None:
