@@ -123,6 +123,8 @@ class Studies:
     promote: optuna.Study
     final: optuna.Study
     claims: Claims
+    # When this process opened them (time.time()): what failed before belongs to an earlier run.
+    opened_at: float = dataclasses.field(default_factory=time.time)
 
     def of(self, stage: str) -> optuna.Study:
         return getattr(self, stage)
@@ -884,9 +886,27 @@ def run_final(
     # One final per best run at the long budget: a later run with a larger budget that finds a
     # better one evaluates it too (the report shows the final of the best).
     key = f"{final.study_name}/enqueue/{source_study}/{t.number}"
-    if not _final_of(final, source_study, t.number, finished=False):
+    finals = _final_of(final, source_study, t.number, finished=False)
+    if not finals:
         _enqueue_once(studies, key, enqueue_final, final)
+    elif _failed_in_an_earlier_run(studies, cfg, finals):
+        # Its retries spent in an earlier run (an out-of-memory GPU another job held, say): this
+        # run tries once more, else a rerun could never give the search its test numbers.
+        attempts = len({original_number(f) for f in finals})
+        _enqueue_once(studies, f"{key}/again-{attempts}", enqueue_final, final)
     _drain(studies, "final", runner, cfg, on_trial=on_trial)
+
+
+def _failed_in_an_earlier_run(studies: Studies, cfg: DictConfig, finals: list[FrozenTrial]) -> bool:
+    """Whether every final trial of one source failed for good (none waiting, running,
+    complete or owed a retry) before this process opened the studies. Workers of the run in
+    which it failed opened them earlier, so within one run a final is not tried again."""
+    if any(f.state != TrialState.FAIL for f in finals):
+        return False
+    owed = {t.number for t in _owed_retries(studies, cfg, "final")}
+    if any(f.number in owed for f in finals):
+        return False
+    return max(_failed_at(f) for f in finals) < studies.opened_at
 
 
 def _final_of(

@@ -65,6 +65,50 @@ def test_a_minimized_metric_evaluates_its_lowest_long_budget_run_in_the_final(
     assert progress(studies, cfg).final == 1
 
 
+class FailingFinal(CurveRunner):
+    """:class:`CurveRunner` whose final stage fails as an out-of-memory GPU does: with its
+    reason, so it is not retried."""
+
+    def objective(self, stage: str):  # noqa: ANN201
+        if stage != "final":
+            return super().objective(stage)
+
+        def run(trial: optuna.Trial) -> float:
+            trial.set_user_attr("fail_reason", "OutOfMemoryError: CUDA out of memory")
+            raise RuntimeError("CUDA out of memory")
+
+        return run
+
+
+def test_a_final_that_failed_for_good_is_tried_once_more_by_a_later_run_only(
+    tmp_path: Path,
+) -> None:
+    """A final whose retries are spent is not tried again in the run it failed in (its workers
+    opened the study before it failed), and is tried once more by a later run: else no rerun
+    could ever give the search its test numbers."""
+    url = f"sqlite:///{tmp_path / 'again.db'}"
+    cfg = load_config(
+        "mnist_autoencoder", [*RUNG_STUDY, "search.metric=val_mae", "name=again", f"storage={url}"]
+    )
+    studies = open_studies(cfg, url)
+    for config, value in [(3, 0.30), (5, 0.10)]:
+        studies.promote.add_trial(
+            _leg(value, config=config, rung_from=9, rung_to=27, checkpoint_dir=f"c/{config}")
+        )
+    run_final(studies, FailingFinal(cfg), cfg)
+    run_final(studies, FailingFinal(cfg), cfg)  # the same run again: nothing new
+    assert [t.state for t in studies.final.get_trials()] == [TrialState.FAIL]
+    time.sleep(0.01)
+    later = open_studies(cfg, url)  # a later run
+    run_final(later, CurveRunner(cfg), cfg)
+    finals = later.final.get_trials()
+    assert [t.state for t in finals] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert finals[1].user_attrs["source_checkpoint_dir"] == "c/5"  # the same source
+    run_final(open_studies(cfg, url), CurveRunner(cfg), cfg)  # complete: nothing more
+    assert len(later.final.get_trials()) == 2
+    assert progress(later, cfg).final == 1
+
+
 @pytest.mark.parametrize("direction", ["maximize", "minimize"])
 def test_a_tie_at_the_long_budget_goes_to_the_configuration_the_scheduler_ranks_first(
     tmp_path: Path, direction: str
