@@ -381,21 +381,29 @@ def _fail_stale(study: optuna.Study) -> None:
 # ---- running trials --------------------------------------------------------------------
 
 
+# Why a trial Optuna sampled anew trains nothing (its prune reason, after NOTHING_QUEUED).
+TAKEN_FIRST = "another worker took the queued trial first"
+NO_LONGER_WANTED = (
+    "the search no longer wanted a new configuration (its trial budget spent or long budget full)"
+)
+
+
 def _run_one(
     studies: Studies,
     stage: str,
     runner: TrialRunner,
     max_retries: int,
     claimed: int | None = None,
-    on_fresh: Callable[[int], bool] | None = None,
+    on_fresh: Callable[[int], str | None] | None = None,
 ) -> int | None:
     """Run one trial of ``stage``; its number. Ctrl-C re-enqueues it so it resumes later.
 
     Optuna pops the first waiting trial, or samples a new one when none is waiting.
     ``claimed``: the waiting trial this process claimed; if Optuna popped another one that no
     one had claimed yet, the claim moves to it. ``on_fresh``: called with its number when Optuna
-    sampled a new trial (the queue emptied meanwhile); unless it answers True (a slot was taken for it), the
-    trial is pruned at once as "nothing queued" and trains nothing.
+    sampled a new trial; it answers why this process may not train it, or None if it may (a slot
+    was taken for it and the search still wants a new configuration). A trial it refuses is
+    pruned at once as "nothing queued", with that reason, and trains nothing.
     """
     study = studies.of(stage)
     objective = runner.objective(stage)
@@ -419,8 +427,11 @@ def _run_one(
             reason = f"skipped: the same leg as trial #{twin}, queued twice"
             trial.set_user_attr("prune_reason", reason)
             raise optuna.TrialPruned(reason)
-        if on_fresh is not None and not _was_queued(stored(trial)) and not on_fresh(trial.number):
-            reason = f"{NOTHING_QUEUED}: another worker took the queued trial first"
+        refused = None
+        if on_fresh is not None and not _was_queued(stored(trial)):
+            refused = on_fresh(trial.number)
+        if refused is not None:
+            reason = f"{NOTHING_QUEUED}: {refused}"
             trial.set_user_attr("prune_reason", reason)
             raise optuna.TrialPruned(reason)
         try:
@@ -639,7 +650,7 @@ def _drain(
                     runner,
                     int(cfg.max_retries),
                     claimed,
-                    on_fresh=lambda _number: False,
+                    on_fresh=lambda _number: TAKEN_FIRST,
                 )
             if on_trial and number is not None:
                 on_trial(stage, number)
@@ -685,21 +696,30 @@ def _slot_starting(studies: Studies, study: optuna.Study, grace: float) -> bool:
 
 
 def _run_on_slot(
-    studies: Studies, stage: str, runner: TrialRunner, max_retries: int, slot: str
+    studies: Studies,
+    stage: str,
+    runner: TrialRunner,
+    max_retries: int,
+    slot: str,
+    unwanted: Callable[[int], str | None] = lambda _number: None,
 ) -> int | None:
     """Run one trial of ``stage`` on ``slot``, a claim for one new configuration; its number.
 
-    The slot is spent only if Optuna sampled the new configuration it was taken for. Between
-    the claim and Optuna's pop a trial can join the queue: ``optimize`` itself fails a dead
-    worker's trial by heartbeat, and its retry callback queues the copy that this very pop
-    then takes. A slot whose holder ran a queued trial instead (or stopped before sampling)
-    is released; kept, it would be lost and the study would end one configuration short.
+    The slot is spent only if Optuna sampled the new configuration it was taken for, and
+    ``unwanted`` (asked with its number once it is sampled) has no reason against training it.
+    Between the claim and Optuna's pop a trial can join the queue: ``optimize`` itself fails a
+    dead worker's trial by heartbeat, and its retry callback queues the copy that this very pop
+    then takes. A slot whose holder ran a queued trial instead, stopped before sampling, or
+    sampled a configuration no longer wanted, is released; kept, it would be lost and the
+    study would end one configuration short.
     """
     spent: list[int] = []
 
-    def spend(number: int) -> bool:
-        spent.append(number)
-        return True
+    def spend(number: int) -> str | None:
+        refused = unwanted(number)
+        if refused is None:
+            spent.append(number)
+        return refused
 
     try:
         return _run_one(studies, stage, runner, max_retries, on_fresh=spend)
@@ -1343,6 +1363,12 @@ def run_rungs(
     def records_now() -> list[TrialRecord]:
         return _within(scheduler_records(studies, cfg), settings["rungs"])
 
+    def unwanted(number: int) -> str | None:
+        # Checked once Optuna has sampled configuration ``number``, on the records as they
+        # are now: the long budget may have filled since this worker decided to start one.
+        others = [r for r in records_now() if r.number != number]
+        return None if may_start_new(others, **settings) else NO_LONGER_WANTED
+
     retries = int(cfg.max_retries)
     new_configs = int(cfg.stages.screen.trials) - 1  # the report's configuration is the first
     finished_on: list[TrialRecord] | None = None  # the records of the last Finished decision
@@ -1362,15 +1388,15 @@ def run_rungs(
         )
         if queued is not None:
 
-            def new_slot(number: int, stage: str = queued) -> bool:
+            def new_slot(number: int, stage: str = queued) -> str | None:
                 # Optuna sampled a configuration because the queue emptied under this worker:
                 # it may train only if a new one could still matter, and takes a slot.
                 if stage != "screen":
-                    return False
-                others = [r for r in records_now() if r.number != number]
-                if not may_start_new(others, **settings):
-                    return False
-                return _claim_slot(studies, screen, new_configs) is not None
+                    return TAKEN_FIRST
+                refused = unwanted(number)
+                if refused is None and _claim_slot(studies, screen, new_configs) is None:
+                    return "every slot for a new configuration is taken"
+                return refused
 
             number = _run_one(studies, queued, runner, retries, on_fresh=new_slot)
             if on_trial and number is not None:
@@ -1386,7 +1412,7 @@ def run_rungs(
         if isinstance(decision, StartNew):
             slot = _claim_slot(studies, screen, new_configs)
             if slot is not None:
-                number = _run_on_slot(studies, "screen", runner, retries, slot)
+                number = _run_on_slot(studies, "screen", runner, retries, slot, unwanted)
                 if on_trial and number is not None:
                     on_trial("screen", number)
                 continue

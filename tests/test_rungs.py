@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 from search.config import load_config
 from search.naming import rung_ladder, trained_nothing
 from search.objective import CheckpointUnreachableError
-from search.scheduler import Finished, Wait, decide, promotion_justified
+from search.scheduler import Finished, StartNew, Wait, decide, promotion_justified
 from search.space import suggest
 from search.stages import (
     StageError,
@@ -665,6 +665,57 @@ def test_a_slot_whose_taker_died_before_starting_its_configuration_is_not_waited
     assert time.monotonic() - started >= 1.5  # it waited out the grace period first
     assert len(scheduler_records(studies, cfg)) == 4
     assert len(long_budget_trials(studies, cfg)) == 1
+
+
+def test_a_configuration_sampled_after_the_long_budget_filled_trains_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker decides to start a new configuration and takes a slot; before Optuna has
+    sampled it, another worker sends a configuration to the long budget and fills it (top_k 1).
+    The new configuration could no longer reach the long budget: it is pruned as nothing
+    queued, trains nothing, and gives its slot back. Before, it trained its first rung."""
+    import search.stages as stages
+    from search.naming import NOTHING_QUEUED
+
+    monkeypatch.setattr(stages, "POLL_S", 0.05)
+    name = "filled"
+    url = f"sqlite:///{tmp_path / (name + '.db')}"
+    cfg = load_config(
+        "quickstart",
+        [*RUNG_STUDY, f"name={name}", f"storage={url}", "stages.promote.top_k=1"],
+    )
+    studies = open_studies(cfg, url)
+    runner = CurveRunner(cfg)
+    _start_screen(studies, runner, cfg)  # the report's configuration, queued
+    studies.screen.optimize(runner.objective("screen"), n_trials=1)  # it, at rung 1
+    params = studies.screen.get_trials()[0].params
+    for stage, rung_from, rung_to in (("screen", 1, 3), ("promote", 3, 9)):
+        leg = {"config": 0, "rung_from": rung_from, "rung_to": rung_to}
+        studies.of(stage).enqueue_trial(params, user_attrs=leg)
+        studies.of(stage).optimize(runner.objective(stage), n_trials=1)
+    # Alone at rung 9 it does not rank in the top third: the scheduler starts a new one.
+    assert isinstance(decide(scheduler_records(studies, cfg), **scheduler_settings(cfg)), StartNew)
+    real_claim_slot = stages._claim_slot
+    filled: list[str] = []
+
+    def claim_then_another_worker_fills_the_long_budget(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        slot = real_claim_slot(*args, **kwargs)
+        if slot is not None and not filled:
+            filled.append(slot)
+            other = optuna.load_study(study_name=f"{name}.promote", storage=url)
+            other.enqueue_trial(params, user_attrs={"config": 0, "rung_from": 9, "rung_to": 27})
+        return slot
+
+    monkeypatch.setattr(stages, "_claim_slot", claim_then_another_worker_fills_the_long_budget)
+    run_rungs_in_time(studies, runner, cfg, timeout=60)
+    assert filled, "no slot was taken"
+    screen = studies.screen.get_trials()
+    sampled = [t for t in screen if t.user_attrs.get("config", t.number) != 0]
+    assert [t.state for t in sampled] == [TrialState.PRUNED]
+    reason = sampled[0].user_attrs["prune_reason"]
+    assert reason.startswith(NOTHING_QUEUED) and "long budget" in reason, reason
+    assert studies.claims.taken(f"{name}.screen/slot/") == []  # its slot was given back
+    assert [t.user_attrs["rung_to"] for t in long_budget_trials(studies, cfg)] == [27]
 
 
 def test_a_claimed_continuation_not_yet_queued_counts_as_running_until_taken_back(
