@@ -355,8 +355,9 @@ class Networks:
         return {name: m for name, m in parts.items() if m is not None}
 
 
-def build_networks(family: str, task: str, model: ModelConfig) -> Networks:
-    """Build the networks ``task`` needs for a dataset ``family`` ("mnist" or "cifar").
+def build_networks(family: str, task: str, model: ModelConfig, num_classes: int = 10) -> Networks:
+    """Build the networks ``task`` needs for a dataset ``family`` ("mnist" or "cifar") of
+    ``num_classes`` classes (MNIST and CIFAR-10 have 10; an image folder has its own).
 
     autoencoder: encoder + decoder + classifier; guided: encoder + classifier;
     contrastive: encoder + projection + classifier. ``model.latent_dim`` applies to MNIST only;
@@ -383,7 +384,9 @@ def build_networks(family: str, task: str, model: ModelConfig) -> Networks:
             decoder = MnistDecoder(
                 dec_c, dec_k, latent_dim, model.decoder_upsample, latent_channels=lc
             )
-        classifier = MnistClassifier(latent_dim, hidden, dropout=model.classifier_dropout)
+        classifier = MnistClassifier(
+            latent_dim, hidden, dropout=model.classifier_dropout, num_classes=num_classes
+        )
     else:
         cifar_encoder = CifarEncoder(enc_c, enc_k, lc, dropout=model.encoder_dropout)
         latent_dim = cifar_encoder.latent_dim
@@ -391,7 +394,14 @@ def build_networks(family: str, task: str, model: ModelConfig) -> Networks:
         if task == "autoencoder":
             decoder = CifarDecoder(dec_c, dec_k, lc, upsample=model.decoder_upsample)
         clf_c, clf_k = model_classifier_convs(model, family)
-        classifier = CifarClassifier(lc, clf_c, clf_k, hidden, dropout=model.classifier_dropout)
+        classifier = CifarClassifier(
+            lc,
+            clf_c,
+            clf_k,
+            hidden,
+            dropout=model.classifier_dropout,
+            num_classes=num_classes,
+        )
 
     projection = None
     if task == "contrastive":

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from models.augment import build_augmentation
 from models.checkpoints import (
+    CheckpointError,
     CheckpointWriter,
     best_checkpoint,
     capture_rng_state,
@@ -136,6 +137,22 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
     return torch.device(name)
 
 
+def _load_modules(
+    path: str | os.PathLike[str], state: dict[str, Any], modules: dict[str, nn.Module]
+) -> None:
+    """Load each of ``modules`` from checkpoint ``state``; a checkpoint of networks of other
+    shapes (one written before the classifier had one output per class of an image folder,
+    say) is a :class:`CheckpointError` naming its file, not a bare size mismatch."""
+    for name, module in modules.items():
+        try:
+            module.load_state_dict(state["modules"][name])
+        except (KeyError, RuntimeError) as error:
+            problem = str(error).strip().splitlines()
+            raise CheckpointError(
+                path, f"its {name} does not fit this network ({problem[-1] if problem else error})"
+            ) from error
+
+
 class Run:
     """One training configuration on one device; see the module docstring."""
 
@@ -158,7 +175,7 @@ class Run:
         self.splits = splits.to(self.device)
         self.family = splits.family
         torch.manual_seed(train.seed)  # initial weights and every random draw follow the seed
-        self.nets = build_networks(splits.family, task, model)
+        self.nets = build_networks(splits.family, task, model, splits.num_classes)
         on_cuda = self.device.type == "cuda"
         self.channels_last = train.channels_last == "on" or (
             train.channels_last == "auto" and on_cuda
@@ -329,8 +346,7 @@ class Run:
         if state is not None:
             check_identity(path, state, self.identity)
             best = state.get("best")
-            for name, module in modules.items():
-                module.load_state_dict(state["modules"][name])
+            _load_modules(path, state, modules)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             restore_rng_state(state["rng"], self.device)
@@ -558,8 +574,7 @@ class Run:
         state = load_checkpoint(path)
         if state is None:
             raise FileNotFoundError(f"no pretrain checkpoint at {path}")
-        for name, module in self.pretrain_modules().items():
-            module.load_state_dict(state["modules"][name])
+        _load_modules(path, state, self.pretrain_modules())
 
     def evaluate(self) -> dict[str, float]:
         """The report's table: train/val/test accuracy, and reconstruction MAE for autoencoders."""

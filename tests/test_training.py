@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from models.checkpoints import CheckpointError
 from models.config import DataConfig, ModelConfig, OptimConfig, ProbeConfig, TrainConfig
 from models.data import load_splits
 from models.errors import SettingError
@@ -375,3 +376,43 @@ def test_knn_accuracy_of_raw_pixels_matches_a_direct_nearest_neighbour_vote(digi
     # With k = 5 the similarity-weighted vote still finds the right class for most images.
     run.cfg = small_train(knn_k=5)
     assert run.knn_accuracy(run.pixels) > 0.8
+
+
+@pytest.mark.parametrize(
+    ("shape", "classes"), [((1, 28, 28), 12), ((3, 32, 32), 12), ((1, 28, 28), 3)]
+)
+def test_an_image_folder_of_any_number_of_classes_trains_a_classifier_of_that_many(
+    tmp_path, shape, classes, digits
+):
+    """The classifier has one output per class of the data: an image folder of 12 classes once
+    crashed on the first label past 9 ("Target 11 is out of bounds"), and one of 3 classes
+    counted votes for 7 classes that do not exist. A checkpoint of a classifier of another
+    size is refused by name, not resumed into a bare size mismatch."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    c, h, w = shape
+    for split in ("train", "test"):
+        for k in range(classes):
+            folder = tmp_path / "images" / split / f"class{k:02d}"
+            folder.mkdir(parents=True)
+            for i in range(4):
+                pixels = rng.integers(0, 256, (h, w, c) if c == 3 else (h, w), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    splits = load_splits(
+        DataConfig(name="imagefolder", path=str(tmp_path / "images"), cache_dir="")
+    )
+    assert splits.num_classes == classes and int(splits.train_y.max()) == classes - 1
+    model = ModelConfig(channels=4, latent_dim=16, classifier_hidden=[8])
+    run = Run("guided", splits, model, small_train(epochs=1, batch_size=16, knn_k=3))
+    results = run.fit()
+    last = [m for m in run.nets.classifier.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert last.out_features == classes
+    assert 0.0 <= results["test_accuracy"] <= 1.0
+    if classes != 10 and shape[0] == 1:  # the same encoder as digits', another classifier
+        train = small_train(epochs=1, batch_size=16, knn_k=3)
+        Run("guided", digits, model, train, checkpoint_dir=tmp_path / "ten").pretrain()
+        other = Run("guided", splits, model, train, checkpoint_dir=tmp_path / "ten")
+        with pytest.raises(CheckpointError, match=r"ten.*classifier does not fit this network"):
+            other.pretrain()
