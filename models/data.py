@@ -395,14 +395,19 @@ def _cache_name(folder: Path, classes: list[str], files: list[str], family: str)
 
     The name carries a hash of the absolute folder path, the family the images are decoded for
     ("auto", "mnist" or "cifar": a changed data.family decodes again, into an entry of its own)
-    and a hash of the folder's content stamp (file count, newest mtime, class names) and the
-    decoder's version, so an edited folder gets a new entry and the stale one is removed."""
-    newest = max(os.stat(f).st_mtime_ns for f in files)
+    and a hash of the folder's content stamp (class names, and every file's path under the
+    folder, size and mtime) and the decoder's version, so an edited folder gets a new entry and
+    the stale one is removed. Every path counts: a file moved to another class folder keeps its
+    mtime, and so left the file count and the newest mtime as they were."""
     where = hashlib.sha256(str(folder).encode()).hexdigest()[:12]
     c, h, w = FAMILY_SHAPES.get(family, (0, 0, 0))
-    stamp = f"v{_CACHE_VERSION}|{folder}|{family}|{c}x{h}x{w}|{len(files)}|{newest}|"
-    stamp += ",".join(classes)
-    what = hashlib.sha256(stamp.encode()).hexdigest()[:16]
+    content = hashlib.sha256()
+    content.update(f"v{_CACHE_VERSION}|{folder}|{family}|{c}x{h}x{w}|".encode())
+    content.update("\0".join(classes).encode())
+    for f in files:
+        st = os.stat(f)
+        content.update(f"\0{os.path.relpath(f, folder)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    what = content.hexdigest()[:16]
     label = re.sub(r"[^A-Za-z0-9_.-]", "_", folder.name)
     prefix = f"imagefolder-{label}-{where}-"
     return f"{prefix}{family}-{what}.pt", prefix
@@ -434,6 +439,7 @@ def _load_folder(
                 x, y, got = blob["x"], blob["y"], blob["family"]
                 if (
                     blob["classes"] == classes
+                    and torch.equal(blob["y"], torch.as_tensor(labels, dtype=torch.int64))
                     and got in FAMILY_SHAPES
                     and family in ("auto", got)
                     and x.dtype == torch.uint8

@@ -278,6 +278,29 @@ def test_imagefolder_mixed_shapes(tmp_path: Path) -> None:
     )
 
 
+def test_a_file_moved_to_another_class_folder_is_relabelled_not_read_from_the_cache(
+    tmp_path: Path,
+) -> None:
+    """Fixing a mislabelled image by moving it keeps its mtime, the file count and the newest
+    mtime: the cache once served the old labels (and a digest a fresh decode did not give)."""
+    root = write_folder(tmp_path / "imgs", (1, 28, 28), per_class=5)
+    cache = tmp_path / "cache"
+    cfg = DataConfig(name="imagefolder", path=str(root), cache_dir=str(cache), val_fraction=0.2)
+    before = load_splits(cfg)
+    assert torch.bincount(torch.cat([before.train_y, before.val_y])).tolist() == [5, 5]
+    source, target = root / "train" / "a" / "004.png", root / "train" / "b" / "a-004.png"
+    stamp = source.stat().st_mtime_ns
+    os.replace(source, target)  # as `mv` does: the file keeps its mtime
+    assert target.stat().st_mtime_ns == stamp
+    cached = load_splits(cfg)
+    fresh = load_splits(
+        DataConfig(name="imagefolder", path=str(root), cache_dir="", val_fraction=0.2)
+    )
+    assert torch.bincount(torch.cat([cached.train_y, cached.val_y])).tolist() == [4, 6]
+    assert cached.digest == fresh.digest and cached.digest != before.digest
+    assert len(list(cache.glob("*.pt"))) == 2  # the stale train entry was replaced
+
+
 def test_unwritable_cache_warns_and_still_loads(tmp_path: Path) -> None:
     root = write_folder(tmp_path / "imgs", (1, 28, 28))
     blocker = tmp_path / "not-a-dir"
