@@ -29,7 +29,7 @@ from models.checkpoints import load_checkpoint
 from models.data import load_splits
 from models.errors import UsageError
 from models.training import Run
-from reporting.tables import full_scale
+from reporting.tables import dataset_of, full_scale
 from search import (
     BEST_PRETRAIN_FILE,
     PRETRAIN_FILE,
@@ -230,7 +230,9 @@ def same_dataset_finals(
             final = optuna.load_study(study_name=stage_study_name(name, "final"), storage=storage)
         except (UsageError, ConfigError, KeyError):
             continue
-        if other.data.name != cfg.data.name:
+        if _stored_dataset(storage, name, url, other) != _stored_dataset(
+            storage, cfg.name, url, cfg
+        ):
             continue
         best = top_trials(final, 1)
         if not best:
@@ -242,6 +244,18 @@ def same_dataset_finals(
         ):
             found[task] = (other, best[0])
     return found
+
+
+def _stored_dataset(
+    storage: optuna.storages.BaseStorage, name: str, url: str, cfg: DictConfig
+) -> str:
+    """The dataset study ``name`` ran on (:func:`reporting.tables.dataset_of`), from its config
+    as stored: a ``data.path`` override given to the report (a moved folder) applies to every
+    study and so cannot tell their folders apart. ``cfg``: its config, if none is stored."""
+    try:
+        return dataset_of(stored_config(storage, name, [], url))
+    except (UsageError, ConfigError, KeyError):
+        return dataset_of(cfg)
 
 
 def _outranks(cfg: DictConfig, final: FrozenTrial, held: tuple[DictConfig, FrozenTrial]) -> bool:
@@ -267,7 +281,7 @@ def finished_finals(
         best = top_trials(final, 1)
         if not best:
             continue
-        key = (str(cfg.task), str(cfg.data.name))
+        key = (str(cfg.task), _stored_dataset(storage, name, url, cfg))
         held = found.get(key)
         if held is None or _outranks(cfg, best[0], held):
             found[key] = (cfg, best[0])

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -146,6 +147,26 @@ PUBLISHED_EPOCHS: dict[tuple[str, str], Budget] = {
 }
 DATASET_LABELS = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
 REPORT_DATASETS = ("mnist", "cifar10")
+
+
+def dataset_of(cfg: DictConfig) -> str:
+    """The dataset study ``cfg`` ran on, as reports group studies: its ``data.name``; for an
+    image folder also the folder and the family it was decoded for (two folders are two
+    datasets, and one folder read grey or in colour gives other images).
+
+    >>> from omegaconf import OmegaConf
+    >>> dataset_of(OmegaConf.create({"data": {"name": "mnist", "path": ""}}))
+    'mnist'
+    >>> folder = {"name": "imagefolder", "path": "/d/x/", "family": "auto"}
+    >>> dataset_of(OmegaConf.create({"data": folder}))
+    'imagefolder /d/x'
+    """
+    name = str(cfg.data.name)
+    if name != "imagefolder":
+        return name
+    family = str(cfg.data.get("family", "auto"))
+    folder = os.path.normpath(str(cfg.data.path))
+    return f"{name} {folder}" if family == "auto" else f"{name} {folder} ({family})"
 
 
 def search_budget(cfg: DictConfig, final: FrozenTrial) -> Budget:

@@ -69,6 +69,47 @@ def test_the_tsne_of_a_study_takes_other_tasks_on_its_own_dataset_only(tmp_path)
     assert {task: c.name for task, (c, _) in found.items()} == {"contrastive": "qs"}
 
 
+def _image_folder(root: Path) -> Path:
+    """A one-class image folder (one grey 28x28 PNG per split)."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        (root / split / "only").mkdir(parents=True)
+        Image.new("L", (28, 28)).save(root / split / "only" / "0.png")
+    return root
+
+
+def test_two_image_folders_are_two_datasets_in_the_combined_table_and_the_tsne(tmp_path):
+    """Every image-folder study has data.name imagefolder: the combined table once put studies
+    of unrelated folders in one column (the best of them hiding the others), and a study's
+    t-SNE figure took another folder's latent space under its own class names."""
+    first, second = _image_folder(tmp_path / "first"), _image_folder(tmp_path / "second")
+    on = {folder: ["data.name=imagefolder", f"data.path={folder}"] for folder in (first, second)}
+    url, cfg, studies = _stored(tmp_path, "a-first", "quickstart", *on[first])
+    studies["final"].add_trial(_final(0.8, test_accuracy=0.8))
+    _, _, other = _stored(tmp_path, "b-second", "quickstart", *on[second])
+    other["final"].add_trial(_final(0.9, test_accuracy=0.9))
+    guided = ["task=guided", "search.metric=val_accuracy"]
+    _, _, same = _stored(tmp_path, "c-first", "quickstart", *on[first], *guided)
+    same["final"].add_trial(_final(0.7, test_accuracy=0.7))
+    storage = open_storage(url)
+    expected = {
+        ("contrastive", f"imagefolder {first}"): "a-first",
+        ("contrastive", f"imagefolder {second}"): "b-second",
+        ("guided", f"imagefolder {first}"): "c-first",
+    }
+    for overrides in ([], [f"data.path={second}"]):  # a moved folder, given to the report
+        found = finished_finals(storage, overrides, url)
+        assert {key: c.name for key, (c, _) in found.items()} == expected
+    tsne = same_dataset_finals(storage, cfg, [], url)
+    assert {task: c.name for task, (c, _) in tsne.items()} == {
+        "contrastive": "a-first",
+        "guided": "c-first",
+    }
+    table = write_combined(storage, url, [], tmp_path / "report").read_text()
+    assert f"imagefolder {first}" in table and f"imagefolder {second}" in table
+
+
 # ---- what the rungs and pruning saved --------------------------------------------------
 
 
