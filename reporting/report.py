@@ -32,6 +32,7 @@ import optuna
 from omegaconf import DictConfig
 from optuna.trial import FrozenTrial, TrialState
 
+from models.checkpoints import CheckpointError
 from models.errors import UsageError
 from reporting import figures, markdown
 from reporting.artifacts import final_figures
@@ -264,6 +265,11 @@ def _search_plots(doc: MarkdownDocument, cfg: DictConfig, screen: optuna.Study) 
 # ---- the report's figures, from the final trial's networks -----------------------------
 
 
+# Why a finished study's networks cannot be rebuilt here, said in the report instead of ending
+# it: a checkpoint missing or damaged, data not reachable from this machine, a record missing.
+REBUILD_ERRORS = (FileNotFoundError, KeyError, UsageError, CheckpointError)
+
+
 @dataclass
 class FigureSources:
     """Where the networks and data behind the report's figures come from."""
@@ -293,7 +299,7 @@ def model_figures(
         try:
             splits = src.splits.get(apply(cfg, final.params))
             run = rebuild_final_run(cfg, final, src.device, splits)
-        except (FileNotFoundError, KeyError) as error:
+        except REBUILD_ERRORS as error:
             doc.add(f"The final trial's networks could not be rebuilt: {error}.", "")
     if run is not None:
         source = source_trial(src.storage, final)
@@ -356,7 +362,7 @@ def tsne_figure(doc: MarkdownDocument, cfg: DictConfig, src: FigureSources, own_
             else:
                 other_splits = src.splits.get(apply(other_cfg, other_final.params))
                 run = rebuild_final_run(other_cfg, other_final, src.device, other_splits)
-        except (FileNotFoundError, KeyError) as error:
+        except REBUILD_ERRORS as error:
             doc.add(f"The {task} study {other_cfg.name!r} could not be rebuilt: {error}.", "")
             continue
         sub = figures.sample_indices(len(run.splits.test_y), src.tsne_points)

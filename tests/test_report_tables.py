@@ -110,6 +110,28 @@ def test_two_image_folders_are_two_datasets_in_the_combined_table_and_the_tsne(t
     assert f"imagefolder {first}" in table and f"imagefolder {second}" in table
 
 
+def test_a_study_whose_networks_cannot_be_rebuilt_leaves_the_tsne_of_the_others(tmp_path):
+    """Another study's damaged checkpoint (or unreachable data) once aborted this study's whole
+    report; its t-SNE panel is left out, and the report says why."""
+    from reporting.report import FigureSources, tsne_figure
+    from search import PRETRAIN_FILE, checkpoint_store
+
+    url, cfg, studies = _stored(tmp_path, "qs")
+    studies["final"].add_trial(_final(0.9, test_accuracy=0.9))
+    guided = ["task=guided", "search.metric=val_accuracy"]
+    _, other_cfg, other = _stored(tmp_path, "guided-digits", "quickstart", *guided)
+    folders = {"source_checkpoint_dir": "damaged", "checkpoint_dir": "probe"}
+    other["final"].add_trial(create_trial(value=0.8, user_attrs={"test_accuracy": 0.8, **folders}))
+    damaged = checkpoint_store(other_cfg).root / "damaged" / PRETRAIN_FILE
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"not a checkpoint")
+    doc = MarkdownDocument("qs", tmp_path / "report")
+    tsne_figure(doc, cfg, FigureSources(open_storage(url), url, [], 30, "cpu"), None)
+    said = " ".join(doc.lines)
+    assert "'guided-digits' could not be rebuilt" in said and "damaged" in said
+    assert [path.name for path in doc.files] == ["qs-tsne.png"]
+
+
 # ---- what the rungs and pruning saved --------------------------------------------------
 
 
