@@ -22,7 +22,6 @@ from typing import Any
 
 import optuna
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from optuna.trial import FrozenTrial
 
 from models.checkpoints import load_checkpoint
@@ -36,11 +35,11 @@ from search import (
     PROBE_FILE,
     STAGES,
     ConfigError,
-    StudyConfig,
     apply,
     checkpoint_store,
     configuration_pretrain_curve,
     load_config,
+    merge_overrides,
     open_storage,
     redact,
     split_study_name,
@@ -72,13 +71,9 @@ def location_overrides(overrides: Sequence[str]) -> list[str]:
 
 
 def _merged(stored: dict[str, Any], overrides: Sequence[str]) -> DictConfig:
-    """The schema's defaults, then ``stored``, then ``overrides``; bad ones: ConfigError."""
-    try:
-        return OmegaConf.merge(
-            OmegaConf.structured(StudyConfig), stored, OmegaConf.from_dotlist(list(overrides))
-        )
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"{getattr(error, 'full_key', None) or 'config'}: {error}") from error
+    """The schema's defaults, then ``stored``, then ``overrides``, checked and resolved as a
+    study file's are (:func:`search.config.merge_overrides`); bad ones: ConfigError."""
+    return merge_overrides(stored, overrides)
 
 
 def locate(study: str, overrides: Sequence[str]) -> tuple[str | None, DictConfig]:

@@ -24,7 +24,7 @@ import json
 import math
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -589,6 +589,26 @@ def load_config(study: str, overrides: list[str] | tuple[str, ...] = ()) -> Dict
     _resolve(cfg)
     _check_text(OmegaConf.to_container(cfg, resolve=False))
     validate(cfg)
+    return cfg
+
+
+def merge_overrides(stored: Mapping[str, Any], overrides: Sequence[str]) -> DictConfig:
+    """The schema's defaults, then ``stored`` (a config as the search stored it), then
+    ``overrides`` parsed and checked as :func:`load_config` does, interpolations resolved; not
+    validated (a stored study may not be runnable here: the report and dashboard only read it).
+
+    Raises :class:`ConfigError` naming the key, never OmegaConf's or YAML's own errors.
+    """
+    for item in overrides:
+        _split_override(item)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(StudyConfig), dict(stored))
+    except (OmegaConfBaseException, TypeError) as error:
+        raise ConfigError(_one_line(error)) from None
+    for item in overrides:
+        cfg = _merge_override(cfg, item)
+    _resolve(cfg)
+    _check_text(OmegaConf.to_container(cfg, resolve=False))
     return cfg
 
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_module
 from conftest import assert_one_line_error as one_line_error
 from omegaconf import OmegaConf
 
@@ -620,3 +620,33 @@ def test_a_number_for_true_or_false_in_a_study_file_is_refused(tmp_path):
     study.write_text(text.replace("log: true", "log: 'yes'", 1))
     assert load_config(str(study)).search.space.adam_lr.log is True  # a word is fine
     assert load_config(str(study), ["oom_half_batch=n"]).oom_half_batch is False
+
+
+UNSET = "storage=${oc.env:SSL_SEARCH_TEST_UNSET}"  # the README's way to pass a password
+
+
+@pytest.mark.parametrize(
+    "module,study,override,key",
+    [
+        ("search.report", "all", UNSET, "storage: cannot resolve its interpolation"),
+        ("search.report", "in-storage", UNSET, "storage: cannot resolve its interpolation"),
+        ("search.dashboard", "in-storage", UNSET, "storage: cannot resolve its interpolation"),
+        ("search.give_up", "in-storage", UNSET, "storage: cannot resolve its interpolation"),
+        ("search.report", "all", "storage=[1,", "storage: cannot parse"),
+        ("search.dashboard", "in-storage", "data.root=[1,", "data.root: cannot parse"),
+        ("search.report", "in-storage", "runs_dir=a\x01b", "runs_dir: control characters"),
+    ],
+)
+def test_commands_that_read_a_study_in_storage_refuse_a_bad_override_in_one_line(
+    tmp_path, module, study, override, key
+):
+    """With ``study=all`` or a name found only in storage, these commands once merged the
+    overrides with no checks: an unset ``${oc.env:...}`` or an unclosed ``[`` ended in
+    OmegaConf's or YAML's traceback. Nothing is written."""
+    args = [f"study={study}", f"runs_dir={tmp_path}", override]
+    if module == "search.dashboard":
+        args.append("--print-command")
+    if module == "search.give_up":
+        args.append("configuration=0")
+    assert_one_line_error(run_module(module, *args, timeout=180), key)
+    assert list(tmp_path.iterdir()) == []
