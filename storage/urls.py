@@ -94,21 +94,24 @@ _USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/@?:\s]*:")
 
 def password_spans(text: str) -> list[tuple[int, int]]:
     """Where the passwords of the URLs in ``text`` lie (start, end), read the cautious way:
-    a password runs to the last ``@`` of its URL (before any ``?`` or blank), so one holding an
-    unencoded ``@`` or ``/`` is covered whole. URL parsers end it at the first ``@`` (SQLAlchemy)
-    or ``/`` (urllib) and show the rest as the host or the path.
+    a password runs to the last ``@`` on its line before the next URL, so one holding an
+    unencoded ``@``, ``/``, ``?``, quote or blank is covered whole. URL parsers end it at the
+    first ``@`` (SQLAlchemy) or ``/`` (urllib) and show the rest as the host or the path; a
+    message may show a little less than it could (an ``@`` later on the line), never a secret.
 
     >>> url = "postgresql+psycopg://me:p@ss/w0rd@db/studies"
     >>> [url[a:b] for a, b in password_spans(url)]
     ['p@ss/w0rd']
+    >>> said = "got 'postgresql://me:it's a s?cret@db/x'"
+    >>> [said[a:b] for a, b in password_spans(said)]
+    ["it's a s?cret"]
     """
+    matches = list(_USERINFO.finditer(text))
     spans = []
-    for match in _USERINFO.finditer(text):
-        end = len(text)
-        for stop in ("?", " ", "\n", "'", '"'):
-            found = text.find(stop, match.end())
-            end = min(end, found) if found >= 0 else end
-        at = text.rfind("@", match.end(), end)
+    for i, match in enumerate(matches):
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        newline = text.find("\n", match.end(), end)
+        at = text.rfind("@", match.end(), end if newline < 0 else newline)
         if at >= 0:
             spans.append((match.end(), at))
     return spans

@@ -168,6 +168,11 @@ def test_run_header_masks_the_password(tmp_path):
             f"got 'postgresql://a:{SECRET}@h/x\\n' and ftp://b:c/{SECRET}@h/p?token={SECRET}&n=1",
             "got 'postgresql://a:***@h/x\\n' and ftp://b:***@h/p?token=***&n=1",
         ),
+        # a quote, a blank or '?' in it: a parser takes them, a message's quotes do not end it
+        (
+            f"got \"storage=postgresql://a:it's {SECRET}?@h/x\" (no '=')",
+            "got \"storage=postgresql://a:***@h/x\" (no '=')",
+        ),
         # a path with ':' and '@' is no password: nothing to mask
         (
             "sqlite:///runs/a:b@c.db and s3://bucket/v:2@x",
@@ -193,6 +198,9 @@ def test_a_password_holding_an_unencoded_at_or_slash_is_masked_whole(text, shown
         f"storage=postgresql+psycopg://alice:p@{SECRET}@127.0.0.1:1/x",  # refused: '@' in it
         f"checkpoints_dir=s3://key:ab/{SECRET}@bucket/ckpt",  # refused: '/' in it
         f"storage:postgresql+psycopg://alice:{SECRET}@127.0.0.1:1/x",  # ':' for '='
+        # ':' for '=', a password holding a quote, a blank, '?' or '"' (quoted by repr)
+        f"storage:postgresql+psycopg://alice:it's {SECRET}?@127.0.0.1:1/x",
+        f"storage=postgresql+psycopg://alice:a\"{SECRET}'@127.0.0.1:1/x\x01",
         f"storage=postgresql+psycopg://alice:{SECRET}@127.0.0.1:1/x\n",  # a control character
         "storage=${oc.env:SSL_SEARCH_TEST_URL}",  # the same, from an environment variable
         "storage=${oc.env:SSL_SEARCH_TEST_URL_2}",  # '${' in it: it resolves to an interpolation
