@@ -622,16 +622,26 @@ def test_a_number_for_true_or_false_in_a_study_file_is_refused(tmp_path):
     assert load_config(str(study), ["oom_half_batch=n"]).oom_half_batch is False
 
 
-UNSET = "storage=${oc.env:SSL_SEARCH_TEST_UNSET}"  # the README's way to pass a password
+UNSET_STORAGE = f"storage=${{oc.env:{UNSET}}}"  # as the README passes a password
 
 
 @pytest.mark.parametrize(
     "module,study,override,key",
     [
-        ("search.report", "all", UNSET, "storage: cannot resolve its interpolation"),
-        ("search.report", "in-storage", UNSET, "storage: cannot resolve its interpolation"),
-        ("search.dashboard", "in-storage", UNSET, "storage: cannot resolve its interpolation"),
-        ("search.give_up", "in-storage", UNSET, "storage: cannot resolve its interpolation"),
+        ("search.report", "all", UNSET_STORAGE, "storage: cannot resolve its interpolation"),
+        ("search.report", "in-storage", UNSET_STORAGE, "storage: cannot resolve its interpolation"),
+        (
+            "search.dashboard",
+            "in-storage",
+            UNSET_STORAGE,
+            "storage: cannot resolve its interpolation",
+        ),
+        (
+            "search.give_up",
+            "in-storage",
+            UNSET_STORAGE,
+            "storage: cannot resolve its interpolation",
+        ),
         ("search.report", "all", "storage=[1,", "storage: cannot parse"),
         ("search.dashboard", "in-storage", "data.root=[1,", "data.root: cannot parse"),
         ("search.report", "in-storage", "runs_dir=a\x01b", "runs_dir: control characters"),
