@@ -949,29 +949,40 @@ def _validate_space(cfg: DictConfig) -> None:
                 )
             if not wanted_list:
                 raise ConfigError(f"{key}.when.{dep}: empty; give at least one of {dep}'s choices")
-            unknown = [w for w in wanted_list if w not in list(dep_spec.choices)]
-            if unknown:
-                raise ConfigError(f"{key}.when.{dep}: {unknown[0]!r} is not one of {dep}'s choices")
+            for w in wanted_list:
+                # A value the study's choices no longer hold (narrowed on the command line,
+                # search.space.optimizer.choices=[adam]) leaves the parameter unused; one that
+                # is no value of the dependency's setting at all is a typo.
+                if w not in list(dep_spec.choices) and _unusable(cfg, base, dep_spec.target, w):
+                    raise ConfigError(
+                        f"{key}.when.{dep}: {w!r} is not one of {dep}'s choices "
+                        f"({', '.join(map(str, dep_spec.choices))}) nor a value of "
+                        f"{dep_spec.target}"
+                    )
         # Every value the space can produce must fit the target's type and pass the training
         # code's rules (models.config.check_run), as if it were written in the study file.
-        section, _, rest = spec.target.partition(".")
         for value in values:
-            try:
-                part = cfg[section].copy()  # only the section the target is in: fast
-                OmegaConf.update(part, rest, value, merge=False)
-                settings = dict(zip(("data", "model", "train"), base, strict=True))
-                settings[section] = OmegaConf.to_object(part)
-                check_run(cfg.task, settings["data"], settings["model"], settings["train"])
-            except OmegaConfBaseException as error:
-                raise ConfigError(
-                    printable(
-                        f"{key}: value {value!r} does not fit {spec.target}: "
-                        f"{str(error).splitlines()[0]}"
-                    )
-                ) from error
-            except UsageError as error:
-                raise ConfigError(f"{key}: value {value!r} is not usable: {error}") from error
+            problem = _unusable(cfg, base, spec.target, value)
+            if problem is not None:
+                raise ConfigError(printable(f"{key}: value {value!r} {problem}"))
     _check_shared_targets(space)
+
+
+def _unusable(cfg: DictConfig, base: tuple[Any, ...], target: str, value: Any) -> str | None:
+    """Why setting ``target`` to ``value`` (within the settings ``base``) would not fit its type
+    or pass the training code's rules (models.config.check_run), in words; None if it would."""
+    section, _, rest = target.partition(".")
+    try:
+        part = cfg[section].copy()  # only the section the target is in: fast
+        OmegaConf.update(part, rest, value, merge=False)
+        settings = dict(zip(("data", "model", "train"), base, strict=True))
+        settings[section] = OmegaConf.to_object(part)
+        check_run(cfg.task, settings["data"], settings["model"], settings["train"])
+    except OmegaConfBaseException as error:
+        return f"does not fit {target}: {str(error).splitlines()[0]}"
+    except UsageError as error:
+        return f"is not usable: {error}"
+    return None
 
 
 def _check_shared_targets(space: DictConfig) -> None:

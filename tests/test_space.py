@@ -12,7 +12,7 @@ from conftest import QUICKSTART_SETTINGS
 from omegaconf import DictConfig, OmegaConf
 
 from models.errors import UsageError
-from search.config import ParamSpec, available_studies, load_config, study_path
+from search.config import ConfigError, ParamSpec, available_studies, load_config, study_path
 from search.space import (
     apply,
     baseline_params,
@@ -253,3 +253,20 @@ def test_a_when_naming_two_parameters_needs_both() -> None:
     assert not is_active(spec, {"opt": "sgd", "sched": "constant"})
     assert not is_active(spec, {"opt": "adam", "sched": "cosine"})
     assert not is_active(spec, {"opt": "sgd"})
+
+
+@pytest.mark.parametrize(("study", "kept"), [("quickstart", "adam"), ("mnist_guided", "sgd")])
+def test_narrowing_a_choice_that_other_parameters_depend_on_leaves_them_unused(study, kept):
+    """The README pins a parameter with ``search.space.NAME.choices=[v]``; for ``optimizer``
+    it was refused in every shipped study, since each learning rate's ``when`` names another
+    optimizer. Now those parameters are never sampled; a ``when`` value that is no optimizer
+    at all is still a typo."""
+    cfg = load_config(study, [f"search.space.optimizer.choices=[{kept}]"])
+    study_ = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        params = suggest(study_.ask(), cfg.search.space)
+        assert params["optimizer"] == kept
+        assert f"{kept}_lr" in params
+        assert not {f"{o}_lr" for o in ("adam", "sgd", "lars") if o != kept} & set(params)
+    with pytest.raises(ConfigError, match=r"sgd_lr\.when\.optimizer: 'sgdd' is not one of"):
+        load_config(study, ["search.space.sgd_lr.when.optimizer=[sgdd]"])
