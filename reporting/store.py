@@ -142,6 +142,17 @@ def study_names(storage: optuna.storages.BaseStorage) -> list[str]:
     return [name for name in names if unsafe_name_reason(name) is None]
 
 
+def has_stored_config(storage: optuna.storages.BaseStorage, name: str) -> bool:
+    """Whether study ``name``'s screen study holds the config the search stores; a run stopped
+    between creating the study and storing it leaves one without (running it again finishes
+    it)."""
+    try:
+        study_id = storage.get_study_id_from_name(stage_study_name(name, "screen"))
+    except KeyError:
+        return False
+    return "config" in storage.get_study_user_attrs(study_id)
+
+
 def require_study(storage: optuna.storages.BaseStorage, name: str, url: str, hint: str = "") -> int:
     """The storage id of study ``name``'s screen study; a :class:`UsageError` naming the
     studies ``url`` does hold (and ``hint``, what to do instead) when it is not there."""

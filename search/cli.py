@@ -124,6 +124,11 @@ def guarded(main: Callable[[], int | None]) -> Callable[[], int | None]:
                 file=sys.stderr,
             )
             raise SystemExit(1) from None
+        except KeyboardInterrupt:
+            # Ctrl-C before a command set up its own handling (while it loads its settings,
+            # its data or its imports): nothing to resume yet, so no traceback either.
+            print("interrupted; run the same command again to go on", file=sys.stderr)
+            raise SystemExit(130) from None
         except BrokenPipeError:
             if not _stdout_closed():
                 raise  # a socket or another pipe: a real error, with its traceback

@@ -23,7 +23,7 @@ import optuna
 from models.config import check_device
 from models.errors import UsageError
 from reporting.report import REPORT_TSNE_POINTS, write_combined, write_report
-from reporting.store import locate, open_existing_storage, study_names
+from reporting.store import has_stored_config, locate, open_existing_storage, study_names
 from search import redact, resolved_paths, storage_url
 from search.cli import guarded, parser, split_study
 from search.database import folder_problem
@@ -66,6 +66,14 @@ def main() -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_existing_storage(url)
     names = [name] if name else study_names(storage)
+    if name is None:  # study=all: one half-made study does not stop the reports of the rest
+        for unfinished in [n for n in names if not has_stored_config(storage, n)]:
+            print(
+                f"warning: study: skipping {unfinished!r}: it has no stored config (a run was "
+                "stopped as it created the study; run it again to finish it)",
+                file=sys.stderr,
+            )
+            names.remove(unfinished)
     if not names:
         raise UsageError(f"study: no study in {redact(url)}; run python -m search.run first")
     try:

@@ -403,3 +403,19 @@ def test_stage_final_of_a_study_that_never_ran_writes_nothing(tmp_path, database
         assert db.read_bytes() == before
     else:
         assert not runs.exists()
+
+
+def test_ctrl_c_before_a_command_set_up_its_own_handling_is_one_line(capsys):
+    """Ctrl-C while a command still loads its settings, data or imports (search.run handles
+    it only once its study is open) once printed a traceback through whatever was loading."""
+    from search.cli import guarded
+
+    def loading() -> int:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stopped:
+        guarded(loading)()
+    assert stopped.value.code == 130  # 128 + SIGINT, as the shell reports it
+    assert capsys.readouterr().err.splitlines() == [
+        "interrupted; run the same command again to go on"
+    ]

@@ -447,3 +447,22 @@ def test_tsne_points_below_five_are_refused_and_five_draw(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert (out / "quickstart-tsne.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_all_skips_a_half_made_study_and_reports_the_rest(tmp_path):
+    """A run stopped between creating its study and storing its config leaves a study without
+    one (running it again finishes it). ``study=all`` once ended on it, one line, with the
+    combined table unwritten; it skips it with a warning and reports the rest."""
+    from search import open_studies, storage_url
+
+    cfg = load_config("quickstart", [f"runs_dir={tmp_path}", "name=whole"])
+    url = storage_url(cfg)
+    open_studies(cfg, url)
+    optuna.create_study(study_name="half.screen", storage=url)
+    done = run_module("search.report", "study=all", f"runs_dir={tmp_path}", timeout=300)
+    assert done.returncode == 0, done.stderr
+    (warning,) = done.stderr.strip().splitlines()
+    assert warning.startswith("warning: study: skipping 'half': it has no stored config")
+    assert "whole: wrote" in done.stdout and "half: wrote" not in done.stdout
+    assert (tmp_path / "report" / "all-studies.md").is_file()
+    assert not (tmp_path / "report" / "half.md").exists()
