@@ -38,7 +38,7 @@ from search import (
     apply,
     checkpoint_store,
     configuration_pretrain_curve,
-    load_config,
+    load_locations,
     merge_overrides,
     open_storage,
     redact,
@@ -84,7 +84,7 @@ def locate(study: str, overrides: Sequence[str]) -> tuple[str | None, DictConfig
         study_path(study)
     except ConfigError:  # not a study file: a name of a study in storage
         return study, _merged({}, overrides)
-    cfg = load_config(study, list(overrides))
+    cfg = load_locations(study, list(overrides))  # read only: not checked for training here
     return str(cfg.name), cfg
 
 

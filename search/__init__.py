@@ -28,6 +28,7 @@ _EXPORTS = {
     "checkpoint_store": "search.config",
     "direction_of": "search.config",
     "load_config": "search.config",
+    "load_locations": "search.config",
     "merge_overrides": "search.config",
     "metric_of": "search.config",
     "resolved_paths": "search.config",

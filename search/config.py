@@ -612,6 +612,29 @@ def merge_overrides(stored: Mapping[str, Any], overrides: Sequence[str]) -> Dict
     return cfg
 
 
+def load_locations(study: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Study file ``study`` with ``overrides``, checked as far as commands that only read a
+    study in storage need (``search.report``, ``search.dashboard``, ``search.give_up``,
+    ``search.run --status``): the name, the storage URL and the folders. Unlike
+    :func:`load_config`, nothing about training is checked: a study made for a GPU, or for an
+    image folder on another machine, is read on a laptop without either.
+
+    Raises :class:`ConfigError`.
+    """
+    path = study_path(study)
+    loaded = OmegaConf.to_container(_read_study(path), resolve=False)
+    _refuse_loose_bool(loaded)
+    cfg = merge_overrides(loaded, overrides)
+    if OmegaConf.is_missing(cfg, "name"):
+        cfg.name = path.stem
+    _validate_name(cfg.name)
+    try:
+        check_url(storage_url(cfg))
+    except StorageError as error:
+        raise ConfigError(str(error)) from error
+    return cfg
+
+
 _RESOLVE_PREFIX = re.compile(r"^\w+ raised while resolving interpolation: ")
 
 

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from search.cli import config_from_args, guarded, parser
-from search.config import direction_of, metric_of, public_config, storage_url
+from search.cli import config_from_args, guarded, parser, split_study
+from search.config import direction_of, load_locations, metric_of, public_config, storage_url
 from search.database import redact
 from search.naming import RUNG_TO_ATTR, format_metric
 from search.space import apply, baseline_params, distribution, ordered
@@ -168,12 +168,13 @@ def main() -> int:
         help="print where the study stands (progress, summary); trains and writes nothing",
     )
     args = p.parse_args()
+    if args.status:  # reads storage only: the study need not be trainable on this machine
+        study, rest = split_study(args.overrides)
+        print_status(load_locations(study, rest))
+        return 0
     cfg = config_from_args(args.overrides)
     if args.dry_run:
         print_dry_run(cfg)
-        return 0
-    if args.status:
-        print_status(cfg)
         return 0
     # Heavy imports (torch, optuna) wait until the input is known to be good.
     import optuna

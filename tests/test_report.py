@@ -8,13 +8,13 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-from conftest import assert_one_line_error, run_module, tiny_trained_trial
+from conftest import REPO_ROOT, assert_one_line_error, run_module, tiny_trained_trial
 from optuna.trial import TrialState
 
 from reporting.artifacts import make_trial_artifact_hook, trial_artifacts
 from reporting.markdown import results_table
 from reporting.tables import PUBLISHED
-from search.config import load_config
+from search.config import ConfigError, load_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -466,3 +466,31 @@ def test_report_all_skips_a_half_made_study_and_reports_the_rest(tmp_path):
     assert "whole: wrote" in done.stdout and "half: wrote" not in done.stdout
     assert (tmp_path / "report" / "all-studies.md").is_file()
     assert not (tmp_path / "report" / "half.md").exists()
+
+
+def test_commands_that_only_read_a_study_do_not_need_this_machine_to_train_it(tmp_path):
+    """A study file made for a GPU machine and an image folder there: on a laptop without
+    either, --status, the dashboard and the report once refused it (train.device, data.path)
+    although they only read the study in storage."""
+    import yaml
+
+    from search import open_studies, storage_url
+
+    cfg = load_config("quickstart", [f"runs_dir={tmp_path}", "name=elsewhere"])
+    open_studies(cfg, storage_url(cfg))
+    spec = yaml.safe_load((REPO_ROOT / "studies" / "quickstart.yaml").read_text())
+    spec["name"] = "elsewhere"
+    spec["data"] = {"name": "imagefolder", "path": str(tmp_path / "on-the-gpu-machine")}
+    spec.setdefault("train", {})["device"] = "cuda"
+    study = tmp_path / "gpu-study.yaml"
+    study.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="data.path"):
+        load_config(str(study), [f"runs_dir={tmp_path}"])  # it cannot train here
+    for module, *args in (
+        ("search.run", "--status"),
+        ("search.dashboard", "--print-command"),
+        ("search.report",),
+    ):
+        done = run_module(module, f"study={study}", f"runs_dir={tmp_path}", *args, timeout=300)
+        assert done.returncode == 0, f"{module}: {done.stderr}"
+    assert (tmp_path / "report" / "elsewhere.md").is_file()
