@@ -71,10 +71,12 @@ RECONSTRUCTION_COUNT = 8  # validation images per trial in the reconstruction gr
 TRIAL_TSNE_POINTS = 500  # test images in the final trial's t-SNE of its latent space, at most
 
 
-def artifact_store(artifacts_dir: str | Path) -> FileSystemArtifactStore:
-    """The file-system artifact store at ``artifacts_dir`` (created when missing)."""
+def artifact_store(artifacts_dir: str | Path, create: bool = True) -> FileSystemArtifactStore:
+    """The file-system artifact store at ``artifacts_dir``, its folder created when missing
+    (``create``; else by the first upload: see :class:`TrialArtifactHook`)."""
     path = Path(artifacts_dir).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return FileSystemArtifactStore(path)
 
 
@@ -325,7 +327,10 @@ class TrialArtifactHook:
     to :attr:`renderer`."""
 
     def __init__(self, artifacts_dir: str | Path) -> None:
-        self.store = artifact_store(artifacts_dir)
+        # Its folder is made by the first trial's upload: a worker refused for its input
+        # (its data, say, checked after this hook is made) writes nothing.
+        self.folder = Path(artifacts_dir).expanduser()
+        self.store = artifact_store(self.folder, create=False)
         self.renderer = BackgroundRenderer(self.store)
         self._placeholders: tempfile.TemporaryDirectory[str] | None = None
         self._placeholder_png: bytes | None = None
@@ -350,6 +355,7 @@ class TrialArtifactHook:
         started = time.perf_counter()
         try:
             drawings = trial_drawings(trial, run, extra)
+            self.folder.mkdir(parents=True, exist_ok=True)
             for filename, draw in drawings.items():
                 artifact_id = upload_file(trial, self.store, self._placeholder(filename))
                 what = f"{trial.study.study_name} trial #{trial.number} {filename}"

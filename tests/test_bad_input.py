@@ -463,6 +463,7 @@ def test_a_worker_joins_only_a_study_that_exists_and_bad_data_writes_nothing(tmp
     missing = ["name=wkbad", "data.name=mnist", f"data.root={tmp_path / 'nothing'}", "--create"]
     assert_one_line_error(command("search.worker", *missing), "data.root")
     assert names() == before
+    assert not (runs / "artifacts").exists()  # its artifact folder is made by its first trial
 
 
 @pytest.mark.parametrize(
