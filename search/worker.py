@@ -29,7 +29,7 @@ from search import (
     storage_url,
     worker_loop,
 )
-from search.cli import config_from_args, guarded, parser
+from search.cli import config_from_args, fail, guarded, parser
 from search.database import WORKER_STORAGE_ENV
 
 
@@ -51,6 +51,8 @@ def main() -> int:
             rest.append(f"train.device={item.split('=', 1)[1]}")
         elif item.startswith("label="):
             label = item.split("=", 1)[1]
+            if not label or not label.isprintable():  # it starts every line this worker prints
+                fail(f"label: a printable name for this worker's lines, got {label!r}")
         else:
             rest.append(item)
     cfg = config_from_args(rest)

@@ -661,3 +661,12 @@ def test_commands_that_read_a_study_in_storage_refuse_a_bad_override_in_one_line
         args.append("configuration=0")
     assert_one_line_error(run_module(module, *args, timeout=180), key)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("label", ["a\nb", "", "tab\there"])
+def test_a_worker_label_that_would_break_its_lines_is_refused(tmp_path, label):
+    """The label starts every line the worker prints: a newline in it split each in two."""
+    done = run_module("search.worker", "study=quickstart", f"runs_dir={tmp_path}", f"label={label}")
+    line = assert_one_line_error(done, "label")
+    assert "printable" in line
+    assert list(tmp_path.iterdir()) == []
