@@ -76,6 +76,21 @@ def device_plan(devices: str, workers: int, device_count: int | None = None) -> 
     return [indices[i % len(indices)] for i in range(workers)]
 
 
+def worker_devices(cfg: DictConfig, device_count: int | None = None) -> list[str]:
+    """:func:`device_plan` of study ``cfg``'s workers. Under ``devices=auto`` an explicit
+    ``train.device`` wins for every worker, as it does for one worker run in this process
+    (:func:`in_process_device`): ``cpu`` keeps them all off the GPUs, ``cuda:N`` puts them all
+    on GPU N. Before, launched workers took the GPUs whatever ``train.device`` said."""
+    workers = int(cfg.workers)
+    if str(cfg.devices).strip() == "auto":
+        train_device = str(cfg.train.device)
+        if train_device == "cpu":
+            return ["cpu"] * workers
+        if train_device.startswith("cuda:"):
+            return [train_device.split(":", 1)[1]] * workers
+    return device_plan(cfg.devices, workers, device_count)
+
+
 def cuda_masks(plan: Sequence[str], parent_mask: str | None) -> list[str]:
     """``CUDA_VISIBLE_DEVICES`` of each worker of ``plan`` (``""`` for a CPU worker).
 
@@ -107,7 +122,7 @@ def cuda_masks(plan: Sequence[str], parent_mask: str | None) -> list[str]:
 def check_devices(cfg: DictConfig) -> None:
     """The devices ``cfg`` asks for exist here (a :class:`ConfigError` naming ``devices`` or
     ``train.device`` otherwise): checked before the study is created, not by the first trial."""
-    plan = device_plan(cfg.devices, int(cfg.workers))
+    plan = worker_devices(cfg)
     if int(cfg.workers) == 1:
         device = in_process_device(cfg.devices, cfg.train.device, plan[0])
         key = "train.device" if device == str(cfg.train.device) else "devices"
@@ -402,7 +417,7 @@ def run_workers(
     ``hooks`` and ``splits`` (the data, when the caller has loaded it already) apply to the
     in-process worker; spawned ``search.worker`` processes load their own and add their hooks.
     """
-    plan = device_plan(cfg.devices, int(cfg.workers))
+    plan = worker_devices(cfg)
     if int(cfg.workers) == 1:
         device = in_process_device(cfg.devices, cfg.train.device, plan[0])
         worker_loop(

@@ -325,3 +325,27 @@ def test_every_launched_worker_gets_its_mask_and_its_share_of_the_cores():
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["4", "5"] * 4
     assert {e["OMP_NUM_THREADS"] for e in envs} == {"2"}  # GPU workers too
     assert worker_env("", 4, cpu_count=2)["OMP_NUM_THREADS"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("train_device", "devices", "plan"),
+    [
+        ("cpu", "auto", ["cpu", "cpu", "cpu"]),  # was ["0", "1", "0"]: on the GPUs
+        ("cuda:1", "auto", ["1", "1", "1"]),
+        ("auto", "auto", ["0", "1", "0"]),
+        ("cuda", "auto", ["0", "1", "0"]),
+        ("cpu", "0,1", ["0", "1", "0"]),  # devices named: they decide
+    ],
+)
+def test_launched_workers_keep_an_explicit_train_device_as_one_worker_does(
+    train_device, devices, plan
+):
+    from omegaconf import OmegaConf
+
+    from search.pool import worker_devices
+
+    cfg = OmegaConf.create({"workers": 3, "devices": devices, "train": {"device": train_device}})
+    assert worker_devices(cfg, device_count=2) == plan
+    if devices == "auto":  # the one in-process worker follows the same rule
+        first = in_process_device(devices, train_device, device_plan(devices, 1, device_count=2)[0])
+        assert first == (train_device if train_device != "auto" else "cuda:0")
