@@ -557,7 +557,14 @@ def _merge_override(cfg: DictConfig, item: str) -> DictConfig:
             printable(f"{key}: cannot be set ({error}); give the whole {parent}=[...] instead")
         ) from None
     except OmegaConfBaseException as error:
-        raise ConfigError(_one_line(error, key)) from None
+        message = _one_line(error, key)
+        if "got a mapping" in message and (value.rstrip().endswith(":") or ": " in value):
+            # sqlite:///:memory: reads as {"sqlite:///:memory": null}: say why, not a section
+            message = (
+                f"{printable(key)}: expected a single value, got a mapping (YAML reads a ':' at "
+                f"the end or before a blank as one); quote the value: {key}='\"...\"'"
+            )
+        raise ConfigError(message) from None
     except yaml.YAMLError as error:  # an unparsable value, e.g. an unclosed [
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError(printable(f"{key}: cannot parse {item!r}: {first}")) from None

@@ -670,3 +670,14 @@ def test_a_worker_label_that_would_break_its_lines_is_refused(tmp_path, label):
     line = assert_one_line_error(done, "label")
     assert "printable" in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_value_yaml_reads_as_a_mapping_says_to_quote_it():
+    """``storage=sqlite:///:memory:`` ends in ':', so YAML reads a mapping; the message once
+    guessed a section (``did you mean stages?``)."""
+    with pytest.raises(ConfigError) as refused:
+        load_config("quickstart", ["storage=sqlite:///:memory:"])
+    assert str(refused.value).startswith("storage: expected a single value, got a mapping")
+    assert "quote the value" in str(refused.value) and "stages" not in str(refused.value)
+    with pytest.raises(ConfigError, match="in-memory SQLite database cannot be shared"):
+        load_config("quickstart", ['storage="sqlite:///:memory:"'])  # quoted: read as a URL
