@@ -137,7 +137,7 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
     return torch.device(name)
 
 
-def _load_modules(
+def load_modules(
     path: str | os.PathLike[str], state: dict[str, Any], modules: dict[str, nn.Module]
 ) -> None:
     """Load each of ``modules`` from checkpoint ``state``; a checkpoint of networks of other
@@ -346,7 +346,7 @@ class Run:
         if state is not None:
             check_identity(path, state, self.identity)
             best = state.get("best")
-            _load_modules(path, state, modules)
+            load_modules(path, state, modules)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             restore_rng_state(state["rng"], self.device)
@@ -574,7 +574,7 @@ class Run:
         state = load_checkpoint(path)
         if state is None:
             raise FileNotFoundError(f"no pretrain checkpoint at {path}")
-        _load_modules(path, state, self.pretrain_modules())
+        load_modules(path, state, self.pretrain_modules())
 
     def evaluate(self) -> dict[str, float]:
         """The report's table: train/val/test accuracy, and reconstruction MAE for autoencoders."""

@@ -373,7 +373,7 @@ def combined_table(frame: pd.DataFrame) -> list[str]:
     datasets = list(dict.fromkeys(frame["dataset"]))  # the report's first, in frame order
     head = ["task"]
     for dataset in datasets:
-        shown = DATASET_LABELS.get(dataset, dataset)
+        shown = DATASET_LABELS.get(dataset, dataset).replace("|", "\\|")  # a folder's name
         head.append(f"{shown}: this search")
         if dataset in REPORT_DATASETS:
             head.append(f"{shown}: report")

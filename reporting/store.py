@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial
 from models.checkpoints import load_checkpoint
 from models.data import load_splits
 from models.errors import UsageError
-from models.training import Run
+from models.training import Run, load_modules
 from reporting.tables import dataset_of, full_scale
 from search import (
     BEST_PRETRAIN_FILE,
@@ -372,7 +372,7 @@ def rebuild_final_run(
         state = load_checkpoint(probe_path)
         if state is None:
             raise FileNotFoundError(f"no probe checkpoint at {probe_path}")
-        run.nets.classifier.load_state_dict(state["modules"]["classifier"])
+        load_modules(probe_path, state, {"classifier": run.nets.classifier})
     for module in run.nets.modules().values():
         module.eval()
     return run

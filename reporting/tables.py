@@ -157,7 +157,7 @@ def dataset_of(cfg: DictConfig) -> str:
     >>> from omegaconf import OmegaConf
     >>> dataset_of(OmegaConf.create({"data": {"name": "mnist", "path": ""}}))
     'mnist'
-    >>> folder = {"name": "imagefolder", "path": "/d/x/", "family": "auto"}
+    >>> folder = {"name": "imagefolder", "path": "/d/x/../x/", "family": "auto"}
     >>> dataset_of(OmegaConf.create({"data": folder}))
     'imagefolder /d/x'
     """
@@ -165,7 +165,7 @@ def dataset_of(cfg: DictConfig) -> str:
     if name != "imagefolder":
         return name
     family = str(cfg.data.get("family", "auto"))
-    folder = os.path.normpath(str(cfg.data.path))
+    folder = os.path.abspath(os.path.expanduser(str(cfg.data.path)))
     return f"{name} {folder}" if family == "auto" else f"{name} {folder} ({family})"
 
 

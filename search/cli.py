@@ -128,7 +128,8 @@ def guarded(main: Callable[[], int | None]) -> Callable[[], int | None]:
             # Ctrl-C before a command set up its own handling (while it loads its settings,
             # its data or its imports): nothing to resume yet, so no traceback either.
             print("interrupted; run the same command again to go on", file=sys.stderr)
-            raise SystemExit(130) from None
+            pool = sys.modules.get("search.pool")  # SIGTERM turned into this, once installed
+            raise SystemExit(pool.interrupted_exit_code() if pool else 130) from None
         except BrokenPipeError:
             if not _stdout_closed():
                 raise  # a socket or another pipe: a real error, with its traceback

@@ -631,9 +631,9 @@ def load_locations(study: str, overrides: Sequence[str] = ()) -> DictConfig:
     path = study_path(study)
     loaded = OmegaConf.to_container(_read_study(path), resolve=False)
     _refuse_loose_bool(loaded)
+    if loaded.get("name") in (None, "???"):  # before resolving: runs/${name} may use it
+        loaded["name"] = path.stem
     cfg = merge_overrides(loaded, overrides)
-    if OmegaConf.is_missing(cfg, "name"):
-        cfg.name = path.stem
     _validate_name(cfg.name)
     try:
         check_url(storage_url(cfg))

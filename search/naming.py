@@ -210,14 +210,24 @@ def run_fingerprint(cfg: DictConfig, data_digest: str = "") -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def checkpoint_identity(cfg: DictConfig, data_digest: str, written: str | None) -> str:
+def checkpoint_identity(
+    cfg: DictConfig, data_digest: str, written: str | None, num_classes: int = 10
+) -> str:
     """The fingerprint a run resumes and writes its checkpoints under: :func:`run_fingerprint`
     with the images' digest; but for a folder whose checkpoint (identity ``written``) was made
     before the digest was part of it, the fingerprint without, so the run resumes it. (That
     the images are the study's is checked when a worker joins: search.stages.check_same_images.)
+
+    Data of other than 10 classes (an image folder) adds its class count: its checkpoints
+    written before the classifier had one output per class (always 10) do not fit the networks
+    built now, and so are another run's, not one to resume.
     """
     legacy = run_fingerprint(cfg)
-    return legacy if written == legacy else run_fingerprint(cfg, data_digest)
+    if written == legacy:
+        return legacy
+    return run_fingerprint(
+        cfg, data_digest if num_classes == 10 else f"{data_digest}/{num_classes}-classes"
+    )
 
 
 def standalone_run_relative(cfg: DictConfig) -> Path:

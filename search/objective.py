@@ -403,11 +403,13 @@ class TrialRunner:
         continues a configuration (``shown``: where its checkpoint lives, for the message)
         must resume: there the error is raised, the file left in place, nothing retrained.
         """
-        fingerprint = checkpoint_identity(tcfg, self.splits.digest, None)
+        fingerprint = checkpoint_identity(tcfg, self.splits.digest, None, self.splits.num_classes)
         try:
             state = load_checkpoint(path)
             if state is not None:
-                fingerprint = checkpoint_identity(tcfg, self.splits.digest, state.get("identity"))
+                fingerprint = checkpoint_identity(
+                    tcfg, self.splits.digest, state.get("identity"), self.splits.num_classes
+                )
                 check_identity(path, state, fingerprint)
             return state, fingerprint
         except CheckpointError as error:

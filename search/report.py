@@ -74,6 +74,8 @@ def main() -> int:
                 file=sys.stderr,
             )
             names.remove(unfinished)
+        if not names and study_names(storage):
+            raise UsageError("study: every study in storage is half-made (warned above)")
     if not names:
         raise UsageError(f"study: no study in {redact(url)}; run python -m search.run first")
     try:

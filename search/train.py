@@ -72,7 +72,10 @@ def main() -> int:
             train_cfg,
             checkpoint_dir=ckpt_dir,
             identity=checkpoint_identity(
-                cfg, splits.digest, written_identity(ckpt_dir / PRETRAIN_FILE)
+                cfg,
+                splits.digest,
+                written_identity(ckpt_dir / PRETRAIN_FILE),
+                splits.num_classes,
             ),
             on_checkpoint=store.push if store.remote else None,
         )

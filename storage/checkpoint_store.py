@@ -110,7 +110,9 @@ def check_location(location: str) -> None:
         query = urlsplit(str(location)).query
     except ValueError as error:  # a stray "[" or "]": urllib takes it for an IPv6 host
         raise CheckpointLocationError(f"cannot parse {shown!r} as a URL: {error}") from None
-    if any(c in str(location)[a:b] for a, b in password_spans(str(location)) for c in "/@#"):
+    if any(
+        c in str(location)[a:b] for a, b in password_spans(str(location), url=True) for c in "/@#"
+    ):
         raise CheckpointLocationError(
             f"the password in {shown!r} holds an unencoded '/', '@' or '#', which ends it early; "
             "percent-encode it (%2F, %40, %23) or give credentials through the backend's usual "

@@ -92,7 +92,7 @@ def is_secret_query_key(key: str) -> bool:
 _USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/@?:\s]*:")
 
 
-def password_spans(text: str) -> list[tuple[int, int]]:
+def password_spans(text: str, *, url: bool = False) -> list[tuple[int, int]]:
     """Where the passwords of the URLs in ``text`` lie (start, end), read the cautious way:
     a password runs to the last ``@`` on its line before the next URL, so one holding an
     unencoded ``@``, ``/``, ``?``, quote or blank is covered whole. URL parsers end it at the
@@ -105,13 +105,18 @@ def password_spans(text: str) -> list[tuple[int, int]]:
     >>> said = "got 'postgresql://me:it's a s?cret@db/x'"
     >>> [said[a:b] for a, b in password_spans(said)]
     ["it's a s?cret"]
+
+    ``url``: ``text`` is one URL, checked rather than shown: its password ends before its
+    query, whose values may hold an ``@`` of their own (``?application_name=me@laptop``).
     """
     matches = list(_USERINFO.finditer(text))
     spans = []
     for i, match in enumerate(matches):
         end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
-        newline = text.find("\n", match.end(), end)
-        at = text.rfind("@", match.end(), end if newline < 0 else newline)
+        for stop in ("\n", "?") if url else ("\n",):
+            found = text.find(stop, match.end(), end)
+            end = found if found >= 0 else end
+        at = text.rfind("@", match.end(), end)
         if at >= 0:
             spans.append((match.end(), at))
     return spans
@@ -217,7 +222,7 @@ def check_url(url: str) -> sqlalchemy.engine.URL:
             f"storage: the driver of {parsed.drivername!r} is not installed ({error}); "
             "use postgresql+psycopg://, which ssl-search installs"
         ) from None
-    if any("@" in url[a:b] for a, b in password_spans(url)):
+    if any("@" in url[a:b] for a, b in password_spans(url, url=True)):
         raise StorageError(
             f"storage: the password in {redact(url)} holds an unencoded '@', which ends it "
             "early; percent-encode it (%40)"

@@ -419,3 +419,15 @@ def test_ctrl_c_before_a_command_set_up_its_own_handling_is_one_line(capsys):
     assert capsys.readouterr().err.splitlines() == [
         "interrupted; run the same command again to go on"
     ]
+
+
+def test_a_study_file_read_only_for_its_locations_names_itself_before_resolving(tmp_path):
+    """``runs_dir: runs/${name}`` in a study file without a name: load_config names the study
+    after its file first; load_locations (--status, report, dashboard) must do the same."""
+    from search.config import load_locations
+
+    study = tmp_path / "interp.yaml"
+    study.write_text(f"task: guided\ndata: {{name: digits}}\nruns_dir: {tmp_path}/runs/${{name}}\n")
+    for cfg in (load_config(str(study)), load_locations(str(study))):
+        assert cfg.name == "interp" and cfg.runs_dir == f"{tmp_path}/runs/interp"
+    assert load_locations(str(study), ["name=other"]).runs_dir == f"{tmp_path}/runs/other"

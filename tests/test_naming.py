@@ -115,3 +115,17 @@ def test_the_diverged_fail_reason_is_the_trainers_error() -> None:
     assert NonFiniteLossError.__name__ == DIVERGED
     assert diverged({"fail_reason": f"{NonFiniteLossError.__name__}: loss is nan at epoch 2"})
     assert not diverged({"fail_reason": "KeyboardInterrupt: stopped"}) and not diverged({})
+
+
+def test_a_checkpoint_identity_counts_the_classes_of_data_that_has_other_than_ten():
+    """MNIST and CIFAR-10 keep the identity their checkpoints were written under; an image
+    folder of 3 classes gets another, so a checkpoint written when every classifier had 10
+    outputs is set aside, not loaded into a 3-output classifier."""
+    from search.config import load_config
+    from search.naming import checkpoint_identity, run_fingerprint
+
+    cfg = load_config("quickstart")
+    assert checkpoint_identity(cfg, "d1", None) == run_fingerprint(cfg, "d1")
+    assert checkpoint_identity(cfg, "d1", None, 10) == run_fingerprint(cfg, "d1")
+    three = checkpoint_identity(cfg, "d1", None, 3)
+    assert three != run_fingerprint(cfg, "d1") and three != checkpoint_identity(cfg, "d1", None, 4)

@@ -266,3 +266,20 @@ def test_a_study_with_a_runs_dir_through_a_symlink_loop_is_one_line(tmp_path):
             load_config("quickstart", overrides)
         message = str(caught.value)
         assert "cannot follow it" in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://me:pw@db:5432/studies?application_name=me%40laptop",
+        "postgresql+psycopg://me:pw@db:5432/studies?application_name=me@laptop",
+        "postgresql+psycopg://me:pw@db/x?sslrootcert=/home/me@corp/ca.pem",
+    ],
+)
+def test_an_at_in_the_query_is_not_taken_for_one_in_the_password(url):
+    """The check for an unencoded '@' in the password ends it before the query; masking a
+    message stays the cautious way (to the last '@' on its line)."""
+    from storage.urls import check_url, mask_secrets
+
+    check_url(url)
+    assert "pw" not in mask_secrets(url)
