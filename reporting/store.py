@@ -70,20 +70,14 @@ def location_overrides(overrides: Sequence[str]) -> list[str]:
 # ---- finding studies and their configs -------------------------------------------------
 
 
-def _merged(stored: dict[str, Any], overrides: Sequence[str]) -> DictConfig:
-    """The schema's defaults, then ``stored``, then ``overrides``, checked and resolved as a
-    study file's are (:func:`search.config.merge_overrides`); bad ones: ConfigError."""
-    return merge_overrides(stored, overrides)
-
-
 def locate(study: str, overrides: Sequence[str]) -> tuple[str | None, DictConfig]:
     """(study name or None for ``all``, a config giving the storage URL and folders)."""
     if study == "all":
-        return None, _merged({}, overrides)
+        return None, merge_overrides({}, overrides)
     try:
         study_path(study)
     except ConfigError:  # not a study file: a name of a study in storage
-        return study, _merged({}, overrides)
+        return study, merge_overrides({}, overrides)
     cfg = load_locations(study, list(overrides))  # read only: not checked for training here
     return str(cfg.name), cfg
 
@@ -175,7 +169,7 @@ def stored_config(
         raise UsageError(f"study: {name!r} in {redact(url)} has no stored config")
     stored = dict(stored)
     stored.pop("storage", None)  # stored redacted; the URL in use is the right one
-    cfg = _merged(stored, overrides)
+    cfg = merge_overrides(stored, overrides)
     cfg.storage = url
     return cfg
 
@@ -226,6 +220,7 @@ def same_dataset_finals(
     accuracy.
     """
     found: dict[str, tuple[DictConfig, FrozenTrial]] = {}
+    dataset = _stored_dataset(storage, cfg.name, url, cfg)
     for name in study_names(storage):
         try:
             other = (
@@ -236,9 +231,7 @@ def same_dataset_finals(
             final = optuna.load_study(study_name=stage_study_name(name, "final"), storage=storage)
         except (UsageError, ConfigError, KeyError):
             continue
-        if _stored_dataset(storage, name, url, other) != _stored_dataset(
-            storage, cfg.name, url, cfg
-        ):
+        if _stored_dataset(storage, name, url, other) != dataset:
             continue
         best = top_trials(final, 1)
         if not best:

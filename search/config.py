@@ -576,46 +576,8 @@ def load_config(study: str, overrides: list[str] | tuple[str, ...] = ()) -> Dict
     Raises :class:`ConfigError`. The config returned holds no interpolation: each was
     resolved once, here, and the result is what was validated (and what gets stored).
     """
-    path = study_path(study)
-    loaded = _read_study(path)
-    for item in overrides:
-        _split_override(item)
-    _refuse_loose_bool(OmegaConf.to_container(loaded, resolve=False))
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(StudyConfig), loaded)
-        if OmegaConf.is_missing(cfg, "name"):
-            cfg.name = path.stem
-    except (OmegaConfBaseException, TypeError) as error:
-        found = _shape_mismatch(OmegaConf.to_container(loaded, resolve=False))
-        if found is not None:  # OmegaConf's message names no key for these
-            key, wanted, given = found
-            raise ConfigError(printable(f"{key}: must be {wanted}, got {given}")) from None
-        raise ConfigError(_one_line(error)) from None
-    for item in overrides:
-        cfg = _merge_override(cfg, item)
-    _resolve(cfg)
-    _check_text(OmegaConf.to_container(cfg, resolve=False))
+    cfg = _from_study_file(study, overrides)
     validate(cfg)
-    return cfg
-
-
-def merge_overrides(stored: Mapping[str, Any], overrides: Sequence[str]) -> DictConfig:
-    """The schema's defaults, then ``stored`` (a config as the search stored it), then
-    ``overrides`` parsed and checked as :func:`load_config` does, interpolations resolved; not
-    validated (a stored study may not be runnable here: the report and dashboard only read it).
-
-    Raises :class:`ConfigError` naming the key, never OmegaConf's or YAML's own errors.
-    """
-    for item in overrides:
-        _split_override(item)
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(StudyConfig), dict(stored))
-    except (OmegaConfBaseException, TypeError) as error:
-        raise ConfigError(_one_line(error)) from None
-    for item in overrides:
-        cfg = _merge_override(cfg, item)
-    _resolve(cfg)
-    _check_text(OmegaConf.to_container(cfg, resolve=False))
     return cfg
 
 
@@ -628,17 +590,63 @@ def load_locations(study: str, overrides: Sequence[str] = ()) -> DictConfig:
 
     Raises :class:`ConfigError`.
     """
-    path = study_path(study)
-    loaded = OmegaConf.to_container(_read_study(path), resolve=False)
-    _refuse_loose_bool(loaded)
-    if loaded.get("name") in (None, "???"):  # before resolving: runs/${name} may use it
-        loaded["name"] = path.stem
-    cfg = merge_overrides(loaded, overrides)
+    cfg = _from_study_file(study, overrides)
     _validate_name(cfg.name)
     try:
         check_url(storage_url(cfg))
     except StorageError as error:
         raise ConfigError(str(error)) from error
+    return cfg
+
+
+def merge_overrides(stored: Mapping[str, Any], overrides: Sequence[str]) -> DictConfig:
+    """The schema's defaults, then ``stored`` (a config as the search stored it), then
+    ``overrides`` parsed and checked as :func:`load_config` does, interpolations resolved; not
+    validated (a stored study may not be runnable here: the report and dashboard only read it).
+
+    Raises :class:`ConfigError` naming the key, never OmegaConf's or YAML's own errors.
+    """
+    for item in overrides:
+        _split_override(item)
+    return _with_overrides(_schema_with(dict(stored)), overrides)
+
+
+def _from_study_file(study: str, overrides: Sequence[str]) -> DictConfig:
+    """Schema <- study file <- overrides, interpolations resolved; not validated. The name
+    defaults to the file's before resolving (``runs_dir: runs/${name}`` may use it)."""
+    path = study_path(study)
+    loaded = _read_study(path)
+    for item in overrides:
+        _split_override(item)
+    _refuse_loose_bool(OmegaConf.to_container(loaded, resolve=False))
+    cfg = _schema_with(loaded)
+    if OmegaConf.is_missing(cfg, "name"):
+        cfg.name = path.stem
+    return _with_overrides(cfg, overrides)
+
+
+def _schema_with(loaded: Any) -> DictConfig:
+    """The schema's defaults, then ``loaded`` (a study file's settings, or a stored config)."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(StudyConfig), loaded)
+    except (OmegaConfBaseException, TypeError) as error:
+        given = (
+            OmegaConf.to_container(loaded, resolve=False) if OmegaConf.is_config(loaded) else loaded
+        )
+        found = _shape_mismatch(given)
+        if found is not None:  # OmegaConf's message names no key for these
+            key, wanted, kind = found
+            raise ConfigError(printable(f"{key}: must be {wanted}, got {kind}")) from None
+        raise ConfigError(_one_line(error)) from None
+
+
+def _with_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """``cfg`` with each of ``overrides`` merged (already split: :func:`_split_override`),
+    then every interpolation resolved and every text checked."""
+    for item in overrides:
+        cfg = _merge_override(cfg, item)
+    _resolve(cfg)
+    _check_text(OmegaConf.to_container(cfg, resolve=False))
     return cfg
 
 

@@ -383,6 +383,7 @@ def _fail_stale(study: optuna.Study) -> None:
 
 # Why a trial Optuna sampled anew trains nothing (its prune reason, after NOTHING_QUEUED).
 TAKEN_FIRST = "another worker took the queued trial first"
+NO_SLOT_LEFT = "every slot for a new configuration is taken"
 NO_LONGER_WANTED = (
     "the search no longer wanted a new configuration (its trial budget spent or long budget full)"
 )
@@ -1395,7 +1396,7 @@ def run_rungs(
                     return TAKEN_FIRST
                 refused = unwanted(number)
                 if refused is None and _claim_slot(studies, screen, new_configs) is None:
-                    return "every slot for a new configuration is taken"
+                    return NO_SLOT_LEFT
                 return refused
 
             number = _run_one(studies, queued, runner, retries, on_fresh=new_slot)
