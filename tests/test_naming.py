@@ -129,3 +129,8 @@ def test_a_checkpoint_identity_counts_the_classes_of_data_that_has_other_than_te
     assert checkpoint_identity(cfg, "d1", None, 10) == run_fingerprint(cfg, "d1")
     three = checkpoint_identity(cfg, "d1", None, 3)
     assert three != run_fingerprint(cfg, "d1") and three != checkpoint_identity(cfg, "d1", None, 4)
+    # One written before the digest joined the identity: resumed under 10 classes (its
+    # classifier fits), set aside under 3 (it has 10 outputs).
+    before_digest = run_fingerprint(cfg)
+    assert checkpoint_identity(cfg, "d1", before_digest, 10) == before_digest
+    assert checkpoint_identity(cfg, "d1", before_digest, 3) == three
