@@ -426,11 +426,37 @@ def hits_median(runs: dict[tuple[str, int], list[Summary]], name: str, workers: 
     return median([s.hit_epochs for s in runs.get((name, workers), [])])
 
 
+def hits_median_at_least(
+    runs: dict[tuple[str, int], list[Summary]], name: str, workers: int
+) -> float:
+    """A lower bound on :func:`hits_median` when it is a miss: the median with each missed
+    repetition counted at the epochs it spent (it would have needed more)."""
+    return median(
+        [
+            s.epochs if math.isinf(s.hit_epochs) else s.hit_epochs
+            for s in runs.get((name, workers), [])
+        ]
+    )
+
+
+def ratio_text(runs: dict[tuple[str, int], list[Summary]], name: str, workers: int) -> str:
+    """asha's median epochs to target over method ``name``'s, at ``workers``, as the final line
+    prints it: 3 decimals; a bound (``<x``, ``>x``) where one median is a miss, never the 0 or
+    inf that dividing by infinity gives; ``-`` where both are."""
+    ours, theirs = hits_median(runs, "asha", workers), hits_median(runs, name, workers)
+    if math.isnan(ours) or math.isnan(theirs) or (math.isinf(ours) and math.isinf(theirs)):
+        return "-"
+    if math.isinf(theirs):
+        return f"<{ours / hits_median_at_least(runs, name, workers):.3f}"
+    if math.isinf(ours):
+        return f">{hits_median_at_least(runs, 'asha', workers) / theirs:.3f}"
+    return number(ratio(ours, theirs))
+
+
 def ratios_line(runs: dict[tuple[str, int], list[Summary]], workers: int) -> str:
     """asha's median epochs to target over each other method's, at ``workers``."""
-    ours = hits_median(runs, "asha", workers)
     parts = [
-        f"{name} {number(ratio(ours, hits_median(runs, name, workers)))}"
+        f"{name} {ratio_text(runs, name, workers)}"
         for name in (*METHODS, *OPTIONAL_METHODS)
         if name != "asha" and (name, workers) in runs
     ]
@@ -445,10 +471,9 @@ def final_line(runs: dict[tuple[str, int], list[Summary]], ratio_workers: int) -
         summaries = runs.get(("asha", workers), [])
         return f"{median([s.utilization for s in summaries]):.3f}" if summaries else "-"
 
-    ours = hits("asha")
     return (
-        f"ratio to random {number(ratio(ours, hits('random')))}, "
-        f"to optuna-hyperband {number(ratio(ours, hits('optuna-hyperband')))}, "
+        f"ratio to random {ratio_text(runs, 'random', ratio_workers)}, "
+        f"to optuna-hyperband {ratio_text(runs, 'optuna-hyperband', ratio_workers)}, "
         f"utilization@8 {util(8)}, utilization@64 {util(64)}"
     )
 

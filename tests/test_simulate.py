@@ -271,3 +271,35 @@ def test_the_service_tpe_in_the_replay_reads_a_diverged_first_leg_as_the_worst()
     assert isinstance(method.study.sampler, FirstLegSampler)  # what it shows TPE:
     shown = _FirstLegView(method.study).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert [t.value for t in shown] == [float("-inf")]
+
+
+def test_the_printed_medians_count_a_seed_that_missed_the_target_as_infinite(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The default synthetic table, where the pipeline misses the target in one seed of three:
+    its median epochs to target is the worse of its two hits (the miss is the worst of all),
+    not the middle of the hits alone, which would rank it above a method that always hits."""
+    import math
+    import statistics
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["simulate", "workers=1"])
+    simulate_module.main()
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if line.strip("| ").startswith("pipeline"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    curves = synthetic_table(n_configs=300, epochs=100, seed=0)
+    target = default_target(curves, 100, "maximize")
+    hits = []
+    for seed in (0, 1, 2):
+        method = Pipeline(
+            screen_trials=30, screen_epochs=10, top_k=3, long_budget=100, direction="maximize"
+        )
+        hit = simulate(curves, method, workers=1, seed=seed, long_budget=100).reached(target)
+        hits.append(hit.epochs if hit else math.inf)
+    assert cells[1] == f"{sum(not math.isinf(h) for h in hits)}/3" == "2/3"
+    assert (
+        cells[2]
+        == f"{statistics.median(hits):,.0f}"
+        == f"{max(h for h in hits if h < math.inf):,.0f}"
+    )

@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 TABLE = REPO / DEFAULT_TABLE
 LONG = 27
 FINAL = re.compile(
-    r"^ratio to random (\d+\.\d{3}|inf|-), to optuna-hyperband (\d+\.\d{3}|inf|-), "
+    r"^ratio to random ([<>]?\d+\.\d{3}|-), to optuna-hyperband ([<>]?\d+\.\d{3}|-), "
     r"utilization@8 (\d\.\d{3}|-), utilization@64 (\d\.\d{3}|-)$"
 )
 
@@ -347,8 +347,14 @@ def test_final_line_counts_a_miss_as_infinite() -> None:
         ("random", 8): [summary("random", math.inf)],
         ("optuna-hyperband", 8): [summary("optuna-hyperband", 60.0)],
     }
+    # Random search missed within the 100 epochs it spent: asha's 30 is at most 30 / 100 of what
+    # it would have needed, a bound, not the 0.000 that dividing by infinity gives.
     assert final_line(runs, 8) == (
-        "ratio to random 0.000, to optuna-hyperband 0.500, utilization@8 0.500, utilization@64 -"
+        "ratio to random <0.300, to optuna-hyperband 0.500, utilization@8 0.500, utilization@64 -"
+    )
+    runs[("asha", 8)] = [summary("asha", math.inf)]  # asha missed within its 100 epochs
+    assert final_line(runs, 8) == (
+        "ratio to random -, to optuna-hyperband >1.667, utilization@8 0.500, utilization@64 -"
     )
 
 
