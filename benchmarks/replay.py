@@ -92,6 +92,7 @@ from benchmarks.simulate import (
 )
 from benchmarks.tabulate import table_study
 from search.sampling import startup_trials
+from search.scheduler import Direction
 from search.scheduler import rungs as make_rungs
 
 DEFAULT_TABLE = "benchmarks/tables/mnist-guided-curves.csv"
@@ -202,14 +203,17 @@ class Setup:
         raise ValueError(f"methods: unknown {name!r}; allowed: {allowed}")
 
 
-def diagnostics(table: Table, rungs: Sequence[int], long_budget: int) -> dict[str, float]:
+def diagnostics(
+    table: Table, rungs: Sequence[int], long_budget: int, direction: Direction = "maximize"
+) -> dict[str, float]:
     """How much the table lets a method pick: the rank correlation (Spearman) across
     configurations between the value at each rung and at the full budget (first seed; a
-    diverged run ranks last), and the correlation between two seeds' full-budget values over
-    the configurations that have two (seed noise: 1 = none)."""
+    diverged run ranks last, as the worst value in ``direction``), and the correlation between
+    two seeds' full-budget values over the configurations that have two (seed noise: 1 = none)."""
+    worst = -np.inf if direction == "maximize" else np.inf
 
     def ranks(values: np.ndarray) -> np.ndarray:
-        return pd.Series(np.nan_to_num(values, nan=-np.inf)).rank().to_numpy()
+        return pd.Series(np.nan_to_num(values, nan=worst)).rank().to_numpy()
 
     first = [curves[0] for curves in table.values()]
     final = ranks(np.array([c.metric[long_budget - 1] for c in first]))
@@ -221,7 +225,9 @@ def diagnostics(table: Table, rungs: Sequence[int], long_budget: int) -> dict[st
         (cs[0].metric[long_budget - 1], cs[1].metric[long_budget - 1])
         for cs in table.values()
         if len(cs) > 1
-    ]
+        and not np.isnan(cs[0].metric[long_budget - 1])
+        and not np.isnan(cs[1].metric[long_budget - 1])
+    ]  # a diverged seed has no value to correlate
     if len(pairs) > 2:
         a, b = np.array(pairs).T
         out["seeds"] = float(np.corrcoef(a, b)[0, 1])
@@ -349,6 +355,12 @@ def _logged(summary: Summary, index: int, total: int) -> Summary:
 
 
 # ---- the report -------------------------------------------------------------------------------
+
+
+def target_percentile(direction: Direction) -> str:
+    """The percentile of the table's full-budget values that is the target
+    (:func:`benchmarks.simulate.default_target`): the best 1 in 10 in ``direction``."""
+    return "p90" if direction == "maximize" else "p10"
 
 
 def median(values: Sequence[float]) -> float:
@@ -511,7 +523,13 @@ def best_so_far_figure(
         end = max(s.epochs for s in ss)  # a run that ended keeps its best
         line = np.where(np.isfinite(line) & (grid <= end), line, np.nan)
         ax.step(grid, line, where="post", label=name)
-    ax.axhline(target, color="grey", linestyle=":", linewidth=1, label="target (p90)")
+    ax.axhline(
+        target,
+        color="grey",
+        linestyle=":",
+        linewidth=1,
+        label=f"target ({target_percentile('maximize' if maximize else 'minimize')})",
+    )
     drawn = [v for line in ax.get_lines() for v in line.get_ydata() if np.isfinite(v)]
     if drawn:  # the region around the target, where the methods differ
         best, worst = max(drawn), min(drawn)
@@ -614,10 +632,11 @@ def main() -> int:
     n_curves = sum(len(c) for c in curves.values())
     print(
         f"table {options['table']}: {len(curves)} configurations, {n_curves} curves, full budget "
-        f"{setup.long_budget} epochs; target {cfg.search.metric} >= {target:.4f} (p90 of the "
-        f"{n_curves} full-budget values)"
+        f"{setup.long_budget} epochs; target {cfg.search.metric} "
+        f"{'>=' if setup.direction == 'maximize' else '<='} {target:.4f} "
+        f"({target_percentile(setup.direction)} of the {n_curves} full-budget values)"
     )
-    found = diagnostics(curves, setup.rungs, setup.long_budget)
+    found = diagnostics(curves, setup.rungs, setup.long_budget, setup.direction)
     print(
         "rank correlation with the full-budget value across configurations: "
         + ", ".join(f"{k} {v:.2f}" for k, v in found.items() if k != "seeds")

@@ -148,15 +148,17 @@ class Outcome:
 
 def epochs_used(trial: Any) -> int:
     """Epochs one leg trained: ``epochs_added`` for a rung leg (a continuation costs what it
-    added, not its rung), else ``epochs_run`` less the rung it started from; plus the epoch that
-    diverged, when one did."""
+    added, not its rung), else ``epochs_run`` less the rung it started from; plus the epoch whose
+    training loss diverged, when one did."""
     attrs = trial.user_attrs
     if "epochs_added" in attrs:
         used = int(attrs["epochs_added"])
     else:
         used = max(0, int(attrs.get("epochs_run", 0)) - int(attrs.get("rung_from", 0)))
-    reason = str(attrs.get("fail_reason") or "")
-    if "NonFiniteLossError" in reason or "training loss became" in reason:
+    # The trainer stops mid-epoch when the training loss diverges: that epoch is in no count
+    # yet. A metric that became NaN was measured after its epoch, which epochs_run (and
+    # epochs_added) already hold.
+    if "training loss became" in str(attrs.get("fail_reason") or ""):
         used += 1
     return used
 

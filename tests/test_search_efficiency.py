@@ -35,8 +35,32 @@ def test_a_continued_leg_costs_the_epochs_it_added_not_its_rung() -> None:
 def test_failed_legs_count_what_they_trained() -> None:
     # died in a continuation after epoch 5 (from rung 3): 2 epochs; a diverged epoch counts too
     assert epochs_used(leg("FAIL", None, rung_from=3, rung_to=9, epochs_run=5)) == 2
-    diverged = leg("FAIL", None, epochs_run=4, fail_reason="NonFiniteLossError: loss is nan")
+    # the training loss diverged in epoch 5, which the trainer stopped mid-way: 5 epochs
+    diverged = leg(
+        "FAIL",
+        None,
+        epochs_run=4,
+        fail_reason="NonFiniteLossError: pretrain: training loss became nan in epoch 5",
+    )
     assert epochs_used(diverged) == 5
+    # the metric became NaN after epoch 3 of a 1 -> 9 leg: epochs_added already holds epoch 3
+    metric_nan = leg(
+        "FAIL",
+        None,
+        rung_from=1,
+        rung_to=9,
+        epochs_run=3,
+        epochs_added=2,
+        fail_reason="NonFiniteLossError: val_accuracy became nan in epoch 3",
+    )
+    assert epochs_used(metric_nan) == 2
+    from_scratch = leg(
+        "FAIL",
+        None,
+        epochs_run=9,
+        fail_reason="NonFiniteLossError: knn_accuracy became nan in epoch 9",
+    )
+    assert epochs_used(from_scratch) == 9
     assert epochs_used(leg("PRUNED", None, duplicate_of=1)) == 0
     assert not reached_full_budget(diverged, full=4)
     assert reached_full_budget(leg(epochs_run=9), full=9)  # a random-search run, from scratch

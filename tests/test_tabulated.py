@@ -336,6 +336,32 @@ def test_diagnostics_measure_rank_consistency_and_seed_noise() -> None:
     assert all(v < 0.9 for v in diagnostics(noisy, rungs(1, LONG, 3), LONG).values())
 
 
+def test_diagnostics_rank_a_diverged_run_last_when_minimizing_too() -> None:
+    """A loss table is the accuracy table mirrored (value -> -value): the same rank
+    correlations, a diverged run (NaN) the worst in both directions, never the best."""
+    from benchmarks.replay import diagnostics
+    from benchmarks.simulate import Curve
+
+    noisy = synthetic_table(n_configs=40, epochs=LONG, seeds=2, noise=0.3, crossing=1.0)
+    first = next(iter(noisy))
+    seed0 = noisy[first][0]  # diverges after rung 3: finite at rungs 1 and 3, NaN at 9 and 27
+    noisy[first] = [
+        Curve(seed0.metric[:4] + tuple([math.nan] * (LONG - 4)), seed0.seconds),
+        *noisy[first][1:],
+    ]
+    mirrored = {
+        key: [Curve(tuple(-v for v in c.metric), c.seconds) for c in curves]
+        for key, curves in noisy.items()
+    }
+    ladder = rungs(1, LONG, 3)
+    at_most = diagnostics(noisy, ladder, LONG, "maximize")
+    at_least = diagnostics(mirrored, ladder, LONG, "minimize")
+    assert at_least.keys() == at_most.keys() == {"rung 1", "rung 3", "rung 9", "seeds"}
+    for key, value in at_most.items():
+        assert math.isfinite(value)  # the seed pair with a NaN is left out of "seeds"
+        assert at_least[key] == pytest.approx(value)
+
+
 def test_final_line_counts_a_miss_as_infinite() -> None:
     from benchmarks.replay import Summary
 
