@@ -403,7 +403,10 @@ def train() -> int:
                 2.0, float, "random search runs to this x B epochs (x the pipeline's, if more)"
             ),
             "random_baseline": Option(
-                False, boolean, "give random search the report's configuration first, too"
+                True,
+                boolean,
+                "give random search the report's configuration first, as the service gives "
+                "asha and the pipeline (false: random draws only)",
             ),
             "target": Option(
                 "p90", str, "a metric value, or pNN: that percentile of random full-budget values"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 import sys
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -75,9 +77,12 @@ LAST = re.compile(
 
 
 def test_train_mode_on_the_tiniest_quickstart(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    import optuna
+
     from benchmarks import search_efficiency
+    from search import baseline_params, load_config
 
     argv = [
         "search_efficiency",
@@ -87,9 +92,20 @@ def test_train_mode_on_the_tiniest_quickstart(
         "promote_epochs=3",
         "top_k=1",
         "extra=train.max_batches=2",
+        "keep=true",
     ]
     monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **_: str(tmp_path))
     assert search_efficiency.main() == 0
+    # Both methods start from the report's configuration (the service queues it for asha):
+    # drawing the rest is what they are compared on, not whether one was handed a tuned start.
+    report = baseline_params(load_config("quickstart"))
+    for name in ("eff-asha-s0", "eff-random-s0"):
+        url = f"sqlite:///{tmp_path / (name + '.db')}"
+        screen = next(s for s in optuna.get_all_study_names(url) if s.endswith(("screen", name)))
+        first = optuna.load_study(study_name=screen, storage=url).trials[0]
+        assert first.user_attrs.get("baseline") == "report", name
+        assert {k: first.params[k] for k in report} == report, name
     out = capsys.readouterr().out.strip().splitlines()
     assert any(line.startswith("asha: rungs 1, 3 (eta 3), 3 configurations") for line in out)
     assert any(line.startswith("target: knn_accuracy >= ") for line in out)
