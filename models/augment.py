@@ -117,6 +117,11 @@ _RECIPES: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {
 }
 
 
+def pretrain_recipe(task: str) -> str:
+    """The recipe a task pre-trains its encoder with: SimCLR's views, else the encoder's."""
+    return "contrastive" if task == "contrastive" else "encoder"
+
+
 @dataclass(frozen=True)
 class _Op:
     """One op of a recipe after strength scaling: what :func:`build_augmentation` builds."""
@@ -250,4 +255,4 @@ def build_augmentation(
     return nn.Sequential(*[_build_op(op) for op in ops], _Clamp01())
 
 
-__all__ = ["FAMILIES", "RECIPES", "REPORT_STRENGTH", "build_augmentation"]
+__all__ = ["FAMILIES", "RECIPES", "REPORT_STRENGTH", "build_augmentation", "pretrain_recipe"]

@@ -47,6 +47,21 @@ def build_optimizer(
     raise AssertionError(cfg.name)  # pragma: no cover - check_optim allows only the above
 
 
+# Settings of a parameter group that pick a kernel for this device, not the training's maths.
+_DEVICE_SETTINGS = ("fused", "foreach", "capturable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping the kernel settings :func:`build_optimizer`
+    chose for this device: a checkpoint written on a CPU worker carries ``fused=False``, which
+    would otherwise cost a CUDA worker that continues it the fused Adam kernel (and one from a
+    GPU would ask a CPU worker for it). The state itself is the same either way."""
+    chosen = [{k: g[k] for k in _DEVICE_SETTINGS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, settings in zip(optimizer.param_groups, chosen, strict=True):
+        group.update(settings)
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int, key: str = "optim"
 ) -> torch.optim.lr_scheduler.LRScheduler:

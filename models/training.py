@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.augment import build_augmentation
+from models.augment import REPORT_STRENGTH, build_augmentation, pretrain_recipe
 from models.checkpoints import (
     CheckpointError,
     CheckpointWriter,
@@ -63,9 +63,29 @@ from models.config import (
 from models.data import ImageSplits
 from models.losses import full_precision, nt_xent
 from models.networks import build_networks
-from models.optim import build_optimizer, build_scheduler
+from models.optim import build_optimizer, build_scheduler, load_optimizer_state
 
 DEFAULT_TEMPERATURE = {"mnist": 0.5, "cifar": 0.15}
+
+
+def report_default(target: str, family: str, task: str) -> float | None:
+    """What a training setting left unset (None) means: the report's value for ``family`` and
+    ``task``, as :class:`Run` takes it; None for a setting without such a rule.
+
+    >>> report_default("train.temperature", "cifar", "contrastive")
+    0.15
+    >>> report_default("train.aug_strength", "mnist", "guided")
+    0.0
+    """
+    if target == "train.temperature":
+        return DEFAULT_TEMPERATURE[family]
+    if target == "train.aug_strength":
+        return REPORT_STRENGTH[(family, pretrain_recipe(task))]
+    if target == "train.probe.aug_strength":
+        return REPORT_STRENGTH[(family, "probe")]
+    return None
+
+
 EVAL_BATCH = 1024
 
 
@@ -186,8 +206,9 @@ class Run:
             if self.channels_last:
                 module.to(memory_format=torch.channels_last)
         self.temperature = train.temperature or DEFAULT_TEMPERATURE[self.family]
-        pretrain_recipe = "contrastive" if task == "contrastive" else "encoder"
-        self.pretrain_aug = build_augmentation(self.family, pretrain_recipe, train.aug_strength)
+        self.pretrain_aug = build_augmentation(
+            self.family, pretrain_recipe(task), train.aug_strength
+        )
         # The classifier keeps the report's fixed recipe whatever strength the trial chose for
         # pre-training, unless the study sets the probe's own (train.probe.aug_strength).
         self.probe_aug = build_augmentation(
@@ -347,7 +368,7 @@ class Run:
             check_identity(path, state, self.identity)
             best = state.get("best")
             load_modules(path, state, modules)
-            optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(optimizer, state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             restore_rng_state(state["rng"], self.device)
             history = [EpochReport(**h) for h in state["history"]]

@@ -13,7 +13,9 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
+from models.config import data_family
 from models.errors import UsageError
+from models.training import report_default
 
 
 def _wanted(value: Any) -> list[Any]:
@@ -137,18 +139,22 @@ def apply(cfg: DictConfig, params: dict[str, Any]) -> DictConfig:
 def baseline_params(cfg: DictConfig) -> dict[str, Any]:
     """The study's own settings (the report's) expressed as parameters of its space.
 
-    A parameter whose current value lies outside its range is left out (the sampler fills it);
+    A setting left unset means the report's value (:func:`models.training.report_default`: the
+    NT-Xent temperature and augmentation strengths of the data's family and the task); where
+    that family is known only from the images (an ``auto`` image folder), it is left out. A
+    parameter whose value lies outside its range is left out too (the sampler fills it);
     conditional parameters follow the values of their parents.
     """
     params: dict[str, Any] = {}
     space = cfg.search.space
+    family = data_family(cfg.data)
     for name in ordered(space):
         spec = space[name]
         if not is_active(spec, params):
             continue
         value = OmegaConf.select(cfg, spec.target)
-        if value is None and spec.target == "train.temperature":
-            continue
+        if value is None and family is not None:
+            value = report_default(spec.target, family, str(cfg.task))
         if contains(distribution(spec), value):
             params[name] = value
     return params

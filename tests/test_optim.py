@@ -75,3 +75,31 @@ def test_warmup_is_linear_from_1_over_w_plus_1_then_cosine_over_the_rest() -> No
 
 def test_a_warmup_as_long_as_the_budget_still_ends_at_the_full_rate() -> None:
     assert _rates(3, 5, "none") == pytest.approx([1 / 3, 2 / 3, 1.0])
+
+
+def test_a_resumed_optimizer_keeps_the_kernel_chosen_for_this_device() -> None:
+    """A checkpoint written on a CPU worker (fused=False) continued on a CUDA worker keeps the
+    fused Adam kernel, and one from a GPU (fused=True) does not force it on a CPU: the state
+    (moments, step) is loaded, the kernel settings stay this optimizer's. Played on the CPU
+    with both settings built by hand, as a GPU's would be."""
+    from models.optim import load_optimizer_state
+
+    def adam(fused: bool) -> torch.optim.Adam:
+        layer = nn.Linear(3, 2)
+        torch.manual_seed(0)
+        for p in layer.parameters():
+            p.data.normal_()
+        optimizer = torch.optim.Adam(layer.parameters(), lr=0.1, fused=fused)
+        layer(torch.ones(4, 3)).sum().backward()
+        optimizer.step()
+        return optimizer
+
+    written_on_cpu, on_gpu = adam(fused=False), adam(fused=True)
+    load_optimizer_state(on_gpu, written_on_cpu.state_dict())
+    assert on_gpu.param_groups[0]["fused"] is True
+    assert on_gpu.state_dict()["state"][0]["exp_avg"].equal(
+        written_on_cpu.state_dict()["state"][0]["exp_avg"]
+    )
+    on_cpu = adam(fused=False)
+    load_optimizer_state(on_cpu, adam(fused=True).state_dict())
+    assert on_cpu.param_groups[0]["fused"] is False

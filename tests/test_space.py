@@ -164,10 +164,25 @@ def test_baseline_conditional_parameters_follow_their_parent(quickstart: DictCon
     assert not {"adam_lr", "lars_lr", "lars_warmup_epochs", "lars_schedule"} & set(params)
 
 
-def test_baseline_leaves_out_the_family_default_temperature(quickstart: DictConfig) -> None:
+def test_baseline_takes_the_reports_value_of_a_setting_left_unset(quickstart: DictConfig) -> None:
+    """Unset (None) means the report's value for the data's family and the task (the README):
+    the report's trial must carry it, not leave it to the sampler. MNIST family: temperature
+    0.5, SimCLR views at strength 1, no augmentation for the other encoders; CIFAR: 0.15."""
     cfg = quickstart.copy()
-    cfg.train.temperature = None  # None: the dataset family's default, not a point of the range
-    assert "temperature" not in baseline_params(cfg)
+    cfg.train.temperature = None
+    cfg.train.aug_strength = None
+    assert baseline_params(cfg) == QUICKSTART_SETTINGS  # the same as the values written out
+    cifar = load_config("cifar_contrastive", ["train.temperature=null", "train.aug_strength=null"])
+    assert baseline_params(cifar)["temperature"] == 0.15
+    assert baseline_params(cifar)["aug_strength"] == 1.0
+    guided = load_config("mnist_guided", ["train.aug_strength=null"])
+    assert baseline_params(guided)["aug_strength"] == 0.0
+    # An image folder decoded as "auto": its family is known only from its images.
+    folder = cfg.copy()
+    folder.data.name, folder.data.family = "imagefolder", "auto"
+    assert "temperature" not in baseline_params(folder)
+    folder.data.family = "cifar"
+    assert baseline_params(folder)["temperature"] == 0.15
 
 
 def test_apply_writes_each_value_to_its_target(quickstart: DictConfig) -> None:
