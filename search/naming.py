@@ -123,12 +123,20 @@ def given_up_number(attr: str) -> int | None:
     return int(attr[len(_GIVEN_UP_ATTR) :]) if attr.startswith(_GIVEN_UP_ATTR) else None
 
 
+# User attr of a leg to the long budget skipped when popped because top_k configurations held
+# its places before it (search.stages._beyond_the_long_budget): not a twin of a later copy.
+BEYOND_PLACES_ATTR = "beyond_long_budget_places"
+
+
 def trained_nothing(user_attrs: Mapping[str, Any]) -> bool:
     """Whether a trial with these user attrs was skipped before training: a configuration the
-    study already had (``duplicate_of``), or one sampled when the queue emptied under a worker
-    that could not start it (prune reason :data:`NOTHING_QUEUED`)."""
-    return "duplicate_of" in user_attrs or str(user_attrs.get("prune_reason", "")).startswith(
-        NOTHING_QUEUED
+    study already had (``duplicate_of``), a leg to a long budget whose places were held
+    (:data:`BEYOND_PLACES_ATTR`), or one sampled when the queue emptied under a worker that
+    could not start it (prune reason :data:`NOTHING_QUEUED`)."""
+    return (
+        "duplicate_of" in user_attrs
+        or BEYOND_PLACES_ATTR in user_attrs
+        or str(user_attrs.get("prune_reason", "")).startswith(NOTHING_QUEUED)
     )
 
 

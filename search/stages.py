@@ -51,6 +51,7 @@ from search.config import (
 )
 from search.database import StorageUnavailableError, redact
 from search.naming import (
+    BEYOND_PLACES_ATTR,
     DATA_DIGEST_ATTR,
     GIVEN_UP,
     NOTHING_QUEUED,
@@ -428,6 +429,11 @@ def _run_one(
             reason = f"skipped: the same leg as trial #{twin}, queued twice"
             trial.set_user_attr("prune_reason", reason)
             raise optuna.TrialPruned(reason)
+        beyond = _beyond_the_long_budget(studies, runner.cfg, stored(trial)) if queued_leg else None
+        if beyond is not None:  # trains nothing; its configuration may be promoted again later
+            trial.set_user_attr(BEYOND_PLACES_ATTR, True)
+            trial.set_user_attr("prune_reason", beyond)
+            raise optuna.TrialPruned(beyond)
         refused = None
         if on_fresh is not None and not _was_queued(stored(trial)):
             refused = on_fresh(trial.number)
@@ -548,6 +554,44 @@ def _failed_at(trial: FrozenTrial) -> float:
     return float(stamp)
 
 
+def _beyond_the_long_budget(studies: Studies, cfg: DictConfig, trial: FrozenTrial) -> str | None:
+    """Why queued leg ``trial`` may not train (None if it may): it goes to the long budget,
+    whose ``top_k`` places other configurations held before it.
+
+    Seat claims admit at most ``top_k`` there; only a claimer frozen (SIGSTOP, a paused VM)
+    for ``grace_period`` between re-reading its continuation claim and queueing the leg, while
+    another process took the claim back and promoted another configuration, could queue one
+    more. Whichever leg pops, every process orders the holders alike: by their first leg to
+    the long budget, a claimed but unqueued one last, then by number. The leg outside the
+    first ``top_k`` trains nothing, so the long budget never holds ``top_k + 1``.
+    """
+    if not uses_rungs(cfg):
+        return None
+    long = rung_ladder(cfg)[-1]
+    if trial.user_attrs.get(RUNG_TO_ATTR) != long:
+        return None
+    holders = {r.number for r in scheduler_records(studies, cfg) if holds_long_budget_seat(r, long)}
+    first_leg: dict[int, int] = {}
+    for t in studies.of(_leg_stage(cfg, long)).get_trials(deepcopy=False):
+        if (
+            t.user_attrs.get(RUNG_TO_ATTR) == long
+            and "duplicate_of" not in t.user_attrs
+            and t.state != TrialState.PRUNED
+        ):
+            config = config_number(t)
+            first_leg[config] = min(first_leg.get(config, t.number), t.number)
+    mine = config_number(trial)
+    order = sorted(holders | {mine}, key=lambda c: (first_leg.get(c, math.inf), c))
+    top_k = int(cfg.stages.promote.top_k)
+    if mine in order[:top_k]:
+        return None
+    before = ", ".join(f"#{c}" for c in order[:top_k])
+    return (
+        f"skipped: the long budget's {top_k} place(s) were held by configuration(s) {before} "
+        "before this leg was queued"
+    )
+
+
 def _twin_of(trial: FrozenTrial, trials: list[FrozenTrial]) -> int | None:
     """The earlier trial that is the very same queued leg as ``trial`` (None if none): the same
     configuration, rungs and retry history. Claims queue each leg once; only a claimer frozen
@@ -567,6 +611,7 @@ def _twin_of(trial: FrozenTrial, trials: list[FrozenTrial]) -> int | None:
             for t in trials
             if t.number < trial.number
             and "duplicate_of" not in t.user_attrs
+            and BEYOND_PLACES_ATTR not in t.user_attrs
             and identity(t) == mine
         ),
         None,
@@ -1280,9 +1325,12 @@ def _leg_stage(cfg: DictConfig, to_rung: int) -> str:
 
 
 def _leg_exists(studies: Studies, cfg: DictConfig, number: int, to_rung: int) -> bool:
-    """Whether configuration ``number``'s leg to ``to_rung`` is a trial."""
+    """Whether configuration ``number``'s leg to ``to_rung`` is a trial (not counting one
+    pruned beyond the long budget's places: the configuration may be promoted there again)."""
     return any(
-        t.user_attrs.get("config") == number and t.user_attrs.get(RUNG_TO_ATTR) == to_rung
+        t.user_attrs.get("config") == number
+        and t.user_attrs.get(RUNG_TO_ATTR) == to_rung
+        and BEYOND_PLACES_ATTR not in t.user_attrs
         for t in studies.of(_leg_stage(cfg, to_rung)).get_trials(deepcopy=False)
     )
 

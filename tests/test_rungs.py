@@ -345,7 +345,9 @@ def test_a_leg_whose_checkpoint_this_worker_cannot_read_fails_and_says_how_to_sh
     from search.stages import StageError, _run_one
 
     url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
-    cfg = load_config("quickstart", [*REAL_RUN, f"storage={url}", f"runs_dir={tmp_path}"])
+    # Two places at the long budget: configurations #4 and #5 are both sent there below.
+    overrides = [*REAL_RUN, "stages.promote.top_k=2", f"storage={url}", f"runs_dir={tmp_path}"]
+    cfg = load_config("quickstart", overrides)
     studies = open_studies(cfg, url)
     studies.promote.enqueue_trial(
         {"channels": 8, "batch_size": 32, "optimizer": "adam", "adam_lr": 1e-3,
@@ -908,6 +910,57 @@ def test_a_leg_queued_twice_trains_once(tmp_path: Path, monkeypatch) -> None:
             assert twin.number < copy.number and "duplicate_of" not in twin.user_attrs
             for attr in ("config", "rung_from", "rung_to"):
                 assert twin.user_attrs[attr] == copy.user_attrs[attr]
+
+
+def test_a_leg_queued_beyond_the_long_budgets_places_trains_nothing(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The race's other outcome: the frozen claimer queues its leg to the long budget after
+    another process took its claim back and promoted *another* configuration there, so top_k
+    + 1 legs are queued for it. Here the leg that fills the long budget's last place is
+    followed by one more, of the furthest configuration not promoted there. That
+    one trains nothing (PRUNED, ``beyond_long_budget_places``); top_k train there, and the
+    study ends."""
+    from search import stages
+    from search.scheduler import Continue
+
+    url = f"sqlite:///{tmp_path / 'beyond.db'}"
+    # One place at the long budget: its first promotion there fills it.
+    overrides = [*RUNG_STUDY, "stages.promote.top_k=1", "name=beyond", f"storage={url}"]
+    cfg = load_config("quickstart", overrides)
+    studies = open_studies(cfg, url)
+    settings = scheduler_settings(cfg)
+    long, top_k = settings["rungs"][-1], settings["top_k"]
+    queue_once = stages._queue_leg
+    queued_long: list[int] = []
+    extra: list[int] = []
+
+    def queue_and_one_more(studies_, cfg_, decision, records, settings_) -> None:  # noqa: ANN001
+        queue_once(studies_, cfg_, decision, records, settings_)
+        if decision.to_rung != long:
+            return
+        queued_long.append(decision.number)
+        if len(queued_long) == top_k and not extra:
+            other = next(
+                r
+                for r in sorted(records, key=lambda r: -(r.reached or 0))
+                if r.reached is not None and r.number not in queued_long and r.sent_to < long
+            )
+            extra.append(other.number)
+            leg = Continue(other.number, other.reached, long)
+            queue_once(studies_, cfg_, leg, records, settings_)
+
+    monkeypatch.setattr(stages, "_queue_leg", queue_and_one_more)
+    run_rungs_in_time(studies, CurveRunner(cfg), cfg)
+    assert extra, "no configuration was left to queue beyond the places"
+    check_rung_study(url, cfg)
+    at_long = [t for t in studies.promote.get_trials() if t.user_attrs.get("rung_to") == long]
+    trained = [t for t in at_long if t.state == TrialState.COMPLETE]
+    assert sorted(t.user_attrs["config"] for t in trained) == sorted(queued_long)
+    assert len(trained) == top_k
+    (skipped,) = [t for t in at_long if t.user_attrs["config"] == extra[0]]
+    assert skipped.state == TrialState.PRUNED and trained_nothing(skipped.user_attrs)
+    assert "place(s) were held" in skipped.user_attrs["prune_reason"]
 
 
 class DivergingRunner(CurveRunner):
