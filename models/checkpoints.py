@@ -14,6 +14,7 @@ deleting it.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable
@@ -37,23 +38,49 @@ def best_checkpoint(folder: str | os.PathLike[str]) -> Path:
     return Path(folder) / BEST_FILE
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written here (a full disk, a folder that cannot be written):
+    the machine's fault, not the configuration's. The message names the file and the free
+    space left on its disk."""
+
+
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically and durably, creating parent folders: the file
     is synced before it replaces the old one, and the folder after, so that a power loss
-    cannot roll the checkpoint back behind a rung result already stored in the database."""
+    cannot roll the checkpoint back behind a rung result already stored in the database.
+    A failed write leaves the old file as it was and raises :class:`CheckpointWriteError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
+            torch.save(state, handle)  # a full disk: RuntimeError "unexpected pos", no errno
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise CheckpointWriteError(_write_failure(path, error)) from error
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     _sync_folder(path.parent)
+
+
+def _write_failure(path: Path, error: BaseException) -> str:
+    """One line on why ``path`` could not be written, with the free space left on its disk."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    free = ""
+    folder = next((p for p in (path.parent, *path.parents) if p.exists()), None)
+    if folder is not None:
+        try:
+            free = f" ({shutil.disk_usage(folder).free / 2**20:,.1f} MiB free on its disk)"
+        except OSError:
+            free = ""
+    return f"cannot write checkpoint {path}{free}: {type(error).__name__}: {reason}".rstrip(": ")
 
 
 def _sync_folder(folder: Path) -> None:

@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from models.checkpoints import CheckpointError
+from models.checkpoints import CheckpointError, CheckpointWriteError
 from models.config import check_device
 from models.data import ImageSplits, load_splits
 from models.errors import UsageError
@@ -296,6 +296,7 @@ _EXPECTED_FAILURES = (
     KeyboardInterrupt,
     CheckpointError,  # unreadable, foreign or unreachable checkpoints
     CheckpointTransferError,
+    CheckpointWriteError,  # a full disk, say
     NonFiniteLossError,  # a diverged run
     torch.cuda.OutOfMemoryError,
     ConfigurationGivenUp,  # a leg of a configuration the user gave up (python -m search.give_up)

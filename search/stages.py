@@ -40,6 +40,7 @@ import optuna
 from omegaconf import DictConfig
 from optuna.trial import FrozenTrial, TrialState
 
+from models.checkpoints import CheckpointWriteError
 from models.data import ImageSplits
 from models.errors import DataError, UsageError
 from search.config import (
@@ -390,6 +391,12 @@ NO_LONGER_WANTED = (
 )
 
 
+# Fail reasons (exception names) of a leg whose machine failed it, not its configuration: the
+# shared checkpoint store out of reach past its retries, or a checkpoint this machine could not
+# write. Its retry is free and its worker stops (see _run_one).
+_MACHINE_FAULTS = (CheckpointTransferError.__name__, CheckpointWriteError.__name__)
+
+
 def _run_one(
     studies: Studies,
     stage: str,
@@ -459,11 +466,15 @@ def _run_one(
     if started:
         trial = next(t for t in study.get_trials(deepcopy=False) if t.number == started[0])
         reason = str(trial.user_attrs.get("fail_reason") or "")
-        if trial.state == TrialState.FAIL and reason.startswith(CheckpointTransferError.__name__):
-            # The shared checkpoint store failed (a network error, say), not the
-            # configuration: retried like a killed worker's trial (up to max_retries), from its
-            # last checkpoint that did reach the store.
-            _requeue(studies, study, started, max_retries)
+        if trial.state == TrialState.FAIL and reason.startswith(_MACHINE_FAULTS):
+            # The shared checkpoint store kept failing for its whole retry window (a network
+            # outage, say), or this machine could not write a checkpoint (a full disk), not the
+            # configuration: queued again free, to resume from its last checkpoint that was
+            # kept, and this worker stops. Every leg it took meanwhile would fail the same way:
+            # counted, they would spend every configuration's retries in seconds and lose them
+            # for good.
+            _requeue(studies, study, started, max_retries, counted=False)
+            raise StageError(reason.split(": ", 1)[-1] + "; this worker stopped")
         if trial.state == TrialState.FAIL and reason.startswith(
             CheckpointUnreachableError.__name__
         ):
@@ -1156,10 +1167,11 @@ def give_up(studies: Studies, cfg: DictConfig, number: int, reason: str) -> str:
 
 def _free_retry(trial: optuna.trial.FrozenTrial) -> bool:
     """Whether failed ``trial``'s retry is free (does not spend one of ``max_retries``, see
-    :func:`_run_one`): it was stopped on purpose (Ctrl-C, SIGTERM), the storage went away, or
-    the worker could not read a checkpoint another machine wrote (its own setup is at fault)."""
+    :func:`_run_one`): it was stopped on purpose (Ctrl-C, SIGTERM), the storage or the
+    checkpoint store went away, a checkpoint could not be written here (a full disk), or the
+    worker could not read a checkpoint another machine wrote (its own setup is at fault)."""
     reason = str(trial.user_attrs.get("fail_reason") or "")
-    if reason.startswith((INTERRUPTED_REASON, StorageUnavailableError.__name__)):
+    if reason.startswith((INTERRUPTED_REASON, StorageUnavailableError.__name__, *_MACHINE_FAULTS)):
         return True
     if reason.startswith(CheckpointUnreachableError.__name__):
         writer, reader = trial.user_attrs.get(WRITTEN_BY_ATTR), _host_of(trial)
@@ -1180,7 +1192,7 @@ def _retry_on_its_way(trial: FrozenTrial, retried: set[Any], cfg: DictConfig) ->
         (
             INTERRUPTED_REASON,
             StorageUnavailableError.__name__,
-            CheckpointTransferError.__name__,
+            *_MACHINE_FAULTS,
             CheckpointUnreachableError.__name__,
         )
     )

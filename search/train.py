@@ -12,7 +12,7 @@ import sys
 
 from tqdm.auto import tqdm
 
-from models.checkpoints import CheckpointError, written_identity
+from models.checkpoints import CheckpointError, CheckpointWriteError, written_identity
 from models.data import load_splits
 from models.errors import UsageError
 from models.training import EpochReport, Run
@@ -101,6 +101,13 @@ def main() -> int:
         print(
             f"error: {mask_secrets(str(error).splitlines()[0])}; run the same command again to "
             "resume from the last checkpoint once it can be reached",
+            file=sys.stderr,
+        )
+        return 1
+    except CheckpointWriteError as error:  # a full disk, say: not the input
+        print(
+            f"error: {str(error).splitlines()[0]}; free space or fix the folder, then run the "
+            "same command again to resume from the last checkpoint",
             file=sys.stderr,
         )
         return 1

@@ -33,11 +33,15 @@ import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from storage.urls import mask_secrets, password_spans
+from storage.retry import RETRY_SECONDS, retry_call
+from storage.urls import StorageUnavailableError, mask_secrets, password_spans
+
+T = TypeVar("T")
 
 # ``protocol://...``; anything else is a path (``C:\\...`` included).
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -166,7 +170,8 @@ def _backend_reason(location: str, error: BaseException) -> str:
 def probe_location(location: str) -> None:
     """Raise :class:`CheckpointLocationError` when ``location`` is a URL that cannot be reached
     from here: its filesystem does not open, or cannot tell whether the folder exists (an
-    unknown host, a refused port, missing credentials). Reads only; a path is not looked at
+    unknown host, a refused port, missing credentials), or a file stands where a folder above
+    it would be (``file:///etc/hostname/ck``). Reads only; a path is not looked at
     (:func:`check_location` has checked it)."""
     if protocol_of(location) is None:
         return
@@ -175,12 +180,29 @@ def probe_location(location: str) -> None:
         from fsspec.core import url_to_fs
 
         fs, root = url_to_fs(str(location))
-        fs.exists(root)
+        blocked = None if fs.exists(root) else _file_above(fs, str(root))
     except Exception as error:  # whatever the backend raises: the location is not usable
         reason = _backend_reason(str(location), error)
         raise CheckpointLocationError(
             f"cannot reach {shown}: {type(error).__name__}: {reason}".rstrip(": ")
         ) from None
+    if blocked is not None:
+        raise CheckpointLocationError(
+            f"cannot make {shown}: {blocked} is a file, not a folder; give a folder"
+        )
+
+
+def _file_above(fs: Any, root: str) -> str | None:
+    """The nearest existing ancestor of folder ``root`` that is a file (it could never hold
+    the folder), or None: a location not made yet is fine where it can be made."""
+    for ancestor in PurePosixPath(root).parents:
+        if str(ancestor) in ("", ".", "/"):
+            return None
+        if fs.isfile(str(ancestor)):
+            return str(ancestor)
+        if fs.exists(str(ancestor)):
+            return None
+    return None
 
 
 def _relative(relative: str | os.PathLike[str]) -> PurePosixPath:
@@ -189,6 +211,19 @@ def _relative(relative: str | os.PathLike[str]) -> PurePosixPath:
     if path.is_absolute() or ".." in path.parts or str(path) in ("", "."):
         raise ValueError(f"checkpoint folder {str(relative)!r} is not inside checkpoints_dir")
     return path
+
+
+# Failures of a copy that a retry cannot mend: the location is forbidden or is not a folder,
+# or the local file is gone. Anything else a backend raises (a refused or dropped connection,
+# a timeout, an S3 503, an I/O error of a network mount) is retried for a while.
+_PERMANENT = (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
+
+
+def _transient(error: BaseException) -> bool:
+    """Whether a failed copy may work if tried again (see :data:`_PERMANENT`)."""
+    return isinstance(error, (OSError, RuntimeError)) and not isinstance(
+        error, (*_PERMANENT, CheckpointTransferError)
+    )
 
 
 class CheckpointStore:
@@ -200,9 +235,17 @@ class CheckpointStore:
     the constructor.
     """
 
-    def __init__(self, location: str, cache: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        location: str,
+        cache: str | os.PathLike[str] | None = None,
+        retry_seconds: float = RETRY_SECONDS,
+    ) -> None:
         self.location = str(location)
         self.remote = is_url(self.location)
+        # How long a failing copy is retried (with backoff, as a storage call is): a store
+        # briefly out of reach (an S3 503, a network blip) costs a pause, not a trial.
+        self.retry_seconds = retry_seconds
         if not self.remote:
             self.root = Path(self.location).expanduser()
         elif cache is not None:
@@ -256,39 +299,38 @@ class CheckpointStore:
         if not self.remote:
             return []
         rel = _relative(relative)
+        return self._retrying("cannot download", rel, None, lambda: self._pull_once(rel))
+
+    def _pull_once(self, rel: PurePosixPath) -> list[Path]:
+        """One attempt of pull(): each step may be repeated."""
+        remote_dir = self._remote_path(rel)  # opens the filesystem: may connect, and fail
+        self.fs.invalidate_cache(remote_dir)
         try:
-            remote_dir = self._remote_path(rel)  # opens the filesystem: may connect, and fail
-            self.fs.invalidate_cache(remote_dir)
+            entries = self.fs.ls(remote_dir, detail=True)
+        except FileNotFoundError:
+            entries = []
+        files = [PurePosixPath(str(e["name"])).name for e in entries if e.get("type") == "file"]
+        # not a temporary upload in progress (nor a sub-folder)
+        remote_names = {name for name in files if not name.startswith(".")}
+        self._drop_unshared(self.local(rel), remote_names)
+        fetched = []
+        for name in sorted(remote_names):
+            remote = f"{remote_dir}/{name}"
+            key = str(self.fs.ukey(remote))
+            target = self.local(rel) / name
+            if target.is_file() and self._known(target) == key:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.", suffix=".part")
+            os.close(fd)
             try:
-                entries = self.fs.ls(remote_dir, detail=True)
-            except FileNotFoundError:
-                entries = []
-            files = [PurePosixPath(str(e["name"])).name for e in entries if e.get("type") == "file"]
-            # not a temporary upload in progress (nor a sub-folder)
-            remote_names = {name for name in files if not name.startswith(".")}
-            self._drop_unshared(self.local(rel), remote_names)
-            fetched = []
-            for name in sorted(remote_names):
-                remote = f"{remote_dir}/{name}"
-                key = str(self.fs.ukey(remote))
-                target = self.local(rel) / name
-                if target.is_file() and self._known(target) == key:
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.", suffix=".part")
-                os.close(fd)
-                try:
-                    self.fs.get_file(remote, tmp)
-                    os.replace(tmp, target)
-                finally:
-                    Path(tmp).unlink(missing_ok=True)
-                self._remember(target, key)
-                fetched.append(target)
-            return fetched
-        except (OSError, ValueError, RuntimeError) as error:
-            if isinstance(error, CheckpointTransferError):
-                raise
-            raise self._transfer_error("cannot download", rel, None, error) from error
+                self.fs.get_file(remote, tmp)
+                os.replace(tmp, target)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+            self._remember(target, key)
+            fetched.append(target)
+        return fetched
 
     def push(self, path: str | os.PathLike[str]) -> None:
         """Upload one file of the cache (after it is written) to its place under the URL."""
@@ -300,25 +342,26 @@ class CheckpointStore:
         except ValueError as error:
             raise ValueError(f"{path} is not inside the checkpoint cache {self.root}") from error
         self._marker(path).unlink(missing_ok=True)  # not the store's version until uploaded
-        try:
-            final = self._remote_path(rel, path.name)  # opens the filesystem: may connect
-            fs = self.fs
-            if protocol_of(self.location) in OBJECT_STORES:
-                fs.put_file(str(path), final)
-            else:
-                fs.makedirs(self._remote_path(rel), exist_ok=True)
-                tmp = self._remote_path(rel, f".{path.name}.{uuid.uuid4().hex[:12]}.upload")
-                try:
-                    fs.put_file(str(path), tmp)
-                    fs.mv(tmp, final)
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        fs.rm(tmp)
-                    raise
-            fs.invalidate_cache(final)
-            self._remember(path, str(fs.ukey(final)))
-        except (OSError, ValueError, RuntimeError) as error:
-            raise self._transfer_error("cannot upload", rel, path.name, error) from error
+        self._retrying("cannot upload", rel, path.name, lambda: self._push_once(rel, path))
+
+    def _push_once(self, rel: PurePosixPath, path: Path) -> None:
+        """One attempt of push(): a repeated upload replaces the same file."""
+        final = self._remote_path(rel, path.name)  # opens the filesystem: may connect
+        fs = self.fs
+        if protocol_of(self.location) in OBJECT_STORES:
+            fs.put_file(str(path), final)
+        else:
+            fs.makedirs(self._remote_path(rel), exist_ok=True)
+            tmp = self._remote_path(rel, f".{path.name}.{uuid.uuid4().hex[:12]}.upload")
+            try:
+                fs.put_file(str(path), tmp)
+                fs.mv(tmp, final)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    fs.rm(tmp)
+                raise
+        fs.invalidate_cache(final)
+        self._remember(path, str(fs.ukey(final)))
 
     def clear(self, relative: str | os.PathLike[str]) -> None:
         """Delete the folder: the local one, and for a URL the remote one as well."""
@@ -327,12 +370,35 @@ class CheckpointStore:
             shutil.rmtree(self.local(rel))
         if not self.remote:
             return
-        try:
+
+        def remove() -> None:
             remote_dir = self._remote_path(rel)
             if self.fs.exists(remote_dir):
                 self.fs.rm(remote_dir, recursive=True)
+
+        self._retrying("cannot delete", rel, None, remove)
+
+    def _retrying(
+        self, what: str, rel: PurePosixPath, name: str | None, attempt: Callable[[], T]
+    ) -> T:
+        """``attempt()``, retried with backoff for ``retry_seconds`` while it fails for a reason
+        a retry may mend (:func:`_transient`); then, or at once for any other reason, a
+        :class:`CheckpointTransferError` naming the URL and the last error."""
+        try:
+            return retry_call(
+                attempt,
+                target=self.where(rel, name),
+                what=what.removeprefix("cannot "),
+                seconds=self.retry_seconds,
+                transient=_transient,
+            )
+        except StorageUnavailableError as failing:  # still failing past the bound
+            last = failing.__cause__ or failing
+            raise self._transfer_error(what, rel, name, last, failing.seconds) from last
         except (OSError, ValueError, RuntimeError) as error:
-            raise self._transfer_error("cannot delete", rel, None, error) from error
+            if isinstance(error, CheckpointTransferError):
+                raise
+            raise self._transfer_error(what, rel, name, error) from error
 
     # ---- which remote version a cached file is --------------------------------------------
 
@@ -372,9 +438,16 @@ class CheckpointStore:
                 self._marker(path).unlink(missing_ok=True)
 
     def _transfer_error(
-        self, what: str, rel: PurePosixPath, name: str | None, error: BaseException
+        self,
+        what: str,
+        rel: PurePosixPath,
+        name: str | None,
+        error: BaseException,
+        seconds: float | None = None,
     ) -> CheckpointTransferError:
         reason = _backend_reason(self.location, error)
+        retried = "" if seconds is None else f" (still failing after {seconds:.0f} s of retries)"
         return CheckpointTransferError(
-            f"checkpoints_dir: {what} {self.where(rel, name)}: {type(error).__name__}: {reason}"
+            f"checkpoints_dir: {what} {self.where(rel, name)}{retried}: "
+            f"{type(error).__name__}: {reason}"
         )

@@ -154,12 +154,14 @@ def retry_call(
     what: str,
     seconds: float = RETRY_SECONDS,
     on_retry: Callable[[], None] | None = None,
+    transient: Callable[[BaseException], bool] = is_transient,
 ) -> T:
     """``fn()``, retried on transient storage errors for ``seconds`` after the first one.
 
     ``target`` names the storage in messages (already redacted), ``what`` the operation.
     ``on_retry`` runs before each retry (e.g. to drop a session bound to a dead connection).
-    Non-transient errors propagate unchanged; past the bound,
+    ``transient`` says which errors a retry may mend (the database's, :func:`is_transient`, by
+    default). Other errors propagate unchanged; past the bound,
     :class:`StorageUnavailableError` is raised from the last error.
     """
     attempts = 0
@@ -170,7 +172,7 @@ def retry_call(
         try:
             result = fn()
         except Exception as error:
-            if not is_transient(error):
+            if not transient(error):
                 raise
             now = time.monotonic()
             if started is None:

@@ -248,11 +248,44 @@ def _prepare_sqlite(parsed: sqlalchemy.engine.URL) -> None:
         conn.execute("PRAGMA journal_mode=WAL")
 
 
-def _check_server(url: str, parsed: sqlalchemy.engine.URL) -> None:
+# Connection errors of a server that is restarting, not of a wrong URL: a worker started
+# meanwhile (launched with workers=N during a failover, say) waits for it, as every storage
+# call rides out a restart. A wrong password, database or host is refused at once.
+_SERVER_RESTARTING = (
+    "connection refused",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "server closed the connection unexpectedly",
+)
+
+
+def _restarting(error: BaseException) -> bool:
+    text = str(getattr(error, "orig", None) or error).lower()
+    return isinstance(error, SQLAlchemyError) and any(s in text for s in _SERVER_RESTARTING)
+
+
+def _check_server(url: str, parsed: sqlalchemy.engine.URL, retry_seconds: float) -> None:
+    """Connect once to the server of ``url``: a :class:`StorageError` (the URL is wrong) for a
+    refused login, an unknown database or host; a server restarting is waited for up to
+    ``retry_seconds``, then :class:`StorageUnavailableError` (not the input's fault)."""
+    from storage.retry import retry_call  # (imports this module)
+
     engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 10})
-    try:
+
+    def connect() -> None:
         with engine.connect():
             pass
+
+    try:
+        retry_call(
+            connect,
+            target=redact(url),
+            what="connect",
+            seconds=retry_seconds,
+            on_retry=engine.dispose,
+            transient=_restarting,
+        )
     except SQLAlchemyError as error:
         reason = str(getattr(error, "orig", error)).strip().splitlines()[0]
         raise StorageError(f"storage: cannot connect to {redact(url)}: {reason}") from error
@@ -291,6 +324,11 @@ def open_storage(
 
     parsed = check_url(url)
     engine_kwargs: dict = {}
+    if parsed.get_backend_name() == "sqlite" and parsed.database.startswith("~"):
+        # The file check_url checked (sqlite:///~/x.db: in the home folder, as runs_dir=~/x
+        # is), not a folder named "~" in the working directory, which SQLite would open.
+        parsed = parsed.set(database=str(Path(parsed.database).expanduser()))
+        url = parsed.render_as_string(hide_password=False)
     if parsed.get_backend_name() == "sqlite":
         if not create and not Path(parsed.database).expanduser().is_file():
             raise StorageError(f"storage: no database at {parsed.database}")
@@ -298,7 +336,7 @@ def open_storage(
             _prepare_sqlite(parsed)
         engine_kwargs["connect_args"] = {"timeout": busy_timeout}
     else:
-        _check_server(url, parsed)
+        _check_server(url, parsed, RETRY_SECONDS if retry_seconds is None else retry_seconds)
         # Test pooled connections before use, so those a server restart killed are replaced.
         engine_kwargs["pool_pre_ping"] = True
         if "connect_timeout" not in parsed.query:

@@ -162,12 +162,69 @@ def test_an_unreachable_url_is_refused_in_one_line_and_a_reachable_one_passes(bu
 
 def test_a_transfer_whose_filesystem_fails_to_open_is_a_transfer_error(tmp_path: Path) -> None:
     """Opening the filesystem (which connects, for ftp:// or sftp://) is part of the transfer:
-    its failure fails the trial as a transfer, retried, naming the URL."""
-    store = CheckpointStore(UNREACHABLE, cache=tmp_path)
-    with pytest.raises(CheckpointTransferError, match=f"cannot download {UNREACHABLE}/{RELATIVE}"):
+    retried for the store's bound, then a transfer error naming the URL and how long it was
+    retried."""
+    store = CheckpointStore(UNREACHABLE, cache=tmp_path, retry_seconds=0.5)
+    with pytest.raises(
+        CheckpointTransferError,
+        match=f"cannot download {UNREACHABLE}/{RELATIVE} "
+        r"\(still failing after \d+ s of retries\): ConnectionRefusedError",
+    ):
         store.pull(RELATIVE)
     with pytest.raises(CheckpointTransferError, match=f"cannot upload {UNREACHABLE}/{RELATIVE}"):
         store.push(write(store.local(RELATIVE) / "pretrain.pt", b"x"))
+
+
+def test_a_copy_that_fails_for_a_moment_is_retried_in_place(
+    tmp_path: Path, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that refuses twice (an S3 503, a dropped connection) and then answers costs a
+    pause: the upload and the download each succeed, nothing fails. A folder standing where a
+    file is to go is no blip: it fails at once."""
+    import time
+
+    store = CheckpointStore(bucket, cache=tmp_path / "a", retry_seconds=30)
+    fs = store.fs
+    calls = {"put_file": 0, "get_file": 0}
+
+    def flaky(name: str):  # noqa: ANN202
+        real = getattr(fs, name)
+
+        def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            calls[name] += 1
+            if calls[name] <= 2:
+                raise (OSError("503 Slow Down") if name == "put_file" else ConnectionResetError())
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(fs, "put_file", flaky("put_file"))
+    monkeypatch.setattr(fs, "get_file", flaky("get_file"))
+    started = time.monotonic()
+    store.push(write(store.local(RELATIVE) / "pretrain.pt", b"weights"))
+    reader = CheckpointStore(bucket, cache=tmp_path / "b", retry_seconds=30)
+    [fetched] = reader.pull(RELATIVE)
+    assert fetched.read_bytes() == b"weights" and calls == {"put_file": 3, "get_file": 3}
+    assert time.monotonic() - started < 10  # backoff from 0.1 s, not the whole bound
+
+    monkeypatch.setattr(fs, "put_file", lambda *a, **k: (_ for _ in ()).throw(PermissionError()))
+    started = time.monotonic()
+    with pytest.raises(CheckpointTransferError, match="PermissionError") as caught:
+        store.push(store.local(RELATIVE) / "pretrain.pt")
+    assert "still failing" not in str(caught.value) and time.monotonic() - started < 5
+
+
+def test_a_file_where_a_folder_of_the_url_should_be_is_refused_before_anything_runs(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(CheckpointLocationError) as caught:
+        probe_location(f"file://{tmp_path}/taken/ckpt")
+    assert str(caught.value) == (
+        f"cannot make file://{tmp_path}/taken/ckpt: {tmp_path}/taken is a file, not a folder; "
+        "give a folder"
+    )
+    probe_location(f"file://{tmp_path}/not-yet/made/ckpt")  # a folder that can be made is fine
 
 
 def test_a_password_in_the_url_is_masked(tmp_path: Path) -> None:
@@ -430,14 +487,17 @@ def test_two_workers_with_their_own_caches_share_a_url(tmp_path: Path) -> None:
     assert set(_cached_trials(tmp_path / "c")) == {leg, final[0].user_attrs["checkpoint_dir"]}
 
 
-def test_a_transient_upload_error_retries_the_trial_instead_of_losing_the_configuration(
+def test_a_store_down_past_its_retries_requeues_the_trial_free_and_stops_the_worker(
     tmp_path: Path, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The store refuses one upload (an S3 503, say): the trial fails naming the store and is
-    queued again, like a killed worker's, and its retry trains the rung again, uploads it and
-    completes."""
+    """The store refuses an upload for longer than its retry bound (an outage): the trial fails
+    naming the store and is queued again without spending one of its retries (the store
+    failed, not the configuration), and the worker stops in one line: every leg it took would
+    fail the same way and, counted, spend every configuration's retries in seconds. The next
+    worker's retry trains the rung again, uploads it and completes."""
     from search.objective import TrialRunner
-    from search.stages import _run_one
+    from search.stages import StageError, _run_one
+    from storage.trial_retry import retries_spent
 
     url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
     cfg = load_config(
@@ -457,13 +517,21 @@ def test_a_transient_upload_error_retries_the_trial_instead_of_losing_the_config
         return put_file(*args, **kwargs)
 
     monkeypatch.setattr(fs, "put_file", put_once_refused)
-    number = _run_one(studies, "screen", runner, max_retries=3)
-    failed = studies.screen.get_trials()[number]
-    assert failed.state == TrialState.FAIL and refused
+    monkeypatch.setattr(runner.store, "retry_seconds", 0.0)  # down past the bound at once
+    with pytest.raises(StageError) as stopped:
+        _run_one(studies, "screen", runner, max_retries=1)
+    assert "\n" not in str(stopped.value) and str(stopped.value).startswith(
+        f"checkpoints_dir: cannot upload {bucket}/"
+    )
+    assert str(stopped.value).endswith("this worker stopped")
+    [failed] = studies.screen.get_trials(states=(TrialState.FAIL,))
+    number = failed.number
+    assert refused
     assert failed.user_attrs["fail_reason"].startswith("CheckpointTransferError: checkpoints_dir")
     [retry] = studies.screen.get_trials(states=(TrialState.WAITING,))
     assert retry.params == failed.params
     assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == number
+    assert retries_spent(retry) == 0  # free: max_retries=1 would otherwise allow one more
     again = _run_one(studies, "screen", runner, max_retries=3)
     assert again == retry.number
     done = studies.screen.get_trials()[again]
@@ -500,3 +568,36 @@ def test_search_train_says_in_one_line_when_the_shared_store_fails(tmp_path: Pat
     assert line.endswith(
         "run the same command again to resume from the last checkpoint once it can be reached"
     ), line
+
+
+def test_a_checkpoint_this_machine_cannot_write_requeues_the_trial_free_and_stops_the_worker(
+    tmp_path: Path,
+) -> None:
+    """A full disk, or a checkpoints folder that cannot be made (here a file stands where it
+    should be), is this machine's fault, not the configuration's: the trial fails naming the
+    file, is queued again without spending one of its retries, and the worker stops in one
+    line, instead of failing every configuration in turn for good."""
+    from search.objective import TrialRunner
+    from search.stages import StageError, _run_one
+    from storage.trial_retry import retries_spent
+
+    url = f"sqlite:///{tmp_path / 'ssl-search.db'}"
+    folder = tmp_path / "ckpt"
+    overrides = [*REAL_RUN, f"storage={url}", f"runs_dir={tmp_path}", f"checkpoints_dir={folder}"]
+    cfg = load_config("quickstart", overrides)
+    studies = open_studies(cfg, url)
+    runner = TrialRunner(cfg, progress=False)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.write_text("not a folder")  # the disk under it went away, say
+    with pytest.raises(StageError) as stopped:
+        _run_one(studies, "screen", runner, max_retries=0)
+    message = str(stopped.value)
+    assert message.startswith(f"cannot write checkpoint {folder}/") and "\n" not in message
+    assert message.endswith("; this worker stopped")
+    [failed] = studies.screen.get_trials(states=(TrialState.FAIL,))
+    assert failed.user_attrs["fail_reason"].startswith("CheckpointWriteError: cannot write")
+    [retry] = studies.screen.get_trials(states=(TrialState.WAITING,))  # even at max_retries=0
+    assert retry.params == failed.params and retries_spent(retry) == 0
+    folder.unlink()  # space freed: the next worker trains it
+    assert _run_one(studies, "screen", runner, max_retries=0) == retry.number
+    assert studies.screen.get_trials()[retry.number].state == TrialState.COMPLETE

@@ -97,3 +97,40 @@ def test_a_checkpoint_is_synced_and_so_is_its_folder_after_the_rename(
     monkeypatch.setattr(os, "fsync", recording_fsync)
     save_checkpoint(tmp_path / "run" / "pretrain.pt", {"epoch": 1})
     assert synced == [("file", False), ("folder", True)]
+
+
+def test_a_write_the_disk_refuses_is_a_write_error_and_keeps_the_old_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """A full disk (here the file-size limit of this process, which fails the write as a full
+    disk does: torch.save raises RuntimeError "unexpected pos", with no errno) is a
+    :class:`CheckpointWriteError` naming the file and the space left; the previous checkpoint
+    stays whole and no temporary file is left behind."""
+    import resource
+    import signal
+
+    from models.checkpoints import CheckpointWriteError
+
+    path = tmp_path / "pretrain.pt"
+    save_checkpoint(path, {"epoch": 1, "w": torch.zeros(4)})
+    before = path.read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, not the process
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+        with pytest.raises(CheckpointWriteError) as caught:
+            save_checkpoint(path, {"epoch": 2, "w": torch.zeros(1 << 16)})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    message = str(caught.value)
+    assert (
+        message.startswith(f"cannot write checkpoint {path} (")
+        and "MiB free on its disk" in message
+    )
+    assert "\n" not in message and isinstance(caught.value, OSError)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pretrain.pt"]
+    # A folder that cannot be made (a file stands in its way) is one too.
+    with pytest.raises(CheckpointWriteError, match="cannot write checkpoint"):
+        save_checkpoint(path / "inside.pt", {"epoch": 1})

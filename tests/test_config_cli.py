@@ -140,8 +140,10 @@ def test_unknown_study_lists_the_known_ones(tmp_path):
 
 
 @pytest.mark.slow
-def test_unreachable_postgres_exits_2_and_hides_the_password(tmp_path):
-    url = "postgresql+psycopg://alice:s3cret@127.0.0.1:1/nowhere"
+@pytest.mark.postgres
+def test_a_postgres_login_refused_exits_2_and_hides_the_password(tmp_path):
+    """A server that answers and refuses the login (an unknown role) was given a wrong URL."""
+    url = "postgresql+psycopg://alice:s3cret@127.0.0.1:5432/nowhere"
     result = cli(
         "search.run", "study=quickstart", f"storage={url}", f"runs_dir={tmp_path}/r", cwd=tmp_path
     )

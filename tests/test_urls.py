@@ -149,12 +149,30 @@ def test_redact_masks_a_password_given_as_a_query_parameter():
 
 
 def test_errors_about_a_url_never_show_its_password(tmp_path):
-    # Port 1 on the loopback refuses at once: the connection error names the URL, masked.
-    with pytest.raises(StorageError, match="^storage: cannot connect to") as raised:
-        open_storage(f"postgresql+psycopg://alice:{SECRET}@127.0.0.1:1/nowhere")
+    # Port 1 on the loopback refuses: a server restarting, perhaps, so it is waited for (here
+    # 0.5 s), then the error names the URL, masked, and is not the input's fault.
+    from storage.urls import StorageUnavailableError
+
+    with pytest.raises(StorageUnavailableError, match="connect still failing") as raised:
+        open_storage(f"postgresql+psycopg://alice:{SECRET}@127.0.0.1:1/nowhere", retry_seconds=0.5)
     message = str(raised.value)
     assert SECRET not in message and "alice:***@127.0.0.1:1/nowhere" in message
-    assert "\n" not in message
+    assert "\n" not in message and "refused" in message.lower()
+
+
+@pytest.mark.postgres
+def test_a_login_the_server_refuses_is_a_wrong_url_at_once(postgres_db_url):
+    """A server that answers and refuses (an unknown role, here) is a wrong URL: refused at
+    once, in one line, password masked; not waited for as a restart would be."""
+    import time
+
+    url = make_url(postgres_db_url).set(username="nobody_here", password=SECRET)
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="^storage: cannot connect to") as raised:
+        open_storage(url.render_as_string(hide_password=False), retry_seconds=30)
+    assert time.monotonic() - started < 10
+    message = str(raised.value)
+    assert SECRET not in message and "nobody_here:***@" in message and "\n" not in message
 
 
 # ---- SQLite paths --------------------------------------------------------------------------
@@ -198,6 +216,20 @@ def test_opening_sqlite_creates_the_folders_in_wal_mode(tmp_path):
         study._study_id
     )
     storage.engine.dispose()
+
+
+def test_a_sqlite_file_under_the_home_folder_is_opened_there(tmp_path, monkeypatch):
+    """sqlite:///~/x.db is the file in the home folder that check_url checked (as runs_dir=~/x
+    is that folder), not one in a folder named "~" of the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    storage = open_storage("sqlite:///~/runs/study.db")
+    optuna.create_study(storage=storage, study_name="s")
+    storage.engine.dispose()
+    assert (tmp_path / "home" / "runs" / "study.db").is_file()
+    assert not (tmp_path / "~").exists()
+    home = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/home/runs/study.db")
+    assert home.study_name == "s"
 
 
 @pytest.mark.parametrize(
