@@ -300,6 +300,7 @@ _EXPECTED_FAILURES = (
     NonFiniteLossError,  # a diverged run
     torch.cuda.OutOfMemoryError,
     ConfigurationGivenUp,  # a leg of a configuration the user gave up (python -m search.give_up)
+    optuna.exceptions.UpdateFinishedTrialError,  # failed as stale by another worker meanwhile
 )
 
 

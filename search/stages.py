@@ -39,6 +39,7 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig
 from optuna.trial import FrozenTrial, TrialState
+from tqdm.auto import tqdm
 
 from models.checkpoints import CheckpointWriteError
 from models.data import ImageSplits
@@ -455,7 +456,21 @@ def _run_one(
             raise
 
     try:
-        study.optimize(tracked, n_trials=1, catch=(Exception,))
+        try:
+            study.optimize(tracked, n_trials=1, catch=(Exception,))
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError, AssertionError):
+            # Optuna could not record the end of a trial that is finished already: another
+            # worker failed it as stale (its heartbeat could not reach the storage for
+            # grace_period) and queued its retry, which resumes from its checkpoint. Not this
+            # worker's to record; it goes on. (Optuna's tell says "Cannot tell a FAIL trial",
+            # or fails the log of a failure it finds no error for with an AssertionError.)
+            if not started or not _finished_by_another(study, started[0]):
+                raise
+            tqdm.write(
+                f"trial #{started[0]} of {study.study_name}: another worker failed it as stale "
+                "while this one trained it (no heartbeat reached the storage for grace_period); "
+                "its retry resumes from its checkpoint, and this worker goes on"
+            )
     except KeyboardInterrupt:  # stopped on purpose: the retry is not counted
         _requeue(studies, study, started, max_retries, counted=False)
         if not started and claimed is not None:  # stopped before it had popped a trial
@@ -493,6 +508,13 @@ def _run_one(
             _requeue(studies, study, started, max_retries, counted=False)
             raise StorageUnavailableError(reason.split(": ", 1)[-1])
     return started[0] if started else None
+
+
+def _finished_by_another(study: optuna.Study, number: int) -> bool:
+    """Whether trial ``number``, which this process ran, is finished in storage (failed as
+    stale by another worker while it ran here)."""
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    return trial is not None and trial.state.is_finished()
 
 
 def _requeue(

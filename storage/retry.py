@@ -258,8 +258,6 @@ RETRIED_METHODS = (
     "get_n_trials",
     "get_best_trial",
     "_get_best_trial_id",
-    # heartbeat
-    "record_heartbeat",
     # schema
     "get_current_version",
 )
@@ -379,6 +377,29 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
             )
         finally:
             self._local.active = False
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        """As Optuna's, retried; past the retry bound, one warning instead of an error.
+
+        Optuna calls it from its heartbeat thread, which an error would end for good: the
+        trial would train on with no heartbeat once the storage is back, be failed as stale by
+        another worker and retried beside itself. Kept alive, the thread beats again at its
+        next interval. (If no beat reached the storage for ``grace_period``, another worker
+        does fail it; this worker's next write to it then fails, and it goes on with other
+        work: see search.stages._run_one.)
+        """
+        try:
+            self.retrying(
+                "record_heartbeat",
+                lambda: optuna.storages.RDBStorage.record_heartbeat(self, trial_id),
+            )
+        except StorageUnavailableError as error:
+            _log.warning(
+                "storage: heartbeat of trial id %d not recorded (%s); trying again in %s s",
+                trial_id,
+                error.reason or error,
+                self.heartbeat_interval,
+            )
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         """As Optuna's (RUNNING, last heartbeat older than the grace period), plus RUNNING

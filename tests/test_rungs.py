@@ -963,6 +963,45 @@ def test_a_leg_queued_beyond_the_long_budgets_places_trains_nothing(
     assert "place(s) were held" in skipped.user_attrs["prune_reason"]
 
 
+@pytest.mark.parametrize("writes_after", [False, True], ids=["returns", "writes"])
+def test_a_trial_another_worker_failed_as_stale_while_it_ran_does_not_stop_this_worker(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], writes_after: bool
+) -> None:
+    """Its heartbeats could not reach the storage for grace_period, so another worker failed
+    it as stale (and queued its retry) while it trained on. Whether its objective then wrote
+    to the trial or simply returned, Optuna cannot record its end: this worker says so in one
+    line and goes on (before, an UpdateFinishedTrialError or Optuna's "Should not reach"
+    AssertionError ended it with a traceback)."""
+    from search.stages import _run_one
+
+    url = f"sqlite:///{tmp_path / 'stale.db'}"
+    cfg = load_config("quickstart", [*RUNG_STUDY, "name=stale", f"storage={url}"])
+    studies = open_studies(cfg, url)
+
+    class FailedMeanwhile(CurveRunner):
+        def objective(self, stage: str):  # noqa: ANN202
+            inner = super().objective(stage)
+
+            def run(trial: optuna.Trial) -> float:
+                value = inner(trial)
+                other = optuna.storages.RDBStorage(url)  # another worker's connection
+                other.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                other.engine.dispose()
+                if writes_after:
+                    trial.set_user_attr("epochs_run", 1)  # its next epoch's write
+                return value
+
+            return run
+
+    number = _run_one(studies, "screen", FailedMeanwhile(cfg), max_retries=3)
+    assert number == 0
+    assert studies.screen.get_trials()[0].state == TrialState.FAIL
+    assert "another worker failed it as stale" in capsys.readouterr().out
+    # The worker goes on: its next trial runs and completes.
+    assert _run_one(studies, "screen", CurveRunner(cfg), max_retries=3) == 1
+    assert studies.screen.get_trials()[1].state == TrialState.COMPLETE
+
+
 class DivergingRunner(CurveRunner):
     """:class:`CurveRunner` whose first leg to the long budget diverges (fails on its own
     merits, with its reason, as the real runner records it)."""

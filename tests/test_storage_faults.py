@@ -115,6 +115,7 @@ def test_every_storage_method_optuna_calls_is_retried() -> None:
     needed -= no_database
     needed |= {"set_trial_state_values", "_get_stale_trial_ids"}
     wrapped = set(RETRIED_METHODS) | {
+        "record_heartbeat",
         "set_trial_state_values",
         "_get_stale_trial_ids",
         "_create_new_trial",
@@ -384,6 +385,30 @@ def test_sqlite_lock_past_the_bound_raises_one_line(tmp_path: Path) -> None:
     # The lock is gone: the trial was left RUNNING, and can still be finished.
     assert storage.get_trial(trial_id).state == TrialState.RUNNING
     assert storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [1.0]) is True
+
+
+@pytest.mark.slow
+def test_a_heartbeat_the_storage_refuses_past_the_bound_warns_and_the_next_one_lands(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Optuna's heartbeat thread ends for good on an error: a heartbeat the storage refuses
+    past the retry bound is a warning, and the next beat, once it is back, is recorded."""
+    caplog.set_level(logging.WARNING, logger="storage.retry")
+    storage, db = _sqlite_storage(
+        tmp_path, retry_seconds=1.0, busy_timeout=0.2, heartbeat_interval=1, grace_period=30
+    )
+    study = optuna.create_study(storage=storage, study_name="s")
+    trial_id = storage.create_new_trial(study._study_id)
+    holder = hold_sqlite_lock(db, 30, tmp_path)
+    try:
+        storage.record_heartbeat(trial_id)  # returns: no error for the thread to die of
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    assert any("heartbeat of trial id" in r.getMessage() for r in caplog.records)
+    storage.record_heartbeat(trial_id)
+    optuna.storages.fail_stale_trials(study)  # it beat just now: not stale
+    assert storage.get_trial(trial_id).state == TrialState.RUNNING
 
 
 # ---- a real PostgreSQL restart --------------------------------------------------------------
