@@ -66,6 +66,7 @@ from models.networks import build_networks
 from models.optim import build_optimizer, build_scheduler, load_optimizer_state
 
 DEFAULT_TEMPERATURE = {"mnist": 0.5, "cifar": 0.15}
+EVAL_BATCH = 1024
 
 
 def report_default(target: str, family: str, task: str) -> float | None:
@@ -84,9 +85,6 @@ def report_default(target: str, family: str, task: str) -> float | None:
     if target == "train.probe.aug_strength":
         return REPORT_STRENGTH[(family, "probe")]
     return None
-
-
-EVAL_BATCH = 1024
 
 
 class NonFiniteLossError(RuntimeError):

@@ -198,9 +198,12 @@ def _file_above(fs: Any, root: str) -> str | None:
     for ancestor in PurePosixPath(root).parents:
         if str(ancestor) in ("", ".", "/"):
             return None
-        if fs.isfile(str(ancestor)):
-            return str(ancestor)
-        if fs.exists(str(ancestor)):
+        try:
+            if fs.isfile(str(ancestor)):
+                return str(ancestor)
+            if fs.exists(str(ancestor)):
+                return None
+        except Exception:  # noqa: BLE001 - a store that lets one write a prefix, not read above it
             return None
     return None
 
