@@ -55,11 +55,20 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """``optimizer.load_state_dict(state)``, keeping the kernel settings :func:`build_optimizer`
     chose for this device: a checkpoint written on a CPU worker carries ``fused=False``, which
     would otherwise cost a CUDA worker that continues it the fused Adam kernel (and one from a
-    GPU would ask a CPU worker for it). The state itself is the same either way."""
+    GPU would ask a CPU worker for it). The moments and step counts are the same either way.
+
+    The settings go into the state before it is loaded: torch places each parameter's step
+    count by the loaded group's settings (on the parameter's device for a fused kernel, which
+    takes nothing else), so set afterwards a fused kernel would be handed CPU step counts.
+    """
     chosen = [{k: g[k] for k in _DEVICE_SETTINGS if k in g} for g in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, settings in zip(optimizer.param_groups, chosen, strict=True):
-        group.update(settings)
+    groups = state["param_groups"]
+    if len(groups) != len(chosen):  # load_state_dict's own error names the mismatch
+        optimizer.load_state_dict(state)
+        return
+    optimizer.load_state_dict(
+        {**state, "param_groups": [{**g, **c} for g, c in zip(groups, chosen, strict=True)]}
+    )
 
 
 def build_scheduler(

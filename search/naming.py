@@ -228,12 +228,14 @@ def checkpoint_identity(
 
     Data of other than 10 classes (an image folder) adds its class count: its checkpoints
     written before the classifier had one output per class (always 10) do not fit the networks
-    built now, and so are another run's, not one to resume. That holds for one written before
-    the digest too: under such data the legacy identity is never taken, so its file is set
-    aside as written for other settings rather than failing to load.
+    built now, and so are another run's, not one to resume. One written before the digest
+    too, where it holds that classifier: the guided task pre-trains it with the encoder, so
+    under such data its legacy identity is not taken and the file is set aside as written for
+    other settings rather than failing to load; the other tasks' pre-training checkpoints hold
+    no classifier and still resume.
     """
     legacy = run_fingerprint(cfg)
-    if written == legacy and num_classes == 10:
+    if written == legacy and (num_classes == 10 or cfg.task != "guided"):
         return legacy
     return run_fingerprint(
         cfg, data_digest if num_classes == 10 else f"{data_digest}/{num_classes}-classes"

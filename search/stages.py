@@ -418,7 +418,7 @@ def _run_one(
     study = studies.of(stage)
     objective = runner.objective(stage)
     started: list[int] = []
-    raised: list[bool] = []
+    raised: list[BaseException] = []
 
     def tracked(trial: optuna.Trial) -> float:
         started.append(trial.number)
@@ -451,8 +451,8 @@ def _run_one(
             raise optuna.TrialPruned(reason)
         try:
             return objective(trial)
-        except BaseException:
-            raised.append(True)
+        except BaseException as error:
+            raised.append(error)
             raise
 
     try:
@@ -464,13 +464,16 @@ def _run_one(
             # grace_period) and queued its retry, which resumes from its checkpoint. Not this
             # worker's to record; it goes on. (Optuna's tell says "Cannot tell a FAIL trial",
             # or fails the log of a failure it finds no error for with an AssertionError.)
-            if not started or not _finished_by_another(study, started[0]):
+            if not started or not _failed_by_another(study, started[0]):
                 raise
             tqdm.write(
                 f"trial #{started[0]} of {study.study_name}: another worker failed it as stale "
                 "while this one trained it (no heartbeat reached the storage for grace_period); "
-                "its retry resumes from its checkpoint, and this worker goes on"
+                "its retry resumes from its checkpoint"
+                + ("" if _stopping(raised) else ", and this worker goes on")
             )
+            if _stopping(raised):  # Ctrl-C or SIGTERM meanwhile: this worker stops all the same
+                raise KeyboardInterrupt from None
     except KeyboardInterrupt:  # stopped on purpose: the retry is not counted
         _requeue(studies, study, started, max_retries, counted=False)
         if not started and claimed is not None:  # stopped before it had popped a trial
@@ -510,11 +513,21 @@ def _run_one(
     return started[0] if started else None
 
 
-def _finished_by_another(study: optuna.Study, number: int) -> bool:
-    """Whether trial ``number``, which this process ran, is finished in storage (failed as
-    stale by another worker while it ran here)."""
+def _failed_by_another(study: optuna.Study, number: int) -> bool:
+    """Whether trial ``number``, which this process ran, was failed by another worker (as
+    stale) while it ran here: FAIL in storage without the reason this process records when its
+    own trial fails (search.objective), which it could no longer write."""
     trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
-    return trial is not None and trial.state.is_finished()
+    return (
+        trial is not None
+        and trial.state == TrialState.FAIL
+        and "fail_reason" not in trial.user_attrs
+    )
+
+
+def _stopping(raised: list[BaseException]) -> bool:
+    """Whether the objective was stopped on purpose (Ctrl-C, or SIGTERM turned into it)."""
+    return any(isinstance(error, KeyboardInterrupt) for error in raised)
 
 
 def _requeue(

@@ -180,7 +180,15 @@ def probe_location(location: str) -> None:
         from fsspec.core import url_to_fs
 
         fs, root = url_to_fs(str(location))
-        blocked = None if fs.exists(root) else _file_above(fs, str(root))
+        exists = fs.exists(root)  # reaches the store: fails here when it cannot be reached
+        blocked = None
+        if (
+            protocol_of(location) not in OBJECT_STORES
+        ):  # where an object and a prefix may share a name
+            if exists and not fs.isdir(root):
+                blocked = str(root)
+            elif not exists:
+                blocked = _file_above(fs, str(root))
     except Exception as error:  # whatever the backend raises: the location is not usable
         reason = _backend_reason(str(location), error)
         raise CheckpointLocationError(
@@ -216,9 +224,9 @@ def _relative(relative: str | os.PathLike[str]) -> PurePosixPath:
     return path
 
 
-# Failures of a copy that a retry cannot mend: the location is forbidden or is not a folder,
-# or the local file is gone. Anything else a backend raises (a refused or dropped connection,
-# a timeout, an S3 503, an I/O error of a network mount) is retried for a while.
+# Failures of a copy that a retry cannot mend: the location is forbidden or is not a folder.
+# Anything else a backend raises (a refused or dropped connection, a timeout, an S3 503, an I/O
+# error or a vanished folder of a network mount) is retried for a while.
 _PERMANENT = (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
 
 

@@ -248,15 +248,14 @@ def _prepare_sqlite(parsed: sqlalchemy.engine.URL) -> None:
         conn.execute("PRAGMA journal_mode=WAL")
 
 
-# Connection errors of a server that is restarting, not of a wrong URL: a worker started
-# meanwhile (launched with workers=N during a failover, say) waits for it, as every storage
-# call rides out a restart. A wrong password, database or host is refused at once.
+# What a server that is restarting answers: a command started meanwhile waits for it, as every
+# storage call rides out a restart. A refused connection is not among them: nothing listening
+# there is as likely a mistyped port as a restart, and a typo must fail at once (exit 2).
 _SERVER_RESTARTING = (
-    "connection refused",
     "the database system is starting up",
     "the database system is shutting down",
     "the database system is in recovery mode",
-    "server closed the connection unexpectedly",
+    "the database system is not yet accepting connections",
 )
 
 
@@ -267,8 +266,9 @@ def _restarting(error: BaseException) -> bool:
 
 def _check_server(url: str, parsed: sqlalchemy.engine.URL, retry_seconds: float) -> None:
     """Connect once to the server of ``url``: a :class:`StorageError` (the URL is wrong) for a
-    refused login, an unknown database or host; a server restarting is waited for up to
-    ``retry_seconds``, then :class:`StorageUnavailableError` (not the input's fault)."""
+    refused login, an unknown database or host, or nothing listening at the port; a server
+    that answers it is starting up or shutting down is waited for up to ``retry_seconds``,
+    then :class:`StorageUnavailableError` (not the input's fault)."""
     from storage.retry import retry_call  # (imports this module)
 
     engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 10})
@@ -288,7 +288,12 @@ def _check_server(url: str, parsed: sqlalchemy.engine.URL, retry_seconds: float)
         )
     except SQLAlchemyError as error:
         reason = str(getattr(error, "orig", error)).strip().splitlines()[0]
-        raise StorageError(f"storage: cannot connect to {redact(url)}: {reason}") from error
+        hint = (
+            "; check the host and port (if the server is restarting, run again once it is up)"
+            if "connection refused" in reason.lower()
+            else ""
+        )
+        raise StorageError(f"storage: cannot connect to {redact(url)}: {reason}{hint}") from error
     finally:
         engine.dispose()
 

@@ -225,6 +225,12 @@ def test_a_file_where_a_folder_of_the_url_should_be_is_refused_before_anything_r
         "give a folder"
     )
     probe_location(f"file://{tmp_path}/not-yet/made/ckpt")  # a folder that can be made is fine
+    with pytest.raises(CheckpointLocationError) as caught:  # the location itself a file
+        probe_location(f"file://{tmp_path}/taken")
+    assert str(caught.value) == (
+        f"cannot make file://{tmp_path}/taken: {tmp_path}/taken is a file, not a folder; "
+        "give a folder"
+    )
 
 
 def test_a_password_in_the_url_is_masked(tmp_path: Path) -> None:

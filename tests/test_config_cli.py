@@ -140,6 +140,19 @@ def test_unknown_study_lists_the_known_ones(tmp_path):
 
 
 @pytest.mark.slow
+def test_unreachable_postgres_exits_2_and_hides_the_password(tmp_path):
+    url = "postgresql+psycopg://alice:s3cret@127.0.0.1:1/nowhere"
+    result = cli(
+        "search.run", "study=quickstart", f"storage={url}", f"runs_dir={tmp_path}/r", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert "error: storage: cannot connect to" in result.stderr
+    assert "check the host and port" in result.stderr
+    assert "s3cret" not in result.stderr + result.stdout
+    assert "***" in result.stderr
+
+
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_a_postgres_login_refused_exits_2_and_hides_the_password(tmp_path):
     """A server that answers and refuses the login (an unknown role) was given a wrong URL."""

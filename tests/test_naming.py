@@ -130,7 +130,14 @@ def test_a_checkpoint_identity_counts_the_classes_of_data_that_has_other_than_te
     three = checkpoint_identity(cfg, "d1", None, 3)
     assert three != run_fingerprint(cfg, "d1") and three != checkpoint_identity(cfg, "d1", None, 4)
     # One written before the digest joined the identity: resumed under 10 classes (its
-    # classifier fits), set aside under 3 (it has 10 outputs).
+    # classifier fits), and under 3 where pre-training holds no classifier (SimCLR here); set
+    # aside under 3 for the guided task, whose pre-training checkpoint has a 10-output one.
     before_digest = run_fingerprint(cfg)
     assert checkpoint_identity(cfg, "d1", before_digest, 10) == before_digest
-    assert checkpoint_identity(cfg, "d1", before_digest, 3) == three
+    assert checkpoint_identity(cfg, "d1", before_digest, 3) == before_digest
+    guided = load_config("mnist_guided")
+    guided_before = run_fingerprint(guided)
+    assert checkpoint_identity(guided, "d1", guided_before, 10) == guided_before
+    assert checkpoint_identity(guided, "d1", guided_before, 3) == checkpoint_identity(
+        guided, "d1", None, 3
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -103,3 +104,54 @@ def test_a_resumed_optimizer_keeps_the_kernel_chosen_for_this_device() -> None:
     on_cpu = adam(fused=False)
     load_optimizer_state(on_cpu, adam(fused=True).state_dict())
     assert on_cpu.param_groups[0]["fused"] is False
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+        ),
+    ],
+)
+def test_a_checkpoint_written_on_a_cpu_worker_continues_with_the_fused_kernel(device: str) -> None:
+    """Continued where Adam is fused (a CUDA worker; on the CPU, fused Adam built by hand), the
+    step after loading a CPU worker's state runs (a fused kernel takes step counts on the
+    parameters' device only) and takes the same step the CPU worker would have."""
+    from models.optim import load_optimizer_state
+
+    def layer_on(where: str) -> nn.Linear:
+        torch.manual_seed(0)
+        return nn.Linear(3, 2).to(where)
+
+    x = torch.ones(4, 3)
+    written = layer_on("cpu")
+    cpu_adam = torch.optim.Adam(written.parameters(), lr=0.1, fused=False)
+    written(x).sum().backward()
+    cpu_adam.step()
+    saved = {k: v.clone() for k, v in written.state_dict().items()}
+    state = torch.load(_roundtrip(cpu_adam.state_dict()), weights_only=True, map_location="cpu")
+
+    continued = layer_on(device)
+    continued.load_state_dict(saved)
+    fused = torch.optim.Adam(continued.parameters(), lr=0.1, fused=True)
+    load_optimizer_state(fused, state)
+    assert fused.param_groups[0]["fused"] is True
+    for name, p in (("weight", continued.weight), ("bias", continued.bias)):
+        assert fused.state[p]["step"].device == p.device, name
+    continued(x.to(device)).sum().backward()
+    fused.step()
+    cpu_adam.zero_grad()
+    written(x).sum().backward()
+    cpu_adam.step()
+    assert torch.allclose(continued.weight.detach().cpu(), written.weight.detach(), atol=1e-6)
+
+
+def _roundtrip(state: dict) -> io.BytesIO:
+    """``state`` as a checkpoint file holds it (saved, to be read back)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer

@@ -963,15 +963,15 @@ def test_a_leg_queued_beyond_the_long_budgets_places_trains_nothing(
     assert "place(s) were held" in skipped.user_attrs["prune_reason"]
 
 
-@pytest.mark.parametrize("writes_after", [False, True], ids=["returns", "writes"])
+@pytest.mark.parametrize("then", ["returns", "writes", "interrupted"])
 def test_a_trial_another_worker_failed_as_stale_while_it_ran_does_not_stop_this_worker(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], writes_after: bool
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], then: str
 ) -> None:
     """Its heartbeats could not reach the storage for grace_period, so another worker failed
     it as stale (and queued its retry) while it trained on. Whether its objective then wrote
     to the trial or simply returned, Optuna cannot record its end: this worker says so in one
     line and goes on (before, an UpdateFinishedTrialError or Optuna's "Should not reach"
-    AssertionError ended it with a traceback)."""
+    AssertionError ended it with a traceback). Stopped meanwhile (Ctrl-C, SIGTERM), it stops."""
     from search.stages import _run_one
 
     url = f"sqlite:///{tmp_path / 'stale.db'}"
@@ -987,12 +987,19 @@ def test_a_trial_another_worker_failed_as_stale_while_it_ran_does_not_stop_this_
                 other = optuna.storages.RDBStorage(url)  # another worker's connection
                 other.set_trial_state_values(trial._trial_id, TrialState.FAIL)
                 other.engine.dispose()
-                if writes_after:
+                if then == "writes":
                     trial.set_user_attr("epochs_run", 1)  # its next epoch's write
+                if then == "interrupted":
+                    raise KeyboardInterrupt
                 return value
 
             return run
 
+    if then == "interrupted":
+        with pytest.raises(KeyboardInterrupt):
+            _run_one(studies, "screen", FailedMeanwhile(cfg), max_retries=3)
+        assert "and this worker goes on" not in capsys.readouterr().out
+        return
     number = _run_one(studies, "screen", FailedMeanwhile(cfg), max_retries=3)
     assert number == 0
     assert studies.screen.get_trials()[0].state == TrialState.FAIL

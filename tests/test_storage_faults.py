@@ -414,39 +414,6 @@ def test_a_heartbeat_the_storage_refuses_past_the_bound_warns_and_the_next_one_l
 # ---- a real PostgreSQL restart --------------------------------------------------------------
 
 
-def _pg_ctl(action: str) -> None:
-    clusters = sorted(p.name for p in Path("/etc/postgresql").iterdir())
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", clusters[0], "main", action],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-
-
-@pytest.mark.postgres
-@pytest.mark.slow
-def test_a_worker_that_opens_the_storage_while_the_server_is_down_waits_for_it(
-    pg_fault_url: str,
-) -> None:
-    """A worker launched while PostgreSQL restarts (workers=N during a failover) waits for it,
-    as every storage call rides out a restart, instead of exiting as if its URL were wrong."""
-    _pg_ctl("stop")
-    starting = threading.Timer(3.0, _pg_ctl, args=("start",))
-    starting.start()
-    try:
-        began = time.monotonic()
-        storage = open_storage(pg_fault_url, retry_seconds=45)
-        waited = time.monotonic() - began
-    finally:
-        starting.join()
-        _wait_for_postgres()
-    assert 2.5 < waited < 45
-    study = optuna.create_study(storage=storage, study_name="s")
-    assert optuna.load_study(study_name="s", storage=storage)._study_id == study._study_id
-    storage.engine.dispose()
-
-
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_postgres_restart_mid_trial_is_ridden_out(
