@@ -34,37 +34,48 @@ def test_a_continued_leg_costs_the_epochs_it_added_not_its_rung() -> None:
     assert outcome.to_target(0.9, maximize=True) is outcome.finals[0]
 
 
-def test_failed_legs_count_what_they_trained() -> None:
-    # died in a continuation after epoch 5 (from rung 3): 2 epochs; a diverged epoch counts too
-    assert epochs_used(leg("FAIL", None, rung_from=3, rung_to=9, epochs_run=5)) == 2
-    # the training loss diverged in epoch 5, which the trainer stopped mid-way: 5 epochs
-    diverged = leg(
-        "FAIL",
-        None,
-        epochs_run=4,
-        fail_reason="NonFiniteLossError: pretrain: training loss became nan in epoch 5",
-    )
-    assert epochs_used(diverged) == 5
-    # the metric became NaN after epoch 3 of a 1 -> 9 leg: epochs_added already holds epoch 3
-    metric_nan = leg(
-        "FAIL",
-        None,
-        rung_from=1,
-        rung_to=9,
-        epochs_run=3,
-        epochs_added=2,
-        fail_reason="NonFiniteLossError: val_accuracy became nan in epoch 3",
-    )
-    assert epochs_used(metric_nan) == 2
-    from_scratch = leg(
-        "FAIL",
-        None,
-        epochs_run=9,
-        fail_reason="NonFiniteLossError: knn_accuracy became nan in epoch 9",
-    )
-    assert epochs_used(from_scratch) == 9
+@pytest.mark.parametrize(
+    "attrs,trained",
+    [
+        # died in a continuation after epoch 5 (from rung 3): 2 epochs
+        ({"rung_from": 3, "rung_to": 9, "epochs_run": 5}, 2),
+        # the training loss diverged in epoch 5, which the trainer stopped mid-way: 5 epochs
+        (
+            {
+                "epochs_run": 4,
+                "fail_reason": "NonFiniteLossError: pretrain: training loss became nan in epoch 5",
+            },
+            5,
+        ),
+        # the metric became NaN after epoch 3 of a 1 -> 9 leg: epochs_added holds epoch 3
+        (
+            {
+                "rung_from": 1,
+                "rung_to": 9,
+                "epochs_run": 3,
+                "epochs_added": 2,
+                "fail_reason": "NonFiniteLossError: val_accuracy became nan in epoch 3",
+            },
+            2,
+        ),
+        # the same for a run from scratch: epochs_run holds epoch 9
+        (
+            {
+                "epochs_run": 9,
+                "fail_reason": "NonFiniteLossError: knn_accuracy became nan in epoch 9",
+            },
+            9,
+        ),
+    ],
+    ids=["killed", "loss-diverged", "metric-nan-leg", "metric-nan-run"],
+)
+def test_a_failed_leg_counts_what_it_trained(attrs: dict, trained: int) -> None:
+    assert epochs_used(leg("FAIL", None, **attrs)) == trained
+
+
+def test_a_leg_that_trained_nothing_counts_nothing_and_a_failed_run_no_full_budget() -> None:
     assert epochs_used(leg("PRUNED", None, duplicate_of=1)) == 0
-    assert not reached_full_budget(diverged, full=4)
+    assert not reached_full_budget(leg("FAIL", None, epochs_run=4), full=4)
     assert reached_full_budget(leg(epochs_run=9), full=9)  # a random-search run, from scratch
     assert not reached_full_budget(leg(rung_to=3, epochs_run=3), full=9)
 
