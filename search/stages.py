@@ -418,7 +418,10 @@ def _run_one(
     study = studies.of(stage)
     objective = runner.objective(stage)
     started: list[int] = []
-    raised: list[BaseException] = []
+    # One entry per exception the objective raised: whether it was a stop on purpose (Ctrl-C,
+    # SIGTERM). Not the exception itself: its traceback would keep the trial's Run (and its
+    # device memory) alive past the trial.
+    raised: list[bool] = []
 
     def tracked(trial: optuna.Trial) -> float:
         started.append(trial.number)
@@ -452,7 +455,7 @@ def _run_one(
         try:
             return objective(trial)
         except BaseException as error:
-            raised.append(error)
+            raised.append(isinstance(error, KeyboardInterrupt))
             raise
 
     try:
@@ -525,9 +528,9 @@ def _failed_by_another(study: optuna.Study, number: int) -> bool:
     )
 
 
-def _stopping(raised: list[BaseException]) -> bool:
+def _stopping(raised: list[bool]) -> bool:
     """Whether the objective was stopped on purpose (Ctrl-C, or SIGTERM turned into it)."""
-    return any(isinstance(error, KeyboardInterrupt) for error in raised)
+    return any(raised)
 
 
 def _requeue(
