@@ -6,6 +6,7 @@ Benchmarks print tables and assert nothing about timings; see ``benchmarks/READM
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -104,6 +105,24 @@ def fmt(value: float | None, digits: int = 0) -> str:
 
 def median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
+
+
+def bounded_ratio(a: float, b: float, a_low: float, b_low: float, digits: int = 2) -> str:
+    """``a / b`` of two medians of epochs to a target, where a median that is a miss is
+    infinite: then a bound (``<a/b_low``, ``>a_low/b``; ``*_low`` the median with misses
+    counted at their method's total epochs), never the 0 or inf that dividing by infinity
+    gives; ``-`` where both are misses.
+
+    >>> bounded_ratio(30.0, math.inf, 30.0, 100.0, 3), bounded_ratio(20.0, 40.0, 20.0, 40.0)
+    ('<0.300', '0.50')
+    """
+    if math.isinf(a) and math.isinf(b):
+        return "-"
+    if math.isinf(b):
+        return f"<{a / b_low:.{digits}f}"
+    if math.isinf(a):
+        return f">{a_low / b:.{digits}f}"
+    return f"{a / b:.{digits}f}"
 
 
 def log(message: str) -> None:

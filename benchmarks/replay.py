@@ -74,7 +74,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmarks._common import REPO_ROOT, Option, csv, csv_int, fmt, log, parse_options, table
+from benchmarks._common import (
+    REPO_ROOT,
+    Option,
+    bounded_ratio,
+    csv,
+    csv_int,
+    fmt,
+    log,
+    parse_options,
+    table,
+)
 from benchmarks.simulate import (
     Asha,
     AshaTpe,
@@ -367,12 +377,6 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else math.nan
 
 
-def ratio(ours: float, theirs: float) -> float:
-    if math.isinf(ours) and math.isinf(theirs):
-        return math.nan
-    return ours / theirs if theirs else math.inf
-
-
 def shown(value: float, digits: int = 0) -> str:
     if math.isnan(value):
         return "-"
@@ -428,11 +432,6 @@ HEADERS = [
 ]
 
 
-def number(value: float) -> str:
-    """A ratio as the final line prints it: 3 decimals, ``inf``, or ``-`` when undefined."""
-    return "-" if math.isnan(value) else ("inf" if math.isinf(value) else f"{value:.3f}")
-
-
 def hits_median(runs: dict[tuple[str, int], list[Summary]], name: str, workers: int) -> float:
     """Median epochs to target (a repetition that missed counts as infinite)."""
     return median([s.hit_epochs for s in runs.get((name, workers), [])])
@@ -456,13 +455,10 @@ def ratio_text(runs: dict[tuple[str, int], list[Summary]], name: str, workers: i
     prints it: 3 decimals; a bound (``<x``, ``>x``) where one median is a miss, never the 0 or
     inf that dividing by infinity gives; ``-`` where both are."""
     ours, theirs = hits_median(runs, "asha", workers), hits_median(runs, name, workers)
-    if math.isnan(ours) or math.isnan(theirs) or (math.isinf(ours) and math.isinf(theirs)):
+    if math.isnan(ours) or math.isnan(theirs):
         return "-"
-    if math.isinf(theirs):
-        return f"<{ours / hits_median_at_least(runs, name, workers):.3f}"
-    if math.isinf(ours):
-        return f">{hits_median_at_least(runs, 'asha', workers) / theirs:.3f}"
-    return number(ratio(ours, theirs))
+    ours_low = hits_median_at_least(runs, "asha", workers)
+    return bounded_ratio(ours, theirs, ours_low, hits_median_at_least(runs, name, workers), 3)
 
 
 def ratios_line(runs: dict[tuple[str, int], list[Summary]], workers: int) -> str:

@@ -73,6 +73,7 @@ from typing import Any
 from benchmarks._common import (
     Option,
     boolean,
+    bounded_ratio,
     csv,
     csv_int,
     default_data_root,
@@ -318,17 +319,6 @@ def _epochs_text(value: float | None, low: float | None) -> str:
     if value is None or low is None:
         return "-"
     return f">{fmt(low)}" if math.isinf(value) else fmt(value)
-
-
-def _ratio_text(a: float, b: float, a_low: float, b_low: float) -> str:
-    """``a / b``, or a bound on it where one median is a miss (see :func:`_epochs_text`)."""
-    if math.isinf(a) and math.isinf(b):
-        return "-"
-    if math.isinf(b):
-        return f"<{a / b_low:.2f}"
-    if math.isinf(a):
-        return f">{a_low / b:.2f}"
-    return f"{a / b:.2f}"
 
 
 MODES = ("train", "tabulate", "simulate")
@@ -606,7 +596,7 @@ def train() -> int:
     low = {m: statistics.median(at_totals[m]) for m in order}
 
     def ratio(m: str) -> str:
-        return _ratio_text(med[m], med["random"], low[m], low["random"])
+        return bounded_ratio(med[m], med["random"], low[m], low["random"])
 
     summary = [
         [

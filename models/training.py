@@ -203,7 +203,9 @@ class Run:
             module.to(self.device)
             if self.channels_last:
                 module.to(memory_format=torch.channels_last)
-        self.temperature = train.temperature or DEFAULT_TEMPERATURE[self.family]
+        self.temperature = train.temperature or report_default(
+            "train.temperature", self.family, task
+        )
         self.pretrain_aug = build_augmentation(
             self.family, pretrain_recipe(task), train.aug_strength
         )

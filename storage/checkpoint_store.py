@@ -182,9 +182,8 @@ def probe_location(location: str) -> None:
         fs, root = url_to_fs(str(location))
         exists = fs.exists(root)  # reaches the store: fails here when it cannot be reached
         blocked = None
-        if (
-            protocol_of(location) not in OBJECT_STORES
-        ):  # where an object and a prefix may share a name
+        # Not on object stores, where an object and a prefix may share a name.
+        if protocol_of(location) not in OBJECT_STORES:
             if exists and not fs.isdir(root):
                 blocked = str(root)
             elif not exists:
