@@ -422,6 +422,7 @@ def _run_one(
     # SIGTERM). Not the exception itself: its traceback would keep the trial's Run (and its
     # device memory) alive past the trial.
     raised: list[bool] = []
+    unreachable: list[str] = []  # the storage outage that stopped on_fresh's check, if any
 
     def tracked(trial: optuna.Trial) -> float:
         started.append(trial.number)
@@ -447,7 +448,14 @@ def _run_one(
             raise optuna.TrialPruned(beyond)
         refused = None
         if on_fresh is not None and not _was_queued(stored(trial)):
-            refused = on_fresh(trial.number)
+            try:
+                refused = on_fresh(trial.number)
+            except StorageUnavailableError as error:
+                # The check read the storage and found it gone past the retry bound: not the
+                # configuration's fault. It trains nothing (failed, its retry would spend one
+                # of max_retries and train it outside any slot) and this worker stops below.
+                unreachable.append(str(error))
+                refused = "the storage could not be reached to check that it is still wanted"
         if refused is not None:
             reason = f"{NOTHING_QUEUED}: {refused}"
             trial.set_user_attr("prune_reason", reason)
@@ -484,6 +492,8 @@ def _run_one(
         raise
     finally:  # out of every frame that held the trial's exception
         release_trial_memory(raised=bool(raised))
+    if unreachable:
+        raise StorageUnavailableError(unreachable[0])
     if started:
         trial = next(t for t in study.get_trials(deepcopy=False) if t.number == started[0])
         reason = str(trial.user_attrs.get("fail_reason") or "")

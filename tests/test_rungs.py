@@ -720,6 +720,55 @@ def test_a_configuration_sampled_after_the_long_budget_filled_trains_nothing(
     assert [t.user_attrs["rung_to"] for t in long_budget_trials(studies, cfg)] == [27]
 
 
+def test_a_storage_outage_while_checking_a_new_configuration_prunes_it_and_stops_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check that a freshly sampled configuration is still wanted reads the storage; an
+    outage past the retry bound there is the machine's fault, not the configuration's. The
+    sample is pruned as nothing queued (it trained nothing, its slot goes back) and the worker
+    stops in one line, as for an outage anywhere else. Before, Optuna failed the trial, its
+    retry spent one of the configuration's max_retries and trained it outside any slot."""
+    import search.stages as stages
+    from search.database import StorageUnavailableError
+    from search.naming import NOTHING_QUEUED
+
+    name = "outage"
+    url = f"sqlite:///{tmp_path / (name + '.db')}"
+    cfg = load_config("quickstart", [*RUNG_STUDY, f"name={name}", f"storage={url}"])
+    studies = open_studies(cfg, url)
+    runner = CurveRunner(cfg)
+    _start_screen(studies, runner, cfg)
+    studies.screen.optimize(runner.objective("screen"), n_trials=1)  # the report's, at rung 1
+    real_records, real_claim_slot = stages.scheduler_records, stages._claim_slot
+    outage: list[str] = []
+
+    def claim_then_the_storage_goes_away(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        slot = real_claim_slot(*args, **kwargs)
+        if slot is not None and not outage:
+            outage.append(slot)
+        return slot
+
+    def records_unless_down(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if len(outage) == 1:  # the first read after the slot was taken: the check
+            outage.append("read")
+            raise StorageUnavailableError("storage sqlite:///outage.db unreachable for 60 s")
+        return real_records(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "_claim_slot", claim_then_the_storage_goes_away)
+    monkeypatch.setattr(stages, "scheduler_records", records_unless_down)
+    with pytest.raises(StorageUnavailableError, match="unreachable"):
+        run_rungs(studies, runner, cfg)
+    assert outage == [outage[0], "read"], "the outage was not hit in the check"
+    sampled = [t for t in studies.screen.get_trials() if t.user_attrs.get("config", t.number)]
+    assert [t.state for t in sampled] == [TrialState.PRUNED]
+    assert sampled[0].user_attrs["prune_reason"].startswith(NOTHING_QUEUED)
+    assert studies.claims.taken(f"{name}.screen/slot/") == []  # its slot was given back
+    assert not studies.screen.get_trials(states=(TrialState.WAITING, TrialState.FAIL))
+    monkeypatch.undo()
+    run_rungs(studies, runner, cfg)  # the storage is back: the worker is started again
+    check_rung_study(url, cfg)
+
+
 def test_a_claimed_continuation_not_yet_queued_counts_as_running_until_taken_back(
     tmp_path: Path,
 ) -> None:
