@@ -687,7 +687,7 @@ def _check_text(value: Any, key: str = "") -> None:
     elif isinstance(value, str) and "${" in value:
         raise ConfigError(
             f"{key}: resolves to another interpolation {mask_secrets(repr(value))}; give the value "
-            "itself"
+            "itself (in a URL's password, write a '$' as %24)"
         )
 
 

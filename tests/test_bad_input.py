@@ -283,6 +283,21 @@ def test_an_interpolation_that_resolves_to_another_is_refused(monkeypatch):
     assert_refused([f"name=${{oc.env:{UNSET.replace('UNSET', 'NESTED')}}}"], "name")
 
 
+def test_a_password_holding_an_interpolation_is_refused_masked_with_how_to_write_it(monkeypatch):
+    """A storage URL passed through the environment whose password holds ``${``: OmegaConf
+    would read it as an interpolation, so it is refused in one line that masks the password
+    and says how to write it; percent-encoded, the same password reaches the database."""
+    from sqlalchemy import make_url
+
+    name = UNSET.replace("UNSET", "DOLLAR_URL")
+    monkeypatch.setenv(name, "postgresql+psycopg://me:pa${ss}wd@db/studies")
+    message = assert_refused([f"storage=${{oc.env:{name}}}"], "storage")
+    assert "pa${ss}wd" not in message and "ss}wd" not in message and "%24" in message
+    monkeypatch.setenv(name, "postgresql+psycopg://me:pa%24{ss}wd@db/studies")
+    cfg = load_config("quickstart", [f"storage=${{oc.env:{name}}}"])
+    assert make_url(cfg.storage).password == "pa${ss}wd"
+
+
 def test_image_folder_needs_train_and_test(tmp_path):
     (tmp_path / "train").mkdir()
     message = assert_refused(["data.name=imagefolder", f"data.path={tmp_path}"], "data.path")
