@@ -338,17 +338,25 @@ _history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history
 
 
 def failure_reason(trial: optuna.trial.FrozenTrial, trials: list[optuna.trial.FrozenTrial]) -> str:
-    """Why a trial failed: its stored reason; for one interrupted or whose worker died, also
-    what became of it (its retry, and the epoch the retry resumed from)."""
+    """Why a trial failed: its stored reason, and what became of it where it was retried (its
+    retry, and the epoch the retry resumed from); one interrupted or whose worker died that was
+    not retried says so (a failure of the configuration itself, such as a diverged loss, is
+    not retried by design)."""
     stored = str(trial.user_attrs.get("fail_reason") or "")
+    retry = next((t for t in trials if trial.number in _history(t)), None)
     if stored and not stored.startswith(INTERRUPTED_REASON):
-        return stored
+        # A machine's fault (the storage or the checkpoint store out of reach) is retried.
+        return stored if retry is None else f"{stored}; {_retry_told(retry)}"
     # (older versions stored a claim of the outcome after the cause: it is told below instead)
     cause = INTERRUPTED_REASON if stored else "worker stopped sending heartbeats (killed?)"
-    retry = next((t for t in trials if trial.number in _history(t)), None)
     if retry is None:
         return f"{cause}; not retried (retries exhausted)"
-    told = f"{cause}; retried as trial {retry.number}"
+    return f"{cause}; {_retry_told(retry)}"
+
+
+def _retry_told(retry: optuna.trial.FrozenTrial) -> str:
+    """What became of a failed trial's ``retry``, as far as it is known yet."""
+    told = f"retried as trial {retry.number}"
     if not retry.state.is_finished():  # queued or just begun: its attrs may be the original's
         return told
     resumed = retry.user_attrs.get("resumed_from_epoch")  # set by the attempt itself

@@ -390,6 +390,31 @@ def test_failure_reason_tells_what_became_of_an_interrupted_trial(tmp_path):
     assert reason(3) == "interrupted (Ctrl-C or SIGTERM); retried as trial 4"
 
 
+def test_failure_reason_names_the_retry_of_a_trial_a_machine_fault_failed(tmp_path):
+    """A leg failed by the storage or the checkpoint store going away keeps its stored cause
+    and, once queued again (free, see _run_one), says so: the summary does not read as a lost
+    configuration. A failure of the configuration itself is not retried and says no more."""
+    from storage.trial_retry import RetryFailedTrial
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}")
+    cause = "StorageUnavailableError: the study's database could not be reached"
+    for reason in (cause, "diverged: loss is nan at epoch 2"):  # trials 0 and 1
+        trial = study.ask()
+        trial.set_user_attr("fail_reason", reason)
+        study.tell(trial, state=TrialState.FAIL)
+    trials = study.get_trials()
+    assert failure_reason(trials[0], trials) == cause  # its retry not queued yet
+    RetryFailedTrial(max_retry=0)(study, trials[0], counted=False)  # trial 2
+    trials = study.get_trials()
+    assert failure_reason(trials[0], trials) == f"{cause}; retried as trial 2"
+    assert failure_reason(trials[1], trials) == "diverged: loss is nan at epoch 2"
+    retried = study.ask()  # the retry resumes from its checkpoint
+    retried.set_user_attr("resumed_from_epoch", 2)
+    study.tell(retried, 0.5)
+    trials = study.get_trials()
+    assert failure_reason(trials[0], trials) == f"{cause}; retried as trial 2, resumed from epoch 2"
+
+
 # Rungs 1, 3, 9; legs above the first rung are promote trials. Six-epoch 3 -> 9 legs on 500
 # images give time to kill a worker in the middle of a continuation (at epoch 5, 6 or 7).
 RUNG_KILL_STUDY = [
