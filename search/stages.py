@@ -359,6 +359,11 @@ def _retry_told(retry: optuna.trial.FrozenTrial) -> str:
     told = f"retried as trial {retry.number}"
     if not retry.state.is_finished():  # queued or just begun: its attrs may be the original's
         return told
+    # Skipped before training (its configuration given up, its leg queued twice or beyond the
+    # long budget's places): its resumed_from_epoch, if any, is the original's, inherited.
+    attrs = retry.user_attrs
+    if trained_nothing(attrs) or str(attrs.get("fail_reason") or "").startswith(GIVEN_UP):
+        return f"{told}, which trained nothing"
     resumed = retry.user_attrs.get("resumed_from_epoch")  # set by the attempt itself
     if resumed is not None:
         return f"{told}, resumed from epoch {resumed}"

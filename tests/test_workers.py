@@ -388,6 +388,11 @@ def test_failure_reason_tells_what_became_of_an_interrupted_trial(tmp_path):
     interrupted(max_retry=3, resumed_from_epoch=3)  # trial 3, its retry trial 4
     assert study.get_trials()[4].user_attrs["resumed_from_epoch"] == 3  # inherited
     assert reason(3) == "interrupted (Ctrl-C or SIGTERM); retried as trial 4"
+    # Its configuration given up meanwhile, the retry fails before training: it resumed nothing.
+    retry = study.ask()
+    retry.set_user_attr("fail_reason", "given up: host b lost its disk")
+    study.tell(retry, state=TrialState.FAIL)
+    assert reason(3) == "interrupted (Ctrl-C or SIGTERM); retried as trial 4, which trained nothing"
 
 
 def test_failure_reason_names_the_retry_of_a_trial_a_machine_fault_failed(tmp_path):
