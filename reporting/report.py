@@ -60,12 +60,12 @@ from reporting.tables import (
 from search import (
     apply,
     first_legs,
+    found_final,
     learning_curve,
     metric_of,
     redact,
     resolved_paths,
     rung_ladder,
-    top_trials,
     uses_rungs,
 )
 
@@ -424,8 +424,7 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     studies = stage_studies(storage, name)
     doc = MarkdownDocument(name, out_dir)
-    finals = top_trials(studies["final"], 1)
-    final = finals[0] if finals else None
+    final = found_final(studies, cfg)
 
     frame = trials_frame(studies)
     frame.to_csv(csv_path, index=False)

@@ -38,6 +38,7 @@ from search import (
     apply,
     checkpoint_store,
     configuration_pretrain_curve,
+    found_final,
     load_locations,
     merge_overrides,
     open_storage,
@@ -46,7 +47,6 @@ from search import (
     stage_study_name,
     study_path,
     to_dataclasses,
-    top_trials,
 )
 
 # Overrides that say where things are on this machine: they apply to every study in storage.
@@ -213,7 +213,8 @@ def pretrain_curve(
 def same_dataset_finals(
     storage: optuna.storages.BaseStorage, cfg: DictConfig, overrides: Sequence[str], url: str
 ) -> dict[str, tuple[DictConfig, FrozenTrial]]:
-    """task -> (config, best final trial) of a study on ``cfg``'s dataset in ``storage``.
+    """task -> (config, final trial: :func:`search.found_final`) of a study on ``cfg``'s
+    dataset in ``storage``.
 
     The study ``cfg`` itself wins for its own task; otherwise a study on all its data
     (:func:`reporting.tables.full_scale`) before one on subsets, then the best final validation
@@ -228,20 +229,20 @@ def same_dataset_finals(
                 if name == cfg.name
                 else stored_config(storage, name, location_overrides(overrides), url)
             )
-            final = optuna.load_study(study_name=stage_study_name(name, "final"), storage=storage)
+            stages = stage_studies(storage, name)
         except (UsageError, ConfigError, KeyError):
             continue
         if _stored_dataset(storage, name, url, other) != dataset:
             continue
-        best = top_trials(final, 1)
-        if not best:
+        final = found_final(stages, other)
+        if final is None:
             continue
         task = str(other.task)
         held = found.get(task)
         if name == cfg.name or (
-            held is None or (held[0].name != cfg.name and _outranks(other, best[0], held))
+            held is None or (held[0].name != cfg.name and _outranks(other, final, held))
         ):
-            found[task] = (other, best[0])
+            found[task] = (other, final)
     return found
 
 
@@ -266,7 +267,7 @@ def _outranks(cfg: DictConfig, final: FrozenTrial, held: tuple[DictConfig, Froze
 def finished_finals(
     storage: optuna.storages.BaseStorage, overrides: Sequence[str], url: str
 ) -> dict[tuple[str, str], tuple[DictConfig, FrozenTrial]]:
-    """(task, dataset) -> (config, best final trial) over every study in ``storage`` with a
+    """(task, dataset) -> (config, final trial: :func:`search.found_final`) over every study in ``storage`` with a
     completed final stage; where several studies ran the same task and dataset, one on all its
     data (:func:`reporting.tables.full_scale`) before one on subsets, then the best final
     validation accuracy (the study name breaks ties)."""
@@ -274,16 +275,16 @@ def finished_finals(
     for name in study_names(storage):
         try:
             cfg = stored_config(storage, name, location_overrides(overrides), url)
-            final = optuna.load_study(study_name=stage_study_name(name, "final"), storage=storage)
+            stages = stage_studies(storage, name)
         except (UsageError, ConfigError, KeyError):
             continue
-        best = top_trials(final, 1)
-        if not best:
+        final = found_final(stages, cfg)
+        if final is None:
             continue
         key = (str(cfg.task), _stored_dataset(storage, name, url, cfg))
         held = found.get(key)
-        if held is None or _outranks(cfg, best[0], held):
-            found[key] = (cfg, best[0])
+        if held is None or _outranks(cfg, final, held):
+            found[key] = (cfg, final)
     return found
 
 

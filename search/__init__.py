@@ -71,6 +71,7 @@ _EXPORTS = {
     "Studies": "search.stages",
     "delete_stage_studies": "search.stages",
     "failure_reason": "search.stages",
+    "found_final": "search.stages",
     "give_up": "search.stages",
     "given_up_configurations": "search.stages",
     "open_studies": "search.stages",

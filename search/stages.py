@@ -32,7 +32,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -1565,18 +1565,51 @@ def run_rungs(
         time.sleep(POLL_S)  # others are training; their results decide what comes next
 
 
-def long_budget_trials(studies: Studies, cfg: DictConfig) -> list[optuna.trial.FrozenTrial]:
+# A study's stage studies: this process's Studies, or stage -> study as the report loads them.
+StageStudies = Studies | Mapping[str, optuna.Study]
+
+
+def _stage(studies: StageStudies, stage: str) -> optuna.Study:
+    return studies.of(stage) if isinstance(studies, Studies) else studies[stage]
+
+
+def long_budget_trials(studies: StageStudies, cfg: DictConfig) -> list[optuna.trial.FrozenTrial]:
     """Completed runs at the long budget, best first: the promote stage's results."""
     if not uses_rungs(cfg):
-        return top_trials(studies.promote, len(studies.promote.trials))
+        promote = _stage(studies, "promote")
+        return top_trials(promote, len(promote.trials))
     last = rung_ladder(cfg)[-1]
     done = [
         t
         for stage in ("screen", "promote")
-        for t in studies.of(stage).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        for t in _stage(studies, stage).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if int(t.user_attrs.get(RUNG_TO_ATTR, 0)) == last
     ]
     return sorted(done, key=lambda t: _rank_of(t, direction_of(cfg)))
+
+
+def _finals_of_the_best(studies: StageStudies, cfg: DictConfig) -> list[FrozenTrial]:
+    """The finished final trials of the best run at the long budget (its retries too)."""
+    at_long_budget = long_budget_trials(studies, cfg)
+    if not at_long_budget:
+        return []
+    best = at_long_budget[0]
+    source = stage_study_name(cfg.name, best.user_attrs.get("stage", "promote"))
+    return _final_of(_stage(studies, "final"), source, best.number)
+
+
+def found_final(studies: StageStudies, cfg: DictConfig) -> FrozenTrial | None:
+    """The final trial that reports the configuration the search found: the final of the best
+    run at the long budget, ranked by the study's metric as the search ranks it, not by the
+    finals' own accuracy. Until that one has completed (a later run with a larger budget found
+    a better run and its final is still to come), the best completed final stands in, an
+    earlier best's; None when no final completed.
+    """
+    of_the_best = [t for t in _finals_of_the_best(studies, cfg) if t.state == TrialState.COMPLETE]
+    if of_the_best:
+        return of_the_best[-1]
+    best = top_trials(_stage(studies, "final"), 1)
+    return best[0] if best else None
 
 
 @dataclass(frozen=True)
@@ -1611,7 +1644,6 @@ def progress(studies: Studies, cfg: DictConfig) -> Progress:
         for stage in ("screen", "promote")
     }
     at_long_budget = long_budget_trials(studies, cfg)
-    best = at_long_budget[0] if at_long_budget else None
     return Progress(
         configurations=len({config_number(t) for t in legs["screen"]}),  # retries: the same
         planned=int(cfg.stages.screen.trials),
@@ -1619,16 +1651,7 @@ def progress(studies: Studies, cfg: DictConfig) -> Progress:
         long_budget=len(at_long_budget),
         top_k=int(cfg.stages.promote.top_k),
         # The final of the best run at the long budget (an earlier best's may be there too)
-        final=int(
-            best is not None
-            and bool(
-                _final_of(
-                    studies.final,
-                    stage_study_name(cfg.name, best.user_attrs.get("stage", "promote")),
-                    best.number,
-                )
-            )
-        ),
+        final=int(bool(_finals_of_the_best(studies, cfg))),
         final_planned=int(bool(cfg.stages.final.enabled) and cfg.stage in ("all", "final")),
     )
 
@@ -1702,7 +1725,11 @@ def summarize(studies: Studies, cfg: DictConfig) -> dict[str, Any]:
             s: sum(name == s for name in state.values())
             for s in ("COMPLETE", "PRUNED", SKIPPED, "FAIL", "RUNNING", "WAITING")
         }
-        best = top_trials(study, 1)
+        if stage == "final":
+            shown = found_final(studies, cfg)
+            best = [shown] if shown is not None else []
+        else:
+            best = top_trials(study, 1)
         entry: dict[str, Any] = {"study": study.study_name, "counts": counts}
         if best:
             entry["best"] = {

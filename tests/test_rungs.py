@@ -1543,6 +1543,45 @@ def test_a_better_long_budget_result_found_by_a_later_run_gets_its_own_final(
     assert progress(studies, cfg).final == 1  # the best's final is done
 
 
+def test_the_final_shown_is_the_best_long_budget_runs_even_when_an_earlier_final_scored_higher(
+    tmp_path: Path,
+) -> None:
+    """The configuration found is the best run at the long budget, as the search ranks it:
+    the summary and the report show its final, not whichever final scored the highest probe
+    accuracy; until its final completes, the earlier best's stands in."""
+    from search import found_final
+
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    cfg = load_config("quickstart", [*RUNG_STUDY, f"storage={url}"])
+    run_stages(open_studies(cfg, url), CurveRunner(cfg), cfg)
+    studies = open_studies(cfg, url)
+    (first,) = studies.final.get_trials()
+    best = long_budget_trials(studies, cfg)[0]
+    better = optuna.trial.create_trial(  # a later run's, as a larger top_k would bring
+        params=best.params,
+        distributions=best.distributions,
+        value=best.value + 0.5,
+        user_attrs={"config": 99, "rung_to": 27, "stage": "promote", "checkpoint_dir": "c/99"},
+    )
+    studies.promote.add_trial(better)
+    newest = studies.promote.get_trials()[-1]
+    assert found_final(studies, cfg).number == first.number  # its final is still to come
+    assert progress(studies, cfg).final == 0
+    its_final = optuna.trial.create_trial(
+        params=first.params,
+        distributions=first.distributions,
+        value=first.value / 2,  # a lower probe accuracy than the earlier best's final
+        user_attrs={"source_study": studies.promote.study_name, "source_trial": newest.number},
+    )
+    studies.final.add_trial(its_final)
+    shown = found_final(studies, cfg)
+    assert shown.user_attrs["source_trial"] == newest.number
+    assert summarize(studies, cfg)["stages"]["final"]["best"]["number"] == shown.number
+    stage_studies = {stage: studies.of(stage) for stage in ("screen", "promote", "final")}
+    assert found_final(stage_studies, cfg).number == shown.number  # as the report loads them
+    assert progress(studies, cfg).final == 1
+
+
 def test_a_step_claimed_by_a_process_that_died_on_this_machine_is_taken_over(
     tmp_path: Path,
 ) -> None:
