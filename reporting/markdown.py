@@ -410,9 +410,10 @@ def combined_table(frame: pd.DataFrame) -> list[str]:
         "",
         *table(head, rows),
         "",
-        "Each cell of this search is the best final trial (by validation accuracy) of the "
-        "studies in this storage that ran that task on that dataset, one on all its data before "
-        "one on subsets; '-' where none finished. "
+        "Each cell of this search is the final trial of the configuration found (the best run "
+        "at the long budget) of one of the studies in this storage that ran that task on that "
+        "dataset: one on all its data before one on subsets, then the higher validation "
+        "accuracy; '-' where none finished. "
         f"{EPOCHS_NOTE} MAE is in pixels in [0, 1] for MNIST and normalized pixels for CIFAR-10.",
         *sources,
     ]
