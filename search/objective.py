@@ -301,19 +301,21 @@ class TrialRunner:
     ) -> CheckpointUnreachableError:
         """A checkpoint this worker needs and cannot read: where it should be, how to share it,
         and, for a leg of ``configuration``, how to go on without it if it is lost."""
-        lost = (
-            ""
-            if configuration is None
-            else f"; if it is lost for good, python -m search.give_up study={self.cfg.name} "
-            f"configuration={configuration} (with the study's storage= or runs_dir=) lets the "
-            "study go on without it"
-        )
+        lost = "" if configuration is None else f"; {self._give_up_hint(configuration, 'lost')}"
         return CheckpointUnreachableError(
             self.store.where(relative, name),
             f"{what} but this worker cannot read its checkpoint; checkpoints_dir must be one "
             "location every worker reaches (a shared folder or mount at the same path on every "
             "machine, or a URL such as s3://bucket/prefix with its backend installed); "
             f"nothing was retrained{lost}",
+        )
+
+    def _give_up_hint(self, configuration: int | str, how: str) -> str:
+        """How to go on without ``configuration`` when its checkpoint is ``how`` for good."""
+        return (
+            f"if it is {how} for good, python -m search.give_up study={self.cfg.name} "
+            f"configuration={configuration} (with the study's storage= or runs_dir=) lets the "
+            "study go on without it"
         )
 
     def _check_retry_finds_its_checkpoint(
@@ -414,11 +416,12 @@ class TrialRunner:
             return state, fingerprint
         except CheckpointError as error:
             if shown is not None:
+                configuration = trial.user_attrs.get("config", "?")
                 raise CheckpointError(
                     shown,
-                    f"{error.problem}; this leg continues configuration "
-                    f"#{trial.user_attrs.get('config', '?')} from it, so it fails instead of "
-                    "training from epoch 0 (the file is left in place)",
+                    f"{error.problem}; this leg continues configuration #{configuration} from "
+                    "it, so it fails instead of training from epoch 0 (the file is left in "
+                    f"place; {self._give_up_hint(configuration, 'unreadable')})",
                 ) from error
             kept = set_aside(path, "mismatch" if "other settings" in error.problem else "corrupt")
             note = f"{error}; kept as {kept.name}, trained from epoch 0"

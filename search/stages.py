@@ -372,13 +372,27 @@ def _retry_told(retry: optuna.trial.FrozenTrial) -> str:
     return told
 
 
-def _has_result(number: int, trials: list[optuna.trial.FrozenTrial]) -> bool:
+def _has_result(
+    number: int, trials: list[optuna.trial.FrozenTrial], given_up: dict[int, str] | None = None
+) -> bool:
     """Whether failed trial ``number``'s configuration still got a result: a retry carries it
-    on, or it failed on its own merits (training diverged), which is a result for a search, or
-    the user gave it up (:func:`give_up`), which ends it on purpose."""
+    on; another attempt at the same work completed (a later run's final of the same promoted
+    trial, tried again once its retries were spent); it failed on its own merits (training
+    diverged), which is a result for a search; or the user gave it up (:func:`give_up`, its
+    configuration in ``given_up``), which ends it on purpose."""
     if any(number in _history(t) for t in trials):
         return True
-    attrs = next(t for t in trials if t.number == number).user_attrs
+    trial = next(t for t in trials if t.number == number)
+    attrs = trial.user_attrs
+    source = (attrs.get("source_study"), attrs.get("source_trial"))
+    if source[1] is not None and any(
+        t.state == TrialState.COMPLETE
+        and (t.user_attrs.get("source_study"), t.user_attrs.get("source_trial")) == source
+        for t in trials
+    ):
+        return True
+    if given_up and config_number(trial) in given_up:
+        return True
     return diverged(attrs) or str(attrs.get("fail_reason") or "").startswith(GIVEN_UP)
 
 
@@ -1743,8 +1757,12 @@ def summarize(studies: Studies, cfg: DictConfig) -> dict[str, Any]:
         entry["failures"] = {
             t.number: failure_reason(t, trials) for t in trials if t.state == TrialState.FAIL
         }
+        # Final trials carry no configuration number: the given-up ones are the search's.
+        given_up = given_up_configurations(studies) if uses_rungs(cfg) and stage != "final" else {}
         entry["without_result"] = {
-            n: reason for n, reason in entry["failures"].items() if not _has_result(n, trials)
+            n: reason
+            for n, reason in entry["failures"].items()
+            if not _has_result(n, trials, given_up)
         }
         if stage == "screen" and uses_rungs(cfg):
             entry["given_up"] = given_up_configurations(studies)

@@ -521,6 +521,7 @@ def test_a_leg_whose_rung_checkpoint_is_damaged_or_foreign_fails_without_retrain
     reason = trial.user_attrs["fail_reason"]
     assert f"{relative}/pretrain.pt" in reason and "configuration #4" in reason, reason
     assert "instead of training from epoch 0" in reason
+    assert "python -m search.give_up study=quickstart configuration=4" in reason, reason
     assert ("other settings" in reason) == (damage == "other settings"), reason
     assert (
         "epochs_run" not in trial.user_attrs
@@ -1580,6 +1581,48 @@ def test_the_final_shown_is_the_best_long_budget_runs_even_when_an_earlier_final
     stage_studies = {stage: studies.of(stage) for stage in ("screen", "promote", "final")}
     assert found_final(stage_studies, cfg).number == shown.number  # as the report loads them
     assert progress(studies, cfg).final == 1
+
+
+def test_a_failure_whose_work_a_later_attempt_did_or_the_user_gave_up_leaves_no_result_missing(
+    tmp_path: Path,
+) -> None:
+    """The exit code's list of configurations without a result: a final that failed for good
+    and a later run's attempt at the same promoted trial completed has its result; a leg of a
+    configuration the user then gave up (its checkpoint unreadable) was ended on purpose.
+    Before, both kept the run's exit code at 1 for good."""
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    cfg = load_config("quickstart", [*RUNG_STUDY, f"storage={url}"])
+    run_stages(open_studies(cfg, url), CurveRunner(cfg), cfg)
+    studies = open_studies(cfg, url)
+    (done,) = studies.final.get_trials()
+    source = {k: done.user_attrs[k] for k in ("source_study", "source_trial")}
+    failed_final = optuna.trial.create_trial(  # an earlier run's attempt, its retries spent
+        params=done.params,
+        distributions=done.distributions,
+        state=TrialState.FAIL,
+        user_attrs={**source, "fail_reason": "CheckpointError: pretrain-best.pt is unreadable"},
+    )
+    studies.final.add_trial(failed_final)
+    records = scheduler_records(studies, cfg)
+    short = next(r.number for r in records if max(r.results) < rung_ladder(cfg)[-1])
+    leg = next(t for t in studies.screen.get_trials() if t.number == short)
+    failed_leg = optuna.trial.create_trial(
+        params=leg.params,
+        distributions=leg.distributions,
+        state=TrialState.FAIL,
+        user_attrs={
+            "config": short,
+            "rung_from": 1,
+            "rung_to": 3,
+            "fail_reason": "CheckpointError: pretrain.pt is unreadable",
+        },
+    )
+    studies.promote.add_trial(failed_leg)
+    missing = summarize(studies, cfg)["stages"]
+    assert not missing["final"]["without_result"]
+    assert list(missing["promote"]["without_result"]) == [studies.promote.get_trials()[-1].number]
+    give_up(studies, cfg, short, "its checkpoint is corrupt")
+    assert not summarize(studies, cfg)["stages"]["promote"]["without_result"]
 
 
 def test_a_step_claimed_by_a_process_that_died_on_this_machine_is_taken_over(
