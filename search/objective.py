@@ -253,7 +253,9 @@ class TrialRunner:
             own = self.checkpoint_dir_relative(trial.study, original_number(stored(trial)))
             trial.set_user_attr("checkpoint_dir", own.as_posix())
             folder = self._fetch(own)
-            _, fingerprint = self._resumable(trial, tcfg, folder / PROBE_FILE)
+            previous, fingerprint = self._resumable(trial, tcfg, folder / PROBE_FILE)
+            if previous is not None:  # a retry: the classifier resumes from its checkpoint
+                trial.set_user_attr("resumed_from_epoch", int(previous["epoch"]))
             run = self._make_run(tcfg, folder, fingerprint)
             run.load_pretrained(source)
             if run.needs_probe:

@@ -189,6 +189,50 @@ def test_a_retried_final_does_not_inherit_the_encoder_its_original_took(tmp_path
     assert attrs.get("encoder_checkpoint") is None and attrs.get("encoder_epoch") is None
 
 
+def test_a_retried_final_says_it_resumed_its_classifier_from_the_checkpoint(tmp_path):
+    """A final interrupted in its classifier resumes from ``probe.pt`` on retry, and says so
+    (``resumed_from_epoch``): the summary had told "from epoch 0 (no checkpoint yet)"."""
+    import copy
+
+    import optuna
+
+    from search import TrialRunner, failure_reason, open_studies, run_stages, storage_url
+    from search.stages import _run_one
+    from storage.trial_retry import RetryFailedTrial
+
+    cfg = load_config(
+        "quickstart",
+        [
+            f"runs_dir={tmp_path}",
+            "stages.screen.trials=2",
+            "stages.screen.epochs=1",
+            "stages.promote.top_k=1",
+            "stages.promote.epochs=3",
+            "train.probe.epochs=2",
+            "train.max_batches=2",
+            "search.sampler.name=random",
+            "search.space.channels.choices=[8]",
+        ],
+    )
+    studies = open_studies(cfg, storage_url(cfg))
+    runner = TrialRunner(cfg, progress=False)
+    run_stages(studies, runner, cfg)
+    (done,) = studies.final.get_trials()
+    assert done.user_attrs.get("resumed_from_epoch") is None  # trained from the start
+    # As if it had been stopped after writing its classifier's last checkpoint.
+    interrupted = copy.deepcopy(done)
+    interrupted.state = optuna.trial.TrialState.FAIL
+    RetryFailedTrial(max_retry=3)(studies.final, interrupted, counted=False)
+    number = _run_one(studies, "final", runner, 0)
+    retry = studies.final.get_trials()[number]
+    assert retry.state == optuna.trial.TrialState.COMPLETE
+    assert retry.user_attrs["resumed_from_epoch"] == 2
+    trials = studies.final.get_trials()
+    assert failure_reason(interrupted, trials).endswith(
+        f"retried as trial {number}, resumed from epoch 2"
+    )
+
+
 def test_the_report_rebuilds_from_the_encoder_file_the_final_trial_recorded(tmp_path):
     """``encoder_checkpoint`` names the file the final trial trained on: the best epoch's, or
     the last one, also when no best file was kept (a text that names the best file)."""
