@@ -253,7 +253,13 @@ class TrialRunner:
             own = self.checkpoint_dir_relative(trial.study, original_number(stored(trial)))
             trial.set_user_attr("checkpoint_dir", own.as_posix())
             folder = self._fetch(own)
-            previous, fingerprint = self._resumable(trial, tcfg, folder / PROBE_FILE)
+            # A classifier trained on the best epoch's encoder is not resumed on the last's,
+            # taken when the best file is gone (and the other way round).
+            fallback = self.cfg.stages.final.checkpoint == "best" and source.name == PRETRAIN_FILE
+            variant = "/last-epoch-encoder" if fallback else ""
+            previous, fingerprint = self._resumable(
+                trial, tcfg, folder / PROBE_FILE, variant=variant
+            )
             if previous is not None:  # a retry: the classifier resumes from its checkpoint
                 trial.set_user_attr("resumed_from_epoch", int(previous["epoch"]))
             run = self._make_run(tcfg, folder, fingerprint)
@@ -365,7 +371,16 @@ class TrialRunner:
             )
         if self.cfg.stages.final.checkpoint == "best":
             best = folder / BEST_PRETRAIN_FILE
-            state = load_checkpoint(best)
+            try:
+                state = load_checkpoint(best)
+            except CheckpointError as error:
+                # Not replaced by the last epoch on its own: that would report another encoder.
+                raise CheckpointError(
+                    self.store.where(relative, BEST_PRETRAIN_FILE),
+                    f"{error.problem}; the final stage trains on it (stages.final.checkpoint="
+                    f"best): restore it, or delete it to train on the configuration's last "
+                    f"epoch ({PRETRAIN_FILE}) instead, then run the study again",
+                ) from error
             if state is not None:
                 trial.set_user_attr(
                     "encoder_checkpoint", f"best: epoch {state['epoch']} ({best.name})"
@@ -394,12 +409,18 @@ class TrialRunner:
         )
 
     def _resumable(
-        self, trial: optuna.Trial, tcfg: DictConfig, path: Path, shown: str | None = None
+        self,
+        trial: optuna.Trial,
+        tcfg: DictConfig,
+        path: Path,
+        shown: str | None = None,
+        variant: str = "",
     ) -> tuple[dict[str, Any] | None, str]:
         """The checkpoint at ``path`` if this trial may resume from it (else None), and the
         identity a run on settings ``tcfg`` resumes and writes it under
         (:func:`search.naming.checkpoint_identity`: that of a checkpoint written before the
-        image digest, else the current one). The file is read once.
+        image digest, else the current one; ``variant`` appended, where the settings alone do
+        not tell runs apart). The file is read once.
 
         An unreadable file is kept as ``<name>.corrupt``, one written for other settings (another
         study's, or changed settings under the same name) as ``<name>.mismatch``; either way
@@ -407,13 +428,15 @@ class TrialRunner:
         continues a configuration (``shown``: where its checkpoint lives, for the message)
         must resume: there the error is raised, the file left in place, nothing retrained.
         """
-        fingerprint = checkpoint_identity(tcfg, self.splits.digest, None, self.splits.num_classes)
+        digest, classes = self.splits.digest, self.splits.num_classes
+        fingerprint = checkpoint_identity(tcfg, digest, None, classes) + variant
         try:
             state = load_checkpoint(path)
             if state is not None:
-                fingerprint = checkpoint_identity(
-                    tcfg, self.splits.digest, state.get("identity"), self.splits.num_classes
-                )
+                written = state.get("identity")
+                if variant and isinstance(written, str):
+                    written = written.removesuffix(variant)
+                fingerprint = checkpoint_identity(tcfg, digest, written, classes) + variant
                 check_identity(path, state, fingerprint)
             return state, fingerprint
         except CheckpointError as error:

@@ -189,16 +189,10 @@ def test_a_retried_final_does_not_inherit_the_encoder_its_original_took(tmp_path
     assert attrs.get("encoder_checkpoint") is None and attrs.get("encoder_epoch") is None
 
 
-def test_a_retried_final_says_it_resumed_its_classifier_from_the_checkpoint(tmp_path):
-    """A final interrupted in its classifier resumes from ``probe.pt`` on retry, and says so
-    (``resumed_from_epoch``): the summary had told "from epoch 0 (no checkpoint yet)"."""
-    import copy
-
-    import optuna
-
-    from search import TrialRunner, failure_reason, open_studies, run_stages, storage_url
-    from search.stages import _run_one
-    from storage.trial_retry import RetryFailedTrial
+def _finished_small_study(tmp_path):
+    """A quickstart run to its final on two configurations, rungs 1, 3; its studies and
+    runner."""
+    from search import TrialRunner, open_studies, run_stages, storage_url
 
     cfg = load_config(
         "quickstart",
@@ -217,20 +211,72 @@ def test_a_retried_final_says_it_resumed_its_classifier_from_the_checkpoint(tmp_
     studies = open_studies(cfg, storage_url(cfg))
     runner = TrialRunner(cfg, progress=False)
     run_stages(studies, runner, cfg)
-    (done,) = studies.final.get_trials()
-    assert done.user_attrs.get("resumed_from_epoch") is None  # trained from the start
-    # As if it had been stopped after writing its classifier's last checkpoint.
-    interrupted = copy.deepcopy(done)
+    return studies, runner
+
+
+def _retry_final(studies, runner, failed):
+    """Queue a retry of final trial ``failed`` (as if stopped) and run it; the retry."""
+    import copy
+
+    import optuna
+
+    from search.stages import _run_one
+    from storage.trial_retry import RetryFailedTrial
+
+    interrupted = copy.deepcopy(failed)
     interrupted.state = optuna.trial.TrialState.FAIL
     RetryFailedTrial(max_retry=3)(studies.final, interrupted, counted=False)
     number = _run_one(studies, "final", runner, 0)
-    retry = studies.final.get_trials()[number]
+    return studies.final.get_trials()[number]
+
+
+def test_a_retried_final_says_it_resumed_its_classifier_from_the_checkpoint(tmp_path):
+    """A final interrupted in its classifier resumes from ``probe.pt`` on retry, and says so
+    (``resumed_from_epoch``): the summary had told "from epoch 0 (no checkpoint yet)"."""
+    import copy
+
+    import optuna
+
+    from search import failure_reason
+
+    studies, runner = _finished_small_study(tmp_path)
+    (done,) = studies.final.get_trials()
+    assert done.user_attrs.get("resumed_from_epoch") is None  # trained from the start
+    # As if it had been stopped after writing its classifier's last checkpoint.
+    retry = _retry_final(studies, runner, done)
     assert retry.state == optuna.trial.TrialState.COMPLETE
     assert retry.user_attrs["resumed_from_epoch"] == 2
-    trials = studies.final.get_trials()
-    assert failure_reason(interrupted, trials).endswith(
-        f"retried as trial {number}, resumed from epoch 2"
+    interrupted = copy.deepcopy(done)
+    interrupted.state = optuna.trial.TrialState.FAIL
+    assert failure_reason(interrupted, studies.final.get_trials()).endswith(
+        f"retried as trial {retry.number}, resumed from epoch 2"
     )
+
+
+def test_an_unreadable_best_encoder_fails_the_final_saying_how_to_go_on(tmp_path):
+    """The final never swaps the best epoch's encoder for the last on its own (that would
+    report another encoder): it fails, naming the file and both ways on; deleted, the file's
+    absence is recorded and the final trains on the last epoch, its classifier from epoch 0:
+    the one trained on the best epoch's encoder is not resumed."""
+    import optuna
+
+    from search import learning_curve
+
+    studies, runner = _finished_small_study(tmp_path)
+    (done,) = studies.final.get_trials()
+    best = runner.store.local(done.user_attrs["source_checkpoint_dir"]) / "pretrain-best.pt"
+    best.write_bytes(b"a truncated copy")
+    failed = _retry_final(studies, runner, done)
+    reason = failed.user_attrs["fail_reason"]
+    assert failed.state == optuna.trial.TrialState.FAIL and str(best) in reason, reason
+    assert "restore it, or delete it to train on the configuration's last epoch" in reason
+    best.unlink()
+    retry = _retry_final(studies, runner, failed)
+    assert retry.state == optuna.trial.TrialState.COMPLETE
+    assert retry.user_attrs["encoder_checkpoint"] == "last: no pretrain-best.pt was kept"
+    assert retry.user_attrs.get("resumed_from_epoch") is None
+    assert "other settings" in retry.user_attrs["checkpoint_discarded"]
+    assert len(learning_curve(retry.user_attrs, "probe")) == 2  # both epochs trained again
 
 
 def test_the_report_rebuilds_from_the_encoder_file_the_final_trial_recorded(tmp_path):
