@@ -312,10 +312,10 @@ class TrialRunner:
         lost = "" if configuration is None else f"; {self._give_up_hint(configuration, 'lost')}"
         return CheckpointUnreachableError(
             self.store.where(relative, name),
-            f"{what} but this worker cannot read its checkpoint; checkpoints_dir must be one "
-            "location every worker reaches (a shared folder or mount at the same path on every "
-            "machine, or a URL such as s3://bucket/prefix with its backend installed); "
-            f"nothing was retrained{lost}",
+            f"{what} but this worker cannot read its checkpoint: it was deleted or moved, or "
+            "checkpoints_dir is not one location every worker reaches (it must be a shared "
+            "folder or mount at the same path on every machine, or a URL such as "
+            f"s3://bucket/prefix with its backend installed); nothing was retrained{lost}",
         )
 
     def _give_up_hint(self, configuration: int | str, how: str) -> str:
