@@ -26,7 +26,8 @@ import optuna
 import pandas as pd
 import pytest
 from conftest import run_module, wait_until_a_zombie
-from optuna.trial import TrialState
+from omegaconf import DictConfig
+from optuna.trial import FrozenTrial, TrialState
 
 from search.config import load_config
 from search.naming import rung_ladder, trained_nothing
@@ -35,6 +36,7 @@ from search.scheduler import Finished, StartNew, Wait, decide, promotion_justifi
 from search.space import suggest
 from search.stages import (
     StageError,
+    Studies,
     _start_screen,
     give_up,
     long_budget_trials,
@@ -1513,13 +1515,12 @@ def test_baselines_claimed_by_a_process_killed_while_scoring_them_are_scored_aga
     assert other.screen.user_attrs[BASELINES_ATTR] == {"pixels": 0.1}
 
 
-def test_a_better_long_budget_result_found_by_a_later_run_gets_its_own_final(
+def _a_later_run_found_a_better_long_budget_result(
     tmp_path: Path,
-) -> None:
-    """A rerun with a larger budget that finds a better run at the long budget evaluates it
-    in the final stage too; the earlier final stays, and nothing is evaluated twice."""
-    from search.stages import run_final
-
+) -> tuple[DictConfig, str, Studies, FrozenTrial, FrozenTrial]:
+    """A finished rung study (its final evaluates its best run at the long budget) to which a
+    later run added a better result there, as a larger top_k would bring: the config, storage
+    URL, studies, the best run the final evaluated and the better one."""
     url = f"sqlite:///{tmp_path / 'f.db'}"
     cfg = load_config("quickstart", [*RUNG_STUDY, f"storage={url}"])
     run_stages(open_studies(cfg, url), CurveRunner(cfg), cfg)
@@ -1527,7 +1528,6 @@ def test_a_better_long_budget_result_found_by_a_later_run_gets_its_own_final(
     (first,) = studies.final.get_trials()
     best = long_budget_trials(studies, cfg)[0]
     assert first.user_attrs["source_trial"] == best.number
-    # A later run's better result at the long budget (as a larger top_k would bring).
     better = optuna.trial.create_trial(
         params=best.params,
         distributions=best.distributions,
@@ -1535,7 +1535,17 @@ def test_a_better_long_budget_result_found_by_a_later_run_gets_its_own_final(
         user_attrs={"config": 99, "rung_to": 27, "stage": "promote", "checkpoint_dir": "c/99"},
     )
     studies.promote.add_trial(better)
-    newest = studies.promote.get_trials()[-1]
+    return cfg, url, studies, best, studies.promote.get_trials()[-1]
+
+
+def test_a_better_long_budget_result_found_by_a_later_run_gets_its_own_final(
+    tmp_path: Path,
+) -> None:
+    """A rerun with a larger budget that finds a better run at the long budget evaluates it
+    in the final stage too; the earlier final stays, and nothing is evaluated twice."""
+    from search.stages import run_final
+
+    cfg, url, studies, best, newest = _a_later_run_found_a_better_long_budget_result(tmp_path)
     run_final(studies, CurveRunner(cfg), cfg)
     run_final(open_studies(cfg, url), CurveRunner(cfg), cfg)  # again: nothing new
     finals = studies.final.get_trials()
@@ -1552,20 +1562,8 @@ def test_the_final_shown_is_the_best_long_budget_runs_even_when_an_earlier_final
     accuracy; until its final completes, the earlier best's stands in."""
     from search import found_final
 
-    url = f"sqlite:///{tmp_path / 'f.db'}"
-    cfg = load_config("quickstart", [*RUNG_STUDY, f"storage={url}"])
-    run_stages(open_studies(cfg, url), CurveRunner(cfg), cfg)
-    studies = open_studies(cfg, url)
+    cfg, _, studies, _, newest = _a_later_run_found_a_better_long_budget_result(tmp_path)
     (first,) = studies.final.get_trials()
-    best = long_budget_trials(studies, cfg)[0]
-    better = optuna.trial.create_trial(  # a later run's, as a larger top_k would bring
-        params=best.params,
-        distributions=best.distributions,
-        value=best.value + 0.5,
-        user_attrs={"config": 99, "rung_to": 27, "stage": "promote", "checkpoint_dir": "c/99"},
-    )
-    studies.promote.add_trial(better)
-    newest = studies.promote.get_trials()[-1]
     assert found_final(studies, cfg).number == first.number  # its final is still to come
     assert progress(studies, cfg).final == 0
     its_final = optuna.trial.create_trial(
