@@ -384,11 +384,14 @@ def _has_result(
         return True
     trial = next(t for t in trials if t.number == number)
     attrs = trial.user_attrs
-    source = (attrs.get("source_study"), attrs.get("source_trial"))
-    if source[1] is not None and any(
-        t.state == TrialState.COMPLETE
-        and (t.user_attrs.get("source_study"), t.user_attrs.get("source_trial")) == source
-        for t in trials
+
+    # The same work: what it continues, and to which rung (a configuration's legs to several
+    # rungs name the same source; a final has no rung).
+    def work(a: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+        return a.get("source_study"), a.get("source_trial"), a.get(RUNG_TO_ATTR)
+
+    if attrs.get("source_trial") is not None and any(
+        t.state == TrialState.COMPLETE and work(t.user_attrs) == work(attrs) for t in trials
     ):
         return True
     if given_up and config_number(trial) in given_up:

@@ -1593,12 +1593,14 @@ def test_a_failure_whose_work_a_later_attempt_did_or_the_user_gave_up_leaves_no_
     run_stages(open_studies(cfg, url), CurveRunner(cfg), cfg)
     studies = open_studies(cfg, url)
     (done,) = studies.final.get_trials()
-    source = {k: done.user_attrs[k] for k in ("source_study", "source_trial")}
     failed_final = optuna.trial.create_trial(  # an earlier run's attempt, its retries spent
         params=done.params,
         distributions=done.distributions,
         state=TrialState.FAIL,
-        user_attrs={**source, "fail_reason": "CheckpointError: pretrain-best.pt is unreadable"},
+        user_attrs={
+            **done.user_attrs,
+            "fail_reason": "CheckpointError: pretrain-best.pt is unreadable",
+        },
     )
     studies.final.add_trial(failed_final)
     records = scheduler_records(studies, cfg)
@@ -1616,11 +1618,31 @@ def test_a_failure_whose_work_a_later_attempt_did_or_the_user_gave_up_leaves_no_
         },
     )
     studies.promote.add_trial(failed_leg)
+    lost = studies.promote.get_trials()[-1].number
+    # A leg to the next rung of a configuration whose earlier leg completed: not the same work.
+    stopped_at_9 = {r.number for r in records if max(r.results) == 9}
+    earlier = next(
+        t
+        for t in studies.promote.get_trials()
+        if t.user_attrs.get("rung_to") == 9 and t.user_attrs["config"] in stopped_at_9
+    )
+    next_leg = optuna.trial.create_trial(
+        params=earlier.params,
+        distributions=earlier.distributions,
+        state=TrialState.FAIL,
+        user_attrs={
+            **{k: earlier.user_attrs[k] for k in ("config", "source_study", "source_trial")},
+            "rung_from": 9,
+            "rung_to": 27,
+            "fail_reason": "CheckpointError: pretrain.pt is unreadable",
+        },
+    )
+    studies.promote.add_trial(next_leg)
     missing = summarize(studies, cfg)["stages"]
     assert not missing["final"]["without_result"]
-    assert list(missing["promote"]["without_result"]) == [studies.promote.get_trials()[-1].number]
+    assert sorted(missing["promote"]["without_result"]) == [lost, lost + 1]
     give_up(studies, cfg, short, "its checkpoint is corrupt")
-    assert not summarize(studies, cfg)["stages"]["promote"]["without_result"]
+    assert list(summarize(studies, cfg)["stages"]["promote"]["without_result"]) == [lost + 1]
 
 
 def test_a_step_claimed_by_a_process_that_died_on_this_machine_is_taken_over(
