@@ -40,6 +40,7 @@ from search import (
     config_number,
     encoder_epoch,
     failure_reason,
+    found_final,
     learning_curve,
     long_budget,
     metric_of,
@@ -321,11 +322,15 @@ def results_frame(cfg: DictConfig, final: FrozenTrial) -> pd.DataFrame:
 
 
 def best_params_frame(cfg: DictConfig, studies: Mapping[str, optuna.Study]) -> pd.DataFrame:
-    """One row per stage: its best trial's number, metric, value and params (None if none)."""
+    """One row per stage: its best trial's number, metric, value and params (None if none);
+    for the final stage, the final of the configuration found (:func:`search.found_final`)."""
     rows = []
     for stage, study in studies.items():
-        best = top_trials(study, 1)
-        t = best[0] if best else None
+        if stage == "final":
+            t = found_final(studies, cfg)
+        else:
+            best = top_trials(study, 1)
+            t = best[0] if best else None
         rows.append(
             {
                 "stage": stage,

@@ -1560,6 +1560,7 @@ def test_the_final_shown_is_the_best_long_budget_runs_even_when_an_earlier_final
     """The configuration found is the best run at the long budget, as the search ranks it:
     the summary and the report show its final, not whichever final scored the highest probe
     accuracy; until its final completes, the earlier best's stands in."""
+    from reporting.tables import best_params_frame
     from search import found_final
 
     cfg, _, studies, _, newest = _a_later_run_found_a_better_long_budget_result(tmp_path)
@@ -1578,6 +1579,8 @@ def test_the_final_shown_is_the_best_long_budget_runs_even_when_an_earlier_final
     assert summarize(studies, cfg)["stages"]["final"]["best"]["number"] == shown.number
     stage_studies = {stage: studies.of(stage) for stage in ("screen", "promote", "final")}
     assert found_final(stage_studies, cfg).number == shown.number  # as the report loads them
+    by_stage = best_params_frame(cfg, stage_studies).set_index("stage")  # the report's table
+    assert by_stage.loc["final", "number"] == shown.number
     assert progress(studies, cfg).final == 1
 
 
