@@ -267,8 +267,8 @@ def _outranks(cfg: DictConfig, final: FrozenTrial, held: tuple[DictConfig, Froze
 def finished_finals(
     storage: optuna.storages.BaseStorage, overrides: Sequence[str], url: str
 ) -> dict[tuple[str, str], tuple[DictConfig, FrozenTrial]]:
-    """(task, dataset) -> (config, final trial: :func:`search.found_final`) over every study in ``storage`` with a
-    completed final stage; where several studies ran the same task and dataset, one on all its
+    """(task, dataset) -> (config, final trial: :func:`search.found_final`) over every study in
+    ``storage`` with a completed final stage; where several studies ran the same task and dataset, one on all its
     data (:func:`reporting.tables.full_scale`) before one on subsets, then the best final
     validation accuracy (the study name breaks ties)."""
     found: dict[tuple[str, str], tuple[DictConfig, FrozenTrial]] = {}

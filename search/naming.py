@@ -128,6 +128,12 @@ def given_up_number(attr: str) -> int | None:
 BEYOND_PLACES_ATTR = "beyond_long_budget_places"
 
 
+def failed_as_given_up(user_attrs: Mapping[str, Any]) -> bool:
+    """Whether a trial with these user attrs is a leg of a configuration the user gave up,
+    failed at once without training (its fail reason starts with :data:`GIVEN_UP`)."""
+    return str(user_attrs.get("fail_reason") or "").startswith(GIVEN_UP)
+
+
 def trained_nothing(user_attrs: Mapping[str, Any]) -> bool:
     """Whether a trial with these user attrs was skipped before training: a configuration the
     study already had (``duplicate_of``), a leg to a long budget whose places were held

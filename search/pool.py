@@ -36,9 +36,9 @@ from models.training import NonFiniteLossError, physical_gpu
 from search.config import ConfigError, resolved_paths, to_dataclasses
 from search.database import WORKER_STORAGE_ENV
 from search.naming import (
-    GIVEN_UP,
     RUNG_FROM_ATTR,
     SKIPPED,
+    failed_as_given_up,
     format_metric,
     learning_curve,
     stage_metric,
@@ -180,7 +180,7 @@ def _announce(label: str, study: optuna.Study, number: int, metric: str) -> None
         else ""
     )
     probe = len(learning_curve(attrs, "probe"))
-    if str(attrs.get("fail_reason", "")).startswith(GIVEN_UP):  # failed at once, on purpose
+    if failed_as_given_up(attrs):  # failed at once, on purpose
         epochs, resumed = "trained nothing", ""
     elif "epochs_run" in attrs and attrs.get(RUNG_FROM_ATTR) is not None:  # a continued leg
         epochs = f"epochs {attrs[RUNG_FROM_ATTR]} -> {attrs['epochs_run']}"

@@ -64,6 +64,7 @@ from search.naming import (
     STUDY_UID_ATTR,
     WRITTEN_BY_ATTR,
     diverged,
+    failed_as_given_up,
     given_up_attr,
     given_up_number,
     is_continuation,
@@ -362,7 +363,7 @@ def _retry_told(retry: optuna.trial.FrozenTrial) -> str:
     # Skipped before training (its configuration given up, its leg queued twice or beyond the
     # long budget's places): its resumed_from_epoch, if any, is the original's, inherited.
     attrs = retry.user_attrs
-    if trained_nothing(attrs) or str(attrs.get("fail_reason") or "").startswith(GIVEN_UP):
+    if trained_nothing(attrs) or failed_as_given_up(attrs):
         return f"{told}, which trained nothing"
     resumed = retry.user_attrs.get("resumed_from_epoch")  # set by the attempt itself
     if resumed is not None:
@@ -396,7 +397,7 @@ def _has_result(
         return True
     if given_up and config_number(trial) in given_up:
         return True
-    return diverged(attrs) or str(attrs.get("fail_reason") or "").startswith(GIVEN_UP)
+    return diverged(attrs) or failed_as_given_up(attrs)
 
 
 def _count(study: optuna.Study) -> dict[str, int]:
@@ -1731,6 +1732,7 @@ def run_stages(
 def summarize(studies: Studies, cfg: DictConfig) -> dict[str, Any]:
     """Per stage: counts by state, the best trial's params and value; final test numbers."""
     out: dict[str, Any] = {"metric": stage_metric(cfg, "screen"), "stages": {}}
+    given_up = given_up_configurations(studies) if uses_rungs(cfg) else {}
     for stage in STAGES:
         study = studies.of(stage)
         trials = study.get_trials(deepcopy=False)
@@ -1761,14 +1763,14 @@ def summarize(studies: Studies, cfg: DictConfig) -> dict[str, Any]:
             t.number: failure_reason(t, trials) for t in trials if t.state == TrialState.FAIL
         }
         # Final trials carry no configuration number: the given-up ones are the search's.
-        given_up = given_up_configurations(studies) if uses_rungs(cfg) and stage != "final" else {}
+        of_stage = given_up if stage != "final" else {}
         entry["without_result"] = {
             n: reason
             for n, reason in entry["failures"].items()
-            if not _has_result(n, trials, given_up)
+            if not _has_result(n, trials, of_stage)
         }
         if stage == "screen" and uses_rungs(cfg):
-            entry["given_up"] = given_up_configurations(studies)
+            entry["given_up"] = given_up
         if stage == "promote":
             entry["lineage"] = {
                 t.number: (t.user_attrs.get("source_study"), t.user_attrs.get("source_trial"))
