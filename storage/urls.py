@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError, SQLAlchemyError
 
 if TYPE_CHECKING:
     import optuna
@@ -233,7 +233,13 @@ def check_url(url: str) -> sqlalchemy.engine.URL:
                 "storage: an in-memory SQLite database cannot be shared or resumed; give a file, "
                 "e.g. sqlite:///runs/ssl-search.db"
             )
-        folder = Path(parsed.database).expanduser().parent
+        path = Path(parsed.database).expanduser()
+        if path.is_dir():
+            raise StorageError(
+                f"storage: {path} is a folder, not an SQLite database file; give a file in it, "
+                f"e.g. sqlite:///{path / 'ssl-search.db'}"
+            )
+        folder = path.parent
         if (problem := folder_problem(folder)) is not None:
             raise StorageError(f"storage: cannot create a database under {folder}: {problem}")
     return parsed
@@ -244,8 +250,20 @@ def _prepare_sqlite(parsed: sqlalchemy.engine.URL) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # WAL lets readers (the dashboard, other workers) proceed while one worker writes; the
     # journal mode is stored in the file, so setting it once is enough.
-    with sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S) as conn:
-        conn.execute("PRAGMA journal_mode=WAL")
+    try:
+        with sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.DatabaseError as error:
+        raise _unusable_sqlite(path, error) from None
+
+
+def _unusable_sqlite(path: Path, error: BaseException) -> BaseException:
+    """A :class:`StorageError` for a file that SQLite cannot open as a database (not one, or
+    not openable there); ``error`` itself when the database is only busy (a fault, retried)."""
+    text = str(getattr(error, "orig", None) or error)
+    if "locked" in text or "busy" in text:
+        return error
+    return StorageError(f"storage: cannot open {path} as an SQLite database: {text}")
 
 
 # What a server that is restarting answers: a command started meanwhile waits for it, as every
@@ -350,6 +368,10 @@ def open_storage(
         probe = sqlalchemy.create_engine(url, **engine_kwargs)
         try:
             has_tables = sqlalchemy.inspect(probe).has_table("studies")
+        except DatabaseError as error:
+            if parsed.get_backend_name() != "sqlite":
+                raise
+            raise _unusable_sqlite(Path(parsed.database), error) from None
         finally:
             probe.dispose()
         if not has_tables:

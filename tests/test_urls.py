@@ -336,3 +336,21 @@ def test_an_at_in_the_query_is_not_taken_for_one_in_the_password(url):
 
     check_url(url)
     assert "pw" not in mask_secrets(url)
+
+
+def test_a_sqlite_url_naming_a_folder_is_refused_before_anything_is_written(tmp_path):
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    with pytest.raises(StorageError, match=r"is a folder, not an SQLite database file"):
+        open_storage(f"sqlite:///{folder}")
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("create", [True, False])
+def test_a_file_that_is_not_a_sqlite_database_is_refused_and_left_as_it_was(tmp_path, create):
+    notes = tmp_path / "notes.md"
+    notes.write_text("# not a database\n" * 200)
+    before = notes.read_bytes()
+    with pytest.raises(StorageError, match=r"cannot open .*notes\.md as an SQLite database"):
+        open_storage(f"sqlite:///{notes}", create=create)
+    assert notes.read_bytes() == before
