@@ -224,8 +224,10 @@ def check_url(url: str) -> sqlalchemy.engine.URL:
         ) from None
     if any("@" in url[a:b] for a, b in password_spans(url, url=True)):
         raise StorageError(
-            f"storage: the password in {redact(url)} holds an unencoded '@', which ends it "
-            "early; percent-encode it (%40)"
+            # The URL last: a message is masked again when shown, and an '@' after the URL
+            # would read as the end of its password.
+            "storage: the password holds an unencoded '@', which ends it early; percent-encode "
+            f"it (%40): {redact(url)}"
         )
     if parsed.get_backend_name() == "sqlite":
         if not parsed.database or parsed.database == ":memory:":

@@ -354,3 +354,15 @@ def test_a_file_that_is_not_a_sqlite_database_is_refused_and_left_as_it_was(tmp_
     with pytest.raises(StorageError, match=r"cannot open .*notes\.md as an SQLite database"):
         open_storage(f"sqlite:///{notes}", create=create)
     assert notes.read_bytes() == before
+
+
+def test_the_unencoded_at_message_keeps_its_words_and_host_once_masked_for_showing():
+    """A message is masked again when shown: the refusal must survive that whole."""
+    from storage.urls import check_url, mask_secrets
+
+    with pytest.raises(StorageError) as refused:
+        check_url("postgresql+psycopg://postgres:se@cret@127.0.0.1:5432/db")
+    shown = mask_secrets(str(refused.value))
+    assert "unencoded '@'" in shown and "percent-encode it (%40)" in shown, shown
+    assert "127.0.0.1:5432/db" in shown, shown
+    assert "cret" not in shown and "se@" not in shown, shown
