@@ -101,6 +101,7 @@ _EXPORTS = {
     "open_storage": "search.database",
     "redact": "search.database",
     "has_secret": "search.database",
+    "sqlite_file": "search.database",
     "STORAGE_ENV": "search.database",
 }
 

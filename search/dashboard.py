@@ -42,7 +42,14 @@ from models.errors import UsageError
 from reporting.store import locate, require_study
 from search.cli import guarded, parser, split_study
 from search.config import resolved_paths, storage_url
-from search.database import STORAGE_ENV, check_url, has_secret, open_storage, redact
+from search.database import (
+    STORAGE_ENV,
+    check_url,
+    has_secret,
+    open_storage,
+    redact,
+    sqlite_file,
+)
 from search.naming import STAGES, stage_study_name
 
 HOST = "127.0.0.1"
@@ -252,10 +259,8 @@ def main() -> int:
             )
         _log("note: optuna-dashboard run this way accepts edits and any Host header")
         return 0
-    if url.startswith("sqlite:///") and not os.path.isfile(url[len("sqlite:///") :]):
-        raise UsageError(
-            f"storage: no database at {url[len('sqlite:///') :]}; run python -m search.run first"
-        )
+    if (path := sqlite_file(url)) is not None and not path.is_file():
+        raise UsageError(f"storage: no database at {path}; run python -m search.run first")
     storage = open_storage(url)
     if name is not None:
         require_study(storage, name, url, "; without study= it serves every study, also later ones")

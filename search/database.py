@@ -18,6 +18,7 @@ from storage.urls import (
     mask_secrets,
     open_storage,
     redact,
+    sqlite_file,
 )
 
 # How a launcher hands its workers the storage URL: never on a command line, where any user
@@ -43,4 +44,5 @@ __all__ = [
     "mask_secrets",
     "open_storage",
     "redact",
+    "sqlite_file",
 ]

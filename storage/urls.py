@@ -15,6 +15,7 @@ import sqlite3
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import sqlalchemy
 from sqlalchemy.engine import make_url
@@ -188,6 +189,44 @@ def folder_problem(folder: str | os.PathLike[str]) -> str | None:
     return None
 
 
+def _looks_like_a_path(text: str) -> bool:
+    """Whether ``text``, not a URL, is a file path (``runs/x.db``, ``/data/x.sqlite``): a
+    name with a folder or a database suffix and no ``:``, ``@`` or ``?``, so that it cannot
+    hold a password and may be shown back."""
+    return (
+        bool(text)
+        and text.isprintable()
+        and not any(c in text for c in ":@?")
+        and ("/" in text or text.endswith((".db", ".sqlite", ".sqlite3")))
+    )
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file an SQLite ``url`` names (``~`` expanded, the query left out), or None when
+    ``url`` names a server or cannot be parsed.
+
+    >>> sqlite_file("sqlite:///runs/x.db?mode=ro"), sqlite_file("postgresql://db/x")
+    (PosixPath('runs/x.db'), None)
+    """
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return None
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return None
+    return _sqlite_path(parsed)
+
+
+def _sqlite_path(parsed: sqlalchemy.engine.URL) -> Path:
+    """The file of a parsed SQLite URL. With ``uri=true`` the database is an SQLite URI
+    (``sqlite:///file:runs/x.db?mode=ro&uri=true``), whose path follows ``file:`` and which
+    SQLite reads as written (no ``~``); otherwise it is a path, ``~`` being the home folder."""
+    database = parsed.database or ""
+    if database.startswith("file:") and str(parsed.query.get("uri", "")).lower() in ("true", "1"):
+        return Path(urlsplit(database).path)
+    return Path(database).expanduser()
+
+
 def has_secret(url: str) -> bool:
     """Whether ``url`` holds a password or another secret that :func:`redact` masks."""
     try:
@@ -202,6 +241,12 @@ def check_url(url: str) -> sqlalchemy.engine.URL:
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as error:
+        if _looks_like_a_path(url):
+            raise StorageError(
+                f"storage: {url!r} is a file path, not a URL; write an SQLite file as "
+                f"sqlite:///{url} (e.g. sqlite:///runs/ssl-search.db; an absolute path takes "
+                "four slashes), or a server as postgresql+psycopg://user@host:5432/db"
+            ) from error
         raise StorageError(
             f"storage: cannot parse {redact(url)!r}; expected e.g. sqlite:///runs/ssl-search.db "
             "or postgresql+psycopg://user@host:5432/db"
@@ -230,12 +275,12 @@ def check_url(url: str) -> sqlalchemy.engine.URL:
             f"it (%40): {redact(url)}"
         )
     if parsed.get_backend_name() == "sqlite":
-        if not parsed.database or parsed.database == ":memory:":
+        if not parsed.database or str(_sqlite_path(parsed)) in ("", ".", ":memory:"):
             raise StorageError(
                 "storage: an in-memory SQLite database cannot be shared or resumed; give a file, "
                 "e.g. sqlite:///runs/ssl-search.db"
             )
-        path = Path(parsed.database).expanduser()
+        path = _sqlite_path(parsed)
         if path.is_dir():
             raise StorageError(
                 f"storage: {path} is a folder, not an SQLite database file; give a file in it, "
@@ -248,7 +293,7 @@ def check_url(url: str) -> sqlalchemy.engine.URL:
 
 
 def _prepare_sqlite(parsed: sqlalchemy.engine.URL) -> None:
-    path = Path(parsed.database).expanduser()
+    path = _sqlite_path(parsed)
     path.parent.mkdir(parents=True, exist_ok=True)
     # WAL lets readers (the dashboard, other workers) proceed while one worker writes; the
     # journal mode is stored in the file, so setting it once is enough.
@@ -355,8 +400,11 @@ def open_storage(
         parsed = parsed.set(database=str(Path(parsed.database).expanduser()))
         url = parsed.render_as_string(hide_password=False)
     if parsed.get_backend_name() == "sqlite":
-        if not create and not Path(parsed.database).expanduser().is_file():
-            raise StorageError(f"storage: no database at {parsed.database}")
+        if not create and not (path := _sqlite_path(parsed)).is_file():
+            raise StorageError(
+                f"storage: no database at {path}; run python -m search.run first, or pass "
+                "storage=... where the study ran"
+            )
         if create:  # (WAL is a property of the file: one made here has it already)
             _prepare_sqlite(parsed)
         engine_kwargs["connect_args"] = {"timeout": busy_timeout}
@@ -373,7 +421,7 @@ def open_storage(
         except DatabaseError as error:
             if parsed.get_backend_name() != "sqlite":
                 raise
-            raise _unusable_sqlite(Path(parsed.database), error) from None
+            raise _unusable_sqlite(_sqlite_path(parsed), error) from None
         finally:
             probe.dispose()
         if not has_tables:

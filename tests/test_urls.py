@@ -70,7 +70,7 @@ def test_unknown_driver_of_a_supported_backend_is_refused():
 
 @pytest.mark.parametrize(
     "url",
-    ["", "not a url", "runs/ssl-search.db", f"postgresql+psycopg://alice:{SECRET}@db:port/x"],
+    ["", "not a url", f"postgresql+psycopg://alice:{SECRET}@db:port/x"],
 )
 def test_unparsable_urls_are_refused_with_an_example_and_no_password(url):
     with pytest.raises(StorageError, match="^storage: cannot parse") as raised:
@@ -366,3 +366,79 @@ def test_the_unencoded_at_message_keeps_its_words_and_host_once_masked_for_showi
     assert "unencoded '@'" in shown and "percent-encode it (%40)" in shown, shown
     assert "127.0.0.1:5432/db" in shown, shown
     assert "cret" not in shown and "se@" not in shown, shown
+
+
+@pytest.mark.parametrize(
+    "path,url",
+    [
+        ("runs/ssl-search.db", "sqlite:///runs/ssl-search.db"),
+        ("/data/studies.sqlite", "sqlite:////data/studies.sqlite"),
+        ("x.db", "sqlite:///x.db"),
+    ],
+)
+def test_a_file_path_given_as_storage_is_shown_back_with_the_url_to_write(path, url):
+    """A path cannot hold a password, so the refusal names it (not '<unparsable ...>') and
+    the URL that means it."""
+    with pytest.raises(StorageError) as refused:
+        check_url(path)
+    message = str(refused.value)
+    assert message.startswith(f"storage: {path!r} is a file path, not a URL; "), message
+    assert f"write an SQLite file as {url} " in message and "\n" not in message
+
+
+@pytest.mark.parametrize("text", ["me:pw@db/x", "db?password=pw", "x.db:pw"])
+def test_what_could_hold_a_password_is_not_read_as_a_path(text):
+    with pytest.raises(StorageError, match="^storage: cannot parse '<unparsable storage URL>'"):
+        check_url(text)
+
+
+def test_sqlite_file_is_the_path_without_the_query_home_or_uri_wrapping(tmp_path, monkeypatch):
+    from storage.urls import sqlite_file
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert sqlite_file("sqlite:///runs/x.db?mode=ro") == Path("runs/x.db")
+    assert sqlite_file("sqlite:////abs/x.db") == Path("/abs/x.db")
+    assert sqlite_file("sqlite:///~/x.db") == tmp_path / "x.db"
+    assert sqlite_file("sqlite:///file:runs/x.db?mode=ro&uri=true") == Path("runs/x.db")
+    assert sqlite_file("sqlite:///file:/abs/x.db?uri=true") == Path("/abs/x.db")
+    assert sqlite_file("sqlite:///file:x.db") == Path("file:x.db")  # no uri=true: a file name
+    assert sqlite_file("postgresql+psycopg://db/x") is None
+    assert sqlite_file("not a url") is None
+
+
+def test_an_existing_database_is_found_whatever_the_url_adds_to_its_path(tmp_path, monkeypatch):
+    """Opening existing storage (report, status, worker, give_up) used to cut the path out of
+    the URL by hand: '?mode=ro' became part of the file name ('no database at x.db?mode=ro')
+    while a run opened the same URL. Every reader now asks storage for the file."""
+    from reporting.store import open_existing_storage
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "runs" / "x.db"
+    optuna.create_study(storage=open_storage(f"sqlite:///{path}"), study_name="s")
+    for url in (
+        f"sqlite:///{path}?mode=ro",
+        "sqlite:///~/runs/x.db",
+        f"sqlite:///file:{path}?mode=ro&uri=true",
+    ):
+        storage = open_existing_storage(url)
+        assert [s.study_name for s in storage.get_all_studies()] == ["s"], url
+        storage.engine.dispose()
+    with pytest.raises(UsageError) as missing:
+        open_existing_storage(f"sqlite:///{tmp_path / 'other.db'}?mode=ro")
+    assert str(missing.value).startswith(f"storage: no database at {tmp_path / 'other.db'}; ")
+    assert not (tmp_path / "other.db").exists()
+
+
+def test_an_sqlite_uri_names_the_file_sqlite_opens(tmp_path, monkeypatch):
+    """With uri=true the database is an SQLite URI: the file checked and put in WAL mode is
+    the one SQLite opens, not a file literally named 'file:...'."""
+    monkeypatch.chdir(tmp_path)
+    storage = open_storage("sqlite:///file:runs/u.db?uri=true")
+    optuna.create_study(storage=storage, study_name="s")
+    storage.engine.dispose()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.suffix == ".db") == ["u.db"]
+    assert not any("file:" in p.name for p in tmp_path.rglob("*"))
+    with sqlite3.connect(tmp_path / "runs" / "u.db") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with pytest.raises(StorageError, match="in-memory SQLite database cannot be shared"):
+        check_url("sqlite:///file::memory:?uri=true")
