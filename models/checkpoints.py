@@ -13,6 +13,7 @@ deleting it.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -70,12 +71,20 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
     _sync_folder(path.parent)
 
 
+# Write errors that may mean a full disk (or quota, or file-size limit): the message then
+# gives the free space. torch.save reports a full disk as a RuntimeError with no errno.
+_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def _write_failure(path: Path, error: BaseException) -> str:
-    """One line on why ``path`` could not be written, with the free space left on its disk."""
+    """One line on why ``path`` could not be written, with the free space left on its disk
+    when the disk may be full (not for a folder that refuses writes: '0.0 MiB free' on /sys
+    would send its reader to clean a disk that is not full)."""
     reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
     free = ""
     folder = next((p for p in (path.parent, *path.parents) if p.exists()), None)
-    if folder is not None:
+    space = not isinstance(error, OSError) or error.errno in (None, *_SPACE_ERRNOS)
+    if folder is not None and space:
         try:
             free = f" ({shutil.disk_usage(folder).free / 2**20:,.1f} MiB free on its disk)"
         except OSError:

@@ -8,10 +8,12 @@ creating Optuna's schema on an empty database at the same instant collide.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import sqlite3
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -172,6 +174,10 @@ def folder_problem(folder: str | os.PathLike[str]) -> str | None:
     """Why ``folder`` cannot be made or written (a file in the way, a symlink loop, no write
     permission on the nearest existing parent), in words; None when it can.
 
+    Permissions can say yes where a write fails (root on ``/sys`` or on an NFS export with
+    root squashing), so the nearest existing folder is also tried: a folder is made in it and
+    removed at once, leaving nothing behind.
+
     >>> folder_problem("/etc/hostname/checkpoints")
     '/etc/hostname is not a folder'
     """
@@ -186,6 +192,12 @@ def folder_problem(folder: str | os.PathLike[str]) -> str | None:
         return f"{existing} is not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable"
+    try:
+        probe = tempfile.mkdtemp(prefix=".ssl-search-write-check-", dir=existing)
+    except OSError as error:
+        return f"{existing} is not writable ({error.strerror or error})"
+    with contextlib.suppress(OSError):
+        os.rmdir(probe)
     return None
 
 

@@ -134,3 +134,21 @@ def test_a_write_the_disk_refuses_is_a_write_error_and_keeps_the_old_checkpoint(
     # A folder that cannot be made (a file stands in its way) is one too.
     with pytest.raises(CheckpointWriteError, match="cannot write checkpoint"):
         save_checkpoint(path / "inside.pt", {"epoch": 1})
+
+
+SYS = Path("/sys")
+
+
+@pytest.mark.skipif(not SYS.is_dir(), reason="needs Linux's /sys, which refuses new files")
+def test_a_folder_that_refuses_writes_is_not_reported_as_a_full_disk():
+    """/sys refuses new entries even to root, and its disk shows 0 bytes free: the message
+    names the refusal, not a free space that would send its reader to clean a disk."""
+    from models.checkpoints import CheckpointWriteError
+
+    path = SYS / "ssl-search-checkpoints" / "pretrain.pt"
+    with pytest.raises(CheckpointWriteError) as caught:
+        save_checkpoint(path, {"epoch": 1})
+    message = str(caught.value)
+    assert message.startswith(f"cannot write checkpoint {path}: "), message
+    assert "MiB free" not in message and "\n" not in message, message
+    assert not path.parent.exists()

@@ -442,3 +442,31 @@ def test_an_sqlite_uri_names_the_file_sqlite_opens(tmp_path, monkeypatch):
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     with pytest.raises(StorageError, match="in-memory SQLite database cannot be shared"):
         check_url("sqlite:///file::memory:?uri=true")
+
+
+@pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs Linux's /sys")
+def test_a_folder_whose_permissions_say_yes_but_refuses_writes_is_said(tmp_path):
+    """Root passes every permission check, yet /sys (like an NFS export that squashes root)
+    refuses new entries: found before a study starts, not at its first checkpoint. The check
+    leaves nothing behind where writes succeed."""
+    problem = folder_problem("/sys/ssl-search/checkpoints")
+    assert problem is not None and problem.startswith("/sys is not writable"), problem
+    with pytest.raises(StorageError, match="^storage: cannot create a database under /sys/x: "):
+        check_url("sqlite:////sys/x/study.db")
+    (tmp_path / "kept").write_text("")
+    assert folder_problem(tmp_path / "new" / "deep") is None
+    assert folder_problem(tmp_path) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+
+
+@pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs Linux's /sys")
+def test_a_study_whose_checkpoints_dir_refuses_writes_is_refused_before_it_starts(tmp_path):
+    runs = tmp_path / "runs"
+    with pytest.raises(UsageError) as caught:
+        load_config("quickstart", [f"runs_dir={runs}", "checkpoints_dir=/sys/ssl-search/ck"])
+    message = str(caught.value)
+    assert message.startswith("checkpoints_dir: cannot make the folder /sys/ssl-search/ck: "), (
+        message
+    )
+    assert "/sys is not writable" in message and "\n" not in message
+    assert not runs.exists()
