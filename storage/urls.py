@@ -287,7 +287,8 @@ def check_url(url: str) -> sqlalchemy.engine.URL:
             f"it (%40): {redact(url)}"
         )
     if parsed.get_backend_name() == "sqlite":
-        if not parsed.database or str(_sqlite_path(parsed)) in ("", ".", ":memory:"):
+        # (an SQLite URI with no path, file:?uri=true, is a temporary database: Path "." here)
+        if not parsed.database or str(_sqlite_path(parsed)) in (".", ":memory:"):
             raise StorageError(
                 "storage: an in-memory SQLite database cannot be shared or resumed; give a file, "
                 "e.g. sqlite:///runs/ssl-search.db"
