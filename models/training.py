@@ -67,6 +67,9 @@ from models.optim import build_optimizer, build_scheduler, load_optimizer_state
 
 DEFAULT_TEMPERATURE = {"mnist": 0.5, "cifar": 0.15}
 EVAL_BATCH = 1024
+# Train images whose un-augmented latents set the probe classifier's BatchNorm statistics
+# (Run.calibrate_batchnorm); a few thousand pin the statistics down.
+CALIBRATION_IMAGES = 10_000
 
 
 def report_default(target: str, family: str, task: str) -> float | None:
@@ -227,6 +230,7 @@ class Run:
         bank_size = min(train.knn_max_train, len(self.splits.train_y))
         order = torch.randperm(len(self.splits.train_y), generator=torch.Generator().manual_seed(0))
         self.knn_bank = order[:bank_size].to(self.device)
+        self.calibration_images = order[:CALIBRATION_IMAGES].to(self.device)
 
     # ---- shared pieces ------------------------------------------------------------------
 
@@ -326,6 +330,38 @@ class Run:
                 recon = self.nets.decoder(self.nets.encoder(target)).float()
                 total += (recon - target.float()).abs().sum()
         return float(total) / max(x_uint8.numel(), 1)
+
+    @torch.no_grad()
+    def calibrate_batchnorm(self, module: nn.Module, inputs: torch.Tensor) -> None:
+        """Set the running statistics of ``module``'s BatchNorm layers to those of ``inputs``.
+
+        Training keeps running averages (momentum 0.1, starting from mean 0 and variance 1) that
+        lag the weights by about ten steps. A probe with few steps per epoch, on latents whose
+        variance is far from 1, can train to a loss of 0.03 and still score at chance in eval
+        mode. One pass over ``inputs`` with each BatchNorm layer taking its batch's statistics
+        (momentum 1) gives the exact ones. Training is unchanged (in train mode BatchNorm uses
+        the batch's statistics) and a resumed run gets the same statistics from the same
+        weights. Only the BatchNorm layers run in train mode: dropout stays off and draws no
+        random numbers, which would change the rest of the run. (``torch.optim.swa_utils.
+        update_bn`` puts the whole module in train mode, so it does both.)
+        """
+        norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms or len(inputs) < 2:  # one input has no variance
+            return
+        modes = [(m, m.training) for m in module.modules()]
+        momenta = [m.momentum for m in norms]
+        try:
+            module.eval()
+            for norm in norms:
+                norm.train()
+                norm.momentum = 1.0
+            with self._autocast():
+                module(inputs)
+        finally:
+            for norm, momentum in zip(norms, momenta, strict=True):
+                norm.momentum = momentum
+            for m, training in modes:
+                m.training = training
 
     @staticmethod
     @contextlib.contextmanager
@@ -564,6 +600,12 @@ class Run:
         augment = self.probe_aug
         # Without augmentation the latents never change: compute them once.
         cached = None if not isinstance(augment, nn.Identity) else self.embed(splits.train_x)
+        # The images the classifier is evaluated on are not augmented: nor are these.
+        calibration = (
+            cached[self.calibration_images]
+            if cached is not None
+            else self.embed(splits.train_x[self.calibration_images])
+        )
 
         def step(idx: torch.Tensor) -> torch.Tensor:
             if cached is not None:
@@ -576,9 +618,10 @@ class Run:
                 return F.cross_entropy(logits.float(), splits.train_y[idx])
 
         def metrics() -> dict[str, float]:
+            self.calibrate_batchnorm(nets.classifier, calibration)
             return {"val_accuracy": self.accuracy(splits.val_x, splits.val_y)}
 
-        return self._run_phase(
+        history = self._run_phase(
             "probe",
             {"classifier": nets.classifier},
             probe.optim,
@@ -589,6 +632,9 @@ class Run:
             metrics,
             on_epoch,
         )
+        # Again for a finished probe read back from a checkpoint written before calibration.
+        self.calibrate_batchnorm(nets.classifier, calibration)
+        return history
 
     def load_pretrained(self, path: str | Path) -> None:
         """Load the pretrain phase's modules from another run's checkpoint (promote -> final)."""
