@@ -73,6 +73,7 @@ EVAL_BATCH = 1024
 # Train images whose un-augmented latents set the probe classifier's BatchNorm statistics
 # (Run.calibrate_batchnorm); a few thousand pin the statistics down.
 CALIBRATION_IMAGES = 10_000
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def report_default(target: str, family: str, task: str) -> float | None:
@@ -356,7 +357,7 @@ class Run:
         network in train mode, so it does both).
         """
         chain = nn.Sequential(*modules)
-        norms = [m for m in chain.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        norms = [m for m in chain.modules() if isinstance(m, BATCH_NORMS)]
         if not norms:
             return
         modes = [(m, m.training) for m in chain.modules()]
