@@ -44,7 +44,6 @@ from search import (
     open_storage,
     redact,
     split_study_name,
-    sqlite_file,
     stage_study_name,
     study_path,
     to_dataclasses,
@@ -85,12 +84,7 @@ def locate(study: str, overrides: Sequence[str]) -> tuple[str | None, DictConfig
 
 def open_existing_storage(url: str) -> optuna.storages.BaseStorage:
     """Open existing storage; a missing SQLite file, or a database without Optuna's tables, is
-    a usage error, not a new database (nothing is written to it)."""
-    if (path := sqlite_file(url)) is not None and not path.is_file():
-        raise UsageError(
-            f"storage: no database at {path}; run python -m search.run first, or pass "
-            "runs_dir=... / storage=... where the study ran"
-        )
+    a :class:`~search.StorageError` naming it, not a new database (nothing is written to it)."""
     return open_storage(url, create=False)
 
 

@@ -39,16 +39,14 @@ from urllib.parse import urlsplit
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from models.errors import UsageError
-from reporting.store import locate, require_study
+from reporting.store import locate, open_existing_storage, require_study
 from search.cli import guarded, parser, split_study
 from search.config import resolved_paths, storage_url
 from search.database import (
     STORAGE_ENV,
     check_url,
     has_secret,
-    open_storage,
     redact,
-    sqlite_file,
 )
 from search.naming import STAGES, stage_study_name
 
@@ -259,9 +257,7 @@ def main() -> int:
             )
         _log("note: optuna-dashboard run this way accepts edits and any Host header")
         return 0
-    if (path := sqlite_file(url)) is not None and not path.is_file():
-        raise UsageError(f"storage: no database at {path}; run python -m search.run first")
-    storage = open_storage(url)
+    storage = open_existing_storage(url)
     if name is not None:
         require_study(storage, name, url, "; without study= it serves every study, also later ones")
     artifacts.mkdir(parents=True, exist_ok=True)

@@ -416,7 +416,7 @@ def open_storage(
         if not create and not (path := _sqlite_path(parsed)).is_file():
             raise StorageError(
                 f"storage: no database at {path}; run python -m search.run first, or pass "
-                "storage=... where the study ran"
+                "runs_dir=... / storage=... where the study ran"
             )
         if create:  # (WAL is a property of the file: one made here has it already)
             _prepare_sqlite(parsed)

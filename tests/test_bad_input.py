@@ -463,6 +463,7 @@ def test_a_worker_joins_only_a_study_that_exists_and_bad_data_writes_nothing(tmp
         )  # fmt: skip
 
     assert "no database at" in assert_one_line_error(command("search.worker"), "storage")
+    assert "no database at" in assert_one_line_error(command("search.dashboard"), "storage")
     assert not runs.exists()
     cfg = load_config("quickstart", [f"runs_dir={runs}"])
     storage = open_studies(cfg, storage_url(cfg)).screen._storage

@@ -423,7 +423,7 @@ def test_an_existing_database_is_found_whatever_the_url_adds_to_its_path(tmp_pat
         storage = open_existing_storage(url)
         assert [s.study_name for s in storage.get_all_studies()] == ["s"], url
         storage.engine.dispose()
-    with pytest.raises(UsageError) as missing:
+    with pytest.raises(StorageError) as missing:
         open_existing_storage(f"sqlite:///{tmp_path / 'other.db'}?mode=ro")
     assert str(missing.value).startswith(f"storage: no database at {tmp_path / 'other.db'}; ")
     assert not (tmp_path / "other.db").exists()
